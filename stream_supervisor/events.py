@@ -1,0 +1,153 @@
+"""Immutable event values that flow through the pipeline, and their event keys.
+
+Everything downstream of the decoder sees only these types: an `Event` (a trade update
+from the stream, or a FILL activity from REST backfill, normalised to one shape) or a
+`DeadLetter` (a frame that could not be decoded, kept with its reason).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final, Literal
+
+import msgspec
+
+FILL_EVENTS: Final = frozenset({"fill", "partial_fill"})
+
+#: Events the broker documents today. Anything else is stored and ignored, never fatal.
+KNOWN_EVENTS: Final = frozenset(
+    {
+        "new",
+        "fill",
+        "partial_fill",
+        "canceled",
+        "expired",
+        "done_for_day",
+        "replaced",
+        "rejected",
+        "pending_new",
+        "stopped",
+        "pending_cancel",
+        "pending_replace",
+        "calculated",
+        "suspended",
+        "order_replace_rejected",
+        "order_cancel_rejected",
+        "accepted",
+        "restated",
+        "held",
+    }
+)
+
+Source = Literal["stream", "rest"]
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One order update, from the stream or from REST backfill.
+
+    `cum_qty` is the order's cumulative filled quantity *after* this event; for fills
+    the pair (order_id, cum_qty) is the cross-source natural key.
+    """
+
+    key: str
+    event: str
+    source: Source
+    order_id: str
+    symbol: str
+    side: str  # "buy" or "sell"
+    status: str  # the order's status as the broker reported it with this event
+    cum_qty: Decimal
+    timestamp: datetime  # timezone-aware, UTC
+    ts_ns: int  # the same instant in nanoseconds since the epoch (RFC 3339 keeps ns)
+    client_order_id: str | None = None
+    order_qty: Decimal | None = None
+    cum_avg_price: Decimal | None = None
+    fill_qty: Decimal | None = None
+    fill_price: Decimal | None = None
+    position_qty: Decimal | None = None
+    activity_id: str | None = None  # REST FILL activity id, when the event came from REST
+    order_type: str | None = None
+    asset_class: str | None = None
+    created_at: datetime | None = None
+    received_at: float = 0.0  # trio.current_time() at frame receipt, for latency metrics
+
+    @property
+    def is_fill(self) -> bool:
+        return self.event in FILL_EVENTS
+
+
+class DeadLetter(msgspec.Struct, frozen=True, gc=False):
+    """A frame that could not be turned into an `Event`, kept verbatim with the reason."""
+
+    reason: str
+    payload: bytes
+    source: Source = "stream"
+    received_at: float = 0.0
+
+
+def decimal_text(value: Decimal) -> str:
+    """Canonical text for a decimal: `10`, `0.5`, never `1E+1` or `0.50`."""
+    if value == 0:
+        return "0"
+    text = format(value.normalize(), "f")
+    return text
+
+
+def fill_key(order_id: str, cum_qty: Decimal) -> str:
+    """Natural fill key shared by the stream (`order.filled_qty`) and REST (`cum_qty`)."""
+    return f"fill:{order_id}:{decimal_text(cum_qty)}"
+
+
+def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int) -> str:
+    """The dedupe key of an update (DESIGN section 4, layer 1)."""
+    if event in FILL_EVENTS:
+        return fill_key(order_id, cum_qty)
+    return f"{event}:{order_id}:{ts_ns}"
+
+
+_RFC3339: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:?\d{2})\Z"
+)
+
+
+class TimestampError(ValueError):
+    pass
+
+
+def parse_timestamp(text: str) -> tuple[datetime, int]:
+    """Parse RFC 3339 with up to nanoseconds and any offset into (UTC datetime, epoch ns).
+
+    `datetime` keeps microseconds; the nanosecond integer keeps the exact instant, which
+    event keys use so that `...123456789Z` and `...123456788Z` stay distinct.
+    """
+    m = _RFC3339.match(text)
+    if m is None:
+        raise TimestampError(f"not an RFC 3339 timestamp: {text[:64]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    frac = (m.group(7) or "").ljust(9, "0")
+    nanos = int(frac)
+    offset = m.group(8)
+    try:
+        base = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError as exc:
+        raise TimestampError(f"invalid timestamp {text[:64]!r}: {exc}") from None
+    if offset not in ("Z", "z"):
+        sign = 1 if offset[0] == "+" else -1
+        digits = offset[1:].replace(":", "")
+        off_minutes = int(digits[:2]) * 60 + int(digits[2:])
+        if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+            raise TimestampError(f"invalid offset in {text[:64]!r}")
+        base_ns_adjust = -sign * off_minutes * 60
+    else:
+        base_ns_adjust = 0
+    epoch_s = int(base.timestamp()) + base_ns_adjust
+    ts_ns = epoch_s * 1_000_000_000 + nanos
+    utc = datetime.fromtimestamp(epoch_s, tz=UTC).replace(microsecond=nanos // 1000)
+    return utc, ts_ns
+
+
+def format_timestamp(ts: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as REST query parameters want it."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

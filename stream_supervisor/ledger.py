@@ -1,0 +1,140 @@
+"""A batch of new events applied to orders and positions: pure, no I/O.
+
+Both stores call `apply_events` inside their transaction with the state they loaded
+for the touched orders and symbols, then persist what it returns. Keeping this pure is
+what lets the in-memory store and PostgreSQL share one contract, and lets property
+tests run the exact code that production runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import TypeVar
+
+from .events import FILL_EVENTS, Event
+from .orders import OrderState, apply_order_event
+from .positions import Position, apply_fill
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far the account's fill history is durably applied. Only ever moves forward."""
+
+    fill_time: datetime | None = None
+    activity_id: str | None = None
+
+    def advanced(self, other: Cursor) -> Cursor:
+        fill_time = _max_opt(self.fill_time, other.fill_time)
+        activity_id = _max_opt(self.activity_id, other.activity_id)
+        return Cursor(fill_time, activity_id)
+
+
+_T = TypeVar("_T", datetime, str)
+
+
+def _max_opt(a: _T | None, b: _T | None) -> _T | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a >= b else b
+
+
+def cursor_of(events: Iterable[Event]) -> Cursor:
+    """The cursor a set of committed events moves the account to."""
+    cursor = Cursor()
+    for ev in events:
+        if ev.event in FILL_EVENTS:
+            cursor = cursor.advanced(Cursor(ev.timestamp, ev.activity_id))
+    return cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """Our net position disagreed with the broker's `position_qty` after a fill."""
+
+    symbol: str
+    order_id: str
+    ours: Decimal
+    broker: Decimal
+
+
+@dataclass(slots=True)
+class LedgerResult:
+    orders: dict[str, OrderState] = field(default_factory=dict)  # every order changed
+    positions: list[Position] = field(default_factory=list)  # final version of each row touched
+    closed: list[Position] = field(default_factory=list)  # rows that closed (for history)
+    drift: list[Drift] = field(default_factory=list)
+    fills_applied: int = 0
+    stale_fills: int = 0  # order-level duplicates: cumulative qty already reached
+    inexact_fills: int = 0  # priced across a gap without a cumulative average
+
+
+def order_fills_by_cum_qty(events: Sequence[Event]) -> list[Event]:
+    """Within a batch, put each order's fills in cumulative order, keeping their slots.
+
+    The broker can return same-millisecond partial fills of one order out of order. A
+    fill's slot in the batch decides its place in the symbol's position history, so each
+    order's fills are re-dealt, smallest cumulative first, into the slots they occupied.
+    """
+    slots: dict[str, list[int]] = {}
+    for i, ev in enumerate(events):
+        if ev.event in FILL_EVENTS:
+            slots.setdefault(ev.order_id, []).append(i)
+    if all(len(s) == 1 for s in slots.values()):
+        return list(events)
+    out = list(events)
+    for idxs in slots.values():
+        if len(idxs) > 1:
+            ordered = sorted((events[i] for i in idxs), key=lambda e: e.cum_qty)
+            for i, ev in zip(idxs, ordered, strict=True):
+                out[i] = ev
+    return out
+
+
+def apply_events(
+    account_id: str,
+    orders: Mapping[str, OrderState],
+    open_positions: Mapping[str, Position],
+    events: Sequence[Event],
+) -> LedgerResult:
+    """Apply new (not yet stored) events, in order, to the loaded state.
+
+    `orders` holds the stored state of every order the events touch (absent = unknown
+    yet); `open_positions` the open row of every symbol they touch (absent = flat).
+    """
+    result = LedgerResult()
+    order_state = dict(orders)
+    current = dict(open_positions)
+    for ev in order_fills_by_cum_qty(events):
+        outcome = apply_order_event(order_state.get(ev.order_id), ev)
+        order_state[ev.order_id] = outcome.state
+        result.orders[ev.order_id] = outcome.state
+        if outcome.stale:
+            result.stale_fills += 1
+        delta = outcome.delta
+        if delta is None:
+            continue
+        result.fills_applied += 1
+        if not delta.exact:
+            result.inexact_fills += 1
+        step = apply_fill(current.get(ev.symbol), account_id, delta)
+        if step.closed is not None:
+            result.closed.append(step.closed)
+            result.positions.append(step.closed)
+        if step.open is not None:
+            current[ev.symbol] = step.open
+        else:
+            current.pop(ev.symbol, None)
+        if ev.source == "stream" and delta.position_qty is not None:
+            ours = step.open.qty if step.open is not None else Decimal(0)
+            if ours != delta.position_qty:
+                result.drift.append(Drift(ev.symbol, ev.order_id, ours, delta.position_qty))
+    # Final version of every open row touched: rows that stayed open or opened here.
+    for symbol, pos in current.items():
+        if open_positions.get(symbol) is not pos:
+            result.positions.append(pos)
+    return result

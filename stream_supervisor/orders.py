@@ -1,0 +1,184 @@
+"""Order level of exactly-once (DESIGN section 4, layer 2): pure, no I/O.
+
+An order's stored cumulative `filled_qty` is a high-water mark: an update whose
+cumulative quantity is not above it changes nothing, and the quantity that reaches
+positions is always `C - c0`, priced so that a missed intermediate update still lands
+right. Status never regresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Final
+
+from .events import FILL_EVENTS, Event
+
+TERMINAL_STATUSES: Final = frozenset({"filled", "canceled", "expired", "replaced", "rejected"})
+
+# Progress of an order through its life; a status of lower rank never overwrites one of
+# higher rank, and nothing leaves a terminal status (a late `new` cannot undo `filled`).
+_STATUS_RANK: Final = {
+    "pending_new": 0,
+    "accepted": 1,
+    "held": 1,
+    "new": 2,
+    "accepted_for_bidding": 2,
+    "calculated": 3,
+    "partially_filled": 3,
+    "pending_replace": 4,
+    "pending_cancel": 4,
+    "stopped": 4,
+    "suspended": 4,
+    "done_for_day": 4,
+}
+_TERMINAL_RANK: Final = 10
+
+
+def status_rank(status: str) -> int:
+    if status in TERMINAL_STATUSES:
+        return _TERMINAL_RANK
+    return _STATUS_RANK.get(status, 1)
+
+
+def merge_status(old: str, new: str) -> str:
+    """The status after `new` is reported for an order that had `old`."""
+    if old in TERMINAL_STATUSES:
+        return old
+    return new if status_rank(new) >= status_rank(old) else old
+
+
+@dataclass(frozen=True, slots=True)
+class OrderState:
+    """What `broker_orders` holds for one order."""
+
+    order_id: str
+    symbol: str
+    side: str
+    status: str
+    filled_qty: Decimal
+    filled_avg_price: Decimal | None
+    client_order_id: str | None = None
+    order_qty: Decimal | None = None
+    order_type: str | None = None
+    asset_class: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FillDelta:
+    """The new quantity an update adds to an order, signed by side, at one price."""
+
+    order_id: str
+    client_order_id: str | None
+    symbol: str
+    qty: Decimal  # signed: positive for buys, negative for sells
+    price: Decimal
+    timestamp: datetime
+    position_qty: Decimal | None  # the broker's net position after this fill, if told
+    exact: bool  # False when priced from cumulative averages over a gap
+
+
+@dataclass(frozen=True, slots=True)
+class OrderOutcome:
+    state: OrderState
+    delta: FillDelta | None
+    stale: bool  # a fill whose cumulative quantity was already reached (order-level duplicate)
+
+
+def delta_price(
+    c0: Decimal,
+    p0: Decimal | None,
+    cum: Decimal,
+    cum_avg: Decimal | None,
+    fill_qty: Decimal | None,
+    fill_price: Decimal | None,
+) -> tuple[Decimal, bool]:
+    """Price of the quantity `cum - c0`, and whether it is exact.
+
+    When this update continues exactly from what is stored, its own fill price is the
+    truth. Otherwise some update was missed: `(C*P_C - c0*p0) / (C - c0)` recovers the
+    average price of everything missed from the cumulative averages.
+    """
+    if fill_qty is not None and fill_price is not None and c0 + fill_qty == cum:
+        return fill_price, True
+    if cum_avg is not None:
+        paid_before = c0 * p0 if (c0 and p0 is not None) else Decimal(0)
+        return (cum * cum_avg - paid_before) / (cum - c0), True
+    if fill_price is not None:
+        # A REST activity past a gap carries no cumulative average: the best estimate.
+        return fill_price, False
+    raise ValueError("fill without any price")
+
+
+def new_order_state(event: Event) -> OrderState:
+    return OrderState(
+        order_id=event.order_id,
+        symbol=event.symbol,
+        side=event.side,
+        status="pending_new",
+        filled_qty=Decimal(0),
+        filled_avg_price=None,
+        client_order_id=event.client_order_id,
+        order_qty=event.order_qty,
+        order_type=event.order_type,
+        asset_class=event.asset_class,
+        created_at=event.created_at,
+        updated_at=None,
+    )
+
+
+def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
+    """Apply one update to an order: the cumulative guard and the status merge."""
+    state = prev if prev is not None else new_order_state(event)
+    # Fill in order fields a REST activity could not tell us, once a richer update arrives.
+    if event.client_order_id is not None and state.client_order_id is None:
+        state = replace(state, client_order_id=event.client_order_id)
+    if event.order_qty is not None and state.order_qty is None:
+        state = replace(state, order_qty=event.order_qty)
+    if event.order_type is not None and state.order_type is None:
+        state = replace(state, order_type=event.order_type)
+    if event.asset_class is not None and state.asset_class is None:
+        state = replace(state, asset_class=event.asset_class)
+    if event.created_at is not None and state.created_at is None:
+        state = replace(state, created_at=event.created_at)
+
+    status = merge_status(state.status, event.status)
+    updated_at = (
+        event.timestamp
+        if state.updated_at is None or event.timestamp > state.updated_at
+        else state.updated_at
+    )
+    if event.event not in FILL_EVENTS:
+        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, False)
+
+    c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
+    if cum <= c0:
+        # Already counted (a duplicate through another path, or an out-of-order late fill
+        # whose quantity a later cumulative update already carried).
+        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, True)
+
+    price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
+    qty = cum - c0
+    if event.cum_avg_price is not None:
+        avg = event.cum_avg_price
+    else:
+        avg = ((c0 * p0 if p0 is not None else Decimal(0)) + qty * price) / cum
+    if event.order_qty is not None and cum >= event.order_qty:
+        status = merge_status(status, "filled")
+    new_state = replace(
+        state, filled_qty=cum, filled_avg_price=avg, status=status, updated_at=updated_at
+    )
+    delta = FillDelta(
+        order_id=event.order_id,
+        client_order_id=new_state.client_order_id,
+        symbol=event.symbol,
+        qty=qty if event.side == "buy" else -qty,
+        price=price,
+        timestamp=event.timestamp,
+        position_qty=event.position_qty,
+        exact=exact,
+    )
+    return OrderOutcome(new_state, delta, False)

@@ -1,0 +1,113 @@
+"""Symbol level of exactly-once (DESIGN section 4, layer 3): position math, pure.
+
+A position is the signed net quantity Q and average entry price A of one symbol in one
+account, opened by the order whose fill opened it. Same-direction fills re-average;
+opposite fills realize `closed_qty * (price - A) * sign(Q)`; reaching zero closes the
+row; crossing zero closes it and opens a new one for the remainder at the fill price.
+Decimal arithmetic only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+
+from .orders import FillDelta
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """One row of `active_positions`. `qty` is signed here; the table stores side + |qty|."""
+
+    account_id: str
+    symbol: str
+    qty: Decimal
+    avg_entry_price: Decimal
+    opened_by_order_id: str
+    opened_by_client_order_id: str | None
+    opened_at: datetime
+    realized_pnl: Decimal = ZERO
+    closed_at: datetime | None = None
+    # Largest quantity the position reached, signed like the position: it keeps the
+    # direction of a closed row and tells statistics how big the trade got.
+    peak_qty: Decimal = ZERO
+    position_id: int | None = None  # assigned by the store once the row exists
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
+
+    @property
+    def side(self) -> str:
+        """`long` or `short`: fixed when the row opens (a flip opens a new row), so a
+        closed row, whose qty is zero, still says which way it was."""
+        return "long" if self.peak_qty > 0 else "short"
+
+
+@dataclass(frozen=True, slots=True)
+class PositionStep:
+    """The effect of one fill on a symbol: the row it leaves open (if any), and the row
+    it closed (if any). A flip yields both: `closed` is the old row, `open` the new one."""
+
+    open: Position | None
+    closed: Position | None
+    realized: Decimal
+
+
+def _sign(x: Decimal) -> int:
+    return (x > 0) - (x < 0)
+
+
+def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> PositionStep:
+    """Apply one signed fill to the open position of its symbol (None when flat)."""
+    q, p = fill.qty, fill.price
+    if q == 0:
+        return PositionStep(current, None, ZERO)
+    if current is None or current.qty == 0:
+        opened = Position(
+            account_id=account_id,
+            symbol=fill.symbol,
+            qty=q,
+            avg_entry_price=p,
+            opened_by_order_id=fill.order_id,
+            opened_by_client_order_id=fill.client_order_id,
+            opened_at=fill.timestamp,
+            peak_qty=q,
+        )
+        return PositionStep(opened, None, ZERO)
+
+    qty, avg = current.qty, current.avg_entry_price
+    if _sign(q) == _sign(qty):
+        total = abs(qty) + abs(q)
+        new_avg = (abs(qty) * avg + abs(q) * p) / total
+        grown = qty + q
+        peak = grown if abs(grown) > abs(current.peak_qty) else current.peak_qty
+        return PositionStep(
+            replace(current, qty=grown, avg_entry_price=new_avg, peak_qty=peak), None, ZERO
+        )
+
+    closed_qty = min(abs(qty), abs(q))
+    realized = closed_qty * (p - avg) * _sign(qty)
+    remaining = qty + q
+    pnl = current.realized_pnl + realized
+    if remaining == 0:
+        closed = replace(current, qty=ZERO, realized_pnl=pnl, closed_at=fill.timestamp)
+        return PositionStep(None, closed, realized)
+    if _sign(remaining) == _sign(qty):
+        return PositionStep(replace(current, qty=remaining, realized_pnl=pnl), None, realized)
+    # Crossed zero: the old row closes whole, the remainder opens a new row at this price.
+    closed = replace(current, qty=ZERO, realized_pnl=pnl, closed_at=fill.timestamp)
+    flipped = Position(
+        account_id=account_id,
+        symbol=fill.symbol,
+        qty=remaining,
+        avg_entry_price=p,
+        opened_by_order_id=fill.order_id,
+        opened_by_client_order_id=fill.client_order_id,
+        opened_at=fill.timestamp,
+        peak_qty=remaining,
+    )
+    return PositionStep(flipped, closed, realized)

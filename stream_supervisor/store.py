@@ -1,0 +1,100 @@
+"""The store contract: what the writer and dedupe actors need from durable storage.
+
+Two implementations keep it: `PgStore` (PostgreSQL, production) and `MemoryStore`
+(deterministic simulation). One conformance suite runs against both. The contract:
+`commit_batch` is atomic (all of a batch or nothing), idempotent for events already
+stored (the ambiguous-commit retry applies nothing twice), and moves the cursor only
+forward, in the same transaction as the events it covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+from .events import DeadLetter, Event
+from .ledger import Cursor, Drift
+from .orders import OrderState
+from .positions import Position
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    account_id: str
+    events: Sequence[Event]
+    dead_letters: Sequence[DeadLetter] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    applied_keys: frozenset[str]  # stored by this transaction
+    duplicate_keys: frozenset[str]  # already in the dedupe table: the database layer caught them
+    fills_applied: int
+    stale_fills: int  # order-level duplicates
+    inexact_fills: int
+    positions_closed: int
+    drift: tuple[Drift, ...]
+    cursor: Cursor  # the account's cursor after this batch
+    dead_letters: int
+
+    @property
+    def committed_keys(self) -> frozenset[str]:
+        """Every key of the batch that is now durably known: the LRU may learn them all."""
+        return self.applied_keys | self.duplicate_keys
+
+
+class StoreError(Exception):
+    """A failure talking to the store; the batch did not commit, or its fate is unknown."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now; waiting and retrying is the answer."""
+
+
+class LostLeadership(StoreError):
+    """This process no longer holds the account's writer lock: stop writing at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """Everything a store holds for one account, for checks and the conformance suite."""
+
+    event_keys: frozenset[str]
+    orders: dict[str, OrderState]
+    positions: list[Position]  # every row of active_positions, open and closed
+    history: list[Position]
+    cursor: Cursor | None
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def net_position(self, symbol: str) -> Decimal:
+        return sum((p.qty for p in self.positions if p.symbol == symbol and p.is_open), Decimal(0))
+
+    def realized_pnl(self, symbol: str) -> Decimal:
+        return sum(
+            (p.realized_pnl for p in self.positions if p.symbol == symbol), Decimal(0)
+        )
+
+
+class Store(Protocol):
+    """Durable storage for one or more accounts. Methods are async so that PostgreSQL can
+    run them in a worker thread while the in-memory store runs inline (deterministic)."""
+
+    async def open(self) -> None:
+        """Connect and verify the schema; raise StoreUnavailable if unreachable."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def recent_keys(self, account_id: str, limit: int) -> list[str]:
+        """The most recently stored event keys, newest first (LRU warm start)."""
+        ...
+
+    async def load_cursor(self, account_id: str) -> Cursor | None: ...
+
+    async def commit_batch(self, batch: Batch) -> BatchResult:
+        """Apply a batch in one transaction. Raises StoreError if it may not have committed."""
+        ...
+
+    async def snapshot(self, account_id: str) -> StoreSnapshot: ...
