@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from .events import DeadLetter
 from .ledger import Cursor, apply_events, cursor_of
-from .orders import OrderState
+from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import Batch, BatchResult, StoreError, StoreSnapshot, StoreUnavailable
 
@@ -77,6 +77,14 @@ class MemoryStore:
     async def load_cursor(self, account_id: str) -> Cursor | None:
         self._check()
         return self.db.account(account_id).cursor
+
+    async def open_order_ids(self, account_id: str) -> list[str]:
+        self._check()
+        return [
+            oid
+            for oid, order in self.db.account(account_id).orders.items()
+            if order.status not in TERMINAL_STATUSES
+        ]
 
     async def commit_batch(self, batch: Batch) -> BatchResult:
         self._check()

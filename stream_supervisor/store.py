@@ -93,6 +93,10 @@ class Store(Protocol):
 
     async def load_cursor(self, account_id: str) -> Cursor | None: ...
 
+    async def open_order_ids(self, account_id: str) -> list[str]:
+        """Orders stored with a status that is not terminal (backfill refreshes them)."""
+        ...
+
     async def commit_batch(self, batch: Batch) -> BatchResult:
         """Apply a batch in one transaction. Raises StoreError if it may not have committed."""
         ...

@@ -1,0 +1,196 @@
+"""`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, health.
+
+Flags override the environment; every command builds one `Settings` and passes it down.
+Exit codes: 0 ok, 1 failure or violation, 2 usage, 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .logs import configure_logging, get_logger, redactor
+from .settings import ConfigError, Settings, load_settings
+from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+
+log = get_logger("stream_supervisor.cli")
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="libpq URI or conninfo (env DATABASE_URL)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   help="log rendering (env STREAM_SUPERVISOR_LOG_FORMAT; auto = console on a "
+                        "terminal, JSON lines otherwise)")
+    p.add_argument("--log-level", help="debug, info, warning, error (env STREAM_SUPERVISOR_LOG_LEVEL)")
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-id", help="broker key id (env APCA_API_KEY_ID)")
+    p.add_argument("--secret-key", help="broker secret key (env APCA_API_SECRET_KEY); prefer "
+                   "the environment: flags are visible in the process list")
+    p.add_argument("--base-url", help="REST base URL (env APCA_API_BASE_URL, default paper)")
+    p.add_argument("--stream-url", help="stream URL (env APCA_API_STREAM_URL, default derived "
+                   "from the base URL)")
+    p.add_argument("--account-id", help="account id (env STREAM_SUPERVISOR_ACCOUNT_ID; default: "
+                   "asked from GET /v2/account)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-supervisor",
+        description="Alpaca trade updates into PostgreSQL exactly once.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="the service: stream, dedupe and write until signalled")
+    _common_flags(run)
+    _broker_flags(run)
+    run.add_argument("--http-addr", help="serve /healthz, /readyz, /metrics on HOST:PORT "
+                     "(env STREAM_SUPERVISOR_HTTP_ADDR; default off)")
+    run.add_argument("--migrate", action="store_true",
+                     help="apply pending migrations before starting")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on embedded PostgreSQL and the "
+                          "simulated broker, verified against its ground truth")
+    _common_flags(demo)
+    demo.add_argument("--duration", type=float, default=10.0,
+                      help="seconds of simulated trading (default 10)")
+    demo.add_argument("--rate", type=float, default=200.0, help="updates per second (default 200)")
+    demo.add_argument("--seed", type=int, default=None, help="order-flow seed (default random)")
+    demo.add_argument("--data-dir", type=Path, default=None,
+                      help="embedded PostgreSQL data directory (default: the user data dir)")
+    demo.add_argument("--chaos", action="store_true",
+                      help="inject duplicates, disconnects, malformed frames, REST errors")
+    demo.add_argument("--timeout", type=float, default=120.0,
+                      help="give up catching up after this many seconds (default 120)")
+
+    simulate = sub.add_parser("simulate", help="the simulated Alpaca-compatible broker alone "
+                              "(WebSocket + REST), with chaos options")
+    from .simulator.cli import add_simulate_arguments  # local: keeps `run` start-up lean
+
+    add_simulate_arguments(simulate)
+    _common_flags(simulate)
+
+    migrate = sub.add_parser("migrate", help="apply migrations/*.sql in order, once each")
+    _common_flags(migrate)
+    migrate.add_argument("--dir", type=Path, default=None, help="migrations directory")
+
+    check = sub.add_parser("check", help="integrity checks on the database; non-zero on a "
+                           "violation")
+    _common_flags(check)
+    check.add_argument("--account-id", help="limit to one account")
+
+    reconcile = sub.add_parser("reconcile", help="compare stored positions with the broker's "
+                               "GET /v2/positions")
+    _common_flags(reconcile)
+    _broker_flags(reconcile)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        key_id=getattr(args, "key_id", None),
+        secret_key=getattr(args, "secret_key", None),
+        base_url=getattr(args, "base_url", None),
+        stream_url=getattr(args, "stream_url", None),
+        account_id=getattr(args, "account_id", None),
+        database_url=getattr(args, "database_url", None),
+        log_format=getattr(args, "log_format", None),
+        log_level=getattr(args, "log_level", None),
+        http_addr=getattr(args, "http_addr", None),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"stream-supervisor: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(fmt=settings.log_format, level=settings.log_level,
+                      secrets=settings.secrets())
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(args, settings)
+    except ConfigError as exc:
+        message = redactor.scrub(str(exc))
+        log.error("configuration_error", error=message)
+        print(f"stream-supervisor: configuration error: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_run()
+    from .service import run_service
+
+    return run_service(settings, migrate_first=args.migrate)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import DemoOptions, run_demo
+
+    return run_demo(settings, DemoOptions(
+        duration=args.duration, rate=args.rate, seed=args.seed, data_dir=args.data_dir,
+        chaos=args.chaos, timeout=args.timeout,
+    ))
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from .simulator.cli import run_simulate
+
+    return run_simulate(args)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set (or pass --database-url)")
+    from .migrate import apply_migrations
+
+    applied = apply_migrations(settings.database_url, args.dir)
+    log.info("migrations_applied", versions=applied, count=len(applied))
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set (or pass --database-url)")
+    from .check import format_violations, run_checks
+
+    violations = run_checks(settings.database_url, args.account_id)
+    print(format_violations(violations))
+    for v in violations:
+        log.error("check_violation", layer=v.layer, what=v.what, detail=v.detail)
+    return EXIT_FAILURE if violations else EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set (or pass --database-url)")
+    if not settings.key_id or not settings.secret_key:
+        raise ConfigError("APCA_API_KEY_ID and APCA_API_SECRET_KEY are required for reconcile")
+    from .reconcile import reconcile
+
+    return trio.run(reconcile, settings)
+
+
+_COMMANDS: dict[str, Any] = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "simulate": cmd_simulate,
+    "migrate": cmd_migrate,
+    "check": cmd_check,
+    "reconcile": cmd_reconcile,
+}

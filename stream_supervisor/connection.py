@@ -1,0 +1,347 @@
+"""The connection actor: connect, authenticate, listen, backfill, stream; forever.
+
+On every (re)connect, once `listening` is confirmed, it pages the broker's FILL
+activities from the durable cursor minus an overlap window (while live frames wait in a
+bounded buffer), refreshes orders that changed while we were away, then forwards the
+live stream. Socket failures are handled here with exponential backoff and full jitter;
+they never restart the rest of the pipeline. `unauthorized` is fatal.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import trio
+
+from .backoff import Backoff, BackoffPolicy
+from .events import DeadLetter, Event, format_timestamp
+from .ledger import Cursor, order_fills_by_cum_qty
+from .logs import get_logger
+from .metrics import Metrics
+from .protocol import (
+    Authorization,
+    DecodeError,
+    ErrorReply,
+    Listening,
+    WireOrder,
+    activity_to_event,
+    authenticate_message,
+    decode_frame,
+    listen_message,
+    snapshot_to_event,
+)
+from .errors import collapse
+from .rest import MAX_PAGE_SIZE, BrokerAuthError, BrokerRest, BrokerUnavailable
+from .state import SupervisorState
+from .transport import Connector, TransportClosed, UpgradeRejected, WebSocket
+
+log = get_logger("stream_supervisor.connection")
+
+Item = Event | DeadLetter
+EASTERN = ZoneInfo("America/New_York")
+#: Live frames held while backfill runs; beyond this the socket itself applies backpressure.
+LIVE_BUFFER = 10_000
+#: REST pages fetched per backfill at most (100 fills each): a runaway guard, not a limit
+#: any real day reaches.
+MAX_BACKFILL_PAGES = 10_000
+
+
+class Unauthorized(Exception):
+    """The broker refused our keys on the stream: a configuration error, never retried."""
+
+
+class ProtocolViolation(Exception):
+    """The server did not follow the handshake (treated like a dropped connection)."""
+
+
+#: Errors that end the process instead of a reconnect: the operator must fix something.
+FATAL: tuple[type[BaseException], ...] = (Unauthorized, BrokerAuthError)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    stream_url: str
+    key_id: str
+    secret_key: str
+    ping_interval: float = 15.0
+    ping_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    backoff: BackoffPolicy = BackoffPolicy()
+    backfill_overlap: float = 300.0
+    first_start_lookback: float | None = None  # None: start of today's US/Eastern session
+    max_frame_bytes: int = 1_000_000
+    backfill: bool = True
+
+
+def trading_day_start(now: datetime) -> datetime:
+    """Midnight US/Eastern of `now`'s Eastern date, in UTC: covers pre-market fills too."""
+    local = now.astimezone(EASTERN)
+    return datetime.combine(local.date(), time(0, 0), tzinfo=EASTERN).astimezone(UTC)
+
+
+def backfill_start(
+    cursor: Cursor | None,
+    now: datetime,
+    overlap: float,
+    first_start_lookback: float | None,
+) -> datetime:
+    """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback."""
+    if cursor is not None and cursor.fill_time is not None:
+        return cursor.fill_time - timedelta(seconds=overlap)
+    if first_start_lookback is not None:
+        return now - timedelta(seconds=first_start_lookback)
+    return trading_day_start(now)
+
+
+def sort_backfill(events: Sequence[Event]) -> list[Event]:
+    """Distinct by key, in time order, each order's fills in cumulative order."""
+    unique = {ev.key: ev for ev in events}
+    by_time = sorted(unique.values(), key=lambda ev: (ev.ts_ns, ev.activity_id or ""))
+    return order_fills_by_cum_qty(by_time)
+
+
+class ConnectionActor:
+    """One instance per pipeline; `run` is the actor. Collaborators are passed in."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        connector: Connector,
+        rest: BrokerRest,
+        outbox: trio.MemorySendChannel[Item],
+        metrics: Metrics,
+        state: SupervisorState,
+        *,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+        open_order_ids: Callable[[], Awaitable[Sequence[str]]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.connector = connector
+        self.rest = rest
+        self.outbox = outbox
+        self.metrics = metrics
+        self.state = state
+        self.wallclock = wallclock
+        self.backoff = Backoff(settings.backoff, rng)
+        self.open_order_ids = open_order_ids
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect forever. `task_status.started()` fires on the first `listening`."""
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        async with self.outbox:
+            while True:
+                self.state.connection_id += 1
+                self.state.connection = "connecting"
+                self.state.caught_up = False
+                log.info("connecting", url=self.settings.stream_url,
+                         connection_id=self.state.connection_id)
+                connected_at: float | None = None
+                rate_limited = False
+                try:
+                    try:
+                        async with self.connector(self.settings.stream_url) as ws:
+                            await self._handshake(ws)
+                            connected_at = trio.current_time()
+                            mark_started()
+                            await self._session(ws)
+                    except BaseExceptionGroup as group:
+                        raise collapse(group, prefer=FATAL) from None
+                    reason = "closed by server"
+                except UpgradeRejected as exc:
+                    rate_limited = exc.status_code == 429
+                    reason = f"upgrade rejected {exc.status_code}"
+                except TransportClosed as exc:
+                    reason = exc.reason
+                except ProtocolViolation as exc:
+                    reason = f"protocol: {exc}"
+                except trio.TooSlowError:
+                    reason = "handshake timeout"
+                except (BrokerUnavailable, DecodeError) as exc:
+                    reason = f"backfill failed: {exc}"[:300]
+                self.state.connection = "backoff"
+                self.state.caught_up = False
+                self.state.last_disconnect_reason = reason
+                label = "rate_limited" if rate_limited else _reason_label(reason)
+                self.metrics.reconnects.labels(label).inc()
+                if connected_at is not None:
+                    self.backoff.connection_ended(trio.current_time() - connected_at)
+                delay = self.backoff.next_delay(rate_limited=rate_limited)
+                log.warning("disconnected", reason=reason, connection_id=self.state.connection_id)
+                log.info("backoff", delay=round(delay, 3), attempt=self.backoff.attempt,
+                         rate_limited=rate_limited)
+                await trio.sleep(delay)
+
+    async def _handshake(self, ws: WebSocket) -> None:
+        s = self.settings
+        with trio.fail_after(s.handshake_timeout):
+            await ws.send_message(authenticate_message(s.key_id, s.secret_key))
+            while True:
+                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes)
+                if isinstance(reply, Authorization):
+                    if not reply.authorized:
+                        raise Unauthorized(
+                            "the broker stream refused the credentials (unauthorized"
+                            + (f": {reply.message}" if reply.message else "")
+                            + "): check APCA_API_KEY_ID and APCA_API_SECRET_KEY"
+                        )
+                    break
+                if isinstance(reply, ErrorReply):
+                    raise ProtocolViolation(f"error during authentication: {reply.message}")
+            self.state.connection = "authorized"
+            log.info("authorized", connection_id=self.state.connection_id)
+            await ws.send_message(listen_message())
+            while True:
+                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes)
+                if isinstance(reply, Listening):
+                    if "trade_updates" not in reply.streams:
+                        raise ProtocolViolation(f"listening to {reply.streams}, not trade_updates")
+                    break
+                if isinstance(reply, ErrorReply):
+                    raise ProtocolViolation(f"error during listen: {reply.message}")
+                if isinstance(reply, Event | DeadLetter):
+                    # An update racing the listen reply: real data, keep it.
+                    await self._forward(reply)
+        self.state.connection = "listening"
+        log.info("listening", connection_id=self.state.connection_id)
+
+    async def _session(self, ws: WebSocket) -> None:
+        """Read, ping and backfill until the connection fails."""
+        send_live, receive_live = trio.open_memory_channel[Item](LIVE_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read, ws, send_live)
+            nursery.start_soon(self._ping, ws)
+            async with receive_live:
+                if self.settings.backfill:
+                    await self._backfill()
+                self.state.caught_up = True
+                self.state.connection = "streaming"
+                async for item in receive_live:
+                    await self._forward(item)
+            # The reader closed the live channel: the connection is gone.
+            nursery.cancel_scope.cancel()
+        raise TransportClosed("closed by server")
+
+    async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item]) -> None:
+        max_bytes = self.settings.max_frame_bytes
+        async with live:
+            while True:
+                try:
+                    message = await ws.get_message()
+                except TransportClosed as exc:
+                    self.state.last_disconnect_reason = exc.reason
+                    raise
+                frame = decode_frame(message, received_at=trio.current_time(), max_bytes=max_bytes)
+                self.state.beat("connection", trio.current_time())
+                if isinstance(frame, Event):
+                    self.metrics.events_received.labels(frame.event, "stream").inc()
+                    await live.send(frame)
+                elif isinstance(frame, DeadLetter):
+                    log.warning("frame_dead_lettered", reason=frame.reason,
+                                bytes=len(frame.payload))
+                    await live.send(frame)
+                elif isinstance(frame, Authorization) and not frame.authorized:
+                    raise Unauthorized("the broker revoked the stream's authorization")
+                # Other control messages (a repeated `listening`, other streams) are ignored.
+
+    async def _ping(self, ws: WebSocket) -> None:
+        """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""
+        s = self.settings
+        while True:
+            await trio.sleep(s.ping_interval)
+            try:
+                with trio.fail_after(s.ping_timeout):
+                    await ws.ping()
+            except trio.TooSlowError:
+                raise TransportClosed(f"no pong within {s.ping_timeout}s") from None
+            self.state.beat("connection", trio.current_time())
+
+    async def _forward(self, item: Item) -> None:
+        await self.outbox.send(item)
+
+    async def _backfill(self) -> None:
+        """REST gap recovery from the durable cursor; feeds the same dedupe/writer path."""
+        s = self.settings
+        self.state.connection = "backfilling"
+        start = backfill_start(
+            self.state.committed_cursor, self.wallclock(), s.backfill_overlap,
+            s.first_start_lookback,
+        )
+        log.info("backfill_started", after=format_timestamp(start),
+                 connection_id=self.state.connection_id)
+        events: list[Event] = []
+        page_token: str | None = None
+        pages = 0
+        after = format_timestamp(start)
+        while pages < MAX_BACKFILL_PAGES:
+            page = await self.rest.fill_activities(
+                after=after, page_token=page_token, page_size=MAX_PAGE_SIZE
+            )
+            pages += 1
+            if not page:
+                break
+            for activity in page:
+                try:
+                    events.append(activity_to_event(activity))
+                except (DecodeError, ValueError) as exc:
+                    await self._forward(DeadLetter(
+                        reason=f"invalid FILL activity {activity.id}: {exc}"[:500],
+                        payload=repr(activity).encode()[:64_000], source="rest"))
+            page_token = page[-1].id
+        fills = sort_backfill(events)
+        self.metrics.backfill_fills.inc(len(fills))
+        for ev in fills:
+            self.metrics.events_received.labels(ev.event, "rest").inc()
+            await self._forward(ev)
+        refreshed = await self._refresh_orders({ev.order_id for ev in fills})
+        log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
+                 connection_id=self.state.connection_id)
+
+    async def _refresh_orders(self, seen: set[str]) -> int:
+        """Order state that changed while away: open orders, and every order we hold as
+        not terminal that is no longer open (canceled or expired while we were gone)."""
+        count = 0
+        open_ids: set[str] = set()
+        for order in await self.rest.open_orders():
+            open_ids.add(order.id)
+            count += await self._forward_snapshot(order)
+        known = await self.open_order_ids() if self.open_order_ids is not None else ()
+        for order_id in known:
+            if order_id in open_ids:
+                continue
+            order = await self.rest.order(order_id)
+            if order is not None:
+                count += await self._forward_snapshot(order)
+        return count
+
+    async def _forward_snapshot(self, order: WireOrder) -> int:
+        try:
+            ev = snapshot_to_event(order)
+        except (DecodeError, ValueError):
+            return 0
+        await self._forward(ev)
+        return 1
+
+
+def _reason_label(reason: str) -> str:
+    """Low-cardinality label for the reconnect metric."""
+    if "pong" in reason:
+        return "ping_timeout"
+    if reason.startswith("upgrade rejected"):
+        return "rejected"
+    if "timeout" in reason:
+        return "timeout"
+    if reason.startswith("closed") or "closed by server" in reason:
+        return "closed"
+    return "error"

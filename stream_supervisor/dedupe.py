@@ -1,0 +1,107 @@
+"""The dedupe actor: drops updates already committed or already on their way.
+
+It owns a bounded LRU of committed event keys (the fast path: no database round trip)
+and a set of keys in flight to the writer. A key enters the LRU only after the writer
+reports its batch committed, so a crash can never make us forget an event we have not
+stored; a duplicate of an in-flight key is dropped but the key is not learnt early. The
+`alpaca_event_dedupe` table behind it stays the authority.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from .events import DeadLetter, Event
+from .logs import get_logger
+from .metrics import Metrics
+from .state import SupervisorState
+
+log = get_logger("stream_supervisor.dedupe")
+
+Item = Event | DeadLetter
+
+
+class KeyCache:
+    """Bounded LRU of committed keys plus the in-flight set. Pure bookkeeping."""
+
+    def __init__(self, capacity: int, warm: Iterable[str] = ()) -> None:
+        self.capacity = capacity
+        self._committed: OrderedDict[str, None] = OrderedDict()
+        self._in_flight: set[str] = set()
+        # `warm` is newest first; insert oldest first so the newest end up most recent.
+        for key in reversed(list(warm)[:capacity]):
+            self._committed[key] = None
+
+    def __len__(self) -> int:
+        return len(self._committed)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def check(self, key: str) -> str | None:
+        """`lru` or `inflight` if the key is a known duplicate, else None (and the key is
+        now in flight)."""
+        if key in self._committed:
+            self._committed.move_to_end(key)
+            return "lru"
+        if key in self._in_flight:
+            return "inflight"
+        self._in_flight.add(key)
+        return None
+
+    def committed(self, keys: Iterable[str]) -> None:
+        """The writer committed these: move them from in flight into the LRU."""
+        if self.capacity == 0:
+            self._in_flight.difference_update(keys)
+            return
+        lru = self._committed
+        for key in keys:
+            self._in_flight.discard(key)
+            lru[key] = None
+            lru.move_to_end(key)
+        while len(lru) > self.capacity:
+            lru.popitem(last=False)
+
+
+async def dedupe_actor(
+    cache: KeyCache,
+    inbox: trio.MemoryReceiveChannel[Item],
+    outbox: trio.MemorySendChannel[Item],
+    acks: trio.MemoryReceiveChannel[frozenset[str]],
+    metrics: Metrics,
+    state: SupervisorState,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forward new events from `inbox` to `outbox`; learn committed keys from `acks`.
+
+    Two tasks share the cache: acks are always drained, so the writer never blocks on
+    telling us about a commit while we block on handing it more work.
+    """
+    dropped = {layer: metrics.duplicates_dropped.labels(layer) for layer in ("lru", "inflight")}
+
+    async def learn() -> None:
+        async with acks:
+            async for keys in acks:
+                cache.committed(keys)
+                state.beat("dedupe", trio.current_time())
+
+    async def forward() -> None:
+        async with outbox, inbox:
+            async for item in inbox:
+                state.beat("dedupe", trio.current_time())
+                if isinstance(item, Event):
+                    layer = cache.check(item.key)
+                    if layer is not None:
+                        dropped[layer].inc()
+                        continue
+                await outbox.send(item)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(learn)
+        task_status.started()
+        await forward()

@@ -1,0 +1,29 @@
+"""Exception-group helpers: Trio nurseries wrap errors in groups; actors want the cause."""
+
+from __future__ import annotations
+
+import trio
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for inner in exc.exceptions:
+            out.extend(leaves(inner))
+        return out
+    return [exc]
+
+
+def collapse(exc: BaseException, *, prefer: tuple[type[BaseException], ...] = ()) -> BaseException:
+    """The one exception that explains a group: a preferred type (fatal errors) first,
+    then the first that is not a cancellation. A group of only cancellations is kept as
+    it is, so cancellation keeps propagating the way Trio expects."""
+    found = leaves(exc)
+    for kind in prefer:
+        for leaf in found:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in found:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return exc

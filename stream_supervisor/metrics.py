@@ -1,0 +1,60 @@
+"""Prometheus metrics of one supervisor, in a registry of its own (no global state).
+
+The actors update these; `/metrics` exposes them through prometheus_client's own text
+exposition, and tests read them back by name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = "stream_supervisor_"
+        self.events_received = Counter(
+            p + "events_received", "Trade updates received, by event type and source",
+            ["event", "source"], registry=r)
+        self.duplicates_dropped = Counter(
+            p + "duplicates_dropped", "Duplicate updates dropped, by layer "
+            "(lru, inflight, database, order)", ["layer"], registry=r)
+        self.batches = Counter(p + "batches", "Batches committed", registry=r)
+        self.batch_retries = Counter(p + "batch_retries", "Batch commits retried", registry=r)
+        self.batch_size = Histogram(
+            p + "batch_size", "Items per committed batch",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r)
+        self.commit_seconds = Histogram(
+            p + "commit_seconds", "Time to commit one batch", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.frame_to_commit_seconds = Histogram(
+            p + "frame_to_commit_seconds", "Time from frame receipt to its batch's commit",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.fills_applied = Counter(p + "fills_applied", "Fills applied to positions",
+                                     registry=r)
+        self.reconnects = Counter(p + "reconnects", "Stream reconnects, by reason", ["reason"],
+                                  registry=r)
+        self.backfill_fills = Counter(p + "backfill_fills",
+                                      "FILL activities fetched by REST backfill", registry=r)
+        self.dead_letters = Counter(p + "dead_letters", "Frames dead-lettered", registry=r)
+        self.position_drift = Counter(
+            p + "position_drift", "Fills after which our net position differed from the "
+            "broker's position_qty", registry=r)
+        self.channel_fill = Gauge(p + "channel_fill", "Items queued in a channel", ["channel"],
+                                  registry=r)
+        self.leader = Gauge(p + "leader", "1 while this process holds the account's writer lock",
+                            registry=r)
+        self.pipeline_restarts = Counter(p + "pipeline_restarts", "Pipeline restarts after a "
+                                         "crash", registry=r)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Read a sample back (tests, summaries). Counters are read by their `_total`."""
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                                for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0

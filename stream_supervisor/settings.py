@@ -1,0 +1,215 @@
+"""One frozen settings object, built once at start from the environment and flags.
+
+Actors never read the environment: they get the slice of `Settings` they need. Every
+default is a named constant here, and every bad value fails with the variable's name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from .backoff import BackoffPolicy
+
+PAPER_BASE_URL: Final = "https://paper-api.alpaca.markets"
+LIVE_BASE_URL: Final = "https://api.alpaca.markets"
+ENV_PREFIX: Final = "STREAM_SUPERVISOR_"
+
+DEFAULT_MAX_BATCH: Final = 500
+DEFAULT_CHANNEL_SIZE: Final = 1_000
+DEFAULT_LRU_SIZE: Final = 100_000
+DEFAULT_PING_INTERVAL: Final = 15.0
+DEFAULT_PING_TIMEOUT: Final = 10.0
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+DEFAULT_BACKFILL_OVERLAP: Final = 300.0
+DEFAULT_DRAIN_TIMEOUT: Final = 20.0
+DEFAULT_RESTART_LIMIT: Final = 5
+DEFAULT_RESTART_WINDOW: Final = 60.0
+DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
+DEFAULT_MAX_FRAME_BYTES: Final = 1_000_000
+DEFAULT_REST_TIMEOUT: Final = 10.0
+DEFAULT_REST_RETRIES: Final = 8
+
+
+class ConfigError(Exception):
+    """A configuration problem the operator must fix; the message names the variable."""
+
+
+def derive_stream_url(base_url: str) -> str:
+    """`https://paper-api.alpaca.markets` -> `wss://paper-api.alpaca.markets/stream`."""
+    parts = urlsplit(base_url)
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ConfigError(f"APCA_API_BASE_URL must be an http(s) URL, got {base_url!r}")
+    return urlunsplit((scheme, parts.netloc, "/stream", "", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    key_id: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    base_url: str = PAPER_BASE_URL
+    stream_url: str = ""
+    database_url: str = field(default="", repr=False)
+    account_id: str | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    channel_size: int = DEFAULT_CHANNEL_SIZE
+    lru_size: int = DEFAULT_LRU_SIZE
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    backoff: BackoffPolicy = BackoffPolicy()
+    backfill_overlap: float = DEFAULT_BACKFILL_OVERLAP
+    #: First start without a cursor: seconds to look back, or None for the start of the
+    #: current US/Eastern trading day.
+    first_start_lookback: float | None = None
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    restart_limit: int = DEFAULT_RESTART_LIMIT
+    restart_window: float = DEFAULT_RESTART_WINDOW
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    rest_timeout: float = DEFAULT_REST_TIMEOUT
+    rest_retries: int = DEFAULT_REST_RETRIES
+    log_format: str = "auto"
+    log_level: str = "info"
+    http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
+
+    def __post_init__(self) -> None:
+        if not self.stream_url and self.base_url:
+            object.__setattr__(self, "stream_url", derive_stream_url(self.base_url))
+        if self.max_batch < 1:
+            raise ConfigError(f"{ENV_PREFIX}MAX_BATCH must be at least 1")
+        if self.channel_size < 1:
+            raise ConfigError(f"{ENV_PREFIX}CHANNEL_SIZE must be at least 1")
+        if self.lru_size < 0:
+            raise ConfigError(f"{ENV_PREFIX}LRU_SIZE must not be negative")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line or an error message."""
+        out = [s for s in (self.key_id, self.secret_key) if s]
+        password = _dsn_password(self.database_url)
+        if password:
+            out.append(password)
+        return out
+
+    def require_run(self) -> None:
+        """`run` refuses to start without credentials and a database, naming each gap."""
+        missing = [
+            name
+            for name, value in (
+                ("APCA_API_KEY_ID", self.key_id),
+                ("APCA_API_SECRET_KEY", self.secret_key),
+                ("DATABASE_URL", self.database_url),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                "missing required configuration: "
+                + ", ".join(missing)
+                + " (set them in the environment or pass the matching flags)"
+            )
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _dsn_password(dsn: str) -> str | None:
+    if not dsn:
+        return None
+    if "://" in dsn:
+        try:
+            return urlsplit(dsn).password
+        except ValueError:
+            return None
+    for part in dsn.split():
+        if part.startswith("password="):
+            return part.split("=", 1)[1].strip("'")
+    return None
+
+
+# Environment variable -> (field, parser) for everything under the STREAM_SUPERVISOR_ prefix.
+_PREFIXED: Final[dict[str, str]] = {
+    "ACCOUNT_ID": "account_id",
+    "MAX_BATCH": "max_batch",
+    "CHANNEL_SIZE": "channel_size",
+    "LRU_SIZE": "lru_size",
+    "PING_INTERVAL": "ping_interval",
+    "PING_TIMEOUT": "ping_timeout",
+    "CONNECT_TIMEOUT": "connect_timeout",
+    "BACKFILL_OVERLAP": "backfill_overlap",
+    "FIRST_START_LOOKBACK": "first_start_lookback",
+    "DRAIN_TIMEOUT": "drain_timeout",
+    "RESTART_LIMIT": "restart_limit",
+    "RESTART_WINDOW": "restart_window",
+    "STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
+    "MAX_FRAME_BYTES": "max_frame_bytes",
+    "REST_TIMEOUT": "rest_timeout",
+    "REST_RETRIES": "rest_retries",
+    "LOG_FORMAT": "log_format",
+    "LOG_LEVEL": "log_level",
+    "HTTP_ADDR": "http_addr",
+}
+_BACKOFF: Final[dict[str, str]] = {
+    "BACKOFF_INITIAL": "initial",
+    "BACKOFF_FACTOR": "factor",
+    "BACKOFF_CAP": "cap",
+    "BACKOFF_429_FLOOR": "rate_limited_floor",
+    "HEALTHY_AFTER": "healthy_after",
+}
+
+_TYPES: Final = {f.name: f.type for f in fields(Settings)}
+
+
+def _parse(var: str, raw: str, kind: object) -> Any:
+    text = raw.strip()
+    try:
+        if kind in ("int", int):
+            return int(text)
+        if kind in ("float", float):
+            value = float(text)
+            if value != value or value < 0:
+                raise ValueError("must be a non-negative number")
+            return value
+        if kind == "float | None":
+            return None if text.lower() in ("", "today") else _parse(var, text, float)
+        if kind == "str | None":
+            return text or None
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from `env` (default: os.environ), then apply non-None overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {
+        "key_id": env.get("APCA_API_KEY_ID", ""),
+        "secret_key": env.get("APCA_API_SECRET_KEY", ""),
+        "base_url": env.get("APCA_API_BASE_URL", PAPER_BASE_URL).rstrip("/"),
+        "stream_url": env.get("APCA_API_STREAM_URL", ""),
+        "database_url": env.get("DATABASE_URL", ""),
+    }
+    for suffix, name in _PREFIXED.items():
+        var = ENV_PREFIX + suffix
+        if var in env:
+            values[name] = _parse(var, env[var], _TYPES[name])
+    backoff: dict[str, float] = {}
+    for suffix, name in _BACKOFF.items():
+        var = ENV_PREFIX + suffix
+        if var in env:
+            backoff[name] = _parse(var, env[var], float)
+    if backoff:
+        try:
+            values["backoff"] = BackoffPolicy(**backoff)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}BACKOFF_*: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values.get("stream_url"):
+        values["stream_url"] = derive_stream_url(values["base_url"])
+    return Settings(**values)

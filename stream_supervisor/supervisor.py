@@ -1,0 +1,340 @@
+"""The supervisor: one nursery of three actors joined by bounded channels, a restart
+policy, and a signal-driven drain.
+
+An actor crash restarts the whole pipeline from durable state (cursor and dedupe keys
+in the store), within a restart-intensity limit; past it the process exits non-zero so
+systemd or ECS restarts it. SIGTERM/SIGINT stop reading, let the writer flush and
+commit what it holds, and exit 0 within the drain deadline. Cancellation is never a
+crash; configuration errors are fatal at once (exit 78, EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+import trio
+
+from .backoff import Backoff, BackoffPolicy
+from .connection import FATAL, ConnectionActor, ConnectionSettings
+from .dedupe import Item, KeyCache, dedupe_actor
+from .errors import collapse, leaves
+from .logs import get_logger
+from .metrics import Metrics
+from .rest import BrokerAuthError, BrokerRest, BrokerUnavailable
+from .settings import ConfigError, Settings
+from .state import SupervisorState
+from .store import LostLeadership, Store, StoreError, StoreUnavailable
+from .transport import Connector
+from .writer import WriterSettings, writer_actor
+
+log = get_logger("stream_supervisor.supervisor")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus can name it
+ACK_CHANNEL_SIZE = 64
+RESTART_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
+STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
+STORE_CLOSE_TIMEOUT = 5.0
+
+
+class SchemaError(Exception):
+    """The database is reachable but not migrated; `stream-supervisor migrate` fixes it."""
+
+
+@dataclass
+class Dependencies:
+    """Everything from the outside world, passed in so tests and the simulation can
+    substitute loopback or in-memory versions of each."""
+
+    connector: Connector
+    rest: BrokerRest
+    store_factory: Callable[[], Store]
+    wallclock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    rng: random.Random = field(default_factory=random.Random)
+    install_signal_handlers: bool = True
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        deps: Dependencies,
+        *,
+        metrics: Metrics | None = None,
+        state: SupervisorState | None = None,
+    ) -> None:
+        self.settings = settings
+        self.deps = deps
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.state = state if state is not None else SupervisorState()
+        self._conn_scope: trio.CancelScope | None = None
+        self._pipeline_scope: trio.CancelScope | None = None
+        self._drain_requested = trio.Event()
+        self._drain_timed_out = False
+        self.exit_code: int | None = None
+
+    # --- public control ------------------------------------------------------------
+
+    def request_drain(self, why: str = "requested") -> None:
+        """Stop reading, flush and commit what is held, then exit (within the deadline)."""
+        if self.state.draining:
+            return
+        log.info("draining", why=why, deadline_s=self.settings.drain_timeout)
+        self.state.draining = True
+        self._drain_requested.set()
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+        if self._pipeline_scope is not None:
+            self._pipeline_scope.deadline = trio.current_time() + self.settings.drain_timeout
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        """Run until drained or failed; returns the process exit code."""
+        async with trio.open_nursery() as nursery:
+            if self.deps.install_signal_handlers:
+                await nursery.start(self._watch_signals)
+            try:
+                code = await self._supervise(task_status)
+            except (*FATAL, ConfigError, SchemaError) as exc:
+                code = self._fatal(exc)
+            nursery.cancel_scope.cancel()
+        self.exit_code = code
+        log.info("stopped", exit_code=code, restarts=self.state.restarts)
+        return code
+
+    # --- internals -----------------------------------------------------------------
+
+    def _fatal(self, exc: BaseException) -> int:
+        log.error("fatal_configuration_error", error=str(exc), kind=type(exc).__name__)
+        return EXIT_CONFIG
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.request_drain(signal.Signals(signum).name)
+
+    async def _account_id(self) -> str:
+        if self.settings.account_id:
+            return self.settings.account_id
+        wait = Backoff(STORE_WAIT_POLICY, self.deps.rng)
+        while True:
+            try:
+                return await self.deps.rest.account_id()
+            except BrokerUnavailable as exc:
+                delay = wait.next_delay()
+                log.warning("broker_unavailable", error=str(exc)[:300], delay=round(delay, 3))
+                await trio.sleep(delay)
+
+    async def _supervise(self, task_status: trio.TaskStatus[None]) -> int:
+        account_id = await self._account_id()
+        self.state.account_id = account_id
+        structlog_bind(account=account_id)
+        crashes: deque[float] = deque()
+        restart = Backoff(RESTART_POLICY, self.deps.rng)
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while not self.state.draining:
+            try:
+                await self._run_pipeline(account_id, mark_started)
+            except (BaseExceptionGroup, Exception) as exc:
+                cause = collapse(exc, prefer=(*FATAL, ConfigError, SchemaError))
+                if isinstance(cause, trio.Cancelled | BaseExceptionGroup):
+                    raise
+                if isinstance(cause, (*FATAL, ConfigError, SchemaError)):
+                    raise cause from None
+                if isinstance(cause, StoreError):
+                    # The writer retries store errors itself; this one hit the pipeline's
+                    # start (cursor, warm keys): go round again without counting a crash.
+                    log.warning("pipeline_store_error", error=str(cause)[:300])
+                else:
+                    crashes.append(trio.current_time())
+                    self.state.restarts += 1
+                    self.metrics.pipeline_restarts.inc()
+                    while crashes and crashes[0] < trio.current_time() - self.settings.restart_window:
+                        crashes.popleft()
+                    log.error(
+                        "pipeline_crashed",
+                        error=f"{type(cause).__name__}: {cause}"[:500],
+                        crashes_in_window=len(crashes),
+                        limit=self.settings.restart_limit,
+                        exc_info=cause,
+                    )
+                    if len(crashes) > self.settings.restart_limit:
+                        log.error("restart_intensity_exceeded", crashes=len(crashes),
+                                  window_s=self.settings.restart_window)
+                        return EXIT_FAILURE
+            if self.state.draining:
+                break
+            delay = restart.next_delay()
+            log.info("pipeline_restarting", delay=round(delay, 3))
+            with trio.move_on_after(delay):
+                await self._drain_requested.wait()
+        mark_started()
+        return EXIT_FAILURE if self._drain_timed_out else EXIT_OK
+
+    async def _open_store(self) -> Store:
+        """Open a store, waiting out a database outage (never giving up on our own)."""
+        wait = Backoff(STORE_WAIT_POLICY, self.deps.rng)
+        while True:
+            store = self.deps.store_factory()
+            try:
+                await store.open()
+                return store
+            except StoreUnavailable as exc:
+                delay = wait.next_delay()
+                log.warning("database_unavailable", error=str(exc)[:300], delay=round(delay, 3))
+                with trio.move_on_after(delay):
+                    await self._drain_requested.wait()
+                if self.state.draining:
+                    raise _DrainBeforeStart() from None
+
+    async def _run_pipeline(self, account_id: str, mark_started: Callable[[], None]) -> None:
+        s = self.settings
+        try:
+            store = await self._open_store()
+        except _DrainBeforeStart:
+            return
+        try:
+            cursor = await store.load_cursor(account_id)
+            warm = await store.recent_keys(account_id, s.lru_size) if s.lru_size else []
+            self.state.committed_cursor = cursor
+            log.info("pipeline_starting", cursor=_cursor_text(cursor), warm_keys=len(warm))
+            send_events, recv_events = trio.open_memory_channel[Item](s.channel_size)
+            send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
+            send_acks, recv_acks = trio.open_memory_channel[frozenset[str]](ACK_CHANNEL_SIZE)
+            self._export_fill(recv_events, recv_new)
+            connection = ConnectionActor(
+                ConnectionSettings(
+                    stream_url=s.stream_url,
+                    key_id=s.key_id,
+                    secret_key=s.secret_key,
+                    ping_interval=s.ping_interval,
+                    ping_timeout=s.ping_timeout,
+                    handshake_timeout=s.connect_timeout,
+                    backoff=s.backoff,
+                    backfill_overlap=s.backfill_overlap,
+                    first_start_lookback=s.first_start_lookback,
+                    max_frame_bytes=s.max_frame_bytes,
+                ),
+                self.deps.connector,
+                self.deps.rest,
+                send_events,
+                self.metrics,
+                self.state,
+                wallclock=self.deps.wallclock,
+                rng=self.deps.rng,
+                open_order_ids=lambda: store.open_order_ids(account_id),
+            )
+            with trio.CancelScope() as pipeline_scope:
+                self._pipeline_scope = pipeline_scope
+                if self.state.draining:
+                    pipeline_scope.deadline = trio.current_time() + s.drain_timeout
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        self._run_writer, nursery.cancel_scope,
+                        WriterSettings(account_id=account_id, max_batch=s.max_batch),
+                        store, recv_new, send_acks,
+                    )
+                    await nursery.start(
+                        dedupe_actor, KeyCache(s.lru_size, warm), recv_events, send_new,
+                        recv_acks, self.metrics, self.state,
+                    )
+                    self._conn_scope = trio.CancelScope()
+                    if self.state.draining:
+                        self._conn_scope.cancel()
+                    nursery.start_soon(self._run_connection, connection, self._conn_scope)
+                    nursery.start_soon(self._export_fill_loop, recv_events, recv_new)
+                    self.state.pipeline_running = True
+                    mark_started()
+            if pipeline_scope.cancelled_caught:
+                self._drain_timed_out = True
+                log.error("drain_timeout", deadline_s=s.drain_timeout)
+            elif self.state.draining:
+                log.info("drained", committed_events=self.state.committed_events)
+        finally:
+            self.state.pipeline_running = False
+            self._conn_scope = None
+            self._pipeline_scope = None
+            with trio.move_on_after(STORE_CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await store.aclose()
+
+    async def _run_writer(
+        self,
+        pipeline: trio.CancelScope,
+        settings: WriterSettings,
+        store: Store,
+        inbox: trio.MemoryReceiveChannel[Item],
+        acks: trio.MemorySendChannel[frozenset[str]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await writer_actor(settings, store, inbox, acks, self.metrics, self.state,
+                           rng=self.deps.rng, task_status=task_status)
+        # The writer returns only after its inbox ended: the connection and dedupe actors
+        # are done and everything they sent is committed. Stop the metrics loop too.
+        pipeline.cancel()
+
+    async def _run_connection(self, actor: ConnectionActor, scope: trio.CancelScope) -> None:
+        with scope:
+            await actor.run()
+        # Cancelled by a drain: leaving the scope closed the actor's send channel, which
+        # tells the dedupe actor, then the writer, to flush and finish.
+
+    def _export_fill(
+        self,
+        recv_events: trio.MemoryReceiveChannel[Item],
+        recv_new: trio.MemoryReceiveChannel[Item],
+    ) -> None:
+        self.metrics.channel_fill.labels("events").set(
+            recv_events.statistics().current_buffer_used)
+        self.metrics.channel_fill.labels("new_events").set(
+            recv_new.statistics().current_buffer_used)
+
+    async def _export_fill_loop(
+        self,
+        recv_events: trio.MemoryReceiveChannel[Item],
+        recv_new: trio.MemoryReceiveChannel[Item],
+    ) -> None:
+        while True:
+            self._export_fill(recv_events, recv_new)
+            await trio.sleep(1.0)
+
+
+class _DrainBeforeStart(Exception):
+    pass
+
+
+def _cursor_text(cursor: object) -> str | None:
+    if cursor is None:
+        return None
+    fill_time = getattr(cursor, "fill_time", None)
+    return fill_time.isoformat() if fill_time is not None else None
+
+
+def structlog_bind(**values: str) -> None:
+    structlog.contextvars.bind_contextvars(**values)
+
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "Dependencies",
+    "SchemaError",
+    "Supervisor",
+    "leaves",
+]
