@@ -10,6 +10,7 @@ they never restart the rest of the pipeline. `unauthorized` is fatal.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -20,6 +21,7 @@ import trio
 from .backoff import Backoff, BackoffPolicy
 from .events import DeadLetter, Event, format_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
+from .orders import TERMINAL_STATUSES, merge_status
 from .logs import get_logger
 from .metrics import Metrics
 from .protocol import (
@@ -48,6 +50,8 @@ LIVE_BUFFER = 10_000
 #: REST pages fetched per backfill at most (100 fills each): a runaway guard, not a limit
 #: any real day reaches.
 MAX_BACKFILL_PAGES = 10_000
+#: Orders whose latest forwarded status the actor remembers for the reconnect refresh.
+SEEN_ORDERS = 50_000
 
 
 class Unauthorized(Exception):
@@ -129,6 +133,9 @@ class ConnectionActor:
         self.wallclock = wallclock
         self.backoff = Backoff(settings.backoff, rng)
         self.open_order_ids = open_order_ids
+        # Latest status of every order we forwarded in this life, so the refresh after a
+        # reconnect also covers orders whose updates are still on their way to the store.
+        self._seen_status: OrderedDict[str, str] = OrderedDict()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -268,6 +275,12 @@ class ConnectionActor:
             self.state.beat("connection", trio.current_time())
 
     async def _forward(self, item: Item) -> None:
+        if isinstance(item, Event):
+            seen = self._seen_status
+            seen[item.order_id] = merge_status(seen.get(item.order_id, item.status), item.status)
+            seen.move_to_end(item.order_id)
+            if len(seen) > SEEN_ORDERS:
+                seen.popitem(last=False)
         await self.outbox.send(item)
 
     async def _backfill(self) -> None:
@@ -304,20 +317,22 @@ class ConnectionActor:
         for ev in fills:
             self.metrics.events_received.labels(ev.event, "rest").inc()
             await self._forward(ev)
-        refreshed = await self._refresh_orders({ev.order_id for ev in fills})
+        refreshed = await self._refresh_orders()
         log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
                  connection_id=self.state.connection_id)
 
-    async def _refresh_orders(self, seen: set[str]) -> int:
-        """Order state that changed while away: open orders, and every order we hold as
-        not terminal that is no longer open (canceled or expired while we were gone)."""
+    async def _refresh_orders(self) -> int:
+        """Order state that changed while away: open orders, and every order we hold or
+        just forwarded as not terminal that is no longer open (canceled or expired while
+        we were gone, or filled with its last fill only on REST)."""
         count = 0
         open_ids: set[str] = set()
         for order in await self.rest.open_orders():
             open_ids.add(order.id)
             count += await self._forward_snapshot(order)
-        known = await self.open_order_ids() if self.open_order_ids is not None else ()
-        for order_id in known:
+        stored = await self.open_order_ids() if self.open_order_ids is not None else ()
+        recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
+        for order_id in dict.fromkeys([*stored, *recent]):
             if order_id in open_ids:
                 continue
             order = await self.rest.order(order_id)

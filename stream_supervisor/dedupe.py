@@ -71,7 +71,7 @@ async def dedupe_actor(
     cache: KeyCache,
     inbox: trio.MemoryReceiveChannel[Item],
     outbox: trio.MemorySendChannel[Item],
-    acks: trio.MemoryReceiveChannel[frozenset[str]],
+    acks: trio.MemoryReceiveChannel[tuple[str, ...]],
     metrics: Metrics,
     state: SupervisorState,
     *,

@@ -121,4 +121,5 @@ def configure_logging(
 
 
 def get_logger(name: str | None = None, **bound: Any) -> Any:
-    return structlog.get_logger(name or "stream_supervisor").bind(**bound)
+    """A lazy logger: it picks up `configure_logging` even when created at import time."""
+    return structlog.get_logger(name or "stream_supervisor", **bound)

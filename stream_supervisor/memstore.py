@@ -130,8 +130,8 @@ class MemoryStore:
         acct.positions = positions
         acct.history.extend(closed_rows)
         self.db.next_position_id = next_id
-        for key in seen:
-            acct.keys[key] = None
+        for ev in new_events:
+            acct.keys[ev.key] = None
         acct.orders.update(result.orders)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)

@@ -59,10 +59,19 @@ class RestSettings:
 class HttpBrokerRest:
     """`BrokerRest` over HTTP. Use as an async context manager (it owns a connection pool)."""
 
-    def __init__(self, settings: RestSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: RestSettings,
+        *,
+        rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._settings = settings
         self._rng = rng if rng is not None else random.Random()
+        # `transport` lets the deterministic simulation answer in memory while every
+        # retry, timeout and status rule here still runs for real.
         self._client = httpx.AsyncClient(
+            transport=transport,
             base_url=settings.base_url,
             headers={
                 "APCA-API-KEY-ID": settings.key_id,

@@ -214,7 +214,7 @@ class Supervisor:
             log.info("pipeline_starting", cursor=_cursor_text(cursor), warm_keys=len(warm))
             send_events, recv_events = trio.open_memory_channel[Item](s.channel_size)
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
-            send_acks, recv_acks = trio.open_memory_channel[frozenset[str]](ACK_CHANNEL_SIZE)
+            send_acks, recv_acks = trio.open_memory_channel[tuple[str, ...]](ACK_CHANNEL_SIZE)
             self._export_fill(recv_events, recv_new)
             connection = ConnectionActor(
                 ConnectionSettings(
@@ -278,7 +278,7 @@ class Supervisor:
         settings: WriterSettings,
         store: Store,
         inbox: trio.MemoryReceiveChannel[Item],
-        acks: trio.MemorySendChannel[frozenset[str]],
+        acks: trio.MemorySendChannel[tuple[str, ...]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:

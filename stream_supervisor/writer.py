@@ -84,7 +84,7 @@ async def writer_actor(
     settings: WriterSettings,
     store: Store,
     inbox: trio.MemoryReceiveChannel[Item],
-    acks: trio.MemorySendChannel[frozenset[str]],
+    acks: trio.MemorySendChannel[tuple[str, ...]],
     metrics: Metrics,
     state: SupervisorState,
     *,
@@ -107,7 +107,9 @@ async def writer_actor(
             done = trio.current_time()
             state.beat("writer", done)
             _record(result, items, events, started, done, metrics, state)
-            await acks.send(result.committed_keys)
+            # Every key of a committed batch is durable now (stored by it, or found already
+            # stored). Sent in batch order, not as a set, so replays are deterministic.
+            await acks.send(tuple(ev.key for ev in events))
 
 
 def _record(

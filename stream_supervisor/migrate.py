@@ -1,0 +1,160 @@
+"""Schema migrations: `migrations/*.sql` applied in filename order, once each.
+
+Each file runs in its own transaction and is recorded in `schema_migrations` with the
+sha256 of its bytes; an applied file whose bytes changed is refused by name. The whole
+run holds a session advisory lock, so concurrent `migrate` runs serialise: the second
+waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+
+from . import pgconn
+
+#: `pg_advisory_lock` key held for a whole migrate run: the bytes "ss-migr8" as a bigint.
+#: Fixed and documented so operators can see (pg_locks.objid) who holds it.
+MIGRATION_LOCK_KEY: Final = int.from_bytes(b"ss-migr8", "big")
+MIGRATIONS_DIR_ENV: Final = "STREAM_SUPERVISOR_MIGRATIONS_DIR"
+#: How long a second `migrate` waits for the first before giving up.
+DEFAULT_LOCK_WAIT_S: Final = 300.0
+
+_CREATE_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     text PRIMARY KEY,
+    filename    text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+_COMMENT: Final = (
+    "COMMENT ON TABLE schema_migrations IS "
+    "'Migrations applied by stream-supervisor migrate: one row per migrations/*.sql file, "
+    "with the sha256 of its bytes (a changed applied file is refused).'"
+)
+
+
+class MigrationError(Exception):
+    """A migration cannot be applied: a changed applied file, a missing directory, or a
+    failing statement (the message names the file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str  # the file name without `.sql`, e.g. "0001_initial"
+    path: Path
+    sql: str
+    checksum: str
+
+
+def find_migrations_dir(directory: Path | None = None) -> Path:
+    """Explicit argument, else `$STREAM_SUPERVISOR_MIGRATIONS_DIR`, else the
+    `migrations/` directory beside the package (the repository root)."""
+    if directory is not None:
+        return Path(directory)
+    env = os.environ.get(MIGRATIONS_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def load_migrations(directory: Path) -> list[Migration]:
+    if not directory.is_dir():
+        raise MigrationError(
+            f"migrations directory not found: {directory} "
+            f"(pass --dir or set {MIGRATIONS_DIR_ENV})"
+        )
+    out = []
+    for path in sorted(directory.glob("*.sql"), key=lambda p: p.name):
+        raw = path.read_bytes()
+        out.append(
+            Migration(
+                version=path.name.removesuffix(".sql"),
+                path=path,
+                sql=raw.decode("utf-8"),
+                checksum=hashlib.sha256(raw).hexdigest(),
+            )
+        )
+    return out
+
+
+def apply_migrations(
+    conninfo: str,
+    directory: Path | None = None,
+    *,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+) -> list[str]:
+    """Apply pending migrations; return the versions applied by this call (in order).
+
+    Safe to run any number of times and concurrently. Raises `MigrationError` (a changed
+    or failing file, by name), `store.StoreUnavailable` (cannot connect) or
+    `settings.ConfigError` (unusable conninfo); messages never hold the password.
+    """
+    migrations = load_migrations(find_migrations_dir(directory))
+    conn = pgconn.connect(
+        conninfo, autocommit=True, application_name="stream-supervisor migrate",
+        prepare_threshold=None,
+    )
+    try:
+        _lock(conn, lock_wait_s)
+        return _apply(conn, migrations, conninfo)
+    except psycopg.Error as exc:
+        raise MigrationError(pgconn.error_text(exc, conninfo)) from None
+    finally:
+        conn.close()  # also releases the advisory lock
+
+
+def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{int(wait_s * 1000)}ms"])
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK_KEY])
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError(
+            f"another migrate run has held the migration lock ({MIGRATION_LOCK_KEY}) for "
+            f"more than {wait_s:g} s"
+        ) from None
+    # The migrations themselves may wait for the running service's batch to finish.
+    conn.execute("SELECT set_config('lock_timeout', '0', false)")
+
+
+def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo: str) -> list[str]:
+    with conn.transaction():
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if not (exists and exists[0]):
+            conn.execute(_CREATE_TABLE)
+            conn.execute(_COMMENT)
+    applied = dict(
+        conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+    )
+    done: list[str] = []
+    for m in migrations:
+        stored = applied.get(m.version)
+        if stored is not None:
+            if stored != m.checksum:
+                raise MigrationError(
+                    f"migration {m.path.name} was changed after it was applied "
+                    f"(checksum {stored[:12]}... in schema_migrations, {m.checksum[:12]}... "
+                    f"on disk): restore the file and put the change in a new migration"
+                )
+            continue
+        try:
+            with conn.transaction():
+                conn.execute(m.sql)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, filename, checksum) "
+                    "VALUES (%s, %s, %s)",
+                    [m.version, m.path.name, m.checksum],
+                )
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration {m.path.name} failed and was rolled back: "
+                f"{pgconn.error_text(exc, conninfo)}"
+            ) from None
+        done.append(m.version)
+    return done

@@ -1,0 +1,310 @@
+"""One simulated world: the real supervisor, the simulated broker and the in-memory store
+in one Trio run on a virtual clock, driven by a fault schedule derived from one seed.
+
+A crash cancels the whole supervisor at a scheduled virtual time (nothing uncommitted
+survives, committed data does) and a new one starts, as systemd would restart it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+import trio.testing
+from trio._core import _run as trio_run_internals
+
+from ..backoff import BackoffPolicy
+from ..memstore import MemoryDatabase, MemoryStore
+from ..metrics import Metrics
+from ..rest import HttpBrokerRest, RestSettings
+from ..settings import Settings
+from ..simulator import ChaosConfig, SimConfig, SimulatedBroker
+from ..state import SupervisorState
+from ..store import Batch, StoreError
+from ..supervisor import Dependencies, Supervisor
+from ..verify import Mismatch, verify_against_truth
+from .memory import BrokerTransport, memory_connector
+
+#: Simulated wall-clock epoch: a fixed Monday session, so timestamps replay exactly.
+EPOCH = datetime(2026, 1, 5, 14, 30, tzinfo=UTC)
+#: Virtual seconds the world may run before liveness is declared failed.
+TIME_LIMIT = 3_600.0
+
+
+class InjectedCrash(Exception):
+    """An actor crash injected by the schedule (not a store error: a bug-like failure)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every fault of one run. Derived from a seed; shrinkable field by field."""
+
+    seed: int
+    orders: int = 30
+    rate: float = 100.0
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    #: commit attempts (0-based, counted over the whole run) that fail before committing
+    fail_before: frozenset[int] = frozenset()
+    #: commit attempts that commit and then fail: the ambiguous commit
+    fail_after: frozenset[int] = frozenset()
+    #: commit attempts at which the writer crashes (a non-store exception)
+    actor_crash: frozenset[int] = frozenset()
+    #: commit attempts preceded by a writer stall of `stall_seconds`
+    writer_stall: frozenset[int] = frozenset()
+    stall_seconds: float = 3.0
+    #: virtual times at which the whole supervisor is killed and started again
+    crashes: tuple[float, ...] = ()
+    max_batch: int = 64
+    lru_size: int = 10_000
+
+    def faults(self) -> dict[str, int]:
+        c = self.chaos
+        return {k: v for k, v in {
+            "duplicates": int(c.duplicate_prob > 0),
+            "disconnects": int(c.disconnect_prob > 0 or bool(c.disconnect_at)),
+            "abrupt": int(c.abrupt_prob > 0),
+            "reorder": int(c.reorder_window > 1),
+            "delays": int(c.delay_prob > 0),
+            "stalls": int(c.stall_prob > 0),
+            "malformed": int(c.malformed_prob > 0),
+            "unknown_events": int(c.unknown_event_prob > 0),
+            "rest_errors": int(c.rest_error_prob > 0 or c.rest_429_prob > 0),
+            "short_pages": int(c.rest_short_pages),
+            "replay": int(c.replay_on_connect > 0),
+            "skipped_partials": int(c.skip_partial_prob > 0),
+            "upgrade_429": int(c.reject_429_connects > 0),
+            "store_fail_before": len(self.fail_before),
+            "store_fail_after": len(self.fail_after),
+            "actor_crash": len(self.actor_crash),
+            "writer_stall": len(self.writer_stall),
+            "supervisor_crash": len(self.crashes),
+        }.items() if v}
+
+
+@dataclass
+class Outcome:
+    schedule: Schedule
+    mismatches: list[Mismatch]
+    finished: bool
+    virtual_seconds: float
+    lives: int
+    commits: int
+    digest: str  # the final state, hashed: equal digests = bit-for-bit equal runs
+    trace: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and not self.mismatches
+
+
+class _StoreFaults:
+    """Commit-attempt counter shared by every store of the run (it survives crashes)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.attempt = -1
+        self.trace: list[str] = []
+
+    def before(self, batch: Batch) -> bool:
+        self.attempt += 1
+        if self.attempt in self.schedule.actor_crash:
+            self.trace.append(f"actor_crash@{self.attempt}")
+            raise InjectedCrash(f"injected writer crash at commit attempt {self.attempt}")
+        if self.attempt in self.schedule.fail_before:
+            self.trace.append(f"fail_before@{self.attempt}")
+            return True
+        return False
+
+    def after(self, batch: Batch) -> bool:
+        if self.attempt in self.schedule.fail_after:
+            self.trace.append(f"fail_after@{self.attempt}")
+            return True
+        return False
+
+
+class _StallingStore(MemoryStore):
+    """A memory store whose commits can stall (a slow database), in virtual time."""
+
+    def __init__(self, db: MemoryDatabase, faults: _StoreFaults) -> None:
+        super().__init__(db, fail_before_commit=faults.before, fail_after_commit=faults.after)
+        self.faults = faults
+
+    async def commit_batch(self, batch: Batch) -> Any:
+        if self.faults.attempt + 1 in self.faults.schedule.writer_stall:
+            await trio.sleep(self.faults.schedule.stall_seconds)
+        return await super().commit_batch(batch)
+
+
+def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
+    return Settings(
+        key_id=sim.key_id,
+        secret_key=sim.secret_key,
+        base_url="http://broker.sim",
+        stream_url="ws://broker.sim/stream",
+        database_url="memory://",
+        max_batch=schedule.max_batch,
+        channel_size=max(schedule.max_batch, 32),
+        lru_size=schedule.lru_size,
+        ping_interval=5.0,
+        ping_timeout=5.0,
+        connect_timeout=5.0,
+        backoff=BackoffPolicy(initial=0.2, factor=2.0, cap=5.0, rate_limited_floor=2.0,
+                              healthy_after=10.0),
+        backfill_overlap=2.0,
+        first_start_lookback=86_400.0,
+        drain_timeout=10.0,
+        restart_limit=10,
+        restart_window=30.0,
+        rest_timeout=5.0,
+        rest_retries=20,
+    )
+
+
+@contextmanager
+def _seeded_scheduler(seed: int) -> Iterator[None]:
+    """Trio shuffles runnable tasks with a module-level Random; seed it so one seed gives
+    one interleaving. (Private API, pinned by the determinism test.)"""
+    rng = trio_run_internals._r
+    saved = rng.getstate()
+    rng.seed(seed)
+    try:
+        yield
+    finally:
+        rng.setstate(saved)
+
+
+def run_schedule(
+    schedule: Schedule,
+    *,
+    store_factory: Callable[[MemoryDatabase, _StoreFaults], MemoryStore] | None = None,
+) -> Outcome:
+    """Run one world to completion (or the time limit) and check every invariant."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    with _seeded_scheduler(schedule.seed):
+        return trio.run(_world, schedule, store_factory, clock=clock)
+
+
+async def _world(
+    schedule: Schedule,
+    store_factory: Callable[[MemoryDatabase, _StoreFaults], MemoryStore] | None,
+) -> Outcome:
+    t0 = trio.current_time()
+    sim = SimConfig(
+        seed=schedule.seed,
+        orders=schedule.orders,
+        rate=schedule.rate,
+        chaos=schedule.chaos,
+        start_time=EPOCH,
+        scenario="sim",
+    )
+    broker = SimulatedBroker(sim)
+    db = MemoryDatabase()
+    faults = _StoreFaults(schedule)
+    make_store = store_factory or (lambda d, f: _StallingStore(d, f))
+    settings = sim_settings(schedule, sim)
+    trace: list[str] = []
+    lives = 0
+    account_id = broker.account()["id"]
+
+    def wallclock() -> datetime:
+        return EPOCH + timedelta(seconds=trio.current_time() - t0)
+
+    async with trio.open_nursery() as world:
+        broker.mark_server_started(trio.current_time())
+        await world.start(broker.run_market)
+        crash_times = sorted(schedule.crashes)
+        while True:
+            lives += 1
+            rng = random.Random(f"{schedule.seed}/{lives}")
+            rest = HttpBrokerRest(
+                RestSettings("http://broker.sim", sim.key_id, sim.secret_key,
+                             timeout=settings.rest_timeout, retries=settings.rest_retries),
+                rng=rng, transport=BrokerTransport(broker),
+            )
+            deps = Dependencies(
+                connector=memory_connector(broker, world),
+                rest=rest,
+                store_factory=lambda: make_store(db, faults),
+                wallclock=wallclock,
+                rng=rng,
+                install_signal_handlers=False,
+            )
+            state = SupervisorState()
+            sup = Supervisor(settings, deps, metrics=Metrics(), state=state)
+            next_crash = crash_times.pop(0) if crash_times else None
+            with trio.CancelScope() as life:
+                if next_crash is not None:
+                    life.deadline = t0 + next_crash
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(_run_and_record, sup, trace)
+                    if next_crash is None:
+                        await _until_converged(broker, db, account_id, t0)
+                        sup.request_drain("simulation finished")
+            await rest.aclose()
+            if life.cancelled_caught:
+                trace.append(f"crash@{trio.current_time() - t0:.3f}")
+                continue
+            break
+        world.cancel_scope.cancel()
+
+    snapshot = await MemoryStore(db).snapshot(account_id)
+    truth = broker.ground_truth()
+    mismatches = verify_against_truth(snapshot, truth)
+    trace.extend(faults.trace)
+    return Outcome(
+        schedule=schedule,
+        mismatches=mismatches,
+        finished=broker.finished,
+        virtual_seconds=trio.current_time() - t0,
+        lives=lives,
+        commits=db.commits,
+        digest=_digest(snapshot, truth),
+        trace=trace,
+    )
+
+
+async def _run_and_record(sup: Supervisor, trace: list[str]) -> None:
+    code = await sup.run()
+    trace.append(f"exit={code}")
+
+
+async def _until_converged(
+    broker: SimulatedBroker, db: MemoryDatabase, account_id: str, t0: float
+) -> None:
+    """Wait until the market is finished and the store matches it, or the time limit.
+
+    Liveness: a supervisor that never catches up fails here (the check after it reports
+    what is missing), not by hanging the test.
+    """
+    store = MemoryStore(db)
+    with trio.move_on_at(t0 + TIME_LIMIT):
+        while True:
+            await trio.sleep(1.0)
+            if broker.finished:
+                snap = await store.snapshot(account_id)
+                if not verify_against_truth(snap, broker.ground_truth()):
+                    return
+
+
+def _digest(snapshot: Any, truth: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(snapshot.event_keys):
+        h.update(key.encode())
+    for oid in sorted(snapshot.orders):
+        o = snapshot.orders[oid]
+        h.update(f"{oid}{o.filled_qty}{o.filled_avg_price}{o.status}".encode())
+    for p in sorted(snapshot.positions, key=lambda p: p.position_id or 0):
+        h.update(f"{p.position_id}{p.symbol}{p.qty}{p.avg_entry_price}{p.realized_pnl}"
+                 f"{p.closed_at}".encode())
+    h.update(str(snapshot.cursor).encode())
+    h.update(str(truth.get("stats")).encode())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["InjectedCrash", "Outcome", "Schedule", "StoreError", "run_schedule"]
