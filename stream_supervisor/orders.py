@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final
 
-from .events import FILL_EVENTS, Event
+from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 
 TERMINAL_STATUSES: Final = frozenset({"filled", "canceled", "expired", "replaced", "rejected"})
 
@@ -151,10 +151,20 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         if state.updated_at is None or event.timestamp > state.updated_at
         else state.updated_at
     )
-    if event.event not in FILL_EVENTS:
-        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, False)
-
     c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
+    if event.event not in KNOWN_EVENTS and event.event != "refresh":
+        # An event type we do not know yet: keep it (the dedupe row), change nothing.
+        return OrderOutcome(state, None, False)
+    implied_fill = (
+        event.source == "stream" and cum > c0 and event.cum_avg_price is not None
+    )
+    if event.event not in FILL_EVENTS and not implied_fill:
+        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, False)
+    # A non-fill stream update (canceled, expired...) whose cumulative filled quantity is
+    # above ours reveals fills the stream never delivered: its cumulative average prices
+    # them exactly, so they land in stream order as the missed fills would have. A REST
+    # snapshot (`refresh`) never does this: it is taken *now*, ahead of live frames still
+    # queued, and would apply fills out of order; the FILL activities carry those fills.
     if cum <= c0:
         # Already counted (a duplicate through another path, or an out-of-order late fill
         # whose quantity a later cumulative update already carried).

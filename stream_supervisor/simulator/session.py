@@ -162,14 +162,18 @@ class _Session:
                     if isinstance(streams, list)
                     else []
                 )
-                self.stats["listen"] += 1
-                if not await self._control({"stream": "listening", "data": {"streams": wanted}}):
-                    return
-                # Subscribe only after the reply went out: no update precedes "listening".
+                # Subscribe before replying, so an update the market makes while the
+                # reply is in flight is queued, not lost; the send loop starts only
+                # once the reply went out, so no update precedes "listening".
                 if wanted:
                     self._subscribe()
                 else:
                     self._unsubscribe()
+                if not await self._control({"stream": "listening", "data": {"streams": wanted}}):
+                    return
+                self.stats["listen"] += 1
+                if wanted:
+                    self._feed_ready.set()
 
     def _subscribe(self) -> None:
         if self._feed is not None:
@@ -178,7 +182,6 @@ class _Session:
             self._replay = self.broker.sent_indices(self.chaos.config.replay_on_connect)
         self._replayed = True
         self._feed, self._feed_out = self.broker.open_feed()
-        self._feed_ready.set()
 
     def _unsubscribe(self) -> None:
         if self._feed is not None:

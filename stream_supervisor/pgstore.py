@@ -1,0 +1,556 @@
+"""The store contract on PostgreSQL: what production writes through.
+
+One synchronous psycopg connection, driven from one worker thread at a time (Trio's
+`to_thread` under a `CapacityLimiter(1)`; psycopg's async API is asyncio-only). A batch
+is one transaction in two pipelined round trips, set-based whatever its size: claim the
+dedupe keys and lock the touched state; then, after the pure ledger has run, write
+orders, positions, history, cursor and dead letters, and commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
+
+import psycopg
+import trio
+
+from . import pgconn
+from .events import DeadLetter, Event
+from .ledger import Cursor, apply_events, cursor_of
+from .orders import TERMINAL_STATUSES, OrderState
+from .positions import Position
+from .store import Batch, BatchResult, StoreError, StoreSnapshot, StoreUnavailable
+from .supervisor import SchemaError
+
+T = TypeVar("T")
+
+#: Tables the store reads and writes; `open()` refuses a database without them.
+TABLES: Final = (
+    "alpaca_event_dedupe",
+    "broker_orders",
+    "active_positions",
+    "position_history",
+    "stream_cursors",
+    "dead_letters",
+)
+#: The newest migration this code needs (`migrations/<name>.sql`).
+REQUIRED_MIGRATION: Final = "0001_initial"
+#: Prepare every statement on first use: the batch statements run on every batch with
+#: the same text (arrays, not per-row SQL), so each is parsed and planned once per session.
+PREPARE_THRESHOLD: Final = 0
+#: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
+#: cannot hold row locks for ever; it is never shorter than this.
+MIN_IDLE_IN_TRANSACTION_MS: Final = 60_000
+
+
+class SchemaNotMigrated(SchemaError):
+    """The database is reachable but lacks the schema: run `stream-supervisor migrate`."""
+
+
+# --- SQL -------------------------------------------------------------------------------
+
+_SESSION = """
+SELECT set_config('statement_timeout', %s, false),
+       set_config('idle_in_transaction_session_timeout', %s, false),
+       set_config('TimeZone', 'UTC', false)
+"""
+
+_SCHEMA_CHECK = """
+SELECT array(SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL),
+       to_regclass('schema_migrations') IS NOT NULL
+"""
+_MIGRATION_APPLIED = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = %s)"
+
+_CLAIM_KEYS = """
+INSERT INTO alpaca_event_dedupe (event_key, account_id, event_type, source)
+SELECT k, %(acct)s, t, s FROM unnest(%(keys)s::text[], %(types)s::text[], %(sources)s::text[])
+    WITH ORDINALITY AS u(k, t, s, n)
+ORDER BY n
+ON CONFLICT (event_key) DO NOTHING
+RETURNING event_key
+"""
+
+_ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_avg_price,
+    client_order_id, qty, order_type, asset_class, created_at, updated_at"""
+
+_LOCK_ORDERS = f"""
+SELECT {_ORDER_COLUMNS} FROM broker_orders
+WHERE alpaca_order_id = ANY(%(ids)s::text[])
+ORDER BY alpaca_order_id
+FOR UPDATE
+"""
+
+_POSITION_COLUMNS = """id, account_id, symbol, side, qty, avg_entry_price, alpaca_order_id,
+    client_order_id, opened_at, realized_pnl, closed_at, peak_qty"""
+
+_LOCK_OPEN_POSITIONS = f"""
+SELECT {_POSITION_COLUMNS} FROM active_positions
+WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[]) AND status = 'open'
+ORDER BY symbol
+FOR UPDATE
+"""
+
+_LOAD_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %(acct)s"
+
+_UPSERT_ORDERS = """
+INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
+    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at)
+SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua
+FROM unnest(%(ids)s::text[], %(cids)s::text[], %(syms)s::text[], %(sides)s::text[],
+            %(types)s::text[], %(classes)s::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
+            %(faps)s::numeric[], %(sts)s::text[], %(cas)s::timestamptz[],
+            %(uas)s::timestamptz[])
+    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua)
+ON CONFLICT (alpaca_order_id) DO UPDATE SET
+    client_order_id = EXCLUDED.client_order_id,
+    order_type = EXCLUDED.order_type,
+    asset_class = EXCLUDED.asset_class,
+    qty = EXCLUDED.qty,
+    filled_qty = EXCLUDED.filled_qty,
+    filled_avg_price = EXCLUDED.filled_avg_price,
+    status = EXCLUDED.status,
+    created_at = EXCLUDED.created_at,
+    updated_at = EXCLUDED.updated_at,
+    last_stored_at = now()
+"""
+
+_HISTORY_INSERT = """
+INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty,
+    avg_entry_price, realized_pnl, alpaca_order_id, client_order_id, opened_at, closed_at)
+SELECT id, account_id, symbol, side, qty, peak_qty, avg_entry_price, realized_pnl,
+    alpaca_order_id, client_order_id, opened_at, closed_at
+"""
+
+# Closing rows first (its own statement, before the insert) keeps the partial unique index
+# satisfied when a flip closes a row and opens another for the same symbol.
+_UPDATE_POSITIONS = f"""
+WITH upd AS (
+    UPDATE active_positions AS ap SET
+        qty = v.qty,
+        avg_entry_price = v.avg,
+        realized_pnl = v.pnl,
+        peak_qty = v.peak,
+        closed_at = v.closed_at,
+        status = CASE WHEN v.closed_at IS NULL THEN 'open' ELSE 'closed' END,
+        updated_at = now()
+    FROM unnest(%(ids)s::bigint[], %(qtys)s::numeric[], %(avgs)s::numeric[],
+                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)s::timestamptz[])
+        AS v(id, qty, avg, pnl, peak, closed_at)
+    WHERE ap.id = v.id AND ap.status = 'open'
+    RETURNING ap.*
+)
+{_HISTORY_INSERT} FROM upd WHERE status = 'closed'
+ON CONFLICT (position_id) DO NOTHING
+"""
+
+_INSERT_POSITIONS = f"""
+WITH ins AS (
+    INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,
+        alpaca_order_id, client_order_id, status, realized_pnl, opened_at, closed_at, peak_qty)
+    SELECT %(acct)s, sym, side, qty, avg, oid, cid,
+        CASE WHEN closed_at IS NULL THEN 'open' ELSE 'closed' END, pnl, opened_at, closed_at, peak
+    FROM unnest(%(syms)s::text[], %(sides)s::text[], %(qtys)s::numeric[], %(avgs)s::numeric[],
+                %(oids)s::text[], %(cids)s::text[], %(pnls)s::numeric[],
+                %(opened)s::timestamptz[], %(closed)s::timestamptz[], %(peaks)s::numeric[])
+        WITH ORDINALITY AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak, n)
+    ORDER BY n
+    RETURNING *
+)
+{_HISTORY_INSERT} FROM ins WHERE status = 'closed'
+"""
+
+# GREATEST ignores NULLs, like `Cursor.advanced`; activity_id is COLLATE "C", so text
+# order is Python's code-point order.
+_ADVANCE_CURSOR = """
+INSERT INTO stream_cursors AS c (account_id, fill_time, activity_id)
+VALUES (%(acct)s, %(fill_time)s, %(activity_id)s)
+ON CONFLICT (account_id) DO UPDATE SET
+    fill_time = GREATEST(c.fill_time, EXCLUDED.fill_time),
+    activity_id = GREATEST(c.activity_id, EXCLUDED.activity_id),
+    updated_at = now()
+RETURNING fill_time, activity_id
+"""
+
+_INSERT_DEAD_LETTERS = """
+INSERT INTO dead_letters (account_id, reason, payload, source)
+SELECT %(acct)s, r, p, s
+FROM unnest(%(reasons)s::text[], %(payloads)s::bytea[], %(sources)s::text[])
+    WITH ORDINALITY AS v(r, p, s, n)
+ORDER BY n
+"""
+
+_RECENT_KEYS = """
+SELECT event_key FROM alpaca_event_dedupe WHERE account_id = %s ORDER BY seq DESC LIMIT %s
+"""
+
+# The literal list matches the partial index broker_orders_account_working.
+_TERMINAL_SQL: Final = ", ".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES))
+_OPEN_ORDER_IDS = f"""
+SELECT alpaca_order_id FROM broker_orders
+WHERE account_id = %s AND status NOT IN ({_TERMINAL_SQL})
+ORDER BY first_stored_at, alpaca_order_id
+"""
+
+_SNAPSHOT_KEYS = "SELECT event_key FROM alpaca_event_dedupe WHERE account_id = %s"
+_SNAPSHOT_ORDERS = f"""
+SELECT {_ORDER_COLUMNS} FROM broker_orders WHERE account_id = %s
+ORDER BY first_stored_at, alpaca_order_id
+"""
+_SNAPSHOT_POSITIONS = f"""
+SELECT {_POSITION_COLUMNS} FROM active_positions WHERE account_id = %s ORDER BY id
+"""
+_SNAPSHOT_HISTORY = """
+SELECT position_id, account_id, symbol, side, qty, avg_entry_price, alpaca_order_id,
+    client_order_id, opened_at, realized_pnl, closed_at, peak_qty
+FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
+"""
+_SNAPSHOT_DEAD_LETTERS = """
+SELECT reason, payload, source FROM dead_letters WHERE account_id = %s ORDER BY id
+"""
+
+
+# --- rows <-> values -------------------------------------------------------------------
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and JSON can ("\u0000"): without this one odd frame
+    # would make its batch fail on every retry, for ever.
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _opt_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _order(row: Sequence[Any]) -> OrderState:
+    return OrderState(
+        order_id=row[0],
+        symbol=row[1],
+        side=row[2],
+        status=row[3],
+        filled_qty=row[4],
+        filled_avg_price=row[5],
+        client_order_id=row[6],
+        order_qty=row[7],
+        order_type=row[8],
+        asset_class=row[9],
+        created_at=row[10],
+        updated_at=row[11],
+    )
+
+
+def _position(row: Sequence[Any]) -> Position:
+    # The table keeps side + absolute quantities; the domain keeps signed ones.
+    sign = 1 if row[3] == "long" else -1
+    return Position(
+        account_id=row[1],
+        symbol=row[2],
+        qty=row[4] * sign,
+        avg_entry_price=row[5],
+        opened_by_order_id=row[6],
+        opened_by_client_order_id=row[7],
+        opened_at=row[8],
+        realized_pnl=row[9],
+        closed_at=row[10],
+        peak_qty=row[11] * sign,
+        position_id=row[0],
+    )
+
+
+def _cursor(row: Sequence[Any] | None) -> Cursor | None:
+    return None if row is None else Cursor(row[0], row[1])
+
+
+def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
+    rows = list(orders)
+    return {
+        "acct": account_id,
+        "ids": [_text(o.order_id) for o in rows],
+        "cids": [_opt_text(o.client_order_id) for o in rows],
+        "syms": [_text(o.symbol) for o in rows],
+        "sides": [_text(o.side) for o in rows],
+        "types": [_opt_text(o.order_type) for o in rows],
+        "classes": [_opt_text(o.asset_class) for o in rows],
+        "qtys": [o.order_qty for o in rows],
+        "fqs": [o.filled_qty for o in rows],
+        "faps": [o.filled_avg_price for o in rows],
+        "sts": [_text(o.status) for o in rows],
+        "cas": [o.created_at for o in rows],
+        "uas": [o.updated_at for o in rows],
+    }
+
+
+def _update_params(rows: Sequence[Position]) -> dict[str, Any]:
+    return {
+        "ids": [p.position_id for p in rows],
+        "qtys": [abs(p.qty) for p in rows],
+        "avgs": [p.avg_entry_price for p in rows],
+        "pnls": [p.realized_pnl for p in rows],
+        "peaks": [abs(p.peak_qty) for p in rows],
+        "closed": [p.closed_at for p in rows],
+    }
+
+
+def _insert_params(account_id: str, rows: Sequence[Position]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "syms": [_text(p.symbol) for p in rows],
+        "sides": [p.side for p in rows],
+        "qtys": [abs(p.qty) for p in rows],
+        "avgs": [p.avg_entry_price for p in rows],
+        "oids": [_text(p.opened_by_order_id) for p in rows],
+        "cids": [_opt_text(p.opened_by_client_order_id) for p in rows],
+        "pnls": [p.realized_pnl for p in rows],
+        "opened": [p.opened_at for p in rows],
+        "closed": [p.closed_at for p in rows],
+        "peaks": [abs(p.peak_qty) for p in rows],
+    }
+
+
+def _dead_letter_params(account_id: str, letters: Sequence[DeadLetter]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "reasons": [_text(d.reason) for d in letters],
+        "payloads": [bytes(d.payload) for d in letters],
+        "sources": [d.source for d in letters],
+    }
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+class PgStore:
+    """`store.Store` on PostgreSQL. Not shared between tasks running concurrently beyond
+    what the limiter serialises: one connection, one statement at a time."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        statement_timeout_ms: int = 10_000,
+        connect_timeout_s: float = 5.0,
+        application_name: str = "stream-supervisor",
+    ) -> None:
+        self._conninfo = conninfo
+        self._statement_timeout_ms = statement_timeout_ms
+        self._connect_timeout_s = connect_timeout_s
+        self._application_name = application_name
+        self._conn: psycopg.Connection[Any] | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"PgStore({pgconn.describe(self._conninfo)})"
+
+    # -- plumbing: every call runs in the worker thread, one at a time ------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        # Not abandoned on cancel: the connection must never be used by two threads, so a
+        # cancelled caller waits for the statement, which statement_timeout bounds.
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = pgconn.connect(
+            self._conninfo,
+            connect_timeout_s=self._connect_timeout_s,
+            application_name=self._application_name,
+            autocommit=True,  # transactions are explicit: reads never leave one open
+            prepare_threshold=PREPARE_THRESHOLD,
+        )
+        idle_ms = max(MIN_IDLE_IN_TRANSACTION_MS, 3 * self._statement_timeout_ms)
+        try:
+            conn.execute(_SESSION, [f"{self._statement_timeout_ms}ms", f"{idle_ms}ms"])
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(self._error("session setup failed", exc)) from None
+        return conn
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _error(self, what: str, exc: BaseException) -> str:
+        return f"{what}: {pgconn.error_text(exc, self._conninfo)}"
+
+    def _discard(self) -> None:
+        """Drop the connection after any failure: the server rolls back whatever was open,
+        and the next call starts clean (no half-read pipeline, no stale prepared plans)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if not conn.broken and not conn.closed:
+                    conn.rollback()
+            except psycopg.Error:
+                pass
+            finally:
+                conn.close()
+
+    def _guarded(self, what: str, op: Callable[[psycopg.Connection[Any]], T]) -> T:
+        conn = self._connection()
+        try:
+            return op(conn)
+        except psycopg.Error as exc:
+            gone = conn.broken or conn.closed
+            self._discard()
+            if gone:
+                raise StoreUnavailable(self._error(f"{what}: connection lost", exc)) from None
+            raise StoreError(self._error(what, exc)) from None
+        except BaseException:
+            # Not a database failure (a bug in pure code, say): undo the transaction and
+            # let it propagate unchanged, so the supervisor's crash policy sees it.
+            self._discard()
+            raise
+
+    # -- Store --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        self._guarded("schema check", self._check_schema)
+
+    def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(_SCHEMA_CHECK, [list(TABLES)]).fetchone()
+        assert row is not None
+        missing, has_migrations = list(row[0]), bool(row[1])
+        applied = False
+        if has_migrations:
+            found = conn.execute(_MIGRATION_APPLIED, [REQUIRED_MIGRATION]).fetchone()
+            applied = bool(found and found[0])
+        if missing or not applied:
+            detail = f"missing tables: {', '.join(missing)}" if missing else (
+                f"migration {REQUIRED_MIGRATION} not applied"
+            )
+            raise SchemaNotMigrated(
+                f"the database ({pgconn.describe(self._conninfo)}) is not migrated ({detail}): "
+                "run `stream-supervisor migrate` first"
+            )
+
+    async def aclose(self) -> None:
+        await self._run(self._discard)
+
+    async def recent_keys(self, account_id: str, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+
+        def op(conn: psycopg.Connection[Any]) -> list[str]:
+            return [r[0] for r in conn.execute(_RECENT_KEYS, [account_id, limit])]
+
+        return await self._run(lambda: self._guarded("recent_keys", op))
+
+    async def load_cursor(self, account_id: str) -> Cursor | None:
+        def op(conn: psycopg.Connection[Any]) -> Cursor | None:
+            return _cursor(conn.execute(_LOAD_CURSOR, {"acct": account_id}).fetchone())
+
+        return await self._run(lambda: self._guarded("load_cursor", op))
+
+    async def open_order_ids(self, account_id: str) -> list[str]:
+        def op(conn: psycopg.Connection[Any]) -> list[str]:
+            return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
+
+        return await self._run(lambda: self._guarded("open_order_ids", op))
+
+    async def commit_batch(self, batch: Batch) -> BatchResult:
+        return await self._run(lambda: self._guarded("commit_batch", lambda c: _commit(c, batch)))
+
+    async def snapshot(self, account_id: str) -> StoreSnapshot:
+        return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
+
+
+# --- the batch transaction -------------------------------------------------------------
+
+
+def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
+    acct = batch.account_id
+    first: dict[str, Event] = {}
+    for ev in batch.events:
+        first.setdefault(ev.key, ev)
+    # Keys are claimed in batch order (`seq` then says which are newest); rows are locked
+    # in id / symbol order, so two writers racing on one account do not deadlock there.
+    by_stored_key = {_text(k): k for k in first}
+    keys = list(by_stored_key)
+    claim = {
+        "acct": acct,
+        "keys": keys,
+        "types": [_text(first[by_stored_key[k]].event) for k in keys],
+        "sources": [first[by_stored_key[k]].source for k in keys],
+    }
+    order_ids = sorted({_text(ev.order_id) for ev in first.values()})
+    symbols = sorted({_text(ev.symbol) for ev in first.values()})
+
+    with conn.pipeline(), conn.transaction():
+        # Round trip 1: claim keys, lock what they may touch, read the cursor.
+        claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
+        if keys:
+            claimed.execute(_CLAIM_KEYS, claim)
+            orders_cur.execute(_LOCK_ORDERS, {"ids": order_ids})
+            positions_cur.execute(_LOCK_OPEN_POSITIONS, {"acct": acct, "symbols": symbols})
+        cursor_cur.execute(_LOAD_CURSOR, {"acct": acct})
+        new_keys = {by_stored_key[r[0]] for r in claimed.fetchall()} if keys else set()
+        orders = {o.order_id: o for o in map(_order, orders_cur.fetchall())} if keys else {}
+        open_rows = {p.symbol: p for p in map(_position, positions_cur.fetchall())} if keys else {}
+        stored_cursor = _cursor(cursor_cur.fetchone())
+
+        # The pure core, on the new events only, in batch order.
+        new_events = [ev for key, ev in first.items() if key in new_keys]
+        result = apply_events(acct, orders, open_rows, new_events)
+        moved = cursor_of(new_events)
+        cursor = moved if stored_cursor is None else stored_cursor.advanced(moved)
+
+        # Round trip 2: write everything and commit.
+        if result.orders:
+            conn.execute(_UPSERT_ORDERS, _orders_params(acct, result.orders.values()))
+        existing = [p for p in result.positions if p.position_id is not None]
+        created = [p for p in result.positions if p.position_id is None]
+        if existing:
+            conn.execute(_UPDATE_POSITIONS, _update_params(existing))
+        if created:
+            conn.execute(_INSERT_POSITIONS, _insert_params(acct, created))
+        advanced = conn.cursor()
+        if cursor != stored_cursor:
+            advanced.execute(
+                _ADVANCE_CURSOR,
+                {"acct": acct, "fill_time": cursor.fill_time, "activity_id": cursor.activity_id},
+            )
+        if batch.dead_letters:
+            conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
+    # Committed (the transaction block exited cleanly): read what the cursor upsert said,
+    # which also covers a concurrent writer having moved it further.
+    if cursor != stored_cursor:
+        row = advanced.fetchone()
+        cursor = Cursor(row[0], row[1]) if row is not None else cursor
+    return BatchResult(
+        applied_keys=frozenset(new_keys),
+        duplicate_keys=frozenset(first.keys() - new_keys),
+        fills_applied=result.fills_applied,
+        stale_fills=result.stale_fills,
+        inexact_fills=result.inexact_fills,
+        positions_closed=len(result.closed),
+        drift=tuple(result.drift),
+        cursor=cursor,
+        dead_letters=len(batch.dead_letters),
+    )
+
+
+def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
+    with conn.pipeline(), conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        curs = [conn.cursor() for _ in range(6)]
+        for cur, sql in zip(
+            curs,
+            (_SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
+             _SNAPSHOT_DEAD_LETTERS),
+            strict=False,
+        ):
+            cur.execute(sql, [account_id])
+        curs[5].execute(_LOAD_CURSOR, {"acct": account_id})
+        keys, orders, positions, history, letters, cursor = (c.fetchall() for c in curs)
+    return StoreSnapshot(
+        event_keys=frozenset(r[0] for r in keys),
+        orders={r[0]: _order(r) for r in orders},
+        positions=[_position(r) for r in positions],
+        history=[_position(r) for r in history],
+        cursor=_cursor(cursor[0] if cursor else None),
+        dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2]) for r in letters],
+    )
