@@ -79,6 +79,10 @@ class ConnectionSettings:
     first_start_lookback: float | None = None  # None: start of today's US/Eastern session
     max_frame_bytes: int = 1_000_000
     backfill: bool = True
+    #: While streaming, re-check orders we hold as not terminal this often: the stream
+    #: can replay a stale update for an order that ended while we were away, and only
+    #: REST tells us it ended.
+    order_refresh_interval: float = 60.0
 
 
 def trading_day_start(now: datetime) -> datetime:
@@ -234,6 +238,8 @@ class ConnectionActor:
                     await self._backfill()
                 self.state.caught_up = True
                 self.state.connection = "streaming"
+                if self.settings.order_refresh_interval > 0:
+                    nursery.start_soon(self._periodic_refresh)
                 async for item in receive_live:
                     await self._forward(item)
             # The reader closed the live channel: the connection is gone.
@@ -320,6 +326,16 @@ class ConnectionActor:
         refreshed = await self._refresh_orders()
         log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
                  connection_id=self.state.connection_id)
+
+    async def _periodic_refresh(self) -> None:
+        while True:
+            await trio.sleep(self.settings.order_refresh_interval)
+            try:
+                refreshed = await self._refresh_orders()
+            except (BrokerUnavailable, DecodeError) as exc:
+                log.warning("order_refresh_failed", error=str(exc)[:300])
+                continue
+            log.debug("orders_refreshed", orders=refreshed)
 
     async def _refresh_orders(self) -> int:
         """Order state that changed while away: open orders, and every order we hold or

@@ -64,7 +64,7 @@ _MIGRATION_APPLIED = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE versi
 
 _CLAIM_KEYS = """
 INSERT INTO alpaca_event_dedupe (event_key, account_id, event_type, source)
-SELECT k, %(acct)s, t, s FROM unnest(%(keys)s::text[], %(types)s::text[], %(sources)s::text[])
+SELECT k, %(acct)s, t, s FROM unnest(%(keys)b::text[], %(types)b::text[], %(sources)b::text[])
     WITH ORDINALITY AS u(k, t, s, n)
 ORDER BY n
 ON CONFLICT (event_key) DO NOTHING
@@ -76,7 +76,7 @@ _ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_av
 
 _LOCK_ORDERS = f"""
 SELECT {_ORDER_COLUMNS} FROM broker_orders
-WHERE alpaca_order_id = ANY(%(ids)s::text[])
+WHERE alpaca_order_id = ANY(%(ids)b::text[])
 ORDER BY alpaca_order_id
 FOR UPDATE
 """
@@ -86,7 +86,7 @@ _POSITION_COLUMNS = """id, account_id, symbol, side, qty, avg_entry_price, alpac
 
 _LOCK_OPEN_POSITIONS = f"""
 SELECT {_POSITION_COLUMNS} FROM active_positions
-WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[]) AND status = 'open'
+WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)b::text[]) AND status = 'open'
 ORDER BY symbol
 FOR UPDATE
 """
@@ -97,10 +97,10 @@ _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
     order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at)
 SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua
-FROM unnest(%(ids)s::text[], %(cids)s::text[], %(syms)s::text[], %(sides)s::text[],
-            %(types)s::text[], %(classes)s::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
-            %(faps)s::numeric[], %(sts)s::text[], %(cas)s::timestamptz[],
-            %(uas)s::timestamptz[])
+FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
+            %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
+            %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
+            %(uas)b::timestamptz[])
     AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     client_order_id = EXCLUDED.client_order_id,
@@ -134,8 +134,8 @@ WITH upd AS (
         closed_at = v.closed_at,
         status = CASE WHEN v.closed_at IS NULL THEN 'open' ELSE 'closed' END,
         updated_at = now()
-    FROM unnest(%(ids)s::bigint[], %(qtys)s::numeric[], %(avgs)s::numeric[],
-                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)s::timestamptz[])
+    FROM unnest(%(ids)b::bigint[], %(qtys)s::numeric[], %(avgs)s::numeric[],
+                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)b::timestamptz[])
         AS v(id, qty, avg, pnl, peak, closed_at)
     WHERE ap.id = v.id AND ap.status = 'open'
     RETURNING ap.*
@@ -150,9 +150,9 @@ WITH ins AS (
         alpaca_order_id, client_order_id, status, realized_pnl, opened_at, closed_at, peak_qty)
     SELECT %(acct)s, sym, side, qty, avg, oid, cid,
         CASE WHEN closed_at IS NULL THEN 'open' ELSE 'closed' END, pnl, opened_at, closed_at, peak
-    FROM unnest(%(syms)s::text[], %(sides)s::text[], %(qtys)s::numeric[], %(avgs)s::numeric[],
-                %(oids)s::text[], %(cids)s::text[], %(pnls)s::numeric[],
-                %(opened)s::timestamptz[], %(closed)s::timestamptz[], %(peaks)s::numeric[])
+    FROM unnest(%(syms)b::text[], %(sides)b::text[], %(qtys)s::numeric[], %(avgs)s::numeric[],
+                %(oids)b::text[], %(cids)b::text[], %(pnls)s::numeric[],
+                %(opened)b::timestamptz[], %(closed)b::timestamptz[], %(peaks)s::numeric[])
         WITH ORDINALITY AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak, n)
     ORDER BY n
     RETURNING *
@@ -175,7 +175,7 @@ RETURNING fill_time, activity_id
 _INSERT_DEAD_LETTERS = """
 INSERT INTO dead_letters (account_id, reason, payload, source)
 SELECT %(acct)s, r, p, s
-FROM unnest(%(reasons)s::text[], %(payloads)s::bytea[], %(sources)s::text[])
+FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[])
     WITH ORDINALITY AS v(r, p, s, n)
 ORDER BY n
 """

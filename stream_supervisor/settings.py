@@ -25,6 +25,7 @@ DEFAULT_PING_INTERVAL: Final = 15.0
 DEFAULT_PING_TIMEOUT: Final = 10.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_BACKFILL_OVERLAP: Final = 300.0
+DEFAULT_ORDER_REFRESH_INTERVAL: Final = 60.0
 DEFAULT_DRAIN_TIMEOUT: Final = 20.0
 DEFAULT_RESTART_LIMIT: Final = 5
 DEFAULT_RESTART_WINDOW: Final = 60.0
@@ -63,6 +64,7 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     backoff: BackoffPolicy = BackoffPolicy()
     backfill_overlap: float = DEFAULT_BACKFILL_OVERLAP
+    order_refresh_interval: float = DEFAULT_ORDER_REFRESH_INTERVAL
     #: First start without a cursor: seconds to look back, or None for the start of the
     #: current US/Eastern trading day.
     first_start_lookback: float | None = None
@@ -143,6 +145,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "PING_TIMEOUT": "ping_timeout",
     "CONNECT_TIMEOUT": "connect_timeout",
     "BACKFILL_OVERLAP": "backfill_overlap",
+    "ORDER_REFRESH_INTERVAL": "order_refresh_interval",
     "FIRST_START_LOOKBACK": "first_start_lookback",
     "DRAIN_TIMEOUT": "drain_timeout",
     "RESTART_LIMIT": "restart_limit",

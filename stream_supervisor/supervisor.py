@@ -226,6 +226,7 @@ class Supervisor:
                     handshake_timeout=s.connect_timeout,
                     backoff=s.backoff,
                     backfill_overlap=s.backfill_overlap,
+                    order_refresh_interval=s.order_refresh_interval,
                     first_start_lookback=s.first_start_lookback,
                     max_frame_bytes=s.max_frame_bytes,
                 ),

@@ -165,6 +165,7 @@ def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
         backoff=BackoffPolicy(initial=0.2, factor=2.0, cap=5.0, rate_limited_floor=2.0,
                               healthy_after=10.0),
         backfill_overlap=2.0,
+        order_refresh_interval=2.0,
         first_start_lookback=86_400.0,
         drain_timeout=10.0,
         restart_limit=10,
