@@ -11,7 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import psycopg
+
 from . import pgconn
+from .pgstore import TABLES, SchemaNotMigrated
+from .store import StoreError
 
 #: A cursor this far ahead of the database clock is "in the future" (broker vs our clock).
 CURSOR_FUTURE_TOLERANCE: Final = "5 minutes"
@@ -200,24 +204,41 @@ _CHECKS: Final = (
 
 
 def run_checks(conninfo: str, account_id: str | None = None) -> list[Violation]:
-    """Every violation found, in layer order (an empty list means all checks passed)."""
+    """Every violation found, in layer order (an empty list means all checks passed).
+
+    Raises `store.StoreUnavailable` / `settings.ConfigError` when the database cannot be
+    reached, `pgstore.SchemaNotMigrated` when it has no schema, `store.StoreError` when a
+    query fails; messages never hold the password.
+    """
     out: list[Violation] = []
     params = {"acct": account_id}
     with pgconn.connect(
         conninfo, autocommit=True, application_name="stream-supervisor check",
         prepare_threshold=None,
     ) as conn:
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            for check in _CHECKS:
-                rows = conn.execute(check.sql, params).fetchall()
-                for row in rows[:MAX_ROWS_PER_CHECK]:
-                    out.append(Violation(check.layer, check.what, check.detail(tuple(row))))
-                if len(rows) > MAX_ROWS_PER_CHECK:
-                    out.append(Violation(
-                        check.layer, check.what,
-                        f"... and {len(rows) - MAX_ROWS_PER_CHECK} more",
-                    ))
+        try:
+            missing = conn.execute(
+                "SELECT array(SELECT t FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NULL)",
+                [list(TABLES)],
+            ).fetchone()
+            if missing and missing[0]:
+                raise SchemaNotMigrated(
+                    f"the database ({pgconn.describe(conninfo)}) is not migrated (missing "
+                    f"tables: {', '.join(missing[0])}): run `stream-supervisor migrate` first"
+                )
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                for check in _CHECKS:
+                    rows = conn.execute(check.sql, params).fetchall()
+                    for row in rows[:MAX_ROWS_PER_CHECK]:
+                        out.append(Violation(check.layer, check.what, check.detail(tuple(row))))
+                    if len(rows) > MAX_ROWS_PER_CHECK:
+                        out.append(Violation(
+                            check.layer, check.what,
+                            f"... and {len(rows) - MAX_ROWS_PER_CHECK} more",
+                        ))
+        except psycopg.Error as exc:
+            raise StoreError(f"check failed: {pgconn.error_text(exc, conninfo)}") from None
     return out
 
 

@@ -53,6 +53,11 @@ class KeyCache:
         self._in_flight.add(key)
         return None
 
+    def forget_in_flight(self) -> None:
+        """A pipeline restart drops whatever was in flight (it was never committed, and
+        REST backfill or the broker will bring it again); committed keys stay valid."""
+        self._in_flight.clear()
+
     def committed(self, keys: Iterable[str]) -> None:
         """The writer committed these: move them from in flight into the LRU."""
         if self.capacity == 0:

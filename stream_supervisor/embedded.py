@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from psycopg import sql
@@ -42,7 +42,7 @@ class EmbeddedPostgres:
             self._stopped = True
             self._server.cleanup()
 
-    def __enter__(self) -> EmbeddedPostgres:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -144,7 +144,10 @@ def parse_timestamp(text: str) -> tuple[datetime, int]:
         base_ns_adjust = 0
     epoch_s = int(base.timestamp()) + base_ns_adjust
     ts_ns = epoch_s * 1_000_000_000 + nanos
-    utc = datetime.fromtimestamp(epoch_s, tz=UTC).replace(microsecond=nanos // 1000)
+    try:
+        utc = datetime.fromtimestamp(epoch_s, tz=UTC).replace(microsecond=nanos // 1000)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise TimestampError(f"timestamp out of range {text[:64]!r}: {exc}") from None
     return utc, ts_ns
 
 

@@ -17,7 +17,9 @@ import structlog
 
 REDACTED: Final = "[REDACTED]"
 _DSN_PASSWORD: Final = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)")
-_KV_PASSWORD: Final = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.IGNORECASE)
+_KV_PASSWORD: Final = re.compile(
+    r"""(?P<pre>\bpassword\s*=\s*)(?P<pw>'[^']*'|[^\s"\\]+)""", re.IGNORECASE
+)
 
 
 class Redactor:

@@ -205,6 +205,7 @@ SELECT position_id, account_id, symbol, side, qty, avg_entry_price, alpaca_order
     client_order_id, opened_at, realized_pnl, closed_at, peak_qty
 FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
 """
+_SNAPSHOT_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %s"
 _SNAPSHOT_DEAD_LETTERS = """
 SELECT reason, payload, source FROM dead_letters WHERE account_id = %s ORDER BY id
 """
@@ -476,20 +477,28 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         "types": [_text(first[by_stored_key[k]].event) for k in keys],
         "sources": [first[by_stored_key[k]].source for k in keys],
     }
-    order_ids = sorted({_text(ev.order_id) for ev in first.values()})
-    symbols = sorted({_text(ev.symbol) for ev in first.values()})
+    # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
+    order_ids = {_text(ev.order_id): ev.order_id for ev in first.values()}
+    symbols = {_text(ev.symbol): ev.symbol for ev in first.values()}
 
     with conn.pipeline(), conn.transaction():
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
         claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
         if keys:
             claimed.execute(_CLAIM_KEYS, claim)
-            orders_cur.execute(_LOCK_ORDERS, {"ids": order_ids})
-            positions_cur.execute(_LOCK_OPEN_POSITIONS, {"acct": acct, "symbols": symbols})
+            orders_cur.execute(_LOCK_ORDERS, {"ids": sorted(order_ids)})
+            positions_cur.execute(
+                _LOCK_OPEN_POSITIONS, {"acct": acct, "symbols": sorted(symbols)}
+            )
         cursor_cur.execute(_LOAD_CURSOR, {"acct": acct})
         new_keys = {by_stored_key[r[0]] for r in claimed.fetchall()} if keys else set()
-        orders = {o.order_id: o for o in map(_order, orders_cur.fetchall())} if keys else {}
-        open_rows = {p.symbol: p for p in map(_position, positions_cur.fetchall())} if keys else {}
+        orders = (
+            {order_ids[o.order_id]: o for o in map(_order, orders_cur.fetchall())} if keys else {}
+        )
+        open_rows = (
+            {symbols[p.symbol]: p for p in map(_position, positions_cur.fetchall())}
+            if keys else {}
+        )
         stored_cursor = _cursor(cursor_cur.fetchone())
 
         # The pure core, on the new events only, in batch order.
@@ -534,17 +543,16 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
 
 
 def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
+    queries = (
+        _SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
+        _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR,
+    )
+    # One consistent view, in one round trip.
     with conn.pipeline(), conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        curs = [conn.cursor() for _ in range(6)]
-        for cur, sql in zip(
-            curs,
-            (_SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
-             _SNAPSHOT_DEAD_LETTERS),
-            strict=False,
-        ):
-            cur.execute(sql, [account_id])
-        curs[5].execute(_LOAD_CURSOR, {"acct": account_id})
+        curs = [conn.cursor() for _ in queries]
+        for cur, query in zip(curs, queries, strict=True):
+            cur.execute(query, [account_id])
         keys, orders, positions, history, letters, cursor = (c.fetchall() for c in curs)
     return StoreSnapshot(
         event_keys=frozenset(r[0] for r in keys),

@@ -136,6 +136,18 @@ class DecodeError(ValueError):
     """A payload that cannot become an event; the message is the dead-letter reason."""
 
 
+#: Amounts beyond 10**20 are not money or share counts; NaN and Infinity never are.
+_MAX_DECIMAL_ADJUSTED: Final = 20
+
+
+def _check_amounts(**values: Decimal | None) -> None:
+    for name, value in values.items():
+        if value is not None and (
+            not value.is_finite() or value.adjusted() > _MAX_DECIMAL_ADJUSTED
+        ):
+            raise DecodeError(f"{name} is not a finite decimal in range: {str(value)[:40]}")
+
+
 def _as_bytes(frame: str | bytes) -> bytes:
     return frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
 
@@ -168,7 +180,7 @@ def decode_frame(
         return OtherStream(envelope.stream)
     except (msgspec.DecodeError, msgspec.ValidationError, DecodeError, TimestampError) as exc:
         return DeadLetter(reason=_reason(exc), payload=raw, received_at=received_at)
-    except (UnicodeError, ValueError, ArithmeticError) as exc:
+    except (UnicodeError, ValueError, ArithmeticError, RecursionError) as exc:
         return DeadLetter(
             reason=f"undecodable frame: {type(exc).__name__}: {exc}"[:500],
             payload=raw,
@@ -194,6 +206,14 @@ def _opt_ts(text: str | None) -> datetime | None:
 def update_to_event(update: WireUpdate, received_at: float = 0.0) -> Event:
     """Normalise a decoded stream update into an `Event` (raises DecodeError if unusable)."""
     order = update.order
+    _check_amounts(
+        filled_qty=order.filled_qty,
+        filled_avg_price=order.filled_avg_price,
+        order_qty=order.qty,
+        qty=update.qty,
+        price=update.price,
+        position_qty=update.position_qty,
+    )
     if not order.id or not order.symbol:
         raise DecodeError("update without order id or symbol")
     if order.side not in ("buy", "sell"):
@@ -232,6 +252,8 @@ def update_to_event(update: WireUpdate, received_at: float = 0.0) -> Event:
 
 def activity_to_event(activity: WireActivity) -> Event:
     """A REST FILL activity as an `Event`; its key equals the stream fill's key."""
+    _check_amounts(price=activity.price, qty=activity.qty, cum_qty=activity.cum_qty,
+                   leaves_qty=activity.leaves_qty)
     if activity.side not in ("buy", "sell"):
         raise DecodeError(f"unknown activity side {activity.side!r}")
     if activity.qty <= 0 or activity.cum_qty <= 0:

@@ -6,6 +6,7 @@ default is a named constant here, and every bad value fails with the variable's 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -173,11 +174,14 @@ def _parse(var: str, raw: str, kind: object) -> Any:
     text = raw.strip()
     try:
         if kind in ("int", int):
-            return int(text)
+            number = int(text)
+            if number < 0:
+                raise ValueError("must not be negative")
+            return number
         if kind in ("float", float):
             value = float(text)
-            if value != value or value < 0:
-                raise ValueError("must be a non-negative number")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError("must be a finite, non-negative number")
             return value
         if kind == "float | None":
             return None if text.lower() in ("", "today") else _parse(var, text, float)

@@ -78,6 +78,7 @@ class Supervisor:
         self._pipeline_scope: trio.CancelScope | None = None
         self._drain_requested = trio.Event()
         self._drain_timed_out = False
+        self._cache: KeyCache | None = None
         self.exit_code: int | None = None
 
     # --- public control ------------------------------------------------------------
@@ -209,9 +210,16 @@ class Supervisor:
             return
         try:
             cursor = await store.load_cursor(account_id)
-            warm = await store.recent_keys(account_id, s.lru_size) if s.lru_size else []
+            if self._cache is None:
+                warm = await store.recent_keys(account_id, s.lru_size) if s.lru_size else []
+                self._cache = KeyCache(s.lru_size, warm)
+            else:
+                # The LRU holds only keys whose batch committed: still true after a crash
+                # of the pipeline, so a restart keeps it and drops only what was in flight.
+                self._cache.forget_in_flight()
+            cache = self._cache
             self.state.committed_cursor = cursor
-            log.info("pipeline_starting", cursor=_cursor_text(cursor), warm_keys=len(warm))
+            log.info("pipeline_starting", cursor=_cursor_text(cursor), cached_keys=len(cache))
             send_events, recv_events = trio.open_memory_channel[Item](s.channel_size)
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
             send_acks, recv_acks = trio.open_memory_channel[tuple[str, ...]](ACK_CHANNEL_SIZE)
@@ -250,7 +258,7 @@ class Supervisor:
                         store, recv_new, send_acks,
                     )
                     await nursery.start(
-                        dedupe_actor, KeyCache(s.lru_size, warm), recv_events, send_new,
+                        dedupe_actor, cache, recv_events, send_new,
                         recv_acks, self.metrics, self.state,
                     )
                     self._conn_scope = trio.CancelScope()

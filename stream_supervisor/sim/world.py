@@ -164,7 +164,7 @@ def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
         connect_timeout=5.0,
         backoff=BackoffPolicy(initial=0.2, factor=2.0, cap=5.0, rate_limited_floor=2.0,
                               healthy_after=10.0),
-        backfill_overlap=2.0,
+        backfill_overlap=0.25,
         order_refresh_interval=2.0,
         first_start_lookback=86_400.0,
         drain_timeout=10.0,
@@ -274,7 +274,7 @@ async def _world(
         virtual_seconds=trio.current_time() - t0,
         lives=lives,
         commits=db.commits,
-        digest=_digest(snapshot, truth),
+        digest=_digest(snapshot, truth, list(db.account(account_id).keys)),
         trace=trace,
     )
 
@@ -302,9 +302,10 @@ async def _until_converged(
                     return
 
 
-def _digest(snapshot: Any, truth: dict[str, Any]) -> str:
+def _digest(snapshot: Any, truth: dict[str, Any], commit_order: list[str]) -> str:
+    """Hash of the final state *and* of the order events were committed in."""
     h = hashlib.sha256()
-    for key in sorted(snapshot.event_keys):
+    for key in commit_order:
         h.update(key.encode())
     for oid in sorted(snapshot.orders):
         o = snapshot.orders[oid]

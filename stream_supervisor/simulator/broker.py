@@ -55,6 +55,8 @@ FEED_BUFFER: Final = 100_000
 """Updates queued for one session before it is dropped as a slow consumer."""
 ACTIVITY_PAGE_MAX: Final = 100
 ORDERS_LIMIT_MAX: Final = 500
+ORDERS_DEFAULT_LIMIT: Final = 50
+"""What `GET /v2/orders` returns without `limit`, as the real endpoint does."""
 STARTING_CASH: Final = Decimal(100000)
 
 STAT_KEYS: Final = (
@@ -666,7 +668,12 @@ class SimulatedBroker:
     # ------------------------------------------------------------------ ground truth
 
     def ground_truth(self) -> dict[str, Any]:
-        """The broker's final (or current) state, in the recorded fixture's schema."""
+        """The broker's final (or current) state, in the recorded fixture's schema.
+
+        A fill is `streamed` once its update was handed to a listening client's socket
+        (an abrupt reset right after may still lose it in flight); `updates_played`
+        counts such updates, `stats["updates_unsent"]` the others.
+        """
         with decimal.localcontext(_CTX):
             orders = {
                 o.id: {
@@ -790,7 +797,7 @@ class SimulatedBroker:
         self,
         *,
         status: str = "open",
-        limit: int = 50,
+        limit: int = ORDERS_LIMIT_MAX,
         after: str | None = None,
         direction: str = "desc",
     ) -> list[dict[str, Any]]:
@@ -914,7 +921,7 @@ class SimulatedBroker:
         if route == "orders":
             return self.orders(
                 status=query.get("status") or "open",
-                limit=_int_param(query, "limit", 50),
+                limit=_int_param(query, "limit", ORDERS_DEFAULT_LIMIT),
                 after=query.get("after") or None,
                 direction=query.get("direction") or "desc",
             )

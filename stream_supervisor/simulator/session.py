@@ -120,15 +120,14 @@ class _Session:
         if raw is None:
             await self._close()
             return False
-        message = _parse(raw)
-        data = message.get("data") if message else None
-        ok = (
-            message is not None
-            and message.get("action") == "authenticate"
-            and isinstance(data, dict)
-            and _same(data.get("key_id"), self.broker.config.key_id)
-            & _same(data.get("secret_key"), self.broker.config.secret_key)
-        )
+        message = _parse(raw) or {}
+        data = message.get("data")
+        if not isinstance(data, dict):
+            data = {}
+        # Compare both secrets every time: no early exit to time which one was wrong.
+        key_ok = _same(data.get("key_id"), self.broker.config.key_id)
+        secret_ok = _same(data.get("secret_key"), self.broker.config.secret_key)
+        ok = message.get("action") == "authenticate" and key_ok and secret_ok
         if not ok:
             self.stats["auth_failed"] += 1
             self.log.info("sim_auth_failed")  # never the offered key: it may be a real one
@@ -148,6 +147,8 @@ class _Session:
         with self._reader_scope:
             while True:
                 try:
+                    # No deadline: a listening client has nothing more to say, and the
+                    # transport's ping/pong (or the peer's close) ends a dead session.
                     raw = await self.conn.get_message()
                 except SessionClosed:
                     self._peer_gone()

@@ -1,0 +1,169 @@
+"""The dedupe actor and its key cache: duplicates dropped, keys learnt only once durable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import trio
+import trio.testing
+
+from stream_supervisor.dedupe import Item, KeyCache, dedupe_actor
+from stream_supervisor.events import DeadLetter, Event, fill_key
+from stream_supervisor.metrics import Metrics
+from stream_supervisor.state import SupervisorState
+
+DROPPED = "stream_supervisor_duplicates_dropped_total"
+
+
+def fill(order: str, cum: int) -> Event:
+    ts = datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+    return Event(
+        key=fill_key(order, Decimal(cum)),
+        event="partial_fill",
+        source="stream",
+        order_id=order,
+        symbol="AAPL",
+        side="buy",
+        status="partially_filled",
+        cum_qty=Decimal(cum),
+        timestamp=ts,
+        ts_ns=int(ts.timestamp()) * 10**9,
+        fill_qty=Decimal(1),
+        fill_price=Decimal(10),
+    )
+
+
+# --- KeyCache -------------------------------------------------------------------------
+
+
+def test_new_key_goes_in_flight_and_its_duplicate_is_dropped_but_not_learnt() -> None:
+    cache = KeyCache(10)
+    assert cache.check("a") is None
+    assert cache.in_flight == 1 and len(cache) == 0
+    assert cache.check("a") == "inflight"
+    assert len(cache) == 0  # not learnt: the batch holding it has not committed
+
+
+def test_keys_are_learnt_only_on_commit() -> None:
+    cache = KeyCache(10)
+    cache.check("a")
+    cache.check("b")
+    cache.committed(["a"])
+    assert cache.check("a") == "lru"
+    assert cache.check("b") == "inflight"
+    assert (len(cache), cache.in_flight) == (1, 1)
+
+
+def test_restart_forgets_in_flight_keys_but_keeps_committed_ones() -> None:
+    # A crash before commit: the lost event must be accepted when it is delivered again.
+    cache = KeyCache(10)
+    cache.check("stored")
+    cache.check("lost")
+    cache.committed(["stored"])
+    cache.forget_in_flight()
+    assert cache.in_flight == 0
+    assert cache.check("lost") is None
+    assert cache.check("stored") == "lru"
+
+
+def test_uncommitted_keys_are_forgotten_by_a_fresh_cache() -> None:
+    # A crash before commit: the restarted pipeline builds its cache from durable keys
+    # only, so the event the crash lost is accepted again when it is re-delivered.
+    cache = KeyCache(10)
+    cache.check("lost")
+    fresh = KeyCache(10, warm=[])
+    assert fresh.check("lost") is None
+
+
+def test_lru_is_bounded_and_evicts_the_least_recently_used() -> None:
+    cache = KeyCache(3)
+    cache.committed(["a", "b", "c"])
+    assert cache.check("a") == "lru"  # a is now the most recently used
+    cache.committed(["d"])
+    assert len(cache) == 3
+    assert cache.check("b") is None  # b was the least recently used: evicted
+    assert cache.check("a") == "lru" and cache.check("c") == "lru" and cache.check("d") == "lru"
+
+
+def test_warm_start_is_newest_first() -> None:
+    # The store returns its most recent keys newest first; the capacity keeps the newest.
+    cache = KeyCache(3, warm=["k5", "k4", "k3", "k2", "k1"])
+    assert len(cache) == 3
+    assert cache.check("k2") is None  # older than the capacity: not loaded
+    cache = KeyCache(3, warm=["k5", "k4", "k3"])
+    cache.committed(["new"])  # evicts the oldest warm key first
+    assert cache.check("k3") is None
+    assert [cache.check(k) for k in ("k5", "k4", "new")] == ["lru"] * 3
+
+
+def test_zero_capacity_learns_nothing_and_leaks_nothing() -> None:
+    cache = KeyCache(0, warm=["x"])
+    assert cache.check("a") is None
+    cache.committed(["a"])
+    assert len(cache) == 0 and cache.in_flight == 0
+    assert cache.check("a") is None  # the database layer is the authority
+
+
+def test_committing_unknown_keys_learns_them() -> None:
+    cache = KeyCache(5)
+    cache.committed(["from-another-path"])
+    assert cache.check("from-another-path") == "lru"
+    assert cache.in_flight == 0
+
+
+# --- the actor, through real channels -------------------------------------------------
+
+
+async def test_dedupe_actor_drops_duplicates_and_counts_them() -> None:
+    metrics, state = Metrics(), SupervisorState()
+    cache = KeyCache(100, warm=[fill("o", 1).key])
+    in_send, in_recv = trio.open_memory_channel[Item](100)
+    out_send, out_recv = trio.open_memory_channel[Item](100)
+    ack_send, ack_recv = trio.open_memory_channel[tuple[str, ...]](10)
+    dead = DeadLetter(reason="invalid JSON: x", payload=b"{")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dedupe_actor, cache, in_recv, out_send, ack_recv, metrics, state)
+            # fill 1 is already durable (warm); fill 2 arrives twice before any commit.
+            for item in (fill("o", 1), fill("o", 2), dead, fill("o", 2), dead, fill("o", 3)):
+                await in_send.send(item)
+            await trio.testing.wait_all_tasks_blocked()
+            forwarded = [out_recv.receive_nowait() for _ in range(4)]
+            assert forwarded == [fill("o", 2), dead, dead, fill("o", 3)]
+            # The writer commits 2 and 3; their replays are now caught by the LRU.
+            await ack_send.send((fill("o", 2).key, fill("o", 3).key))
+            await trio.testing.wait_all_tasks_blocked()
+            await in_send.send(fill("o", 3))
+            await in_send.send(fill("o", 4))
+            await trio.testing.wait_all_tasks_blocked()
+            assert out_recv.receive_nowait() == fill("o", 4)
+            # End of the inbox closes the outbox; end of acks ends the actor.
+            await in_send.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            async for extra in out_recv:
+                raise AssertionError(f"unexpected {extra}")
+            await ack_send.aclose()
+    assert metrics.value(DROPPED, layer="lru") == 2  # the warm fill 1 and the replayed fill 3
+    assert metrics.value(DROPPED, layer="inflight") == 1
+    assert "dedupe" in state.heartbeats
+
+
+async def test_acks_are_drained_while_the_outbox_is_full() -> None:
+    # The writer must never block telling us about a commit while we block on it.
+    metrics, state = Metrics(), SupervisorState()
+    cache = KeyCache(100)
+    in_send, in_recv = trio.open_memory_channel[Item](10)
+    out_send, out_recv = trio.open_memory_channel[Item](0)  # nobody reads: forward blocks
+    ack_send, ack_recv = trio.open_memory_channel[tuple[str, ...]](0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dedupe_actor, cache, in_recv, out_send, ack_recv, metrics, state)
+            await in_send.send(fill("o", 1))
+            await trio.testing.wait_all_tasks_blocked()
+            await ack_send.send((fill("o", 9).key,))  # completes although forward is stuck
+            await trio.testing.wait_all_tasks_blocked()
+            assert cache.check(fill("o", 9).key) == "lru"
+            assert await out_recv.receive() == fill("o", 1)
+            await in_send.aclose()
+            await ack_send.aclose()

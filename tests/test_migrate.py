@@ -1,0 +1,219 @@
+"""`migrate`: ordered, once each, checksummed, safe to run twice and concurrently; and the
+schema it builds keeps its promises (one open position per symbol, append-only history,
+comments a user's `\\d+` shows)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from stream_supervisor.migrate import (
+    MIGRATIONS_DIR_ENV,
+    MigrationError,
+    apply_migrations,
+    find_migrations_dir,
+)
+
+REPO_MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+TABLES = (
+    "alpaca_event_dedupe",
+    "broker_orders",
+    "active_positions",
+    "position_history",
+    "stream_cursors",
+    "dead_letters",
+)
+
+
+def rows(url: str, query: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params or None).fetchall()
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    """A writable copy of the repository's migrations."""
+    target = tmp_path / "migrations"
+    shutil.copytree(REPO_MIGRATIONS, target)
+    return target
+
+
+def test_applies_each_file_once_and_nothing_the_second_time(empty_database_url: str) -> None:
+    first = apply_migrations(empty_database_url, REPO_MIGRATIONS)
+    second = apply_migrations(empty_database_url, REPO_MIGRATIONS)
+
+    files = sorted(p.name for p in REPO_MIGRATIONS.glob("*.sql"))
+    assert first == [f.removesuffix(".sql") for f in files]
+    assert "0001_initial" in first
+    assert second == []
+    recorded = rows(empty_database_url,
+                    "SELECT version, filename, checksum FROM schema_migrations ORDER BY version")
+    assert recorded == [
+        (f.removesuffix(".sql"), f, hashlib.sha256((REPO_MIGRATIONS / f).read_bytes()).hexdigest())
+        for f in files
+    ]
+    present = rows(empty_database_url,
+                   "SELECT count(*) FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL",
+                   list(TABLES))
+    assert present == [(len(TABLES),)]
+
+
+def test_new_files_apply_in_filename_order(empty_database_url: str, migrations: Path) -> None:
+    apply_migrations(empty_database_url, migrations)
+    (migrations / "0003_b.sql").write_text("INSERT INTO order_log VALUES ('0003');\n")
+    (migrations / "0002_a.sql").write_text(
+        "CREATE TABLE order_log (v text, n bigserial);\nINSERT INTO order_log VALUES ('0002');\n"
+    )
+
+    assert apply_migrations(empty_database_url, migrations) == ["0002_a", "0003_b"]
+    assert rows(empty_database_url, "SELECT v FROM order_log ORDER BY n") == [("0002",), ("0003",)]
+
+
+def test_concurrent_runs_apply_once(empty_database_url: str, migrations: Path) -> None:
+    # A slow migration keeps the first run inside the lock while the second arrives.
+    (migrations / "0002_slow.sql").write_text("SELECT pg_sleep(0.5);\n")
+    start = threading.Barrier(2)
+
+    def run() -> list[str]:
+        start.wait(timeout=10)
+        return apply_migrations(empty_database_url, migrations)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run) for _ in range(2)]
+        results = sorted((f.result(timeout=30) for f in futures), key=len)
+
+    assert results == [[], ["0001_initial", "0002_slow"]]
+    assert rows(empty_database_url, "SELECT count(*) FROM schema_migrations") == [(2,)]
+
+
+def test_a_changed_applied_file_is_refused_by_name(
+    empty_database_url: str, migrations: Path
+) -> None:
+    apply_migrations(empty_database_url, migrations)
+    initial = migrations / "0001_initial.sql"
+    initial.write_text(initial.read_text() + "\n-- edited after it was applied\n")
+    (migrations / "0002_next.sql").write_text("CREATE TABLE next_thing (id int);\n")
+
+    with pytest.raises(MigrationError, match=r"0001_initial\.sql"):
+        apply_migrations(empty_database_url, migrations)
+    # Nothing after the refused file ran.
+    assert rows(empty_database_url, "SELECT to_regclass('next_thing')") == [(None,)]
+
+
+def test_a_failing_file_rolls_back_whole_and_is_named(
+    empty_database_url: str, migrations: Path
+) -> None:
+    (migrations / "0002_broken.sql").write_text(
+        "CREATE TABLE half_done (id int);\nSELECT no_such_function();\n"
+    )
+
+    with pytest.raises(MigrationError, match=r"0002_broken\.sql"):
+        apply_migrations(empty_database_url, migrations)
+
+    assert rows(empty_database_url, "SELECT to_regclass('half_done')") == [(None,)]
+    assert rows(empty_database_url, "SELECT version FROM schema_migrations") == [("0001_initial",)]
+
+
+def test_missing_directory_is_a_clear_error(empty_database_url: str, tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="not found"):
+        apply_migrations(empty_database_url, tmp_path / "nowhere")
+
+
+def test_migrations_dir_argument_then_env_then_repository(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(MIGRATIONS_DIR_ENV, raising=False)
+    assert find_migrations_dir() == REPO_MIGRATIONS
+    monkeypatch.setenv(MIGRATIONS_DIR_ENV, str(tmp_path))
+    assert find_migrations_dir() == tmp_path
+    assert find_migrations_dir(tmp_path / "x") == tmp_path / "x"
+
+
+# --- what the schema guarantees ---------------------------------------------------------
+
+
+def _open_position(symbol: str = "AAPL", **over: object) -> tuple[str, list[object]]:
+    values: dict[str, object] = {
+        "account_id": "a", "symbol": symbol, "side": "long", "qty": 1, "avg_entry_price": 10,
+        "alpaca_order_id": "o", "status": "open", "opened_at": "2026-01-05T15:00:00Z",
+        "peak_qty": 1, **over,
+    }
+    cols = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    return f"INSERT INTO active_positions ({cols}) VALUES ({marks})", list(values.values())
+
+
+def _execute(url: str, *statements: tuple[str, list[object]]) -> Callable[[], None]:
+    def attempt() -> None:
+        with psycopg.connect(url) as conn:
+            for sql, params in statements:
+                conn.execute(sql, params)
+
+    return attempt
+
+
+def test_one_open_position_per_account_and_symbol(database_url: str) -> None:
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        _execute(database_url, _open_position(), _open_position())()
+    # Closed rows do not count; other accounts do not count.
+    _execute(
+        database_url,
+        _open_position(),
+        _open_position(status="closed", qty=0, closed_at="2026-01-05T16:00:00Z"),
+        _open_position(account_id="b"),
+    )()
+    assert rows(database_url, "SELECT count(*) FROM active_positions") == [(3,)]
+
+
+def test_status_closed_at_and_qty_must_agree(database_url: str) -> None:
+    for bad in (
+        {"status": "closed", "qty": 0},  # closed without closed_at
+        {"closed_at": "2026-01-05T16:00:00Z"},  # open with closed_at
+        {"status": "closed", "closed_at": "2026-01-05T16:00:00Z"},  # closed with qty 1
+        {"side": "flat"},
+        {"qty": -1},
+    ):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            _execute(database_url, _open_position(**bad))()
+
+
+def test_position_history_is_append_only(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty, "
+            "avg_entry_price, realized_pnl, alpaca_order_id, opened_at, closed_at) VALUES "
+            "(1, 'a', 'AAPL', 'long', 0, 5, 10, 2.5, 'o', now(), now())"
+        )
+        for statement in (
+            "UPDATE position_history SET realized_pnl = 0",
+            "DELETE FROM position_history",
+            "TRUNCATE position_history",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(statement)
+        assert conn.execute("SELECT realized_pnl FROM position_history").fetchall() == [(2.5,)]
+
+
+def test_every_table_and_column_is_commented(database_url: str) -> None:
+    missing = rows(
+        database_url,
+        """
+        SELECT c.relname, a.attname
+        FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+        WHERE c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+          AND col_description(c.oid, a.attnum) IS NULL
+        UNION ALL
+        SELECT c.relname, NULL FROM pg_class c
+        WHERE c.relname = ANY(%s) AND obj_description(c.oid, 'pg_class') IS NULL
+        """,
+        list(TABLES),
+        list(TABLES),
+    )
+    assert missing == []

@@ -1,0 +1,207 @@
+"""PgStore beyond the shared contract: connection failures, timeouts, schema checks,
+secrets, two writers at once, and inputs PostgreSQL would otherwise choke on."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+import trio
+
+from stream_supervisor.events import DeadLetter
+from stream_supervisor.pgstore import PgStore, SchemaNotMigrated
+from stream_supervisor.settings import ConfigError
+from stream_supervisor.store import Batch, StoreError, StoreUnavailable
+from stream_supervisor.supervisor import SchemaError
+
+from .test_store_conformance import ACCOUNT, STREAM, TRUTH, fill, full_mismatches, replay
+
+SECRET = "s3cr3t-Pa55word"
+WAIT = 30
+
+
+async def opened(url: str, **kw: object) -> PgStore:
+    store = PgStore(url, **kw)  # type: ignore[arg-type]
+    with trio.fail_after(WAIT):
+        await store.open()
+    return store
+
+
+def sql(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params or None).fetchall()
+
+
+async def test_unmigrated_database_is_refused_with_the_fix(empty_database_url: str) -> None:
+    store = PgStore(empty_database_url)
+    with trio.fail_after(WAIT), pytest.raises(SchemaNotMigrated) as err:
+        await store.open()
+
+    assert isinstance(err.value, SchemaError)  # the supervisor's fatal "not migrated" error
+    assert "stream-supervisor migrate" in str(err.value)
+    assert "alpaca_event_dedupe" in str(err.value)
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        f"postgresql://trader:{SECRET}@127.0.0.1:1/trading",
+        f"host=127.0.0.1 port=1 user=trader password={SECRET} dbname=trading",
+        f"postgresql://trader@127.0.0.1:1/trading?password={SECRET}",
+    ],
+)
+async def test_unreachable_server_raises_unavailable_without_the_password(conninfo: str) -> None:
+    store = PgStore(conninfo, connect_timeout_s=2)
+    with trio.fail_after(WAIT), pytest.raises(StoreUnavailable) as err:
+        await store.open()
+
+    message = str(err.value)
+    assert SECRET not in message and SECRET not in repr(err.value)
+    assert "127.0.0.1" in message
+    # Not chained: a traceback never shows the driver's own text either.
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert SECRET not in repr(store)
+
+
+async def test_garbled_conninfo_is_a_config_error_without_the_password() -> None:
+    store = PgStore(f"postgresql://trader:{SECRET}@127.0.0.1:1/trading?no_such_option=1")
+    with trio.fail_after(WAIT), pytest.raises(ConfigError) as err:
+        await store.open()
+    assert SECRET not in str(err.value)
+
+
+async def test_lost_connection_fails_one_call_then_reconnects(database_url: str) -> None:
+    store = await opened(database_url, application_name="ss-test-kill")
+    half = len(STREAM) // 2
+    await replay(store, STREAM[:half], 50)
+
+    killed = sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = 'ss-test-kill'")
+    assert killed == [(True,)]
+    with trio.fail_after(WAIT), pytest.raises(StoreUnavailable):
+        await store.commit_batch(Batch(ACCOUNT, STREAM[half:]))
+
+    results = await replay(store, STREAM[half:], 50)
+    assert sum(len(r.applied_keys) for r in results) == len({e.key for e in STREAM[half:]})
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_statement_timeout_bounds_a_blocked_batch(database_url: str) -> None:
+    store = await opened(database_url, statement_timeout_ms=300)
+    await replay(store, STREAM[:20], 20)
+    order_id = STREAM[20].order_id
+    assert sql(database_url, "SELECT count(*) FROM broker_orders WHERE alpaca_order_id = %s",
+               order_id) == [(1,)]
+
+    # Another session holds the order's row lock: the batch must give up, not hang.
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("SELECT 1 FROM broker_orders WHERE alpaca_order_id = %s FOR UPDATE",
+                        [order_id])
+        with trio.fail_after(WAIT), pytest.raises(StoreError, match="statement timeout"):
+            await store.commit_batch(Batch(ACCOUNT, STREAM[20:]))
+        blocker.rollback()
+
+    assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(20,)]
+    await replay(store, STREAM[20:], 200)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_cancelled_caller_waits_for_the_statement_then_the_store_goes_on(
+    database_url: str,
+) -> None:
+    # A thread cannot be interrupted: the cancelled call returns only once the statement
+    # ended (here by statement_timeout), so the connection is never used by two threads.
+    store = await opened(database_url, statement_timeout_ms=500)
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("LOCK TABLE broker_orders IN EXCLUSIVE MODE")
+        with (
+            trio.fail_after(WAIT),
+            trio.move_on_after(0.05),
+            pytest.raises(StoreError, match="statement timeout"),
+        ):
+            await store.commit_batch(Batch(ACCOUNT, STREAM[:10]))
+        blocker.rollback()
+    assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(0,)]
+
+    await replay(store, STREAM, 100)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_two_writers_on_one_account_apply_each_fill_once(database_url: str) -> None:
+    stores = [await opened(database_url) for _ in range(2)]
+    applied: list[int] = []
+
+    async def writer(store: PgStore, size: int) -> None:
+        for i in range(0, len(STREAM), size):
+            batch = Batch(ACCOUNT, STREAM[i : i + size])
+            while True:  # what the writer actor does: retry until it sticks
+                try:
+                    result = await store.commit_batch(batch)
+                except StoreError:
+                    await trio.sleep(0.01)
+                    continue
+                applied.append(result.fills_applied)
+                break
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, stores[0], 7)
+            nursery.start_soon(writer, stores[1], 11)
+
+    assert sum(applied) == TRUTH["fills_total"]
+    assert full_mismatches(await stores[0].snapshot(ACCOUNT)) == []
+    for store in stores:
+        await store.aclose()
+
+
+async def test_nul_characters_do_not_poison_a_batch(database_url: str) -> None:
+    store = await opened(database_url)
+    odd = msgspec.structs.replace(fill("ord\x00er", "buy", "3", "3", "10", 1), symbol="X\x00Y")
+    letter = DeadLetter("invalid JSON: \x00", b"\x00\x01", "stream")
+
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(Batch("acct-nul", [odd], [letter]))
+        snap = await store.snapshot("acct-nul")
+
+    assert result.applied_keys == {odd.key}  # the caller's key, as it gave it
+    assert [p.qty for p in snap.positions] == [Decimal(3)]
+    assert snap.dead_letters[0].payload == b"\x00\x01"
+    again = await store.commit_batch(Batch("acct-nul", [odd]))
+    assert again.duplicate_keys == {odd.key}
+    await store.aclose()
+
+
+async def test_rows_are_what_other_jobs_read(database_url: str) -> None:
+    """The columns of DESIGN section 5, as a user's SQL sees them."""
+    store = await opened(database_url)
+    await replay(store, STREAM, 40)
+    await store.aclose()
+
+    net = dict(sql(database_url, """
+        SELECT symbol, sum(CASE side WHEN 'long' THEN qty ELSE -qty END)
+        FROM active_positions WHERE status = 'open' AND account_id = %s GROUP BY symbol
+    """, ACCOUNT))
+    want = {s: Decimal(p["qty"]) for s, p in TRUTH["positions"].items() if Decimal(p["qty"])}
+    assert net == want
+    orders = dict(sql(database_url, "SELECT alpaca_order_id, filled_qty FROM broker_orders"))
+    assert orders == {oid: Decimal(o["filled_qty"]) for oid, o in TRUTH["orders"].items()}
+    assert sql(database_url, "SELECT count(*) FROM active_positions WHERE status = 'closed'") == \
+        sql(database_url, "SELECT count(*) FROM position_history")
+    cursor = sql(database_url, "SELECT fill_time FROM stream_cursors WHERE account_id = %s",
+                 ACCOUNT)
+    assert cursor == [(max(e.timestamp for e in STREAM if e.is_fill),)]
+
+
+async def test_recent_keys_with_nothing_asked(database_url: str) -> None:
+    store = await opened(database_url)
+    await replay(store, STREAM[:5], 5)
+    assert await store.recent_keys(ACCOUNT, 0) == []
+    assert len(await store.recent_keys(ACCOUNT, 3)) == 3
+    await store.aclose()

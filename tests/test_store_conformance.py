@@ -1,0 +1,440 @@
+"""One contract, two stores: every test here runs unchanged on MemoryStore and PgStore.
+
+Events come from the recorded Alpaca session (stream frames and REST FILL activities);
+outcomes are compared with the broker's ground truth for that session.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from stream_supervisor import protocol
+from stream_supervisor.events import DeadLetter, Event, fill_key
+from stream_supervisor.ledger import Cursor
+from stream_supervisor.memstore import MemoryDatabase, MemoryStore
+from stream_supervisor.pgstore import PgStore
+from stream_supervisor.store import Batch, BatchResult, Store, StoreError, StoreSnapshot
+from stream_supervisor.verify import verify_against_truth
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "alpaca-recording"
+TRUTH: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+ACCOUNT: str = TRUTH["account_id"]
+TOLERANCE = Decimal("1e-9")
+POISON = "conformance: this dead letter makes the batch fail"
+WAIT = 30  # seconds: a hung store fails the test instead of the suite
+
+Hook = Callable[[Batch], bool]
+
+
+def stream_events() -> list[Event]:
+    frames = (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines()
+    decoded = [protocol.decode_frame(f) for f in frames]
+    return [f for f in decoded if isinstance(f, Event)]
+
+
+def rest_events() -> list[Event]:
+    activities = protocol.decode_activities((FIXTURES / "fill_activities.json").read_bytes())
+    return [protocol.activity_to_event(a) for a in activities]
+
+
+STREAM = stream_events()
+REST = rest_events()
+
+
+# --- the two backends ------------------------------------------------------------------
+
+
+class _PgStoreWithFaults(PgStore):
+    """PgStore whose commit can report failure after a real commit (the ambiguous case)."""
+
+    def __init__(self, url: str, fail_after: Hook | None) -> None:
+        super().__init__(url, statement_timeout_ms=5_000)
+        self.fail_after = fail_after
+
+    async def commit_batch(self, batch: Batch) -> BatchResult:
+        result = await super().commit_batch(batch)
+        if self.fail_after is not None and self.fail_after(batch):
+            raise StoreError("injected failure after commit (ambiguous)")
+        return result
+
+
+def _poisoned(batch: Batch) -> bool:
+    return any(d.reason == POISON for d in batch.dead_letters)
+
+
+# A trigger makes PostgreSQL itself fail the batch at its last write (the dead letters come
+# after orders, positions, history and cursor): everything before it must roll back.
+_POISON_TRIGGER = f"""
+CREATE FUNCTION conformance_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.reason = '{POISON}' THEN RAISE EXCEPTION 'poisoned batch'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER conformance_poison BEFORE INSERT ON dead_letters
+    FOR EACH ROW EXECUTE FUNCTION conformance_poison();
+"""
+
+
+@dataclass
+class Backend:
+    name: str
+    make: Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    opened: list[Store] = []
+    if request.param == "memory":
+        db = MemoryDatabase()
+
+        async def make(fail_after: Hook | None = None) -> Store:
+            store = MemoryStore(db, fail_before_commit=_poisoned, fail_after_commit=fail_after)
+            await store.open()
+            opened.append(store)
+            return store
+
+    else:
+        url: str = request.getfixturevalue("database_url")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(_POISON_TRIGGER)
+
+        async def make(fail_after: Hook | None = None) -> Store:
+            store = _PgStoreWithFaults(url, fail_after)
+            await store.open()
+            opened.append(store)
+            return store
+
+    yield Backend(request.param, make)
+    for store in opened:
+        await store.aclose()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def batches(events: Sequence[Event], size: int) -> list[list[Event]]:
+    return [list(events[i : i + size]) for i in range(0, len(events), size)]
+
+
+async def replay(store: Store, events: Sequence[Event], size: int) -> list[BatchResult]:
+    with trio.fail_after(WAIT):
+        return [await store.commit_batch(Batch(ACCOUNT, b)) for b in batches(events, size)]
+
+
+def dec(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+def quantity_mismatches(snap: StoreSnapshot) -> list[str]:
+    out = []
+    for order_id, want in TRUTH["orders"].items():
+        got = snap.orders.get(order_id)
+        want_qty = Decimal(want["filled_qty"])
+        if want_qty == 0 and got is None:
+            continue
+        if got is None or got.filled_qty != want_qty:
+            out.append(f"order {order_id}: filled_qty {got and got.filled_qty} != {want_qty}")
+    for symbol, want in TRUTH["positions"].items():
+        if snap.net_position(symbol) != Decimal(want["qty"]):
+            out.append(f"{symbol}: net {snap.net_position(symbol)} != {want['qty']}")
+    open_symbols = [p.symbol for p in snap.positions if p.is_open]
+    if len(open_symbols) != len(set(open_symbols)):
+        out.append(f"two open rows for one symbol: {sorted(open_symbols)}")
+    return out
+
+
+def full_mismatches(snap: StoreSnapshot) -> list[str]:
+    """Quantities, plus prices, P&L and statuses: what a complete in-order replay gives."""
+    out = quantity_mismatches(snap)
+    for order_id, want in TRUTH["orders"].items():
+        got = snap.orders[order_id]
+        if got.status != want["status"]:
+            out.append(f"order {order_id}: status {got.status} != {want['status']}")
+        want_avg = dec(want["filled_avg_price"])
+        if want_avg is not None and (
+            got.filled_avg_price is None or abs(got.filled_avg_price - want_avg) > TOLERANCE
+        ):
+            out.append(f"order {order_id}: avg {got.filled_avg_price} != {want_avg}")
+    for symbol, want in TRUTH["positions"].items():
+        rows = [p for p in snap.positions if p.symbol == symbol and p.is_open]
+        want_avg = dec(want["avg_entry_price"])
+        got_avg = rows[0].avg_entry_price if rows else None
+        if (want_avg is None) != (got_avg is None) or (
+            want_avg is not None and got_avg is not None and abs(got_avg - want_avg) > TOLERANCE
+        ):
+            out.append(f"{symbol}: avg_entry_price {got_avg} != {want_avg}")
+        pnl = snap.realized_pnl(symbol)
+        if abs(pnl - Decimal(want["realized_pnl"])) > TOLERANCE:
+            out.append(f"{symbol}: realized_pnl {pnl} != {want['realized_pnl']}")
+    # Every closed row is in the history once, and the history holds nothing else.
+    closed = sorted(p.position_id or 0 for p in snap.positions if not p.is_open)
+    history = sorted(p.position_id or 0 for p in snap.history)
+    if closed != history:
+        out.append(f"history ids {history} != closed ids {closed}")
+    out.extend(str(m) for m in verify_against_truth(snap, TRUTH))
+    return out
+
+
+def comparable(snap: StoreSnapshot) -> tuple[Any, ...]:
+    """A snapshot's content, independent of row order and storage ids' numbering."""
+    def pos_key(p: Any) -> tuple[Any, ...]:
+        return (p.symbol, p.opened_at, p.opened_by_order_id)
+
+    return (
+        snap.event_keys,
+        snap.orders,
+        sorted((replace(p, position_id=None) for p in snap.positions), key=pos_key),
+        sorted((replace(p, position_id=None) for p in snap.history), key=pos_key),
+        snap.cursor,
+        [(d.reason, d.payload, d.source) for d in snap.dead_letters],
+    )
+
+
+# --- the contract ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 17, 1000])
+async def test_whole_stream_replay_ends_at_ground_truth(backend: Backend, size: int) -> None:
+    store = await backend.make()
+    results = await replay(store, STREAM, size)
+    snap = await store.snapshot(ACCOUNT)
+
+    assert full_mismatches(snap) == []
+    assert sum(r.fills_applied for r in results) == TRUTH["fills_total"]
+    assert snap.event_keys == {e.key for e in STREAM}
+    assert snap.cursor == Cursor(max(e.timestamp for e in STREAM if e.is_fill), None)
+    assert await store.load_cursor(ACCOUNT) == snap.cursor
+    assert set(await store.open_order_ids(ACCOUNT)) == set()
+
+
+async def test_rest_activities_alone_give_the_quantities(backend: Backend) -> None:
+    store = await backend.make()
+    await replay(store, REST, 25)
+    snap = await store.snapshot(ACCOUNT)
+
+    assert quantity_mismatches(snap) == []
+    assert snap.cursor is not None
+    assert snap.cursor.activity_id == max(e.activity_id or "" for e in REST)
+
+
+async def test_replaying_everything_again_changes_nothing(backend: Backend) -> None:
+    store = await backend.make()
+    await replay(store, STREAM, 50)
+    before = await store.snapshot(ACCOUNT)
+
+    again = await replay(store, STREAM + REST, 7)
+    after = await store.snapshot(ACCOUNT)
+
+    assert comparable(after)[:3] == comparable(before)[:3]
+    assert after.history == before.history
+    # The REST keys equal the stream's fill keys: nothing new, nothing applied.
+    assert all(not r.applied_keys for r in again)
+    assert sum(r.fills_applied for r in again) == 0
+    assert set().union(*(r.duplicate_keys for r in again)) == {e.key for e in STREAM + REST}
+    assert after.cursor is not None and before.cursor is not None
+    assert after.cursor.fill_time == before.cursor.fill_time
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_mixed_duplicated_shuffled_batches_end_at_the_quantities(
+    backend: Backend, seed: int
+) -> None:
+    rng = random.Random(seed)
+    pool = [e for e in STREAM + REST for _ in range(rng.randint(1, 3))]
+    rng.shuffle(pool)
+    store = await backend.make()
+    with trio.fail_after(WAIT):
+        i = 0
+        while i < len(pool):
+            n = rng.randint(1, 60)
+            await store.commit_batch(Batch(ACCOUNT, pool[i : i + n]))
+            i += n
+    snap = await store.snapshot(ACCOUNT)
+
+    assert quantity_mismatches(snap) == []
+    assert snap.event_keys == {e.key for e in pool}
+    closed = sorted(p.position_id or 0 for p in snap.positions if not p.is_open)
+    assert sorted(p.position_id or 0 for p in snap.history) == closed
+
+
+async def test_a_failed_batch_leaves_nothing_and_a_retry_applies_it(backend: Backend) -> None:
+    store = await backend.make()
+    half = len(STREAM) // 2
+    await replay(store, STREAM[:half], 40)
+    before = await store.snapshot(ACCOUNT)
+    poison = DeadLetter(reason=POISON, payload=b"{}")
+    assert any(e.is_fill for e in STREAM[half:])
+
+    with trio.fail_after(WAIT), pytest.raises(StoreError):
+        await store.commit_batch(
+            Batch(ACCOUNT, STREAM[half:], [DeadLetter("bad json", b"{"), poison])
+        )
+    assert comparable(await store.snapshot(ACCOUNT)) == comparable(before)
+
+    # The same store carries on (PgStore reconnects) and the retry applies everything.
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(
+            Batch(ACCOUNT, STREAM[half:], [DeadLetter("bad json", b"{")])
+        )
+    assert result.applied_keys == {e.key for e in STREAM[half:]}
+    snap = await store.snapshot(ACCOUNT)
+    assert full_mismatches(snap) == []
+    assert [(d.reason, d.payload) for d in snap.dead_letters] == [("bad json", b"{")]
+
+
+async def test_ambiguous_commit_retried_applies_nothing_twice(backend: Backend) -> None:
+    failed: list[Batch] = []
+
+    def once(batch: Batch) -> bool:
+        if failed:
+            return False
+        failed.append(batch)
+        return True
+
+    store = await backend.make(fail_after=once)
+    first = STREAM[:60]
+    with trio.fail_after(WAIT), pytest.raises(StoreError):
+        await store.commit_batch(Batch(ACCOUNT, first))
+    retry = await store.commit_batch(Batch(ACCOUNT, first))
+
+    assert retry.applied_keys == frozenset()
+    assert retry.committed_keys == {e.key for e in first}
+    assert retry.fills_applied == 0
+    await replay(store, STREAM[60:], 60)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+
+
+async def test_cursor_never_moves_backwards(backend: Backend) -> None:
+    store = await backend.make()
+    fills = sorted(REST, key=lambda e: e.timestamp)
+    late, early = fills[len(fills) // 2 :], fills[: len(fills) // 2]
+
+    after_late = (await replay(store, late, 10))[-1].cursor
+    assert after_late == Cursor(late[-1].timestamp, max(e.activity_id or "" for e in late))
+    results = await replay(store, early, 10)
+
+    assert results and all(r.applied_keys for r in results)  # new fills, older times
+    assert all(r.cursor == after_late for r in results)
+    assert await store.load_cursor(ACCOUNT) == after_late
+    # A batch with no fills at all (dead letters only) leaves it where it is too.
+    nothing = await store.commit_batch(Batch(ACCOUNT, [], [DeadLetter("x", b"x")]))
+    assert nothing.cursor == after_late
+
+
+async def test_recent_keys_newest_first(backend: Backend) -> None:
+    store = await backend.make()
+    first_three = STREAM[:3]
+    for ev in first_three:
+        await store.commit_batch(Batch(ACCOUNT, [ev]))
+
+    assert await store.recent_keys(ACCOUNT, 2) == [first_three[2].key, first_three[1].key]
+    assert await store.recent_keys(ACCOUNT, 10) == [e.key for e in reversed(first_three)]
+    assert await store.recent_keys("another-account", 10) == []
+    assert await store.load_cursor("another-account") is None
+
+
+async def test_duplicates_inside_one_batch_count_once(backend: Backend) -> None:
+    store = await backend.make()
+    fills = [e for e in STREAM if e.is_fill][:5]
+    result = await store.commit_batch(Batch(ACCOUNT, fills + fills[::-1] + fills))
+
+    assert result.applied_keys == {e.key for e in fills}
+    assert result.duplicate_keys == frozenset()
+    assert result.fills_applied == 5
+
+
+async def test_open_orders_are_the_non_terminal_ones(backend: Backend) -> None:
+    store = await backend.make()
+    await replay(store, STREAM[:40], 40)
+    snap = await store.snapshot(ACCOUNT)
+    working = {oid for oid, o in snap.orders.items() if o.status not in
+               {"filled", "canceled", "expired", "replaced", "rejected"}}
+
+    assert working  # the recording has orders still working at this point
+    assert set(await store.open_order_ids(ACCOUNT)) == working
+
+
+# --- position flips and closes, on a synthetic account -------------------------------
+
+
+T0 = datetime(2026, 1, 5, 15, 0, tzinfo=UTC)
+
+
+def fill(order: str, side: str, cum: str, qty: str, price: str, minute: int) -> Event:
+    ts = T0 + timedelta(minutes=minute)
+    return Event(
+        key=fill_key(order, Decimal(cum)),
+        event="fill",
+        source="stream",
+        order_id=order,
+        symbol="XYZ",
+        side=side,
+        status="filled",
+        cum_qty=Decimal(cum),
+        timestamp=ts,
+        ts_ns=int(ts.timestamp()) * 1_000_000_000,
+        client_order_id=f"c-{order}",
+        order_qty=Decimal(cum),
+        cum_avg_price=Decimal(price),
+        fill_qty=Decimal(qty),
+        fill_price=Decimal(price),
+    )
+
+
+FLIP_SCRIPT = [
+    fill("o1", "buy", "10", "10", "100", 1),  # open long 10 @ 100
+    fill("o2", "sell", "15", "15", "110", 2),  # close long (+100), open short 5 @ 110
+    fill("o3", "buy", "5", "5", "105", 3),  # close short (+25): flat
+    fill("o4", "buy", "2", "2", "90", 4),  # open long 2 @ 90, stays open
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+async def test_flip_and_close_write_position_history(backend: Backend, size: int) -> None:
+    store = await backend.make()
+    results = [await store.commit_batch(Batch("acct-flip", b)) for b in batches(FLIP_SCRIPT, size)]
+    snap = await store.snapshot("acct-flip")
+
+    assert sum(r.positions_closed for r in results) == 2
+    rows = sorted(snap.positions, key=lambda p: p.opened_at)
+    assert [(p.qty, p.peak_qty, p.side, p.is_open) for p in rows] == [
+        (Decimal(0), Decimal(10), "long", False),
+        (Decimal(0), Decimal(-5), "short", False),
+        (Decimal(2), Decimal(2), "long", True),
+    ]
+    assert [p.realized_pnl for p in rows] == [Decimal(100), Decimal(25), Decimal(0)]
+    assert [p.opened_by_order_id for p in rows] == ["o1", "o2", "o4"]
+    assert [p.opened_by_client_order_id for p in rows] == ["c-o1", "c-o2", "c-o4"]
+    assert rows[0].closed_at == FLIP_SCRIPT[1].timestamp
+    assert rows[1].closed_at == FLIP_SCRIPT[2].timestamp
+    assert sorted(snap.history, key=lambda p: p.opened_at) == rows[:2]
+    assert snap.net_position("XYZ") == 2
+    assert snap.realized_pnl("XYZ") == 125
+
+
+async def test_dead_letters_are_kept_verbatim(backend: Backend) -> None:
+    store = await backend.make()
+    letters = [
+        DeadLetter("invalid JSON: x", b"{not json", "stream"),
+        DeadLetter("oversized frame", bytes(range(256)) * 4, "stream"),
+        DeadLetter("invalid activities", b"[]", "rest"),
+    ]
+    result = await store.commit_batch(Batch(ACCOUNT, STREAM[:2], letters))
+    snap = await store.snapshot(ACCOUNT)
+
+    assert result.dead_letters == 3
+    assert [(d.reason, d.payload, d.source) for d in snap.dead_letters] == [
+        (d.reason, d.payload, d.source) for d in letters
+    ]
+    assert snap.event_keys == {e.key for e in STREAM[:2]}
