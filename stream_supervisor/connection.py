@@ -140,6 +140,8 @@ class ConnectionActor:
         # Latest status of every order we forwarded in this life, so the refresh after a
         # reconnect also covers orders whose updates are still on their way to the store.
         self._seen_status: OrderedDict[str, str] = OrderedDict()
+        self._end_reason: str | None = None  # why the current connection ended
+        self._recv_scope: trio.CancelScope | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -228,8 +230,15 @@ class ConnectionActor:
         log.info("listening", connection_id=self.state.connection_id)
 
     async def _session(self, ws: WebSocket) -> None:
-        """Read, ping and backfill until the connection fails."""
+        """Read, ping and backfill until the connection fails.
+
+        Frames already read are never dropped: when the socket fails, the reader stops
+        and closes the live buffer, and everything in it is still forwarded before the
+        session ends.
+        """
         send_live, receive_live = trio.open_memory_channel[Item](LIVE_BUFFER)
+        self._end_reason = None
+        self._recv_scope = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read, ws, send_live)
             nursery.start_soon(self._ping, ws)
@@ -244,17 +253,22 @@ class ConnectionActor:
                     await self._forward(item)
             # The reader closed the live channel: the connection is gone.
             nursery.cancel_scope.cancel()
-        raise TransportClosed("closed by server")
+        raise TransportClosed(self._end_reason or "closed by server")
 
     async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item]) -> None:
         max_bytes = self.settings.max_frame_bytes
         async with live:
-            while True:
-                try:
-                    message = await ws.get_message()
-                except TransportClosed as exc:
-                    self.state.last_disconnect_reason = exc.reason
-                    raise
+            while self._end_reason is None:
+                # Only the wait for the next frame is cancellable (by the pinger giving
+                # up on a silent peer); a frame once read always reaches the buffer.
+                with trio.CancelScope() as self._recv_scope:
+                    try:
+                        message = await ws.get_message()
+                    except TransportClosed as exc:
+                        self._end_reason = exc.reason
+                        return
+                if self._recv_scope.cancelled_caught:
+                    return
                 frame = decode_frame(message, received_at=trio.current_time(), max_bytes=max_bytes)
                 self.state.beat("connection", trio.current_time())
                 if isinstance(frame, Event):
@@ -271,13 +285,18 @@ class ConnectionActor:
     async def _ping(self, ws: WebSocket) -> None:
         """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""
         s = self.settings
-        while True:
+        while self._end_reason is None:
             await trio.sleep(s.ping_interval)
             try:
                 with trio.fail_after(s.ping_timeout):
                     await ws.ping()
             except trio.TooSlowError:
-                raise TransportClosed(f"no pong within {s.ping_timeout}s") from None
+                self._end_reason = f"no pong within {s.ping_timeout}s"
+                if self._recv_scope is not None:
+                    self._recv_scope.cancel()
+                return
+            except TransportClosed:
+                return  # the reader sees it too, and records why
             self.state.beat("connection", trio.current_time())
 
     async def _forward(self, item: Item) -> None:
