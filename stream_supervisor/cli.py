@@ -117,8 +117,11 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stream-supervisor: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(fmt=settings.log_format, level=settings.log_level,
-                      secrets=settings.secrets())
+    level = settings.log_level
+    if args.command == "demo" and args.log_level is None:
+        level = "warning"  # a person watches the progress line; logs only for trouble
+    configure_logging(fmt=settings.log_format, level=level, secrets=settings.secrets(),
+                      stream=sys.stderr if args.command == "demo" else None)
     try:
         handler = _COMMANDS[args.command]
         return handler(args, settings)

@@ -118,7 +118,8 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # Chatty libraries: their debug lines are per frame or per query.
-    for name in ("trio-websocket", "trio_websocket", "httpx", "httpcore", "psycopg", "hpack"):
+    for name in ("trio-websocket", "trio_websocket", "httpx", "httpcore", "psycopg", "hpack",
+                 "pgserver"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 

@@ -51,10 +51,12 @@ class Metrics:
                                          "crash", registry=r)
 
     def value(self, name: str, **labels: str) -> float:
-        """Read a sample back (tests, summaries). Counters are read by their `_total`."""
+        """Read samples back (tests, summaries), summed over the labels not given.
+        Counters are read by their `_total` name."""
+        total = 0.0
         for metric in self.registry.collect():
             for sample in metric.samples:
                 if sample.name == name and all(sample.labels.get(k) == v
                                                 for k, v in labels.items()):
-                    return float(sample.value)
-        return 0.0
+                    total += float(sample.value)
+        return total
