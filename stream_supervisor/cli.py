@@ -14,8 +14,12 @@ from typing import Any
 
 import trio
 
+from .health import add_health_arguments, cmd_health
 from .logs import configure_logging, get_logger, redactor
+from .retention import add_prune_arguments, cmd_prune
+from .migrate import MigrationError
 from .settings import ConfigError, Settings, load_settings
+from .store import SchemaError, StoreError
 from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = get_logger("stream_supervisor.cli")
@@ -89,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "GET /v2/positions")
     _common_flags(reconcile)
     _broker_flags(reconcile)
+    add_health_arguments(sub.add_parser("health", help="exit 0 if the running service's "
+                                        "/healthz (--ready: /readyz) answers 200, else 1"))
+    prune = sub.add_parser("prune", help="delete old dedupe keys, dead letters and closed "
+                           "positions in small batches (never position_history)")
+    _common_flags(prune)
+    add_prune_arguments(prune)
     return parser
 
 
@@ -130,6 +140,11 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         log.error("configuration_error", error=message)
         print(f"stream-supervisor: configuration error: {message}", file=sys.stderr)
         return EXIT_CONFIG
+    except (StoreError, SchemaError, MigrationError) as exc:
+        message = redactor.scrub(str(exc))
+        log.error("database_error", error=message, kind=type(exc).__name__)
+        print(f"stream-supervisor: {message}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
@@ -196,4 +211,6 @@ _COMMANDS: dict[str, Any] = {
     "migrate": cmd_migrate,
     "check": cmd_check,
     "reconcile": cmd_reconcile,
+    "health": cmd_health,
+    "prune": cmd_prune,
 }

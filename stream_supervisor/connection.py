@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import trio
 
 from .backoff import Backoff, BackoffPolicy
-from .events import DeadLetter, Event, format_timestamp
+from .events import DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
 from .orders import TERMINAL_STATUSES, merge_status
 from .logs import get_logger
@@ -52,6 +52,8 @@ LIVE_BUFFER = 10_000
 MAX_BACKFILL_PAGES = 10_000
 #: Orders whose latest forwarded status the actor remembers for the reconnect refresh.
 SEEN_ORDERS = 50_000
+#: Each backfill page re-reads this much before the previous page's last activity.
+PAGE_REREAD = timedelta(milliseconds=50)
 
 
 class Unauthorized(Exception):
@@ -322,21 +324,39 @@ class ConnectionActor:
         page_token: str | None = None
         pages = 0
         after = format_timestamp(start)
+        seen: set[str] = set()
         while pages < MAX_BACKFILL_PAGES:
             page = await self.rest.fill_activities(
                 after=after, page_token=page_token, page_size=MAX_PAGE_SIZE
             )
             pages += 1
-            if not page:
+            fresh = [a for a in page if a.id not in seen]
+            if not fresh:
+                if page and page_token is None:
+                    # A page entirely inside the re-read window: step by id instead.
+                    page_token = page[-1].id
+                    continue
                 break
-            for activity in page:
+            for activity in fresh:
+                seen.add(activity.id)
                 try:
                     events.append(activity_to_event(activity))
                 except (DecodeError, ValueError) as exc:
                     await self._forward(DeadLetter(
                         reason=f"invalid FILL activity {activity.id}: {exc}"[:500],
                         payload=repr(activity).encode()[:64_000], source="rest"))
-            page_token = page[-1].id
+            # The next page starts a little before the last activity's time rather than
+            # at its id: an activity the broker stores late within that millisecond gets
+            # an id that can sort before the token (ids are time + random uuid) and would
+            # be skipped for good. Re-read activities are recognised by id.
+            last = page[-1]
+            try:
+                last_time = parse_timestamp(last.transaction_time)[0]
+            except ValueError:
+                page_token = last.id
+            else:
+                after = format_timestamp(last_time - PAGE_REREAD)
+                page_token = None
         fills = sort_backfill(events)
         self.metrics.backfill_fills.inc(len(fills))
         for ev in fills:

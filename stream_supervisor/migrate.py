@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -61,7 +62,11 @@ def find_migrations_dir(directory: Path | None = None) -> Path:
     env = os.environ.get(MIGRATIONS_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "migrations"
+    beside = Path(__file__).resolve().parent.parent / "migrations"
+    if beside.is_dir():  # a source checkout or editable install
+        return beside
+    # A wheel install ships them as data files under the environment's prefix.
+    return Path(sys.prefix) / "share" / "stream-supervisor" / "migrations"
 
 
 def load_migrations(directory: Path) -> list[Migration]:

@@ -20,8 +20,7 @@ from .events import DeadLetter, Event
 from .ledger import Cursor, apply_events, cursor_of
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
-from .store import Batch, BatchResult, StoreError, StoreSnapshot, StoreUnavailable
-from .supervisor import SchemaError
+from .store import Batch, BatchResult, SchemaError, StoreError, StoreSnapshot, StoreUnavailable
 
 T = TypeVar("T")
 

@@ -1,14 +1,25 @@
-"""Wiring for `stream-supervisor run`: the real transport, REST client and PostgreSQL."""
+"""Wiring for `stream-supervisor run`: the real transport, REST client and PostgreSQL,
+plus what the process's home needs: the health/metrics listener and systemd notify.
+
+One nursery holds the supervisor, the HTTP listener and the notify loop; the last two
+stop when the supervisor returns.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import partial
 
 import trio
 
+from .health import HealthMonitor, HealthPolicy, open_health_listeners, serve_health
 from .logs import get_logger
+from .metrics import Metrics
 from .rest import HttpBrokerRest, RestSettings
+from .sdnotify import Notifier, notify_loop, watchdog_interval
 from .settings import Settings
+from .state import SupervisorState
 from .supervisor import Dependencies, Supervisor
 from .transport import websocket_connector
 
@@ -33,10 +44,40 @@ def make_dependencies(settings: Settings, rest: HttpBrokerRest) -> Dependencies:
     )
 
 
-async def serve(settings: Settings) -> int:
-    async with make_rest(settings) as rest:
-        supervisor = Supervisor(settings, make_dependencies(settings, rest))
-        return await supervisor.run()
+async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None) -> int:
+    """Run the service until drained or failed; returns the exit code.
+
+    `environ` carries systemd's protocol variables (`NOTIFY_SOCKET`, `WATCHDOG_USEC`);
+    they are not settings: systemd sets them per start, not the operator."""
+    env = os.environ if environ is None else environ
+    metrics = Metrics()
+    state = SupervisorState()
+    monitor = HealthMonitor(state, HealthPolicy.from_settings(settings), metrics)
+    # Bind before anything else starts: a bad or taken address is a configuration error.
+    listeners = await open_health_listeners(settings.http_addr) if settings.http_addr else None
+    notifier = Notifier.from_environ(env)
+    watchdog = watchdog_interval(env) if notifier is not None else None
+    code: int | None = None
+    try:
+        async with make_rest(settings) as rest:
+            supervisor = Supervisor(settings, make_dependencies(settings, rest),
+                                    metrics=metrics, state=state)
+            async with trio.open_nursery() as nursery:
+                if listeners is not None:
+                    await nursery.start(serve_health, listeners, state, metrics, monitor)
+                if notifier is not None:
+                    await nursery.start(partial(notify_loop, state, notifier, monitor,
+                                                watchdog=watchdog))
+                code = await supervisor.run()
+                nursery.cancel_scope.cancel()
+    finally:
+        if notifier is not None:
+            # Also on a fatal exit or a crash: systemd then knows the stop was ours.
+            notifier.stopping("stopping")
+            notifier.status("stopped" if code is None else f"stopped, exit code {code}")
+            notifier.close()
+    assert code is not None  # set unless an exception is on its way out
+    return code
 
 
 def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
@@ -46,5 +87,5 @@ def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
         applied = apply_migrations(settings.database_url)
         log.info("migrations_applied", versions=applied, count=len(applied))
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
-             account_id=settings.account_id)
+             account_id=settings.account_id, http_addr=settings.http_addr)
     return trio.run(serve, settings)

@@ -45,6 +45,10 @@ class BatchResult:
         return self.applied_keys | self.duplicate_keys
 
 
+class SchemaError(Exception):
+    """The database is reachable but not migrated; `stream-supervisor migrate` fixes it."""
+
+
 class StoreError(Exception):
     """A failure talking to the store; the batch did not commit, or its fate is unknown."""
 

@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .rest import BrokerAuthError, BrokerRest, BrokerUnavailable
 from .settings import ConfigError, Settings
 from .state import SupervisorState
-from .store import LostLeadership, Store, StoreError, StoreUnavailable
+from .store import LostLeadership, SchemaError, Store, StoreError, StoreUnavailable
 from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
@@ -42,10 +42,6 @@ ACK_CHANNEL_SIZE = 64
 RESTART_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
-
-
-class SchemaError(Exception):
-    """The database is reachable but not migrated; `stream-supervisor migrate` fixes it."""
 
 
 @dataclass
