@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import h11
 import trio
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from .logs import get_logger
 from .metrics import Metrics
@@ -249,7 +249,7 @@ class HealthServer:
         self.monitor = monitor
         self._slots = trio.CapacityLimiter(HTTP_MAX_CONNECTIONS)
 
-    def answer(self, method: str, target: str) -> _Response:
+    def answer(self, method: str, target: str, accept: str = "") -> _Response:
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return _Response(405, b'{"error":"method not allowed"}\n')
@@ -261,7 +261,10 @@ class HealthServer:
             ready = readiness(self.state)
             return _Response(200 if ready["ready"] else 503, _json(ready))
         if path == "/metrics":
-            return _Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+            # The library's own negotiation: classic text format (generate_latest) unless
+            # the scraper asks for OpenMetrics.
+            encode, content_type = choose_encoder(accept)
+            return _Response(200, encode(self.metrics.registry), content_type)
         return _Response(404, b'{"error":"not found","paths":["/healthz","/readyz","/metrics"]}\n')
 
     async def __call__(self, stream: trio.SocketStream) -> None:
@@ -293,8 +296,10 @@ class HealthServer:
                 elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     return
             assert request is not None
+            accept = b",".join(v for k, v in request.headers if k == b"accept")
             response = self.answer(request.method.decode("ascii", "replace"),
-                                   request.target.decode("ascii", "replace"))
+                                   request.target.decode("ascii", "replace"),
+                                   accept.decode("latin-1"))
         except h11.RemoteProtocolError as exc:
             if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                 return

@@ -78,6 +78,11 @@ class MemoryStore:
         self._check()
         return self.db.account(account_id).cursor
 
+    async def try_leadership(self, account_id: str) -> bool:
+        """One process, one writer: leadership is always ours in memory."""
+        self._check()
+        return True
+
     async def open_order_ids(self, account_id: str) -> list[str]:
         self._check()
         return [

@@ -20,7 +20,15 @@ from .events import DeadLetter, Event
 from .ledger import Cursor, apply_events, cursor_of
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
-from .store import Batch, BatchResult, SchemaError, StoreError, StoreSnapshot, StoreUnavailable
+from .store import (
+    Batch,
+    BatchResult,
+    LostLeadership,
+    SchemaError,
+    StoreError,
+    StoreSnapshot,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -178,6 +186,11 @@ FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[])
     WITH ORDINALITY AS v(r, p, s, n)
 ORDER BY n
 """
+
+# A session-level advisory lock per account elects the one writer (DESIGN section 7). It
+# lives and dies with the connection, which is why a leader never reconnects silently.
+LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
+_TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 
 _RECENT_KEYS = """
 SELECT event_key FROM alpaca_event_dedupe WHERE account_id = %s ORDER BY seq DESC LIMIT %s
@@ -338,6 +351,9 @@ class PgStore:
         self._application_name = application_name
         self._conn: psycopg.Connection[Any] | None = None
         self._limiter = trio.CapacityLimiter(1)
+        # Set once this store's connection holds the account's advisory lock. From then on
+        # a lost connection is lost leadership: reconnecting would write without the lock.
+        self._leader_of: str | None = None
 
     def __repr__(self) -> str:
         return f"PgStore({pgconn.describe(self._conninfo)})"
@@ -367,6 +383,11 @@ class PgStore:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
+            if self._leader_of is not None:
+                raise LostLeadership(
+                    f"the connection holding the writer lock of account {self._leader_of} "
+                    "is gone; another replica may be writing now"
+                )
             self._conn = self._connect()
         return self._conn
 
@@ -406,6 +427,16 @@ class PgStore:
 
     async def open(self) -> None:
         await self._run(self._open_sync)
+
+    async def try_leadership(self, account_id: str) -> bool:
+        def attempt(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(_TRY_LEADER_LOCK, [LEADER_LOCK_PREFIX + account_id]).fetchone()
+            return bool(row and row[0])
+
+        held = await self._run(lambda: self._guarded("leader lock", attempt))
+        if held:
+            self._leader_of = account_id
+        return held
 
     def _open_sync(self) -> None:
         self._guarded("schema check", self._check_schema)

@@ -101,6 +101,11 @@ class Store(Protocol):
         """Orders stored with a status that is not terminal (backfill refreshes them)."""
         ...
 
+    async def try_leadership(self, account_id: str) -> bool:
+        """Try to become the account's one writer (DESIGN section 7). True once held; the
+        store then refuses to write through any other connection (LostLeadership)."""
+        ...
+
     async def commit_batch(self, batch: Batch) -> BatchResult:
         """Apply a batch in one transaction. Raises StoreError if it may not have committed."""
         ...

@@ -42,6 +42,8 @@ ACK_CHANNEL_SIZE = 64
 RESTART_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
+#: How often a standby asks for the writer lock; takeover happens within this.
+LEADER_POLL = 1.0
 
 
 @dataclass
@@ -205,6 +207,8 @@ class Supervisor:
         except _DrainBeforeStart:
             return
         try:
+            if not await self._lead(store, account_id):
+                return
             cursor = await store.load_cursor(account_id)
             if self._cache is None:
                 warm = await store.recent_keys(account_id, s.lru_size) if s.lru_size else []
@@ -271,11 +275,31 @@ class Supervisor:
                 log.info("drained", committed_events=self.state.committed_events)
         finally:
             self.state.pipeline_running = False
+            self.state.leader = False
+            self.metrics.leader.set(0)
             self._conn_scope = None
             self._pipeline_scope = None
             with trio.move_on_after(STORE_CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await store.aclose()
+
+    async def _lead(self, store: Store, account_id: str) -> bool:
+        """Wait (as a standby) until this process holds the account's writer lock.
+        False if a drain came first."""
+        waiting = False
+        while not await store.try_leadership(account_id):
+            if not waiting:
+                waiting = True
+                self.state.connection = "standby"
+                log.info("standby", reason="another replica holds the writer lock")
+            with trio.move_on_after(LEADER_POLL):
+                await self._drain_requested.wait()
+            if self.state.draining:
+                return False
+        self.state.leader = True
+        self.metrics.leader.set(1)
+        log.info("leader_elected", waited=waiting)
+        return True
 
     async def _run_writer(
         self,
