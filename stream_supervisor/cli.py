@@ -16,8 +16,8 @@ import trio
 
 from .health import add_health_arguments, cmd_health
 from .logs import configure_logging, get_logger, redactor
-from .retention import add_prune_arguments, cmd_prune
 from .migrate import MigrationError
+from .retention import add_prune_arguments, cmd_prune
 from .settings import ConfigError, Settings, load_settings
 from .store import SchemaError, StoreError
 from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
@@ -134,7 +134,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
                       stream=sys.stderr if args.command == "demo" else None)
     try:
         handler = _COMMANDS[args.command]
-        return handler(args, settings)
+        return int(handler(args, settings))
     except ConfigError as exc:
         message = redactor.scrub(str(exc))
         log.error("configuration_error", error=message)

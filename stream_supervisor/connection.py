@@ -19,11 +19,12 @@ from zoneinfo import ZoneInfo
 import trio
 
 from .backoff import Backoff, BackoffPolicy
+from .errors import collapse
 from .events import DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
-from .orders import TERMINAL_STATUSES, merge_status
 from .logs import get_logger
 from .metrics import Metrics
+from .orders import TERMINAL_STATUSES, merge_status
 from .protocol import (
     Authorization,
     DecodeError,
@@ -36,7 +37,6 @@ from .protocol import (
     listen_message,
     snapshot_to_event,
 )
-from .errors import collapse
 from .rest import MAX_PAGE_SIZE, BrokerAuthError, BrokerRest, BrokerUnavailable
 from .state import SupervisorState
 from .transport import Connector, TransportClosed, UpgradeRejected, WebSocket
@@ -390,9 +390,9 @@ class ConnectionActor:
         for order_id in dict.fromkeys([*stored, *recent]):
             if order_id in open_ids:
                 continue
-            order = await self.rest.order(order_id)
-            if order is not None:
-                count += await self._forward_snapshot(order)
+            found = await self.rest.order(order_id)
+            if found is not None:
+                count += await self._forward_snapshot(found)
         return count
 
     async def _forward_snapshot(self, order: WireOrder) -> int:

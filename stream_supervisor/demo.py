@@ -19,7 +19,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .rest import HttpBrokerRest, RestSettings
 from .settings import Settings
-from .simulator import ChaosConfig, SimConfig, SimulatedBroker, SimServer, serve
+from .simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
 from .state import SupervisorState
 from .supervisor import EXIT_FAILURE, EXIT_OK, Dependencies, Supervisor
 from .transport import websocket_connector
@@ -212,12 +212,12 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
 def _report(result: DemoResult, seed: int, options: DemoOptions) -> int:
     m, truth = result.metrics, result.truth
     stats = truth.get("stats", {})
-    injected = {k: v for k, v in {**truth.get("injected", {}), **{
+    injected = {k: v for k, v in {**truth.get("injected", {}), 
         "duplicate_frames": stats.get("dup_frames", 0),
         "disconnects": stats.get("disconnects", 0),
         "rest_faults": stats.get("rest_faults", 0),
-        "rejected_429": stats.get("rejected_429", 0),
-    }}.items() if v}
+        "rejected_429": stats.get("rejected_429", 0)
+    }.items() if v}
     summary = {
         "seed": seed,
         "orders": len(truth["orders"]),

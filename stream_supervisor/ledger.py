@@ -40,7 +40,7 @@ def _max_opt(a: _T | None, b: _T | None) -> _T | None:
         return b
     if b is None:
         return a
-    return a if a >= b else b
+    return max(a, b)
 
 
 def cursor_of(events: Iterable[Event]) -> Cursor:

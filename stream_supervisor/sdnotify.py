@@ -2,8 +2,9 @@
 
 `Notifier` sends one unix datagram per message (to a path, or to an abstract socket
 when the address starts with `@`). `notify_loop` turns the supervisor's state into
-`READY=1`, a `STATUS=` line, `WATCHDOG=1` (only while `HealthMonitor` finds the actors
-alive) and `STOPPING=1` once a drain begins.
+`READY=1` (streaming and caught up, or a standby replica), a `STATUS=` line,
+`WATCHDOG=1` (only while `HealthMonitor` finds the actors alive) and `STOPPING=1` once
+a drain begins.
 """
 
 from __future__ import annotations
@@ -112,10 +113,17 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     return value / 2 / 1_000_000
 
 
+def standby(state: SupervisorState) -> bool:
+    """A replica waiting for the account's writer lock: up and doing its job."""
+    return state.connection == "standby" and not state.pipeline_running
+
+
 def status_line(state: SupervisorState) -> str:
     """A short human line for `systemctl status`: phase first, then the counts."""
     if state.draining:
         phase = "draining"
+    elif standby(state):
+        phase = "standby (another replica holds the writer lock)"
     elif not state.pipeline_running:
         phase = "starting" if state.restarts == 0 else "restarting pipeline"
     elif state.connection == "backoff" and state.last_disconnect_reason:
@@ -159,7 +167,9 @@ async def notify_loop(
         line = status_line(state)
         if state.draining and not notifier.stopping_sent:
             notifier.stopping(line)
-        if state.ready and not notifier.ready_sent and not state.draining:
+        # A standby is ready as far as systemd is concerned: started, healthy, waiting
+        # (`/readyz` still says 503: it does not stream).
+        if (state.ready or standby(state)) and not notifier.ready_sent and not state.draining:
             notifier.ready(line)
             log.info("systemd_ready", status=line)
         if now >= next_health:

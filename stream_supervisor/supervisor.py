@@ -26,10 +26,10 @@ from .dedupe import Item, KeyCache, dedupe_actor
 from .errors import collapse, leaves
 from .logs import get_logger
 from .metrics import Metrics
-from .rest import BrokerAuthError, BrokerRest, BrokerUnavailable
+from .rest import BrokerRest, BrokerUnavailable
 from .settings import ConfigError, Settings
 from .state import SupervisorState
-from .store import LostLeadership, SchemaError, Store, StoreError, StoreUnavailable
+from .store import SchemaError, Store, StoreError, StoreUnavailable
 from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
@@ -42,6 +42,8 @@ ACK_CHANNEL_SIZE = 64
 RESTART_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
+#: Errors that end the process at once with EX_CONFIG: only an operator can fix them.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (*FATAL, ConfigError, SchemaError)
 #: How often a standby asks for the writer lock; takeover happens within this.
 LEADER_POLL = 1.0
 
@@ -100,7 +102,7 @@ class Supervisor:
                 await nursery.start(self._watch_signals)
             try:
                 code = await self._supervise(task_status)
-            except (*FATAL, ConfigError, SchemaError) as exc:
+            except FATAL_ERRORS as exc:
                 code = self._fatal(exc)
             nursery.cancel_scope.cancel()
         self.exit_code = code
@@ -149,10 +151,10 @@ class Supervisor:
             try:
                 await self._run_pipeline(account_id, mark_started)
             except (BaseExceptionGroup, Exception) as exc:
-                cause = collapse(exc, prefer=(*FATAL, ConfigError, SchemaError))
+                cause = collapse(exc, prefer=FATAL_ERRORS)
                 if isinstance(cause, trio.Cancelled | BaseExceptionGroup):
                     raise
-                if isinstance(cause, (*FATAL, ConfigError, SchemaError)):
+                if isinstance(cause, FATAL_ERRORS):
                     raise cause from None
                 if isinstance(cause, StoreError):
                     # The writer retries store errors itself; this one hit the pipeline's

@@ -127,7 +127,7 @@ def websocket_connector(
                         conn = await trio_websocket.wrap_client_stream(
                             nursery, stream, host if parts.port is None else f"{host}:{port}",
                             resource, message_queue_size=64,
-                            max_message_size=TRANSPORT_MAX_MESSAGE)  # type: ignore[arg-type]
+                            max_message_size=TRANSPORT_MAX_MESSAGE)
                 except trio.TooSlowError:
                     raise TransportClosed("handshake timeout") from None
                 try:

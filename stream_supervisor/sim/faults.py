@@ -37,7 +37,10 @@ CHAOS_FAMILIES: dict[str, dict[str, object]] = {
 def schedule_for_seed(seed: int) -> Schedule:
     """The fault schedule of `seed`: deterministic, roughly half the families on."""
     rng = random.Random(f"schedule/{seed}")
-    on = lambda p=0.45: rng.random() < p  # noqa: E731
+
+    def on(p: float = 0.45) -> bool:
+        return rng.random() < p
+
     orders = rng.randint(3, 14)
     rate = rng.choice((50.0, 100.0, 200.0, 400.0))
     market_seconds = orders * 5.5 / rate
