@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import msgspec
 import trio
 
 from .backoff import Backoff, BackoffPolicy
@@ -330,13 +331,14 @@ class ConnectionActor:
                 after=after, page_token=page_token, page_size=MAX_PAGE_SIZE
             )
             pages += 1
+            if not page:
+                break
             fresh = [a for a in page if a.id not in seen]
             if not fresh:
-                if page and page_token is None:
-                    # A page entirely inside the re-read window: step by id instead.
-                    page_token = page[-1].id
-                    continue
-                break
+                # Everything here was read already (the re-read window, or a short page):
+                # step forward by id until something new or the end.
+                page_token = page[-1].id
+                continue
             for activity in fresh:
                 seen.add(activity.id)
                 try:
@@ -357,7 +359,7 @@ class ConnectionActor:
             else:
                 after = format_timestamp(last_time - PAGE_REREAD)
                 page_token = None
-        fills = sort_backfill(events)
+        fills = await self._price_gaps(sort_backfill(events))
         self.metrics.backfill_fills.inc(len(fills))
         for ev in fills:
             self.metrics.events_received.labels(ev.event, "rest").inc()
@@ -365,6 +367,30 @@ class ConnectionActor:
         refreshed = await self._refresh_orders()
         log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
                  connection_id=self.state.connection_id)
+
+    async def _price_gaps(self, fills: list[Event]) -> list[Event]:
+        """Give each order's last backfilled fill the order's cumulative average price.
+
+        A FILL activity carries its own price but not the order's average; if an earlier
+        fill of the order is missing (it fell before the backfill window, say), the
+        quantity still lands through the cumulative guard but could only be priced at this
+        fill's price. The order snapshot's `filled_avg_price` prices the gap exactly when
+        its `filled_qty` is this fill's cumulative quantity.
+        """
+        last: dict[str, int] = {}
+        for i, ev in enumerate(fills):
+            if ev.is_fill:
+                last[ev.order_id] = i
+        out = list(fills)
+        for order_id, i in last.items():
+            ev = fills[i]
+            if ev.fill_qty is not None and ev.fill_qty == ev.cum_qty:
+                continue  # the order's first fill: no earlier quantity to price
+            order = await self.rest.order(order_id)
+            if (order is not None and order.filled_avg_price is not None
+                    and order.filled_qty == ev.cum_qty):
+                out[i] = msgspec.structs.replace(ev, cum_avg_price=order.filled_avg_price)
+        return out
 
     async def _periodic_refresh(self) -> None:
         while True:

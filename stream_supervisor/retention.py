@@ -174,7 +174,11 @@ def prune(
 ) -> PruneReport:
     """Prune every table in batches of `policy.batch_rows`; returns what was removed (or,
     with `dry_run`, what would be)."""
-    from . import pgconn  # psycopg loads only for this command, not for every CLI start
+    # psycopg loads only for this command, not on every CLI start (`health` runs often).
+    import psycopg
+
+    from . import pgconn
+    from .store import StoreError
 
     now = now if now is not None else datetime.now(UTC)
     floor_applied = policy.max_age < policy.floor
@@ -187,6 +191,25 @@ def prune(
         "active_positions": now - policy.max_age,
     }
     report = PruneReport(dry_run=dry_run, floor_applied=floor_applied)
+    try:
+        _prune_all(conninfo, policy, cutoffs, report, dry_run, sleep)
+    except psycopg.Error as exc:
+        # Not chained: psycopg's text may echo the conninfo.
+        raise StoreError(f"prune failed: {pgconn.error_text(exc, conninfo)}") from None
+    log.info("prune_done", rows=report.rows, dry_run=dry_run)
+    return report
+
+
+def _prune_all(
+    conninfo: str,
+    policy: RetentionPolicy,
+    cutoffs: dict[str, datetime],
+    report: PruneReport,
+    dry_run: bool,
+    sleep: Callable[[float], None],
+) -> None:
+    from . import pgconn
+
     with pgconn.connect(conninfo, autocommit=True,
                         application_name="stream-supervisor-prune") as conn:
         conn.execute("SELECT set_config('statement_timeout', %s, false),"
@@ -209,8 +232,6 @@ def prune(
                 _prune_table(conn, table, target.delete, params, policy, result, sleep)
             log.info("prune_table_done", table=table, rows=result.rows, batches=result.batches,
                      cutoff=result.cutoff, complete=result.complete, dry_run=dry_run)
-    log.info("prune_done", rows=report.rows, dry_run=dry_run)
-    return report
 
 
 def _prune_table(
@@ -234,7 +255,7 @@ def _prune_table(
             if busy > LOCK_RETRIES:
                 result.complete = False
                 return
-            sleep(policy.pause * 10)
+            sleep(max(1.0, policy.pause * 10))
             continue
         result.rows += deleted
         result.batches += 1
@@ -277,13 +298,8 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         settings, max_age=args.older_than, batch_rows=args.batch_rows, pause=args.pause,
         account_id=args.account_id,
     )
-    from .store import StoreUnavailable
-
-    try:
-        report = prune(settings.database_url, policy, dry_run=args.dry_run)
-    except StoreUnavailable as exc:
-        log.error("prune_failed", error=str(exc)[:500])
-        return 1
+    # Database errors (StoreError) reach the CLI, which logs `database_error`, exit 1.
+    report = prune(settings.database_url, policy, dry_run=args.dry_run)
     print(json.dumps(report.as_dict(), indent=1))
     return 0 if all(t.complete for t in report.tables.values()) else 1
 

@@ -171,7 +171,8 @@ async def notify_loop(
         # (`/readyz` still says 503: it does not stream).
         if (state.ready or standby(state)) and not notifier.ready_sent and not state.draining:
             notifier.ready(line)
-            log.info("systemd_ready", status=line)
+            if notifier.ready_sent:  # else retried next tick; `notify_failed` said why
+                log.info("systemd_ready", status=line)
         if now >= next_health:
             next_health = now + health_every
             health = monitor.assess(now)

@@ -37,14 +37,15 @@ REPORTS: list[tuple[str, Report]] = []
 
 def _first_failure(limit: int) -> Report:
     """Run seeds in parallel chunks until one fails (or `limit` seeds ran)."""
-    chunk = 500
     total = Report()
-    for start in range(0, limit, chunk):
+    start, chunk = 0, 50
+    while start < limit:
         report = run_seeds(range(start, min(start + chunk, limit)), jobs=default_jobs())
         total.seeds += report.seeds
         total.failures += report.failures
         if report.failures:
             break
+        start, chunk = start + chunk, min(chunk * 2, 1000)
     return total
 
 
