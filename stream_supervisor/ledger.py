@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TypeVar
 
-from .events import FILL_EVENTS, Event
+from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, apply_fill
 
@@ -110,6 +110,8 @@ def apply_events(
     order_state = dict(orders)
     current = dict(open_positions)
     for ev in order_fills_by_cum_qty(events):
+        if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:
+            continue  # an unknown event type about an order we never saw invents no order
         outcome = apply_order_event(order_state.get(ev.order_id), ev)
         order_state[ev.order_id] = outcome.state
         result.orders[ev.order_id] = outcome.state
