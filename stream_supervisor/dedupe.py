@@ -31,6 +31,8 @@ class KeyCache:
         self.capacity = capacity
         self._committed: OrderedDict[str, None] = OrderedDict()
         self._in_flight: set[str] = set()
+        #: The last key a writer reported committed: a restart checks it is still stored.
+        self.last_committed: str | None = None
         # `warm` is newest first; insert oldest first so the newest end up most recent.
         for key in reversed(list(warm)[:capacity]):
             self._committed[key] = None
@@ -61,13 +63,16 @@ class KeyCache:
     def committed(self, keys: Iterable[str]) -> None:
         """The writer committed these: move them from in flight into the LRU."""
         if self.capacity == 0:
-            self._in_flight.difference_update(keys)
+            for key in keys:
+                self._in_flight.discard(key)
+                self.last_committed = key
             return
         lru = self._committed
         for key in keys:
             self._in_flight.discard(key)
             lru[key] = None
             lru.move_to_end(key)
+            self.last_committed = key
         while len(lru) > self.capacity:
             lru.popitem(last=False)
 

@@ -78,6 +78,10 @@ class MemoryStore:
         self._check()
         return self.db.account(account_id).cursor
 
+    async def has_key(self, key: str) -> bool:
+        self._check()
+        return any(key in acct.keys for acct in self.db.accounts.values())
+
     async def try_leadership(self, account_id: str) -> bool:
         """One process, one writer: leadership is always ours in memory."""
         self._check()

@@ -192,6 +192,8 @@ ORDER BY n
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 
+_HAS_KEY = "SELECT EXISTS (SELECT 1 FROM alpaca_event_dedupe WHERE event_key = %s)"
+
 _RECENT_KEYS = """
 SELECT event_key FROM alpaca_event_dedupe WHERE account_id = %s ORDER BY seq DESC LIMIT %s
 """
@@ -427,6 +429,13 @@ class PgStore:
 
     async def open(self) -> None:
         await self._run(self._open_sync)
+
+    async def has_key(self, key: str) -> bool:
+        def query(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(_HAS_KEY, [_text(key)]).fetchone()
+            return bool(row and row[0])
+
+        return await self._run(lambda: self._guarded("dedupe key check", query))
 
     async def try_leadership(self, account_id: str) -> bool:
         def attempt(conn: psycopg.Connection[Any]) -> bool:

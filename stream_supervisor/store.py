@@ -97,6 +97,10 @@ class Store(Protocol):
 
     async def load_cursor(self, account_id: str) -> Cursor | None: ...
 
+    async def has_key(self, key: str) -> bool:
+        """Whether this event key is stored (a check that acknowledged commits survived)."""
+        ...
+
     async def open_order_ids(self, account_id: str) -> list[str]:
         """Orders stored with a status that is not terminal (backfill refreshes them)."""
         ...

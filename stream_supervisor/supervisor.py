@@ -212,12 +212,18 @@ class Supervisor:
             if not await self._lead(store, account_id):
                 return
             cursor = await store.load_cursor(account_id)
+            last = self._cache.last_committed if self._cache is not None else None
+            if last is not None and not await store.has_key(last):
+                # An acknowledged commit is gone: the database failed over to a replica
+                # that had not received it. The LRU would drop what backfill brings back.
+                log.error("database_lost_commits", last_committed_key=last)
+                self._cache = None
             if self._cache is None:
                 warm = await store.recent_keys(account_id, s.lru_size) if s.lru_size else []
                 self._cache = KeyCache(s.lru_size, warm)
             else:
-                # The LRU holds only keys whose batch committed: still true after a crash
-                # of the pipeline, so a restart keeps it and drops only what was in flight.
+                # The LRU holds only keys whose batch committed, and the newest of them is
+                # still stored: a restart keeps it and drops only what was in flight.
                 self._cache.forget_in_flight()
             cache = self._cache
             self.state.committed_cursor = cursor
