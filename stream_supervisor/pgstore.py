@@ -468,7 +468,10 @@ class PgStore:
             )
 
     async def aclose(self) -> None:
-        await self._run(self._discard)
+        # Shielded (with a deadline): a caller being cancelled must still close the
+        # connection, or it and any writer lock it holds linger until garbage collection.
+        with trio.move_on_after(5, shield=True):
+            await self._run(self._discard)
 
     async def recent_keys(self, account_id: str, limit: int) -> list[str]:
         if limit <= 0:
