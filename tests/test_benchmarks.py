@@ -1,0 +1,53 @@
+"""The benchmark harness end to end at a tiny size: every scenario runs, writes the JSON
+the issue asks for, and every database it wrote verifies against the ground truth.
+
+No timing is asserted here (timing belongs in BENCHMARKS.md, not in pass/fail tests).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import main
+
+REQUIRED_KEYS = (
+    "pipeline_events_per_s",
+    "naive_events_per_s",
+    "speedup_vs_naive",
+    "socket_only_events_per_s",
+    "db_copy_rows_per_s",
+    "fraction_of_limit",
+    "dup_heavy_frames_per_s",
+    "latency_p50_ms_at_1k",
+    "latency_p99_ms_at_1k",
+    "latency_p99_ms_at_5k",
+    "peak_rss_mb",
+)
+
+
+@pytest.mark.slow
+def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = main([
+        "--quick", "--database-url", pg_admin_uri, "--json", str(out),
+        "--updates", "1500", "--naive-updates", "150", "--latency-seconds", "0.3",
+    ])
+    results = json.loads(out.read_text())
+    assert code == 0, results["verification"]
+    assert results["verified"] is True
+    for key in REQUIRED_KEYS:
+        assert isinstance(results[key], int | float) and results[key] > 0, key
+    assert all(v["verified"] for v in results["verification"].values())
+    assert set(results["verification"]) == {
+        "socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_heavy", "naive",
+        "latency_1k", "latency_5k"}
+    params = results["parameters"]
+    assert params["stream_updates"] >= 1500 and params["naive_updates_replayed"] >= 150
+    # Every duplicate frame was dropped, none applied twice.
+    dup = results["scenarios"]["dup_heavy"]
+    assert dup["events"] == results["scenarios"]["pipeline"]["events"]
+    assert sum(dup["duplicates"].values()) == dup["frames"] - dup["events"]
