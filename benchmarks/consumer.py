@@ -472,7 +472,8 @@ async def run_naive(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_socket_only(args: dict[str, Any]) -> dict[str, Any]:
-    """Receive and decode through the supervisor's own transport and decoder, no DB."""
+    """Receive and decode through the supervisor's own transport and decoder, no DB:
+    the connection actor's reader with nothing behind it."""
     expect = args["expect_events"]
     events = 0
     first: float | None = None
@@ -481,11 +482,13 @@ async def run_socket_only(args: dict[str, Any]) -> dict[str, Any]:
         async with connector(args["ws_url"]) as ws:
             await _handshake(ws, args)
             while events < expect:
-                message = await ws.get_message()
+                # Reads as the connection actor does: a socket read's worth at a time.
+                messages = await ws.get_messages()
                 now = trio.current_time()
-                if isinstance(decode_frame(message, received_at=now), Event):
-                    events += 1
-                    first = now if first is None else first
+                first = now if first is None else first
+                for message in messages:
+                    if isinstance(decode_frame(message, received_at=now), Event):
+                        events += 1
             end = trio.current_time()
     span = end - first if not scope.cancelled_caught and first is not None else None
     return {

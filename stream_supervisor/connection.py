@@ -18,8 +18,10 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import trio
+from prometheus_client import Counter
 
 from .backoff import Backoff, BackoffPolicy
+from .channels import drain, send_soon
 from .errors import collapse
 from .events import DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
@@ -145,6 +147,7 @@ class ConnectionActor:
         self._seen_status: OrderedDict[str, str] = OrderedDict()
         self._end_reason: str | None = None  # why the current connection ended
         self._recv_scope: trio.CancelScope | None = None
+        self._received: dict[tuple[str, str], Counter] = {}  # label children, looked up once
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -252,8 +255,10 @@ class ConnectionActor:
                 self.state.connection = "streaming"
                 if self.settings.order_refresh_interval > 0:
                     nursery.start_soon(self._periodic_refresh)
-                async for item in receive_live:
-                    await self._forward(item)
+                async for first in receive_live:
+                    # Whatever else is already buffered goes in the same turn.
+                    for item in drain(first, receive_live):
+                        await self._forward(item)
             # The reader closed the live channel: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
@@ -262,28 +267,31 @@ class ConnectionActor:
         max_bytes = self.settings.max_frame_bytes
         async with live:
             while self._end_reason is None:
-                # Only the wait for the next frame is cancellable (by the pinger giving
+                # Only the wait for the next read is cancellable (by the pinger giving
                 # up on a silent peer); a frame once read always reaches the buffer.
                 with trio.CancelScope() as self._recv_scope:
                     try:
-                        message = await ws.get_message()
+                        messages = await ws.get_messages()
                     except TransportClosed as exc:
                         self._end_reason = exc.reason
                         return
                 if self._recv_scope.cancelled_caught:
                     return
-                frame = decode_frame(message, received_at=trio.current_time(), max_bytes=max_bytes)
-                self.state.beat("connection", trio.current_time())
-                if isinstance(frame, Event):
-                    self.metrics.events_received.labels(frame.event, "stream").inc()
-                    await live.send(frame)
-                elif isinstance(frame, DeadLetter):
-                    log.warning("frame_dead_lettered", reason=frame.reason,
-                                bytes=len(frame.payload))
-                    await live.send(frame)
-                elif isinstance(frame, Authorization) and not frame.authorized:
-                    raise Unauthorized("the broker revoked the stream's authorization")
-                # Other control messages (a repeated `listening`, other streams) are ignored.
+                now = trio.current_time()
+                self.state.beat("connection", now)
+                for message in messages:
+                    frame = decode_frame(message, received_at=now, max_bytes=max_bytes)
+                    if isinstance(frame, Event):
+                        self._count_received(frame.event, "stream")
+                        await send_soon(live, frame)
+                    elif isinstance(frame, DeadLetter):
+                        log.warning("frame_dead_lettered", reason=frame.reason,
+                                    bytes=len(frame.payload))
+                        await send_soon(live, frame)
+                    elif isinstance(frame, Authorization) and not frame.authorized:
+                        raise Unauthorized("the broker revoked the stream's authorization")
+                    # Other control messages (a repeated `listening`, other streams) are
+                    # ignored.
 
     async def _ping(self, ws: WebSocket) -> None:
         """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""
@@ -309,7 +317,14 @@ class ConnectionActor:
             seen.move_to_end(item.order_id)
             if len(seen) > SEEN_ORDERS:
                 seen.popitem(last=False)
-        await self.outbox.send(item)
+        await send_soon(self.outbox, item)
+
+    def _count_received(self, event: str, source: str) -> None:
+        counter = self._received.get((event, source))
+        if counter is None:
+            counter = self._received[(event, source)] = self.metrics.events_received.labels(
+                event, source)
+        counter.inc()
 
     async def _backfill(self) -> None:
         """REST gap recovery from the durable cursor; feeds the same dedupe/writer path."""
@@ -362,7 +377,7 @@ class ConnectionActor:
         fills = await self._price_gaps(sort_backfill(events))
         self.metrics.backfill_fills.inc(len(fills))
         for ev in fills:
-            self.metrics.events_received.labels(ev.event, "rest").inc()
+            self._count_received(ev.event, "rest")
             await self._forward(ev)
         refreshed = await self._refresh_orders()
         log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,

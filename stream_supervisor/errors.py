@@ -1,4 +1,5 @@
-"""Exception-group helpers: Trio nurseries wrap errors in groups; actors want the cause."""
+"""Errors shared across modules, and exception-group helpers (Trio nurseries wrap errors
+in groups; actors want the cause)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,21 @@ def collapse(exc: BaseException, *, prefer: tuple[type[BaseException], ...] = ()
         if not isinstance(leaf, trio.Cancelled):
             return leaf
     return exc
+
+
+class TransportClosed(Exception):
+    """The stream connection is gone (peer closed, reset, or failed to open)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpgradeRejected(Exception):
+    """The server refused the WebSocket upgrade with an HTTP status (429: one connection
+    per account, the broker still holds our previous one)."""
+
+    def __init__(self, status_code: int, body: str = "") -> None:
+        super().__init__(f"upgrade rejected with HTTP {status_code}")
+        self.status_code = status_code
+        self.body = body

@@ -8,7 +8,7 @@ from the stream, or a FILL activity from REST backfill, normalised to one shape)
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final, Literal
 
@@ -116,38 +116,39 @@ class TimestampError(ValueError):
     pass
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND: Final = timedelta(seconds=1)
+
+
 def parse_timestamp(text: str) -> tuple[datetime, int]:
     """Parse RFC 3339 with up to nanoseconds and any offset into (UTC datetime, epoch ns).
 
     `datetime` keeps microseconds; the nanosecond integer keeps the exact instant, which
-    event keys use so that `...123456789Z` and `...123456788Z` stay distinct.
+    event keys use so that `...123456789Z` and `...123456788Z` stay distinct. It runs on
+    every frame, so it builds one datetime and does the epoch arithmetic on timedeltas.
     """
     m = _RFC3339.match(text)
     if m is None:
         raise TimestampError(f"not an RFC 3339 timestamp: {text[:64]!r}")
-    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    frac = (m.group(7) or "").ljust(9, "0")
-    nanos = int(frac)
-    offset = m.group(8)
+    year, month, day, hour, minute, second, frac, offset = m.groups()
+    nanos = int(frac.ljust(9, "0")) if frac else 0
     try:
-        base = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        utc = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                       nanos // 1000, UTC)
     except ValueError as exc:
         raise TimestampError(f"invalid timestamp {text[:64]!r}: {exc}") from None
-    if offset not in ("Z", "z"):
-        sign = 1 if offset[0] == "+" else -1
+    if len(offset) > 1:
         digits = offset[1:].replace(":", "")
-        off_minutes = int(digits[:2]) * 60 + int(digits[2:])
-        if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+        off_hours, off_minutes = int(digits[:2]), int(digits[2:])
+        if off_hours > 23 or off_minutes > 59:
             raise TimestampError(f"invalid offset in {text[:64]!r}")
-        base_ns_adjust = -sign * off_minutes * 60
-    else:
-        base_ns_adjust = 0
-    epoch_s = int(base.timestamp()) + base_ns_adjust
-    ts_ns = epoch_s * 1_000_000_000 + nanos
-    try:
-        utc = datetime.fromtimestamp(epoch_s, tz=UTC).replace(microsecond=nanos // 1000)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise TimestampError(f"timestamp out of range {text[:64]!r}: {exc}") from None
+        shift = timedelta(hours=off_hours, minutes=off_minutes)
+        try:
+            utc = utc - shift if offset[0] == "+" else utc + shift
+        except OverflowError as exc:
+            raise TimestampError(f"timestamp out of range {text[:64]!r}: {exc}") from None
+    # Whole seconds since the epoch (floor, also before 1970), then the exact fraction.
+    ts_ns = (utc - _EPOCH) // _SECOND * 1_000_000_000 + nanos
     return utc, ts_ns
 
 

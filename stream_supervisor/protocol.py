@@ -66,6 +66,13 @@ class _Envelope(msgspec.Struct, gc=False):
     data: msgspec.Raw = msgspec.Raw(b"null")
 
 
+class _TradeUpdateMessage(msgspec.Struct, tag_field="stream", tag="trade_updates", gc=False):
+    """The common case in one pass: a well-formed trade update. Anything else (another
+    stream, bad data) falls back to the envelope first, which names what is wrong."""
+
+    data: WireUpdate
+
+
 class _AuthData(msgspec.Struct, gc=False):
     status: str
     action: str | None = None
@@ -124,6 +131,7 @@ Frame = Event | DeadLetter | Authorization | Listening | ErrorReply | OtherStrea
 
 _envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
 _update_decoder: Final = msgspec.json.Decoder(WireUpdate)
+_trade_update_decoder: Final = msgspec.json.Decoder(_TradeUpdateMessage)
 _auth_decoder: Final = msgspec.json.Decoder(_AuthData)
 _listen_decoder: Final = msgspec.json.Decoder(_ListenData)
 _error_decoder: Final = msgspec.json.Decoder(_ErrorData)
@@ -164,6 +172,15 @@ def decode_frame(
             received_at=received_at,
         )
     try:
+        update = _trade_update_decoder.decode(raw).data
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError):
+        pass  # not a well-formed trade update: the envelope path below says why
+    else:
+        try:
+            return update_to_event(update, received_at)
+        except (DecodeError, TimestampError, ValueError, ArithmeticError) as exc:
+            return _dead_letter(exc, raw, received_at)
+    try:
         envelope = _envelope_decoder.decode(raw)
         if bytes(envelope.data).strip() == b"null":
             raise DecodeError(f"message for stream {envelope.stream!r} has no data")
@@ -178,14 +195,20 @@ def decode_frame(
             err = _error_decoder.decode(envelope.data)
             return ErrorReply(err.message or err.error or "unknown error")
         return OtherStream(envelope.stream)
-    except (msgspec.DecodeError, msgspec.ValidationError, DecodeError, TimestampError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, DecodeError, TimestampError,
+            UnicodeError, ValueError, ArithmeticError, RecursionError) as exc:
+        return _dead_letter(exc, raw, received_at)
+
+
+def _dead_letter(exc: Exception, raw: bytes, received_at: float) -> DeadLetter:
+    if isinstance(exc, msgspec.DecodeError | msgspec.ValidationError | DecodeError
+                  | TimestampError):
         return DeadLetter(reason=_reason(exc), payload=raw, received_at=received_at)
-    except (UnicodeError, ValueError, ArithmeticError, RecursionError) as exc:
-        return DeadLetter(
-            reason=f"undecodable frame: {type(exc).__name__}: {exc}"[:500],
-            payload=raw,
-            received_at=received_at,
-        )
+    return DeadLetter(
+        reason=f"undecodable frame: {type(exc).__name__}: {exc}"[:500],
+        payload=raw,
+        received_at=received_at,
+    )
 
 
 def _reason(exc: Exception) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from .backoff import Backoff, BackoffPolicy
+from .channels import drain
 from .events import DeadLetter, Event
 from .logs import get_logger
 from .metrics import Metrics
@@ -37,13 +38,7 @@ class WriterSettings:
 
 def take_batch(first: Item, inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:
     """`first` plus whatever is already queued, up to `limit` items, without waiting."""
-    items = [first]
-    while len(items) < limit:
-        try:
-            items.append(inbox.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return items
+    return list(drain(first, inbox, limit))
 
 
 async def commit_with_retry(

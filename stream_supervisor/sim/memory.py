@@ -60,6 +60,18 @@ class _ClientSide:
             raise TransportClosed(self.link.close_reason)
         return message
 
+    async def get_messages(self) -> list[str | bytes]:
+        """Like a socket read: the next message and whatever else is already buffered."""
+        messages = [await self.get_message()]
+        while True:
+            try:
+                messages.append(self.link.to_client_recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        if self.link.reset:
+            raise TransportClosed(self.link.close_reason)
+        return messages
+
     async def send_message(self, data: str | bytes) -> None:
         if self.link.closed.is_set():
             raise TransportClosed(self.link.close_reason)

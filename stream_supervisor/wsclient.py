@@ -1,0 +1,274 @@
+"""The WebSocket client: wsproto's protocol state machine, read in batches on Trio.
+
+Why not trio-websocket's client: it runs a reader task per connection and hands every
+message to the caller through a memory channel, two task switches per trade update,
+which cost more than decoding the update (benchmarks/, BENCHMARKS.md). Here the caller's
+own task reads: one `receive_some` of up to 64 KiB, every message it completes returned
+at once by `get_messages`. wsproto (the sans-I/O library trio-websocket is built on)
+still does the upgrade, framing, UTF-8 and close-code rules, so this module is only the
+I/O around it: pings and pongs, the close handshake, fragment assembly with a size
+limit. The simulated broker's server side still uses trio-websocket.
+
+Contract, as for the rest of the transport seam: failures surface as `TransportClosed`
+(or `UpgradeRejected` for a refused upgrade); messages already read are returned before
+the failure is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import ProtocolError
+
+from .errors import TransportClosed, UpgradeRejected
+
+#: Bytes asked of the socket per read: about sixty trade updates.
+RECEIVE_BYTES = 64 * 1024
+#: What is kept of the body of a refused upgrade, for the error message.
+REJECT_BODY_BYTES = 200
+#: Close codes (RFC 6455 section 7.4.1).
+NORMAL_CLOSURE = 1000
+MESSAGE_TOO_BIG = 1009
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class WebSocketClient:
+    """One open client connection. Reads happen in the task that calls `get_messages`
+    (the connection actor's reader); `send_message` and `ping` may run in other tasks."""
+
+    def __init__(self, stream: trio.abc.Stream, protocol: WSConnection, *,
+                 max_message_size: int) -> None:
+        self._stream = stream
+        self._ws = protocol
+        self._max_message_size = max_message_size
+        self._send_lock = trio.StrictFIFOLock()
+        self._ready: deque[str | bytes] = deque()  # complete messages not yet returned
+        self._parts: list[str | bytes] = []  # fragments of the message being assembled
+        self._part_bytes = 0
+        self._closed: str | None = None  # why, once the connection is over
+        self._pings: dict[int, trio.Event] = {}  # ping number -> set when its pong comes
+        self._ping_number = 0
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self._closed
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def get_messages(self) -> list[str | bytes]:
+        """Every complete message available after at most one socket read; at least one.
+        Raises `TransportClosed` only once nothing read before the failure is left."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._ready:
+            if self._closed is not None:
+                raise TransportClosed(self._closed)
+            await self._receive()
+        messages = list(self._ready)
+        self._ready.clear()
+        return messages
+
+    async def get_message(self) -> str | bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._ready:
+            if self._closed is not None:
+                raise TransportClosed(self._closed)
+            await self._receive()
+        return self._ready.popleft()
+
+    async def _receive(self) -> None:
+        try:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+        except _STREAM_ERRORS as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+            return
+        # End of stream without a close frame is wsproto's 1006 (abnormal closure) event.
+        self._ws.receive_data(bytes(data) if data else None)
+        await self._handle_events()
+
+    async def _handle_events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self._message_part(event.data, event.message_finished)
+                if self._closed is not None:
+                    await self._send_close(MESSAGE_TOO_BIG, self._closed)
+                    return
+            elif isinstance(event, Ping):
+                # Answered at once (a broker that pings us drops us without pongs).
+                await self._send_quietly(self._ws.send(event.response()))
+            elif isinstance(event, Pong):
+                self._pong(event.payload)
+            elif isinstance(event, CloseConnection):
+                reason = f"closed {event.code}" + (f" {event.reason}" if event.reason else "")
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    await self._send_quietly(self._ws.send(event.response()))
+                self._lost(reason)
+                return
+
+    def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
+        piece: str | bytes = data if isinstance(data, str) else bytes(data)
+        self._part_bytes += len(piece)
+        if self._part_bytes > self._max_message_size:
+            self._parts.clear()
+            self._lost(f"message over {self._max_message_size} bytes")
+            return
+        if finished and not self._parts:
+            self._ready.append(piece)
+        else:
+            self._parts.append(piece)
+            if finished:
+                first = self._parts[0]
+                joined: str | bytes = (
+                    "".join(p for p in self._parts if isinstance(p, str))
+                    if isinstance(first, str)
+                    else b"".join(p for p in self._parts if isinstance(p, bytes))
+                )
+                self._ready.append(joined)
+                self._parts.clear()
+        if finished:
+            self._part_bytes = 0
+
+    def _pong(self, payload: bytes | bytearray) -> None:
+        # A pong answers its ping and every earlier one (RFC 6455 lets a peer answer only
+        # the most recent); anything else is unsolicited and ignored.
+        if len(payload) != 8:
+            return
+        number = int.from_bytes(payload, "big")
+        for n in [n for n in self._pings if n <= number]:
+            self._pings.pop(n).set()
+
+    def _lost(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+        for waiter in self._pings.values():
+            waiter.set()  # a pinger wakes and finds the connection closed
+        self._pings.clear()
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def send_message(self, data: str | bytes) -> None:
+        self._check_open()
+        event = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
+        await self._send(self._ws.send(event))
+
+    async def ping(self) -> None:
+        """Send a ping; return when it (or a later one) is answered."""
+        self._check_open()
+        self._ping_number += 1
+        number = self._ping_number
+        answered = self._pings[number] = trio.Event()
+        try:
+            await self._send(self._ws.send(Ping(payload=number.to_bytes(8, "big"))))
+            await answered.wait()
+        finally:
+            self._pings.pop(number, None)
+        if self._closed is not None:
+            raise TransportClosed(self._closed)
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise TransportClosed(self._closed)
+        if self._ws.state is not ConnectionState.OPEN:
+            raise TransportClosed("closing")
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except _STREAM_ERRORS as exc:
+                self._lost(f"{type(exc).__name__}: {exc}")
+                raise TransportClosed(self._closed or "closed") from None
+
+    async def _send_quietly(self, data: bytes) -> None:
+        """Control replies: a failure here shows up on the next read anyway."""
+        try:
+            await self._send(data)
+        except TransportClosed:
+            pass
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            await self._send_quietly(self._ws.send(CloseConnection(code=code,
+                                                                   reason=reason[:100])))
+
+    # -- closing -----------------------------------------------------------------------
+
+    def _peer_closed(self) -> bool:
+        return self._ws.state is ConnectionState.CLOSED
+
+    async def aclose(self) -> None:
+        """The close handshake: send our close frame and read (discarding messages) until
+        the peer's reply or the end of the stream. The caller bounds the wait; closing
+        the stream itself is the caller's (it opened it)."""
+        if self._closed is None and self._ws.state is ConnectionState.OPEN:
+            await self._send_close(NORMAL_CLOSURE, "client closing")
+            self._closed = "closed by client"
+            while not self._peer_closed():
+                try:
+                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                except _STREAM_ERRORS:
+                    break
+                self._ws.receive_data(bytes(data) if data else None)
+                for _event in self._ws.events():
+                    pass  # wsproto moves to CLOSED on the peer's close frame
+                if not data:
+                    break
+        self._lost("closed by client")
+
+
+async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
+                         max_message_size: int) -> WebSocketClient:
+    """The HTTP upgrade over an open stream. Messages that arrive in the same read as the
+    101 response are kept for the first `get_messages`."""
+    protocol = WSConnection(ConnectionType.CLIENT)
+    client = WebSocketClient(stream, protocol, max_message_size=max_message_size)
+    try:
+        await stream.send_all(protocol.send(Request(host=host, target=resource)))
+    except _STREAM_ERRORS as exc:
+        raise TransportClosed(f"handshake failed: {type(exc).__name__}: {exc}") from None
+    rejected: RejectConnection | None = None
+    body = b""
+    while True:
+        try:
+            data = await stream.receive_some(RECEIVE_BYTES)
+        except _STREAM_ERRORS as exc:
+            raise TransportClosed(f"handshake failed: {type(exc).__name__}: {exc}") from None
+        if not data:
+            if rejected is not None:
+                raise UpgradeRejected(rejected.status_code,
+                                      body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))
+            raise TransportClosed("handshake failed: connection closed during the upgrade")
+        try:
+            protocol.receive_data(bytes(data))
+            events = list(protocol.handshake.events())
+        except ProtocolError as exc:
+            raise TransportClosed(f"handshake failed: {exc}") from None
+        for event in events:
+            if isinstance(event, AcceptConnection):
+                await client._handle_events()  # frames that came with the 101
+                return client
+            if isinstance(event, RejectConnection):
+                rejected = event
+                if not event.has_body:
+                    raise UpgradeRejected(event.status_code)
+            elif isinstance(event, RejectData):
+                body += event.data
+                if rejected is not None and (event.body_finished
+                                             or len(body) >= REJECT_BODY_BYTES):
+                    raise UpgradeRejected(
+                        rejected.status_code,
+                        body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))

@@ -1,0 +1,314 @@
+"""The WebSocket client against a scripted server on real loopback sockets.
+
+The server side is wsproto's server state machine writing exact bytes, so each test
+controls what arrives in which TCP write: frames glued to the 101 response, several
+messages per read, fragments split across reads, pings, close frames, a bare EOF.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from stream_supervisor.errors import TransportClosed, UpgradeRejected
+from stream_supervisor.transport import WebSocket, websocket_connector
+from stream_supervisor.wsclient import MESSAGE_TOO_BIG, open_websocket
+
+
+class Peer:
+    """The server's end of one connection: wsproto for the protocol, raw writes."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.received: list[object] = []  # events the client sent after the upgrade
+
+    async def upgrade_request(self) -> Request:
+        while True:
+            self.ws.receive_data(await self.stream.receive_some(65536))
+            for event in self.ws.events():
+                if isinstance(event, Request):
+                    return event
+
+    def accept(self) -> bytes:
+        return self.ws.send(AcceptConnection())
+
+    def message(self, data: str | bytes, *, finished: bool = True) -> bytes:
+        event = TextMessage(data=data, message_finished=finished) if isinstance(data, str) \
+            else BytesMessage(data=data, message_finished=finished)
+        return self.ws.send(event)
+
+    async def read_events(self) -> list[object]:
+        """What the client sent since the last call (waits for at least one event)."""
+        while True:
+            data = await self.stream.receive_some(65536)
+            self.ws.receive_data(data or None)
+            events: list[object] = list(self.ws.events())
+            self.received.extend(events)
+            if events or not data:
+                return events
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+@asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[str]:
+    """A one-connection server running `script`; yields its ws:// URL."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await script(Peer(stream))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        yield f"ws://127.0.0.1:{port}/stream"
+        nursery.cancel_scope.cancel()
+
+
+async def hold_open(peer: Peer) -> None:
+    """Keep reading (answering nothing) until the client leaves."""
+    while True:
+        data = await peer.stream.receive_some(65536)
+        if not data:
+            return
+        peer.ws.receive_data(data)
+        peer.received += list(peer.ws.events())
+
+
+async def test_frames_glued_to_the_101_response_and_many_per_read_come_back_together() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        # One write: the 101 and three messages, text and binary.
+        await peer.stream.send_all(
+            peer.accept() + peer.message("one") + peer.message(b"two") + peer.message("three"))
+        await hold_open(peer)
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        got: list[str | bytes] = []
+        while len(got) < 3:
+            got += await ws.get_messages()
+        assert got == ["one", b"two", "three"]
+
+
+async def test_a_fragmented_message_split_across_reads_is_assembled() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept())
+        wire = peer.message(b"abc", finished=False) + peer.message(b"def", finished=False) \
+            + peer.message(b"ghi") + peer.message("after")
+        for i in range(0, len(wire), 3):  # three bytes per TCP write
+            await peer.stream.send_all(wire[i:i + 3])
+            await trio.sleep(0.001)
+        await hold_open(peer)
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        assert await ws.get_message() == b"abcdefghi"
+        assert await ws.get_message() == "after"
+
+
+async def test_a_server_ping_is_answered_and_our_ping_returns_on_its_pong() -> None:
+    pongs: list[bytes] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.ws.send(Ping(payload=b"are-you-there")))
+        while True:
+            for event in await peer.read_events():
+                if isinstance(event, Pong):
+                    pongs.append(bytes(event.payload))
+                    await peer.stream.send_all(peer.message("pong seen"))
+                if isinstance(event, Ping):
+                    await peer.stream.send_all(peer.ws.send(event.response()))
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        assert await ws.get_message() == "pong seen"  # read: the ping was answered
+        assert pongs == [b"are-you-there"]
+        async with trio.open_nursery() as nursery:
+            # Our ping's pong arrives on the read path, as in the connection actor.
+            nursery.start_soon(ws.get_messages)
+            with trio.fail_after(5):
+                await ws.ping()
+            nursery.cancel_scope.cancel()
+
+
+async def test_messages_read_before_a_close_frame_come_first_then_the_reason() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message("last words")
+                                   + peer.ws.send(CloseConnection(code=1001, reason="going away")))
+        await peer.read_events()  # the client's close reply
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        assert await ws.get_messages() == ["last words"]
+        with pytest.raises(TransportClosed, match="closed 1001 going away"):
+            await ws.get_messages()
+        with pytest.raises(TransportClosed):
+            await ws.send_message("anyone?")
+
+
+async def test_end_of_stream_without_a_close_frame_is_an_abnormal_closure() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message("x"))
+        # Returning closes the socket: no close frame.
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        assert await ws.get_message() == "x"
+        with pytest.raises(TransportClosed, match="closed 1006"):
+            await ws.get_message()
+
+
+async def test_a_ping_waiting_when_the_connection_drops_raises() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept())
+        await peer.read_events()  # the client's ping, never answered; then EOF
+
+    async with (scripted(script) as url, websocket_connector()(url) as ws,
+                trio.open_nursery() as nursery):
+        nursery.start_soon(_read_until_closed, ws)
+        with trio.fail_after(5), pytest.raises(TransportClosed):
+            await ws.ping()
+
+
+async def _read_until_closed(ws: WebSocket) -> None:
+    try:
+        while True:
+            await ws.get_messages()
+    except TransportClosed:
+        pass
+
+
+async def test_an_oversized_message_closes_with_1009(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stream_supervisor.transport.TRANSPORT_MAX_MESSAGE", 1000)
+    codes: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message("ok")
+                                   + peer.message(b"a" * 600, finished=False)
+                                   + peer.message(b"b" * 600))
+        for event in await peer.read_events():
+            if isinstance(event, CloseConnection):
+                codes.append(event.code)
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        assert await ws.get_messages() == ["ok"]
+        with pytest.raises(TransportClosed, match="over 1000 bytes"):
+            await ws.get_messages()
+    assert codes == [MESSAGE_TOO_BIG]
+
+
+async def test_invalid_utf8_in_a_text_frame_is_a_protocol_close() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        bad = b"\xff\xfe"
+        await peer.stream.send_all(peer.accept() + struct.pack("!BB", 0x81, len(bad)) + bad)
+        await hold_open(peer)
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        with pytest.raises(TransportClosed, match="closed 1007"):
+            await ws.get_messages()
+
+
+async def test_a_refused_upgrade_names_the_status_and_body() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(
+            peer.ws.send(RejectConnection(status_code=429, has_body=True,
+                                          headers=[(b"content-length", b"24")]))
+            + peer.ws.send(RejectData(data=b"connection limit reached")))
+
+    async with scripted(script) as url:
+        with pytest.raises(UpgradeRejected) as rejected:
+            async with websocket_connector()(url):
+                pass
+    assert rejected.value.status_code == 429
+    assert rejected.value.body == "connection limit reached"
+
+
+async def test_a_server_that_is_not_websocket_fails_the_handshake() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.stream.receive_some(65536)
+        await peer.stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    async with scripted(script) as url:
+        with pytest.raises(TransportClosed, match="handshake failed"):
+            async with websocket_connector()(url):
+                pass
+
+
+async def test_leaving_does_the_close_handshake() -> None:
+    done = trio.Event()
+    seen: list[object] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept())
+        while peer.ws.state is not ConnectionState.REMOTE_CLOSING:
+            events = await peer.read_events()
+            if not events:
+                break
+        seen.extend(peer.received)
+        for event in peer.received:
+            if isinstance(event, CloseConnection):
+                await peer.stream.send_all(peer.ws.send(event.response()))
+        done.set()
+
+    async with scripted(script) as url:
+        with trio.fail_after(5):
+            async with websocket_connector()(url) as ws:
+                await ws.send_message("bye")
+            await done.wait()
+    assert [type(e) for e in seen] == [TextMessage, CloseConnection]
+
+
+async def test_a_cancelled_caller_does_not_wait_the_full_close_timeout() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept())
+        await trio.sleep_forever()  # never reads, never answers the close frame
+
+    async with scripted(script) as url:
+        connector = websocket_connector(disconnect_timeout=10.0)
+        started = trio.current_time()
+        with trio.move_on_after(0.2):
+            async with connector(url) as ws:
+                await ws.get_messages()  # cancelled here
+        # A tenth of the disconnect timeout, not all ten seconds.
+        assert trio.current_time() - started < 5.0
+
+
+async def test_open_websocket_reports_a_connection_closed_during_the_upgrade() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()  # then close without answering
+
+    async with scripted(script) as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            with pytest.raises(TransportClosed, match="closed during the upgrade"):
+                await open_websocket(stream, "127.0.0.1", "/stream", max_message_size=1000)
