@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import psycopg
+from psycopg import pq
 import trio
 
 from . import pgconn
@@ -414,10 +415,13 @@ class PgStore:
         try:
             return op(conn)
         except psycopg.Error as exc:
-            gone = conn.broken or conn.closed
-            self._discard()
-            if gone:
+            if conn.broken or conn.closed:
+                self._discard()
                 raise StoreUnavailable(self._error(f"{what}: connection lost", exc)) from None
+            if not _back_to_idle(conn):
+                self._discard()
+            # Otherwise the connection stays: a statement timeout or a serialization
+            # failure must not cost the leader its session (and with it the writer lock).
             raise StoreError(self._error(what, exc)) from None
         except BaseException:
             # Not a database failure (a bug in pure code, say): undo the transaction and
@@ -499,6 +503,17 @@ class PgStore:
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
+
+
+def _back_to_idle(conn: psycopg.Connection[Any]) -> bool:
+    """After a failed statement on a live connection: roll back whatever is still open.
+    True if the connection is idle and clean again."""
+    try:
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            conn.rollback()
+    except psycopg.Error:
+        return False
+    return conn.info.transaction_status == pq.TransactionStatus.IDLE
 
 
 # --- the batch transaction -------------------------------------------------------------

@@ -112,6 +112,27 @@ async def test_statement_timeout_bounds_a_blocked_batch(database_url: str) -> No
     await store.aclose()
 
 
+async def test_a_statement_timeout_does_not_cost_the_leader_its_writer_lock(
+    database_url: str,
+) -> None:
+    # Found by the chaos log test: a timed-out batch used to drop the connection, and with
+    # it the session's advisory lock, so a transient lock wait restarted the pipeline.
+    store = await opened(database_url, statement_timeout_ms=300)
+    assert await store.try_leadership(ACCOUNT)
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("LOCK TABLE broker_orders IN EXCLUSIVE MODE")
+        with trio.fail_after(WAIT), pytest.raises(StoreError, match="statement timeout"):
+            await store.commit_batch(Batch(ACCOUNT, STREAM[:10]))
+        blocker.rollback()
+    # Still the leader (no LostLeadership), and no other session can take the lock.
+    await replay(store, STREAM, 100)
+    rival = await opened(database_url)
+    assert not await rival.try_leadership(ACCOUNT)
+    await rival.aclose()
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
 async def test_cancelled_caller_waits_for_the_statement_then_the_store_goes_on(
     database_url: str,
 ) -> None:
