@@ -45,7 +45,10 @@ TABLES: Final = (
 #: The newest migration this code needs (`migrations/<name>.sql`).
 REQUIRED_MIGRATION: Final = "0001_initial"
 #: Prepare every statement on first use: the batch statements run on every batch with
-#: the same text (arrays, not per-row SQL), so each is parsed and planned once per session.
+#: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
+#: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan cannot
+#: see how many elements the arrays hold, and the ones PostgreSQL settled on after five
+#: executions tripled the server's CPU per event as the tables grew (BENCHMARKS.md).
 PREPARE_THRESHOLD: Final = 0
 #: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
 #: cannot hold row locks for ever; it is never shorter than this.
@@ -61,7 +64,8 @@ class SchemaNotMigrated(SchemaError):
 _SESSION = """
 SELECT set_config('statement_timeout', %s, false),
        set_config('idle_in_transaction_session_timeout', %s, false),
-       set_config('TimeZone', 'UTC', false)
+       set_config('TimeZone', 'UTC', false),
+       set_config('plan_cache_mode', 'force_custom_plan', false)
 """
 
 _SCHEMA_CHECK = """
