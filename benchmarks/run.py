@@ -55,7 +55,7 @@ from stream_supervisor.events import Event
 from stream_supervisor.migrate import apply_migrations
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import decode_frame
-from stream_supervisor.settings import DEFAULT_LRU_SIZE
+from stream_supervisor.settings import DEFAULT_CHANNEL_SIZE, DEFAULT_LRU_SIZE, DEFAULT_MAX_BATCH
 from stream_supervisor.verify import Mismatch, verify_against_truth
 
 #: Tables the pipeline writes, in an order COPY can load them.
@@ -85,8 +85,8 @@ class Params:
     rates: tuple[int, ...] = (1_000, 5_000)
     symbols: int = 50
     seed: int = 7
-    max_batch: int = 1_000
-    channel_size: int = 2_000
+    max_batch: int = DEFAULT_MAX_BATCH  # the service's defaults, as users run it
+    channel_size: int = DEFAULT_CHANNEL_SIZE
     lru_size: int = DEFAULT_LRU_SIZE
     dup_lag: int = 2_000  # a duplicate follows its original this many frames later
     timeout: float = 600.0  # per scenario

@@ -14,13 +14,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TypeVar
 
+import msgspec
+
 from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, apply_fill
 
 
-@dataclass(frozen=True, slots=True)
-class Cursor:
+class Cursor(msgspec.Struct, frozen=True, gc=False):
     """How far the account's fill history is durably applied. Only ever moves forward."""
 
     fill_time: datetime | None = None

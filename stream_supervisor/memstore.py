@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+import msgspec
 
 from .events import DeadLetter
 from .ledger import Cursor, apply_events, cursor_of
@@ -127,7 +129,7 @@ class MemoryStore:
         next_id = self.db.next_position_id
         for row in result.positions:
             if row.position_id is None:
-                row = replace(row, position_id=next_id)
+                row = msgspec.structs.replace(row, position_id=next_id)
                 next_id += 1
             assert row.position_id is not None
             positions[row.position_id] = row

@@ -8,10 +8,11 @@ right. Status never regresses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Final
+
+import msgspec
 
 from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 
@@ -49,8 +50,7 @@ def merge_status(old: str, new: str) -> str:
     return new if status_rank(new) >= status_rank(old) else old
 
 
-@dataclass(frozen=True, slots=True)
-class OrderState:
+class OrderState(msgspec.Struct, frozen=True, gc=False):
     """What `broker_orders` holds for one order."""
 
     order_id: str
@@ -67,8 +67,7 @@ class OrderState:
     updated_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FillDelta:
+class FillDelta(msgspec.Struct, frozen=True, gc=False):
     """The new quantity an update adds to an order, signed by side, at one price."""
 
     order_id: str
@@ -81,8 +80,7 @@ class FillDelta:
     exact: bool  # False when priced from cumulative averages over a gap
 
 
-@dataclass(frozen=True, slots=True)
-class OrderOutcome:
+class OrderOutcome(msgspec.Struct, frozen=True, gc=False):
     state: OrderState
     delta: FillDelta | None
     stale: bool  # a fill whose cumulative quantity was already reached (order-level duplicate)
@@ -131,44 +129,48 @@ def new_order_state(event: Event) -> OrderState:
 
 
 def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
-    """Apply one update to an order: the cumulative guard and the status merge."""
+    """Apply one update to an order: the cumulative guard and the status merge.
+
+    It runs once per update, so the new state is built with one positional constructor
+    call at each exit rather than a chain of `msgspec.structs.replace`.
+    """
     state = prev if prev is not None else new_order_state(event)
     # Fill in order fields a REST activity could not tell us, once a richer update arrives.
-    if event.client_order_id is not None and state.client_order_id is None:
-        state = replace(state, client_order_id=event.client_order_id)
-    if event.order_qty is not None and state.order_qty is None:
-        state = replace(state, order_qty=event.order_qty)
-    if event.order_type is not None and state.order_type is None:
-        state = replace(state, order_type=event.order_type)
-    if event.asset_class is not None and state.asset_class is None:
-        state = replace(state, asset_class=event.asset_class)
-    if event.created_at is not None and state.created_at is None:
-        state = replace(state, created_at=event.created_at)
+    cid = state.client_order_id if state.client_order_id is not None else event.client_order_id
+    order_qty = state.order_qty if state.order_qty is not None else event.order_qty
+    order_type = state.order_type if state.order_type is not None else event.order_type
+    asset_class = state.asset_class if state.asset_class is not None else event.asset_class
+    created_at = state.created_at if state.created_at is not None else event.created_at
+    c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
 
+    if event.event not in KNOWN_EVENTS and event.event != "refresh":
+        # An event type we do not know yet: keep it (the dedupe row), change nothing.
+        return OrderOutcome(
+            OrderState(state.order_id, state.symbol, state.side, state.status, c0, p0, cid,
+                       order_qty, order_type, asset_class, created_at, state.updated_at),
+            None, False)
     status = merge_status(state.status, event.status)
     updated_at = (
         event.timestamp
         if state.updated_at is None or event.timestamp > state.updated_at
         else state.updated_at
     )
-    c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
-    if event.event not in KNOWN_EVENTS and event.event != "refresh":
-        # An event type we do not know yet: keep it (the dedupe row), change nothing.
-        return OrderOutcome(state, None, False)
     implied_fill = (
         event.source == "stream" and cum > c0 and event.cum_avg_price is not None
     )
-    if event.event not in FILL_EVENTS and not implied_fill:
-        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, False)
     # A non-fill stream update (canceled, expired...) whose cumulative filled quantity is
     # above ours reveals fills the stream never delivered: its cumulative average prices
     # them exactly, so they land in stream order as the missed fills would have. A REST
     # snapshot (`refresh`) never does this: it is taken *now*, ahead of live frames still
     # queued, and would apply fills out of order; the FILL activities carry those fills.
-    if cum <= c0:
-        # Already counted (a duplicate through another path, or an out-of-order late fill
-        # whose quantity a later cumulative update already carried).
-        return OrderOutcome(replace(state, status=status, updated_at=updated_at), None, True)
+    # A fill whose cumulative quantity is not above ours was already counted (a duplicate
+    # through another path, or an out-of-order late fill whose quantity a later
+    # cumulative update already carried): stale.
+    if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0:
+        return OrderOutcome(
+            OrderState(state.order_id, state.symbol, state.side, status, c0, p0, cid,
+                       order_qty, order_type, asset_class, created_at, updated_at),
+            None, event.event in FILL_EVENTS or implied_fill)
 
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
     qty = cum - c0
@@ -178,12 +180,11 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         avg = ((c0 * p0 if p0 is not None else Decimal(0)) + qty * price) / cum
     if event.order_qty is not None and cum >= event.order_qty:
         status = merge_status(status, "filled")
-    new_state = replace(
-        state, filled_qty=cum, filled_avg_price=avg, status=status, updated_at=updated_at
-    )
+    new_state = OrderState(state.order_id, state.symbol, state.side, status, cum, avg, cid,
+                           order_qty, order_type, asset_class, created_at, updated_at)
     delta = FillDelta(
         order_id=event.order_id,
-        client_order_id=new_state.client_order_id,
+        client_order_id=cid,
         symbol=event.symbol,
         qty=qty if event.side == "buy" else -qty,
         price=price,

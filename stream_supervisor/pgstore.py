@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import psycopg
-from psycopg import pq
 import trio
+from psycopg import pq
 
 from . import pgconn
 from .events import DeadLetter, Event

@@ -9,17 +9,17 @@ Decimal arithmetic only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
+
+import msgspec
 
 from .orders import FillDelta
 
 ZERO = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(msgspec.Struct, frozen=True, gc=False):
     """One row of `active_positions`. `qty` is signed here; the table stores side + |qty|."""
 
     account_id: str
@@ -47,8 +47,7 @@ class Position:
         return "long" if self.peak_qty > 0 else "short"
 
 
-@dataclass(frozen=True, slots=True)
-class PositionStep:
+class PositionStep(msgspec.Struct, frozen=True, gc=False):
     """The effect of one fill on a symbol: the row it leaves open (if any), and the row
     it closed (if any). A flip yields both: `closed` is the old row, `open` the new one."""
 
@@ -59,6 +58,14 @@ class PositionStep:
 
 def _sign(x: Decimal) -> int:
     return (x > 0) - (x < 0)
+
+
+def _moved(row: Position, qty: Decimal, avg: Decimal, pnl: Decimal, peak: Decimal,
+           closed_at: datetime | None) -> Position:
+    """`row` with new quantities, in one positional constructor call (once per fill)."""
+    return Position(row.account_id, row.symbol, qty, avg, row.opened_by_order_id,
+                    row.opened_by_client_order_id, row.opened_at, pnl, closed_at, peak,
+                    row.position_id)
 
 
 def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> PositionStep:
@@ -86,20 +93,22 @@ def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> Po
         grown = qty + q
         peak = grown if abs(grown) > abs(current.peak_qty) else current.peak_qty
         return PositionStep(
-            replace(current, qty=grown, avg_entry_price=new_avg, peak_qty=peak), None, ZERO
-        )
+            _moved(current, grown, new_avg, current.realized_pnl, peak, current.closed_at),
+            None, ZERO)
 
     closed_qty = min(abs(qty), abs(q))
     realized = closed_qty * (p - avg) * _sign(qty)
     remaining = qty + q
     pnl = current.realized_pnl + realized
     if remaining == 0:
-        closed = replace(current, qty=ZERO, realized_pnl=pnl, closed_at=fill.timestamp)
+        closed = _moved(current, ZERO, avg, pnl, current.peak_qty, fill.timestamp)
         return PositionStep(None, closed, realized)
     if _sign(remaining) == _sign(qty):
-        return PositionStep(replace(current, qty=remaining, realized_pnl=pnl), None, realized)
+        return PositionStep(
+            _moved(current, remaining, avg, pnl, current.peak_qty, current.closed_at),
+            None, realized)
     # Crossed zero: the old row closes whole, the remainder opens a new row at this price.
-    closed = replace(current, qty=ZERO, realized_pnl=pnl, closed_at=fill.timestamp)
+    closed = _moved(current, ZERO, avg, pnl, current.peak_qty, fill.timestamp)
     flipped = Position(
         account_id=account_id,
         symbol=fill.symbol,

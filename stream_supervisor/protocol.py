@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Final
 
 import msgspec
@@ -223,6 +224,12 @@ def _reason(exc: Exception) -> str:
 def _opt_ts(text: str | None) -> datetime | None:
     if text is None:
         return None
+    return _created_at(text)
+
+
+@lru_cache(maxsize=4096)
+def _created_at(text: str) -> datetime:
+    """An order's `created_at` repeats on every update of the order: parsed once."""
     return parse_timestamp(text)[0]
 
 

@@ -19,8 +19,8 @@ PAPER_BASE_URL: Final = "https://paper-api.alpaca.markets"
 LIVE_BASE_URL: Final = "https://api.alpaca.markets"
 ENV_PREFIX: Final = "STREAM_SUPERVISOR_"
 
-DEFAULT_MAX_BATCH: Final = 500
-DEFAULT_CHANNEL_SIZE: Final = 1_000
+DEFAULT_MAX_BATCH: Final = 1_000
+DEFAULT_CHANNEL_SIZE: Final = 2_000
 DEFAULT_LRU_SIZE: Final = 100_000
 DEFAULT_PING_INTERVAL: Final = 15.0
 DEFAULT_PING_TIMEOUT: Final = 10.0

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 import trio
@@ -194,8 +195,8 @@ def comparable(snap: StoreSnapshot) -> tuple[Any, ...]:
     return (
         snap.event_keys,
         snap.orders,
-        sorted((replace(p, position_id=None) for p in snap.positions), key=pos_key),
-        sorted((replace(p, position_id=None) for p in snap.history), key=pos_key),
+        sorted((msgspec.structs.replace(p, position_id=None) for p in snap.positions), key=pos_key),
+        sorted((msgspec.structs.replace(p, position_id=None) for p in snap.history), key=pos_key),
         snap.cursor,
         [(d.reason, d.payload, d.source) for d in snap.dead_letters],
     )

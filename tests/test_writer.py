@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -96,7 +96,7 @@ async def writer(
 def rows(positions: list[Position]) -> list[Position]:
     """Position rows without their store-assigned ids (which follow batching), sorted."""
     return sorted(
-        (replace(p, position_id=None) for p in positions),
+        (msgspec.structs.replace(p, position_id=None) for p in positions),
         key=lambda p: (p.symbol, p.opened_at, p.opened_by_order_id),
     )
 
