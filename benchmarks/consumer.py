@@ -40,6 +40,7 @@ from stream_supervisor.protocol import (
     decode_frame,
     listen_message,
 )
+from stream_supervisor.service import tune_interpreter
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult
@@ -267,6 +268,7 @@ class NoNewsRest:
 
 
 async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
+    tune_interpreter()  # what `stream-supervisor run` does before it starts
     probe = Probe(args["expect_events"], args.get("expect_dups", 0))
     settings = Settings(
         key_id=args["key_id"],

@@ -305,7 +305,8 @@ class Bench:
         expect = self.distinct(len(self.w.frames))
         db = self.dbs.fresh("dup_heavy")
         result = await self.consume("pipeline", "dup_heavy", frames, database_url=db,
-                                    expect_events=expect, expect_dups=len(frames) - expect)
+                                    expect_events=expect, expect_dups=len(frames) - expect,
+                                    profile=True)
         return self.record("dup_heavy", result, await self.verify(db, self.w.truth, expect))
 
     async def naive(self) -> Outcome:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -79,7 +79,7 @@ class ConnectionSettings:
     ping_interval: float = 15.0
     ping_timeout: float = 10.0
     handshake_timeout: float = 10.0
-    backoff: BackoffPolicy = BackoffPolicy()
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     backfill_overlap: float = 300.0
     first_start_lookback: float | None = None  # None: start of today's US/Eastern session
     max_frame_bytes: int = 1_000_000

@@ -171,6 +171,9 @@ def _dups(m: Metrics) -> float:
 def run_demo(settings: Settings, options: DemoOptions) -> int:
     from .embedded import default_data_dir, start_embedded_postgres
     from .migrate import apply_migrations
+    from .service import tune_interpreter
+
+    tune_interpreter()
 
     seed = options.seed if options.seed is not None else uuid.uuid4().int % 1_000_000
     orders = max(1, int(options.duration * options.rate / UPDATES_PER_ORDER))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 import msgspec
@@ -82,7 +82,7 @@ class HttpBrokerRest:
             timeout=httpx.Timeout(settings.timeout),
         )
 
-    async def __aenter__(self) -> HttpBrokerRest:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

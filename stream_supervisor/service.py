@@ -8,6 +8,7 @@ stop when the supervisor returns.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from functools import partial
 
@@ -24,6 +25,18 @@ from .supervisor import Dependencies, Supervisor
 from .transport import websocket_connector
 
 log = get_logger("stream_supervisor.service")
+
+#: How long a thread holding the GIL keeps it while another thread waits for it (CPython's
+#: default is 5 ms). The writer's database calls run in a worker thread and release the
+#: GIL while they wait; when a result arrives while the event loop is busy reading and
+#: decoding, the writer waited up to a whole interval for it, a few times per batch.
+#: At 0.5 ms a batch commits in half the time under load (BENCHMARKS.md).
+GIL_SWITCH_INTERVAL = 0.0005
+
+
+def tune_interpreter() -> None:
+    """Process-wide settings for a supervisor process (`run`, `demo`, the benchmarks)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
 def make_rest(settings: Settings) -> HttpBrokerRest:
@@ -88,4 +101,5 @@ def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
         log.info("migrations_applied", versions=applied, count=len(applied))
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
              account_id=settings.account_id, http_addr=settings.http_addr)
+    tune_interpreter()
     return trio.run(serve, settings)

@@ -63,7 +63,7 @@ class Settings:
     ping_interval: float = DEFAULT_PING_INTERVAL
     ping_timeout: float = DEFAULT_PING_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    backoff: BackoffPolicy = BackoffPolicy()
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     backfill_overlap: float = DEFAULT_BACKFILL_OVERLAP
     order_refresh_interval: float = DEFAULT_ORDER_REFRESH_INTERVAL
     #: First start without a cursor: seconds to look back, or None for the start of the

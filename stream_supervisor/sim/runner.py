@@ -32,8 +32,8 @@ class Report:
 
     def summary(self) -> str:
         lines = [
-            f"simulated {self.seeds} seeded schedules in {self.seconds:.1f}s "
-            f"({self.virtual_seconds:.0f} virtual seconds): {len(self.failures)} failed"
+            (f"simulated {self.seeds} seeded schedules in {self.seconds:.1f}s "
+             f"({self.virtual_seconds:.0f} virtual seconds): {len(self.failures)} failed")
         ]
         lines.append("fault families covered: " + ", ".join(
             f"{name}={n}" for name, n in sorted(self.families.items())))
@@ -50,7 +50,7 @@ def _one(seed: int) -> tuple[int, bool, str, dict[str, int], float]:
     schedule = schedule_for_seed(seed)
     try:
         outcome = run_schedule(schedule)
-    except Exception as exc:  # a crash of the world is a failure to report, not to hide
+    except Exception as exc:  # noqa: BLE001 - a crashed world is a failure to report
         return seed, False, f"world raised {type(exc).__name__}: {exc}", schedule.faults(), 0.0
     return seed, outcome.ok, _problem(outcome), schedule.faults(), outcome.virtual_seconds
 

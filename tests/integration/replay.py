@@ -32,7 +32,8 @@ def fixture_frames() -> list[bytes]:
 
 
 def fixture_truth() -> dict[str, Any]:
-    return json.loads((FIXTURES / "ground_truth.json").read_text())
+    truth: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+    return truth
 
 
 def fixture_activities() -> list[WireActivity]:

@@ -30,7 +30,7 @@ def test_demo_runs_on_embedded_postgres_and_verifies(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "stream_supervisor", "demo", "--duration", "3",
          "--data-dir", str(tmp_path / "pg"), "--seed", "11"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -44,7 +44,7 @@ def test_demo_with_chaos_reports_faults_and_holds(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "stream_supervisor", "demo", "--duration", "4", "--chaos",
          "--data-dir", str(tmp_path / "pg"), "--seed", "5"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -57,7 +57,7 @@ def test_run_refuses_missing_configuration_naming_it() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "stream_supervisor", "run"],
         cwd=ROOT, env=_env(APCA_API_KEY_ID="k" * 20), capture_output=True, text=True,
-        timeout=60,
+        timeout=60, check=False,
     )
     assert proc.returncode == 78
     assert "APCA_API_SECRET_KEY" in proc.stderr
@@ -69,7 +69,7 @@ def test_bad_setting_names_the_variable() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "stream_supervisor", "run"],
         cwd=ROOT, env=_env(STREAM_SUPERVISOR_MAX_BATCH="many"), capture_output=True,
-        text=True, timeout=60,
+        text=True, timeout=60, check=False,
     )
     assert proc.returncode == 78
     assert "STREAM_SUPERVISOR_MAX_BATCH" in proc.stderr
@@ -80,14 +80,14 @@ def test_migrate_and_check_commands(pg_admin_uri: str, database_url: str) -> Non
         proc = subprocess.run(
             [sys.executable, "-m", "stream_supervisor", "migrate"],
             cwd=ROOT, env=_env(DATABASE_URL=database_url), capture_output=True, text=True,
-            timeout=60,
+            timeout=60, check=False,
         )
         assert proc.returncode == 0, proc.stderr
         assert "applied 0 migration(s)" in proc.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "stream_supervisor", "check"],
         cwd=ROOT, env=_env(DATABASE_URL=database_url), capture_output=True, text=True,
-        timeout=60,
+        timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

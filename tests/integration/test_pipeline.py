@@ -38,17 +38,17 @@ ACCOUNT = TRUTH["account_id"]
 
 
 def _settings(database_url: str, server: ReplayServer, **kw: Any) -> Settings:
-    base: dict[str, Any] = dict(
-        key_id=KEY_ID,
-        secret_key=SECRET_KEY,
-        base_url="http://127.0.0.1:9",
-        stream_url=server.url,
-        database_url=database_url,
-        account_id=ACCOUNT,
-        ping_interval=2.0,
-        ping_timeout=2.0,
-        drain_timeout=10.0,
-    )
+    base: dict[str, Any] = {
+        "key_id": KEY_ID,
+        "secret_key": SECRET_KEY,
+        "base_url": "http://127.0.0.1:9",
+        "stream_url": server.url,
+        "database_url": database_url,
+        "account_id": ACCOUNT,
+        "ping_interval": 2.0,
+        "ping_timeout": 2.0,
+        "drain_timeout": 10.0,
+    }
     base.update(kw)
     return Settings(**base)
 
@@ -180,8 +180,8 @@ async def test_malformed_frame_is_dead_lettered_and_the_stream_goes_on(database_
     bad = [
         b'{"stream":"trade_updates","data":{"event":"fill","order":',  # truncated
         b'{"stream":"trade_updates","data":null}',
-        b'{"stream":"trade_updates","data":{"event":"fill","timestamp":"yesterday",'
-        b'"order":{"id":"x","symbol":"AAPL","side":"buy","status":"filled","filled_qty":"1"}}}',
+        (b'{"stream":"trade_updates","data":{"event":"fill","timestamp":"yesterday",'
+        b'"order":{"id":"x","symbol":"AAPL","side":"buy","status":"filled","filled_qty":"1"}}}'),
         b"\xff\xfe not json",
     ]
     mixed = frames[:20] + bad + frames[20:]
