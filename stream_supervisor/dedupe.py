@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import trio
 
@@ -25,6 +26,14 @@ log = get_logger("stream_supervisor.dedupe")
 Item = Event | DeadLetter
 
 
+class Ack(NamedTuple):
+    """The writer's word that a batch committed: every key of it is durable now (stored
+    by it, or found already stored), and the newest key it stored itself, if any."""
+
+    keys: tuple[str, ...]
+    newest_stored: str | None = None
+
+
 class KeyCache:
     """Bounded LRU of committed keys plus the in-flight set. Pure bookkeeping."""
 
@@ -32,7 +41,8 @@ class KeyCache:
         self.capacity = capacity
         self._committed: OrderedDict[str, None] = OrderedDict()
         self._in_flight: set[str] = set()
-        #: The last key a writer reported committed: a restart checks it is still stored.
+        #: The newest key a commit stored (not merely found stored): a restart checks it
+        #: is still there, which a database that lost acknowledged commits fails.
         self.last_committed: str | None = None
         # `warm` is newest first; insert oldest first so the newest end up most recent.
         for key in reversed(list(warm)[:capacity]):
@@ -61,19 +71,19 @@ class KeyCache:
         REST backfill or the broker will bring it again); committed keys stay valid."""
         self._in_flight.clear()
 
-    def committed(self, keys: Iterable[str]) -> None:
+    def committed(self, keys: Iterable[str], newest_stored: str | None = None) -> None:
         """The writer committed these: move them from in flight into the LRU."""
+        if newest_stored is not None:
+            self.last_committed = newest_stored
         if self.capacity == 0:
             for key in keys:
                 self._in_flight.discard(key)
-                self.last_committed = key
             return
         lru = self._committed
         for key in keys:
             self._in_flight.discard(key)
             lru[key] = None
             lru.move_to_end(key)
-            self.last_committed = key
         while len(lru) > self.capacity:
             lru.popitem(last=False)
 
@@ -82,7 +92,7 @@ async def dedupe_actor(
     cache: KeyCache,
     inbox: trio.MemoryReceiveChannel[Item],
     outbox: trio.MemorySendChannel[Item],
-    acks: trio.MemoryReceiveChannel[tuple[str, ...]],
+    acks: trio.MemoryReceiveChannel[Ack],
     metrics: Metrics,
     state: SupervisorState,
     *,
@@ -97,8 +107,8 @@ async def dedupe_actor(
 
     async def learn() -> None:
         async with acks:
-            async for keys in acks:
-                cache.committed(keys)
+            async for ack in acks:
+                cache.committed(ack.keys, ack.newest_stored)
                 state.beat("dedupe", trio.current_time())
 
     async def forward() -> None:

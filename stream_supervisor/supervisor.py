@@ -22,7 +22,7 @@ import trio
 
 from .backoff import Backoff, BackoffPolicy
 from .connection import FATAL, ConnectionActor, ConnectionSettings
-from .dedupe import Item, KeyCache, dedupe_actor
+from .dedupe import Ack, Item, KeyCache, dedupe_actor
 from .errors import collapse, leaves
 from .logs import get_logger
 from .metrics import Metrics
@@ -230,7 +230,7 @@ class Supervisor:
             log.info("pipeline_starting", cursor=_cursor_text(cursor), cached_keys=len(cache))
             send_events, recv_events = trio.open_memory_channel[Item](s.channel_size)
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
-            send_acks, recv_acks = trio.open_memory_channel[tuple[str, ...]](ACK_CHANNEL_SIZE)
+            send_acks, recv_acks = trio.open_memory_channel[Ack](ACK_CHANNEL_SIZE)
             self._export_fill(recv_events, recv_new)
             connection = ConnectionActor(
                 ConnectionSettings(
@@ -315,7 +315,7 @@ class Supervisor:
         settings: WriterSettings,
         store: Store,
         inbox: trio.MemoryReceiveChannel[Item],
-        acks: trio.MemorySendChannel[tuple[str, ...]],
+        acks: trio.MemorySendChannel[Ack],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:

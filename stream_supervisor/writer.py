@@ -16,6 +16,7 @@ import trio
 
 from .backoff import Backoff, BackoffPolicy
 from .channels import drain
+from .dedupe import Ack
 from .events import DeadLetter, Event
 from .logs import get_logger
 from .metrics import Metrics
@@ -79,7 +80,7 @@ async def writer_actor(
     settings: WriterSettings,
     store: Store,
     inbox: trio.MemoryReceiveChannel[Item],
-    acks: trio.MemorySendChannel[tuple[str, ...]],
+    acks: trio.MemorySendChannel[Ack],
     metrics: Metrics,
     state: SupervisorState,
     *,
@@ -104,7 +105,9 @@ async def writer_actor(
             _record(result, items, events, started, done, metrics, state)
             # Every key of a committed batch is durable now (stored by it, or found already
             # stored). Sent in batch order, not as a set, so replays are deterministic.
-            await acks.send(tuple(ev.key for ev in events))
+            stored = result.applied_keys
+            newest = next((ev.key for ev in reversed(events) if ev.key in stored), None)
+            await acks.send(Ack(tuple(ev.key for ev in events), newest))
 
 
 def _record(

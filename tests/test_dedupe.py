@@ -8,7 +8,7 @@ from decimal import Decimal
 import trio
 import trio.testing
 
-from stream_supervisor.dedupe import Item, KeyCache, dedupe_actor
+from stream_supervisor.dedupe import Ack, Item, KeyCache, dedupe_actor
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.state import SupervisorState
@@ -53,6 +53,18 @@ def test_keys_are_learnt_only_on_commit() -> None:
     assert cache.check("a") == "lru"
     assert cache.check("b") == "inflight"
     assert (len(cache), cache.in_flight) == (1, 1)
+
+
+def test_the_restart_check_uses_the_newest_key_a_commit_stored() -> None:
+    # A batch of old duplicates only (found stored, storing nothing) must not make an old
+    # key the one a restart looks for: it would be found even in a database that lost
+    # every commit after it.
+    cache = KeyCache(10)
+    cache.committed(["new-1", "new-2"], newest_stored="new-2")
+    cache.committed(["ancient"], newest_stored=None)
+    assert cache.last_committed == "new-2"
+    cache.committed(["ancient", "new-3"], newest_stored="new-3")
+    assert cache.last_committed == "new-3"
 
 
 def test_restart_forgets_in_flight_keys_but_keeps_committed_ones() -> None:
@@ -120,7 +132,7 @@ async def test_dedupe_actor_drops_duplicates_and_counts_them() -> None:
     cache = KeyCache(100, warm=[fill("o", 1).key])
     in_send, in_recv = trio.open_memory_channel[Item](100)
     out_send, out_recv = trio.open_memory_channel[Item](100)
-    ack_send, ack_recv = trio.open_memory_channel[tuple[str, ...]](10)
+    ack_send, ack_recv = trio.open_memory_channel[Ack](10)
     dead = DeadLetter(reason="invalid JSON: x", payload=b"{")
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -132,7 +144,7 @@ async def test_dedupe_actor_drops_duplicates_and_counts_them() -> None:
             forwarded = [out_recv.receive_nowait() for _ in range(4)]
             assert forwarded == [fill("o", 2), dead, dead, fill("o", 3)]
             # The writer commits 2 and 3; their replays are now caught by the LRU.
-            await ack_send.send((fill("o", 2).key, fill("o", 3).key))
+            await ack_send.send(Ack((fill("o", 2).key, fill("o", 3).key)))
             await trio.testing.wait_all_tasks_blocked()
             await in_send.send(fill("o", 3))
             await in_send.send(fill("o", 4))
@@ -155,13 +167,13 @@ async def test_acks_are_drained_while_the_outbox_is_full() -> None:
     cache = KeyCache(100)
     in_send, in_recv = trio.open_memory_channel[Item](10)
     out_send, out_recv = trio.open_memory_channel[Item](0)  # nobody reads: forward blocks
-    ack_send, ack_recv = trio.open_memory_channel[tuple[str, ...]](0)
+    ack_send, ack_recv = trio.open_memory_channel[Ack](0)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(dedupe_actor, cache, in_recv, out_send, ack_recv, metrics, state)
             await in_send.send(fill("o", 1))
             await trio.testing.wait_all_tasks_blocked()
-            await ack_send.send((fill("o", 9).key,))  # completes although forward is stuck
+            await ack_send.send(Ack((fill("o", 9).key,)))  # completes although forward is stuck
             await trio.testing.wait_all_tasks_blocked()
             assert cache.check(fill("o", 9).key) == "lru"
             assert await out_recv.receive() == fill("o", 1)

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.dedupe import Ack
 from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.metrics import Metrics
@@ -58,10 +59,10 @@ async def test_take_batch_never_waits() -> None:
 # --- writer_actor with the memory store -----------------------------------------------
 
 
-async def drain(recv: trio.MemoryReceiveChannel[tuple[str, ...]]) -> list[tuple[str, ...]]:
+async def drain(recv: trio.MemoryReceiveChannel[Ack]) -> list[Ack]:
     out = []
-    async for acks in recv:
-        out.append(acks)
+    async for ack in recv:
+        out.append(ack)
     return out
 
 
@@ -73,10 +74,23 @@ async def writer(
     metrics: Metrics | None = None,
     state: SupervisorState | None = None,
 ) -> list[tuple[str, ...]]:
+    """Run the writer over `items`; the keys of each ack, in order."""
+    acks = await writer_acks(store, items, max_batch=max_batch, metrics=metrics, state=state)
+    return [ack.keys for ack in acks]
+
+
+async def writer_acks(
+    store: MemoryStore,
+    items: list[Item],
+    *,
+    max_batch: int = 500,
+    metrics: Metrics | None = None,
+    state: SupervisorState | None = None,
+) -> list[Ack]:
     metrics = metrics if metrics is not None else Metrics()
     state = state if state is not None else SupervisorState()
     inbox_send, inbox_recv = trio.open_memory_channel[Item](len(items) + 1)
-    ack_send, ack_recv = trio.open_memory_channel[tuple[str, ...]](len(items) + 1)
+    ack_send, ack_recv = trio.open_memory_channel[Ack](len(items) + 1)
     for item in items:
         inbox_send.send_nowait(item)
     inbox_send.close()
@@ -145,6 +159,18 @@ async def test_only_dead_letters_still_commit() -> None:
     dead = DeadLetter(reason="oversized frame", payload=b"x")
     assert await writer(MemoryStore(db), [dead]) == [()]
     assert (await MemoryStore(db).snapshot(ACCOUNT)).dead_letters == [dead]
+
+
+async def test_an_ack_names_the_newest_key_its_batch_stored() -> None:
+    db = MemoryDatabase()
+    await writer(MemoryStore(db), list(EVENTS[:20]))
+    # Old duplicates only: nothing stored, so no newest key.
+    assert await writer_acks(MemoryStore(db), list(EVENTS[5:10])) == [
+        Ack(tuple(ev.key for ev in EVENTS[5:10]), None)]
+    # New keys followed by an old duplicate: the newest *stored* key, not the last key.
+    batch = [*EVENTS[20:25], EVENTS[3]]
+    assert await writer_acks(MemoryStore(db), list[Item](batch)) == [
+        Ack(tuple(ev.key for ev in batch), EVENTS[24].key)]
 
 
 async def test_duplicates_already_stored_are_acked_and_counted_not_applied() -> None:

@@ -384,9 +384,12 @@ async def run_scenario(
 
 def process_env(database_url: str, server: SimServer, config: SimConfig,
                 **extra: str) -> dict[str, str]:
-    """Environment for `python -m stream_supervisor run` against a served simulator."""
+    """Environment for `python -m stream_supervisor run` against a served simulator.
+
+    libpq's own variables (PGPASSWORD, PGSSLMODE...) pass through, as they do for the
+    suite itself: a CI database given as DATABASE_URL may take its password from them."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("APCA_", "STREAM_SUPERVISOR_", "PG")) and k != "DATABASE_URL"}
+           if not k.startswith(("APCA_", "STREAM_SUPERVISOR_")) and k != "DATABASE_URL"}
     env.update({
         "APCA_API_KEY_ID": config.key_id,
         "APCA_API_SECRET_KEY": config.secret_key,
