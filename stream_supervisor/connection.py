@@ -279,19 +279,22 @@ class ConnectionActor:
                     return
                 now = trio.current_time()
                 self.state.beat("connection", now)
+                received: dict[str, int] = {}  # per event type, counted once per read
                 for message in messages:
                     frame = decode_frame(message, received_at=now, max_bytes=max_bytes)
                     if isinstance(frame, Event):
-                        self._count_received(frame.event, "stream")
+                        received[frame.event] = received.get(frame.event, 0) + 1
                         await send_soon(live, frame)
                     elif isinstance(frame, DeadLetter):
                         log.warning("frame_dead_lettered", reason=frame.reason,
                                     bytes=len(frame.payload))
                         await send_soon(live, frame)
                     elif isinstance(frame, Authorization) and not frame.authorized:
+                        self._count_received_all(received, "stream")
                         raise Unauthorized("the broker revoked the stream's authorization")
                     # Other control messages (a repeated `listening`, other streams) are
                     # ignored.
+                self._count_received_all(received, "stream")
 
     async def _ping(self, ws: WebSocket) -> None:
         """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""
@@ -319,12 +322,16 @@ class ConnectionActor:
                 seen.popitem(last=False)
         await send_soon(self.outbox, item)
 
-    def _count_received(self, event: str, source: str) -> None:
+    def _count_received(self, event: str, source: str, amount: int = 1) -> None:
         counter = self._received.get((event, source))
         if counter is None:
             counter = self._received[(event, source)] = self.metrics.events_received.labels(
                 event, source)
-        counter.inc()
+        counter.inc(amount)
+
+    def _count_received_all(self, counts: dict[str, int], source: str) -> None:
+        for event, amount in counts.items():
+            self._count_received(event, source, amount)
 
     async def _backfill(self) -> None:
         """REST gap recovery from the durable cursor; feeds the same dedupe/writer path."""

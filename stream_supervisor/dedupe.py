@@ -117,13 +117,24 @@ async def dedupe_actor(
                 state.beat("dedupe", trio.current_time())
                 # Everything already queued is handled in one go (no checkpoint per item),
                 # which is what makes a duplicate nearly free under load.
-                for item in drain(first, inbox):
-                    if isinstance(item, Event):
-                        layer = cache.check(item.key)
-                        if layer is not None:
-                            dropped[layer].inc()
-                            continue
-                    await send_soon(outbox, item)
+                lru = inflight = 0
+                try:
+                    for item in drain(first, inbox):
+                        if isinstance(item, Event):
+                            layer = cache.check(item.key)
+                            if layer == "lru":
+                                lru += 1
+                                continue
+                            if layer is not None:
+                                inflight += 1
+                                continue
+                        await send_soon(outbox, item)
+                finally:
+                    # Counted once per turn, and also when the turn is cut short.
+                    if lru:
+                        dropped["lru"].inc(lru)
+                    if inflight:
+                        dropped["inflight"].inc(inflight)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(learn)
