@@ -280,21 +280,23 @@ class ConnectionActor:
                 now = trio.current_time()
                 self.state.beat("connection", now)
                 received: dict[str, int] = {}  # per event type, counted once per read
-                for message in messages:
-                    frame = decode_frame(message, received_at=now, max_bytes=max_bytes)
-                    if isinstance(frame, Event):
-                        received[frame.event] = received.get(frame.event, 0) + 1
-                        await send_soon(live, frame)
-                    elif isinstance(frame, DeadLetter):
-                        log.warning("frame_dead_lettered", reason=frame.reason,
-                                    bytes=len(frame.payload))
-                        await send_soon(live, frame)
-                    elif isinstance(frame, Authorization) and not frame.authorized:
-                        self._count_received_all(received, "stream")
-                        raise Unauthorized("the broker revoked the stream's authorization")
-                    # Other control messages (a repeated `listening`, other streams) are
-                    # ignored.
-                self._count_received_all(received, "stream")
+                try:
+                    for message in messages:
+                        frame = decode_frame(message, received_at=now, max_bytes=max_bytes)
+                        if isinstance(frame, Event):
+                            received[frame.event] = received.get(frame.event, 0) + 1
+                            await send_soon(live, frame)
+                        elif isinstance(frame, DeadLetter):
+                            log.warning("frame_dead_lettered", reason=frame.reason,
+                                        bytes=len(frame.payload))
+                            await send_soon(live, frame)
+                        elif isinstance(frame, Authorization) and not frame.authorized:
+                            raise Unauthorized(
+                                "the broker revoked the stream's authorization")
+                        # Other control messages (a repeated `listening`, other streams)
+                        # are ignored.
+                finally:
+                    self._count_received_all(received, "stream")
 
     async def _ping(self, ws: WebSocket) -> None:
         """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""
