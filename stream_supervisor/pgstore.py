@@ -46,9 +46,10 @@ TABLES: Final = (
 REQUIRED_MIGRATION: Final = "0001_initial"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
-#: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan cannot
-#: see how many elements the arrays hold, and the ones PostgreSQL settled on after five
-#: executions tripled the server's CPU per event as the tables grew (BENCHMARKS.md).
+#: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
+#: without the parameters' values (how many keys, orders, symbols a batch holds), and the
+#: ones PostgreSQL settled on after five executions tripled the server's CPU per event as
+#: the tables grew (BENCHMARKS.md).
 PREPARE_THRESHOLD: Final = 0
 #: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
 #: cannot hold row locks for ever; it is never shorter than this.
