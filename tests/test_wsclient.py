@@ -7,12 +7,15 @@ messages per read, fragments split across reads, pings, close frames, a bare EOF
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -89,13 +92,17 @@ async def scripted(script: Script) -> AsyncIterator[str]:
 
 
 async def hold_open(peer: Peer) -> None:
-    """Keep reading (answering nothing) until the client leaves."""
+    """Keep reading (answering nothing but a close) until the client leaves."""
     while True:
         data = await peer.stream.receive_some(65536)
         if not data:
             return
         peer.ws.receive_data(data)
-        peer.received += list(peer.ws.events())
+        for event in peer.ws.events():
+            peer.received.append(event)
+            if isinstance(event, CloseConnection):
+                await peer.stream.send_all(peer.ws.send(event.response()))
+                return
 
 
 async def test_frames_glued_to_the_101_response_and_many_per_read_come_back_together() -> None:
@@ -312,3 +319,50 @@ async def test_open_websocket_reports_a_connection_closed_during_the_upgrade() -
         async with stream:
             with pytest.raises(TransportClosed, match="closed during the upgrade"):
                 await open_websocket(stream, "127.0.0.1", "/stream", max_message_size=1000)
+
+
+# --- property: any fragmentation, any TCP chunking, pings interleaved -----------------
+
+_payloads = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=300),
+    st.sampled_from([b"x" * 70_000, "y" * 200]),  # 64-bit and 16-bit extended lengths
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    messages=st.lists(st.tuples(_payloads, st.integers(1, 4), st.booleans()),
+                      min_size=1, max_size=12),
+    cuts=st.lists(st.integers(0, 200_000), max_size=30),
+)
+def test_any_framing_and_chunking_yields_the_messages_in_order(
+    messages: list[tuple[str | bytes, int, bool]], cuts: list[int]
+) -> None:
+    """Messages split into 1-4 fragments, a ping after some fragments, the bytes written
+    in arbitrary pieces: `get_messages` returns exactly the messages, in order."""
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        wire = peer.accept()
+        for payload, fragments, ping in messages:
+            step = max(1, -(-len(payload) // fragments))
+            pieces = [payload[i:i + step] for i in range(0, len(payload), step)] or [payload]
+            for n, piece in enumerate(pieces):
+                wire += peer.message(piece, finished=n == len(pieces) - 1)
+                if ping:
+                    wire += peer.ws.send(Ping(payload=b"p"))
+        points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+        for start, end in itertools.pairwise(points):
+            await peer.stream.send_all(wire[start:end])
+        await hold_open(peer)
+
+    async def main() -> list[str | bytes]:
+        got: list[str | bytes] = []
+        async with scripted(script) as url, websocket_connector()(url) as ws:
+            with trio.fail_after(20):
+                while len(got) < len(messages):
+                    got += await ws.get_messages()
+        return got
+
+    assert trio.run(main) == [payload for payload, _, _ in messages]
