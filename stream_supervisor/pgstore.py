@@ -423,10 +423,11 @@ class PgStore:
             if conn.broken or conn.closed:
                 self._discard()
                 raise StoreUnavailable(self._error(f"{what}: connection lost", exc)) from None
-            if not _back_to_idle(conn):
+            if not (isinstance(exc, _STATEMENT_SCOPED) and _back_to_idle(conn)):
                 self._discard()
-            # Otherwise the connection stays: a statement timeout or a serialization
-            # failure must not cost the leader its session (and with it the writer lock).
+            # Otherwise the connection stays: a statement timeout or a lock conflict must
+            # not cost the leader its session (and with it the writer lock). Any other
+            # error drops it, which also drops whatever the session had prepared.
             raise StoreError(self._error(what, exc)) from None
         except BaseException:
             # Not a database failure (a bug in pure code, say): undo the transaction and
@@ -508,6 +509,15 @@ class PgStore:
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
+
+
+#: Failures that end one statement (or transaction) and leave the session sound.
+_STATEMENT_SCOPED: Final = (
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+)
 
 
 def _back_to_idle(conn: psycopg.Connection[Any]) -> bool:
