@@ -108,7 +108,10 @@ async def test_chaos_logs_are_json_say_what_happened_and_hold_no_secret(
     assert named("draining") and named("drained")
     assert named("stopped")[-1]["exit_code"] == 0
     stats = broker.ground_truth()["stats"]
-    assert len(disconnects) >= stats["disconnects"] > 0  # each broker drop was logged
+    # Each broker drop was logged: as a disconnect, or (a drop racing a pipeline restart,
+    # which abandons its connection) as the restart.
+    restarts = named("pipeline_restarting")
+    assert len(disconnects) + len(restarts) >= stats["disconnects"] > 0, context
 
     # No secret anywhere: not the key id, not the secret key, not the database password.
     everything = "\n".join([*proc.stdout, *proc.stderr])
