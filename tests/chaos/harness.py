@@ -382,6 +382,10 @@ async def run_scenario(
 # --- the real process ---------------------------------------------------------------------
 
 
+#: STREAM_SUPERVISOR_DRAIN_TIMEOUT of the `run` children (seconds).
+PROCESS_DRAIN_TIMEOUT = 8
+
+
 def process_env(database_url: str, server: SimServer, config: SimConfig,
                 **extra: str) -> dict[str, str]:
     """Environment for `python -m stream_supervisor run` against a served simulator.
@@ -404,7 +408,7 @@ def process_env(database_url: str, server: SimServer, config: SimConfig,
         "STREAM_SUPERVISOR_BACKOFF_429_FLOOR": "0.2",
         "STREAM_SUPERVISOR_PING_INTERVAL": "1",
         "STREAM_SUPERVISOR_PING_TIMEOUT": "1",
-        "STREAM_SUPERVISOR_DRAIN_TIMEOUT": "8",
+        "STREAM_SUPERVISOR_DRAIN_TIMEOUT": str(PROCESS_DRAIN_TIMEOUT),
         "STREAM_SUPERVISOR_FIRST_START_LOOKBACK": "3600",
         "STREAM_SUPERVISOR_STATEMENT_TIMEOUT_MS": "5000",
     })
@@ -501,6 +505,16 @@ class SupervisorProcess:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join([*self.stdout[-lines:], "--- stderr ---", *self.stderr[-lines:]])
+
+    async def match_then_drain(self, database_url: str, broker: SimulatedBroker, *,
+                               timeout: float = 60.0) -> tuple[list[Mismatch], int, str]:
+        """Wait (while this child runs) until the database matches the broker, then
+        SIGTERM it: the mismatches left (empty on success), its exit code, its tail."""
+        mismatches = await wait_until_matches(database_url, broker, timeout=timeout,
+                                              alive=lambda: self.returncode is None)
+        self.terminate()
+        code = await self.wait(timeout=PROCESS_DRAIN_TIMEOUT + 10)
+        return mismatches, code, self.tail()
 
 
 # --- database fault helpers -----------------------------------------------------------------

@@ -25,7 +25,6 @@ from .harness import (
     process_env,
     replay_hint,
     wait_for_blocked_writer,
-    wait_until_matches,
     with_password,
 )
 
@@ -64,10 +63,7 @@ async def test_chaos_logs_are_json_say_what_happened_and_hold_no_secret(
                 async with TableLock(database_url):
                     await wait_for_blocked_writer(admin, dbname, timeout=20)
                     await trio.sleep(1.0)
-                mismatches = await wait_until_matches(
-                    database_url, broker, timeout=60, alive=lambda: proc.returncode is None)
-                proc.terminate()
-                code = await proc.wait(timeout=20)
+                mismatches, code, _ = await proc.match_then_drain(database_url, broker)
             nursery.cancel_scope.cancel()
     mismatches = mismatches or await final_verify(database_url, broker)
 

@@ -18,6 +18,7 @@ from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, Simul
 from stream_supervisor.verify import summarize
 
 from .harness import (
+    PROCESS_DRAIN_TIMEOUT,
     CursorWatch,
     SupervisorProcess,
     TableLock,
@@ -28,12 +29,11 @@ from .harness import (
     process_env,
     replay_hint,
     wait_for_blocked_writer,
-    wait_until_matches,
 )
 
 pytestmark = pytest.mark.chaos
 
-DRAIN_TIMEOUT = 8.0  # STREAM_SUPERVISOR_DRAIN_TIMEOUT in process_env
+DRAIN_TIMEOUT = PROCESS_DRAIN_TIMEOUT
 START_TIMEOUT = 60.0  # a cold interpreter on a busy 2-core machine
 
 
@@ -82,11 +82,7 @@ async def test_sigkill_at_seeded_moments_then_restart_catches_up(
                                  f"{'done' if broker.finished else 'trading'}")
                     assert code == -signal.SIGKILL, proc.tail()
             async with SupervisorProcess(env, nursery, name="final life") as proc:
-                mismatches = await wait_until_matches(
-                    database_url, broker, timeout=60, alive=lambda: proc.returncode is None)
-                proc.terminate()
-                code = await proc.wait(timeout=DRAIN_TIMEOUT + 10)
-                tail = proc.tail()
+                mismatches, code, tail = await proc.match_then_drain(database_url, broker)
             nursery.cancel_scope.cancel()
     # What the drained process left behind, not only what was seen while it ran.
     mismatches = mismatches or await final_verify(database_url, broker)
@@ -138,11 +134,8 @@ async def test_sigterm_during_a_batch_drains_exits_0_and_a_restart_resumes(
             assert not broker.finished, "the market should still be trading at the restart"
 
             async with SupervisorProcess(env, nursery, name="restart") as second:
-                mismatches = await wait_until_matches(
-                    database_url, broker, timeout=60, alive=lambda: second.returncode is None)
-                second.terminate()
-                code = await second.wait(timeout=DRAIN_TIMEOUT + 10)
-                second_tail = second.tail()
+                mismatches, code, second_tail = await second.match_then_drain(
+                    database_url, broker)
             nursery.cancel_scope.cancel()
     mismatches = mismatches or await final_verify(database_url, broker)
     report = "\n".join([hint, summarize(mismatches)])

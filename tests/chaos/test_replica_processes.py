@@ -22,12 +22,10 @@ from .harness import (
     final_verify,
     process_env,
     replay_hint,
-    wait_until_matches,
 )
 
 pytestmark = pytest.mark.chaos
 
-DRAIN_TIMEOUT = 8.0  # STREAM_SUPERVISOR_DRAIN_TIMEOUT in process_env
 START_TIMEOUT = 60.0  # a cold interpreter on a busy 2-core machine
 
 
@@ -62,12 +60,8 @@ async def test_the_standby_process_takes_over_when_the_leader_is_sigkilled(
                         committed_rows, database_url, broker.account_id)
                     await standby.wait_for_event("leader_elected", timeout=30)
                     await standby.wait_for_event("listening", timeout=30)
-                    mismatches = await wait_until_matches(
-                        database_url, broker, timeout=60,
-                        alive=lambda: standby.returncode is None)
-                    standby.terminate()
-                    code = await standby.wait(timeout=DRAIN_TIMEOUT + 10)
-                    tail = standby.tail()
+                    mismatches, code, tail = await standby.match_then_drain(
+                        database_url, broker)
             nursery.cancel_scope.cancel()
     mismatches = mismatches or await final_verify(database_url, broker)
     report = "\n".join([hint, f"leader SIGKILLed with {rows_at_kill} dedupe rows committed",
