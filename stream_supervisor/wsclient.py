@@ -73,22 +73,21 @@ class WebSocketClient:
     async def get_messages(self) -> list[str | bytes]:
         """Every complete message available after at most one socket read; at least one.
         Raises `TransportClosed` only once nothing read before the failure is left."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while not self._ready:
-            if self._closed is not None:
-                raise TransportClosed(self._closed)
-            await self._receive()
+        await self._until_ready()
         messages = list(self._ready)
         self._ready.clear()
         return messages
 
     async def get_message(self) -> str | bytes:
+        await self._until_ready()
+        return self._ready.popleft()
+
+    async def _until_ready(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._ready:
             if self._closed is not None:
                 raise TransportClosed(self._closed)
             await self._receive()
-        return self._ready.popleft()
 
     async def _receive(self) -> None:
         try:
