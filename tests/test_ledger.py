@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
@@ -43,9 +42,10 @@ from stream_supervisor.protocol import (
 )
 from stream_supervisor.store import Batch, StoreSnapshot
 
+from .fixtures import RECORDING
+
 D = Decimal
-FIXTURES = Path("/work/shared/fixtures/alpaca-recording")
-TRUTH: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+TRUTH: dict[str, Any] = json.loads((RECORDING / "ground_truth.json").read_text())
 ACCOUNT = TRUTH["account_id"]
 AVG_TOL = D("1e-9")
 PNL_TOL = D("1e-6")
@@ -53,7 +53,7 @@ PNL_TOL = D("1e-6")
 
 def _stream_events() -> list[Event]:
     out = []
-    for line in (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines()[2:]:
+    for line in (RECORDING / "trade_updates.jsonl").read_bytes().splitlines()[2:]:
         ev = decode_frame(line)
         assert isinstance(ev, Event)
         out.append(ev)
@@ -63,7 +63,7 @@ def _stream_events() -> list[Event]:
 STREAM = _stream_events()
 REST = [
     activity_to_event(a)
-    for a in decode_activities((FIXTURES / "fill_activities.json").read_bytes())
+    for a in decode_activities((RECORDING / "fill_activities.json").read_bytes())
 ]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +26,9 @@ from stream_supervisor.protocol import (
     listen_message,
 )
 
-FIXTURES = Path("/work/shared/fixtures/alpaca-recording")
-LINES: list[bytes] = (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines()
+from .fixtures import RECORDING
+
+LINES: list[bytes] = (RECORDING / "trade_updates.jsonl").read_bytes().splitlines()
 UPDATE_LINES = LINES[2:]
 FRAME_TYPES = (Event, DeadLetter, Authorization, Listening, ErrorReply, OtherStream)
 DECIMAL_FIELDS = ("cum_qty", "order_qty", "cum_avg_price", "fill_qty", "fill_price", "position_qty")
@@ -131,7 +131,7 @@ def test_received_at_is_carried() -> None:
 
 
 def test_fill_activities_key_like_the_matching_stream_fill() -> None:
-    activities = decode_activities((FIXTURES / "fill_activities.json").read_bytes())
+    activities = decode_activities((RECORDING / "fill_activities.json").read_bytes())
     stream = {
         (ev.order_id, ev.cum_qty): ev
         for ev in map(decode_frame, UPDATE_LINES)
@@ -155,7 +155,7 @@ def test_fill_activities_key_like_the_matching_stream_fill() -> None:
 
 
 def test_activity_keys_ignore_decimal_spelling() -> None:
-    body = json.loads((FIXTURES / "fill_activities.json").read_text())[:1]
+    body = json.loads((RECORDING / "fill_activities.json").read_text())[:1]
     body[0]["cum_qty"] = "0.0630"
     respelled = activity_to_event(decode_activities(json.dumps(body).encode())[0])
     stream = decode_frame(UPDATE_LINES[2])  # the first partial fill, cum 0.063

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,18 +35,8 @@ from stream_supervisor.simulator import (
 )
 from stream_supervisor.simulator.chaos import ChaosDecider
 
-# The recording lives with the shared design docs until the lead vendors it into tests/.
-FIXTURES = next(
-    (
-        p
-        for p in (
-            Path(__file__).parent / "fixtures" / "alpaca-recording",
-            Path("/work/shared/fixtures/alpaca-recording"),
-        )
-        if p.is_dir()
-    ),
-    Path("/work/shared/fixtures/alpaca-recording"),
-)
+from .fixtures import RECORDING
+
 START = datetime(2026, 11, 23, 20, 47, 37, 758317, tzinfo=UTC)
 AUTH = {"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}
 AUTH_MSG = json.dumps(
@@ -83,7 +72,7 @@ def all_activities(
 
 def fixture_lines() -> list[dict[str, Any]]:
     return [
-        json.loads(line) for line in (FIXTURES / "trade_updates.jsonl").read_text().splitlines()
+        json.loads(line) for line in (RECORDING / "trade_updates.jsonl").read_text().splitlines()
     ]
 
 
@@ -245,12 +234,12 @@ def test_shapes_match_the_recording() -> None:
     stamps = [parse_timestamp(u["timestamp"])[1] for u in updates]
     assert stamps == sorted(stamps)
 
-    recorded_acts = json.loads((FIXTURES / "fill_activities.json").read_text())
+    recorded_acts = json.loads((RECORDING / "fill_activities.json").read_text())
     acts = all_activities(broker)
     assert all(tuple(a) == tuple(recorded_acts[0]) for a in acts)
     assert all(re.match(r"^\d{17}::[0-9a-f-]{36}$", a["id"]) for a in acts)
 
-    recorded_truth = json.loads((FIXTURES / "ground_truth.json").read_text())
+    recorded_truth = json.loads((RECORDING / "ground_truth.json").read_text())
     truth = broker.ground_truth()
     assert set(truth) == set(recorded_truth)
     assert set(truth["stats"]) >= set(recorded_truth["stats"])

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,8 +27,9 @@ from stream_supervisor.pgstore import PgStore
 from stream_supervisor.store import Batch, BatchResult, Store, StoreError, StoreSnapshot
 from stream_supervisor.verify import verify_against_truth
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "alpaca-recording"
-TRUTH: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+from .fixtures import RECORDING
+
+TRUTH: dict[str, Any] = json.loads((RECORDING / "ground_truth.json").read_text())
 ACCOUNT: str = TRUTH["account_id"]
 TOLERANCE = Decimal("1e-9")
 POISON = "conformance: this dead letter makes the batch fail"
@@ -39,13 +39,13 @@ Hook = Callable[[Batch], bool]
 
 
 def stream_events() -> list[Event]:
-    frames = (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines()
+    frames = (RECORDING / "trade_updates.jsonl").read_bytes().splitlines()
     decoded = [protocol.decode_frame(f) for f in frames]
     return [f for f in decoded if isinstance(f, Event)]
 
 
 def rest_events() -> list[Event]:
-    activities = protocol.decode_activities((FIXTURES / "fill_activities.json").read_bytes())
+    activities = protocol.decode_activities((RECORDING / "fill_activities.json").read_bytes())
     return [protocol.activity_to_event(a) for a in activities]
 
 

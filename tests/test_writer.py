@@ -6,7 +6,6 @@ import json
 import random
 from decimal import Decimal
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,12 +23,13 @@ from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult, LostLeadership, StoreSnapshot
 from stream_supervisor.writer import Item, WriterSettings, take_batch, writer_actor
 
-FIXTURES = Path("/work/shared/fixtures/alpaca-recording")
-TRUTH: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+from .fixtures import RECORDING
+
+TRUTH: dict[str, Any] = json.loads((RECORDING / "ground_truth.json").read_text())
 ACCOUNT = TRUTH["account_id"]
 EVENTS: list[Event] = [
     ev
-    for ev in map(decode_frame, (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines())
+    for ev in map(decode_frame, (RECORDING / "trade_updates.jsonl").read_bytes().splitlines())
     if isinstance(ev, Event)
 ]
 RETRY = BackoffPolicy(initial=0.1, factor=2.0, cap=5.0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -20,24 +19,25 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from stream_supervisor.protocol import WireActivity, WireOrder, decode_activities
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "alpaca-recording"
+from ..fixtures import RECORDING
+
 KEY_ID = "TESTKEYID0001"
 SECRET_KEY = "TESTSECRETKEY-very-secret-0001"
 
 
 def fixture_frames() -> list[bytes]:
     """The recorded trade_updates frames (without the two control replies)."""
-    lines = (FIXTURES / "trade_updates.jsonl").read_bytes().splitlines()
+    lines = (RECORDING / "trade_updates.jsonl").read_bytes().splitlines()
     return [line for line in lines[2:] if line.strip()]
 
 
 def fixture_truth() -> dict[str, Any]:
-    truth: dict[str, Any] = json.loads((FIXTURES / "ground_truth.json").read_text())
+    truth: dict[str, Any] = json.loads((RECORDING / "ground_truth.json").read_text())
     return truth
 
 
 def fixture_activities() -> list[WireActivity]:
-    return decode_activities((FIXTURES / "fill_activities.json").read_bytes())
+    return decode_activities((RECORDING / "fill_activities.json").read_bytes())
 
 
 @dataclass
