@@ -44,8 +44,9 @@ from stream_supervisor.service import tune_interpreter
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult
-from stream_supervisor.supervisor import Dependencies, Supervisor
-from stream_supervisor.transport import websocket_connector
+from stream_supervisor.supervisor import Supervisor
+from stream_supervisor.wiring import open_supervisor, pg_store
+from stream_supervisor.wsclient import websocket_connector
 
 DUP_LAYERS = ("lru", "inflight", "database")
 
@@ -286,26 +287,25 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     metrics = Metrics()
     metrics.duplicates_dropped = _CountingCounter(  # type: ignore[assignment]
         metrics.duplicates_dropped, probe)
-    rest = NoNewsRest(args["account_id"])
     store_class = NoWriteStore if args.get("no_write") else TimedStore
-    deps = Dependencies(
-        connector=websocket_connector(connect_timeout=10.0),
-        rest=rest,
-        store_factory=lambda: store_class(
-            PgStore(settings.database_url, statement_timeout_ms=settings.statement_timeout_ms),
-            probe),
-        install_signal_handlers=False,
-    )
     state = SupervisorState()
-    sup = Supervisor(settings, deps, metrics=metrics, state=state)
+    rest = NoNewsRest(args["account_id"])
     codes: list[int] = []
     timed_out = False
 
-    async def supervise() -> None:
+    async def supervise(sup: Supervisor) -> None:
         codes.append(await sup.run())
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(supervise)
+    async with (
+        open_supervisor(
+            settings, metrics=metrics, state=state,
+            rest=rest,
+            store_factory=lambda: store_class(pg_store(settings), probe),
+            install_signal_handlers=False,
+        ) as sup,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(supervise, sup)
         with trio.move_on_after(args["timeout"]) as scope:
             await probe.done.wait()
         timed_out = scope.cancelled_caught

@@ -14,8 +14,8 @@ from typing import Any, Final
 import psycopg
 
 from . import pgconn
-from .pgstore import TABLES, SchemaNotMigrated
-from .store import StoreError
+from .errors import SchemaNotMigrated, StoreError
+from .pgstore import TABLES
 
 #: A cursor this far ahead of the database clock is "in the future" (broker vs our clock).
 CURSOR_FUTURE_TOLERANCE: Final = "5 minutes"

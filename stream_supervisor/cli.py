@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failure or violation, 2 usage, 78 configuration error.
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,15 +15,17 @@ from typing import Any
 
 import trio
 
-from .health import add_health_arguments, cmd_health
+from .endpoints import HTTP_ADDR_ENV, parse_http_addr
+from .errors import ConfigError, MigrationError, SchemaError, StoreError
 from .logs import configure_logging, get_logger, redactor
-from .migrate import MigrationError
 from .retention import add_prune_arguments, cmd_prune
-from .settings import ConfigError, Settings, load_settings
-from .store import SchemaError, StoreError
+from .settings import Settings, load_settings
 from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = get_logger("stream_supervisor.cli")
+
+#: How long `health` waits for the running service's answer.
+DEFAULT_HEALTH_TIMEOUT = 3.0
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "GET /v2/positions")
     _common_flags(reconcile)
     _broker_flags(reconcile)
-    add_health_arguments(sub.add_parser("health", help="exit 0 if the running service's "
+    _health_flags(sub.add_parser("health", help="exit 0 if the running service's "
                                         "/healthz (--ready: /readyz) answers 200, else 1"))
     prune = sub.add_parser("prune", help="delete old dedupe keys, dead letters and closed "
                            "positions in small batches (never position_history)")
@@ -202,6 +205,46 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from .reconcile import reconcile
 
     return trio.run(reconcile, settings)
+
+
+def _health_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-addr", help=f"where `run` serves health (env {HTTP_ADDR_ENV})")
+    p.add_argument("--ready", action="store_true",
+                   help="check /readyz (streaming, caught up, database writable) instead of "
+                        "/healthz (process and actors alive)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_HEALTH_TIMEOUT,
+                   help=f"seconds to wait for the answer (default {DEFAULT_HEALTH_TIMEOUT:g})")
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 if the running service answers 200 on /healthz (or /readyz), else 1.
+
+    Liveness is the default because a container health check that fails restarts the
+    task: a standby replica, a long backfill or a broker outage are not ready, yet a
+    restart would not help (and a reconnect storm earns HTTP 429s)."""
+    path = "/readyz" if args.ready else "/healthz"
+    if not settings.http_addr:
+        print(f"unhealthy: {HTTP_ADDR_ENV} is not set, so `run` serves no health endpoint")
+        return 1
+    try:
+        host, port = parse_http_addr(settings.http_addr)
+    except ConfigError as exc:
+        print(f"unhealthy: {exc}")
+        return 1
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "stream-supervisor-health"})
+        response = conn.getresponse()
+        body = response.read(4096).decode("utf-8", "replace").strip()
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"unhealthy: {path} on {host}:{port}: {exc}")
+        return 1
+    finally:
+        conn.close()
+    verdict = "healthy" if response.status == 200 else "unhealthy"
+    print(f"{verdict}: {path} {response.status} {body}")
+    return 0 if response.status == 200 else 1
 
 
 _COMMANDS: dict[str, Any] = {

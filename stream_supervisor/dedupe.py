@@ -11,27 +11,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import trio
 
 from .channels import drain, send_soon
-from .events import DeadLetter, Event
+from .events import Event
 from .logs import get_logger
+from .messages import Ack, Item
 from .metrics import Metrics
 from .state import SupervisorState
 
 log = get_logger("stream_supervisor.dedupe")
 
-Item = Event | DeadLetter
-
-
-class Ack(NamedTuple):
-    """The writer's word that a batch committed: every key of it is durable now (stored
-    by it, or found already stored), and the newest key it stored itself, if any."""
-
-    keys: tuple[str, ...]
-    newest_stored: str | None = None
 
 
 class KeyCache:

@@ -17,13 +17,12 @@ import trio
 
 from .logs import get_logger
 from .metrics import Metrics
-from .rest import HttpBrokerRest, RestSettings
 from .settings import Settings
 from .simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
 from .state import SupervisorState
-from .supervisor import EXIT_FAILURE, EXIT_OK, Dependencies, Supervisor
-from .transport import websocket_connector
+from .supervisor import EXIT_FAILURE, EXIT_OK
 from .verify import Mismatch, summarize, verify_against_truth
+from .wiring import open_supervisor, pg_store
 
 log = get_logger("stream_supervisor.demo")
 
@@ -72,8 +71,6 @@ async def run_pipeline_against_sim(
     """Serve the simulated broker on loopback, run the real supervisor against it and
     `settings.database_url`, wait until the market is finished and the database has
     caught up, drain, and verify. Used by `demo`, benchmarks and integration tests."""
-    from .pgstore import PgStore
-
     broker = SimulatedBroker(sim_config)
     metrics = Metrics()
     state = SupervisorState()
@@ -88,54 +85,45 @@ async def run_pipeline_against_sim(
             account_id=None,
             first_start_lookback=3600.0,
         )
-        rest = HttpBrokerRest(RestSettings(server.rest_url, sim_config.key_id,
-                                           sim_config.secret_key, timeout=5.0))
-        deps = Dependencies(
-            connector=websocket_connector(connect_timeout=settings.connect_timeout),
-            rest=rest,
-            store_factory=partial(PgStore, settings.database_url,
-                                  statement_timeout_ms=settings.statement_timeout_ms),
-            install_signal_handlers=False,
-        )
-        supervisor = Supervisor(settings, deps, metrics=metrics, state=state)
-        done = trio.Event()
-        exit_code: list[int] = []
+        async with open_supervisor(settings, metrics=metrics, state=state,
+                                   install_signal_handlers=False) as supervisor:
+            done = trio.Event()
+            exit_code: list[int] = []
 
-        async def run_supervisor() -> None:
-            exit_code.append(await supervisor.run())
-            done.set()
+            async def run_supervisor() -> None:
+                exit_code.append(await supervisor.run())
+                done.set()
 
-        nursery.start_soon(run_supervisor)
-        await nursery.start(broker.run_market)
-        mismatches: list[Mismatch] = []
-        with trio.move_on_after(timeout):
-            while True:
-                if progress is not None:
-                    _progress_line(progress, broker, metrics, state)
-                if done.is_set():
-                    break
-                if broker.finished:
-                    mismatches = await _verify(PgStore, settings, broker)
-                    if not mismatches:
+            nursery.start_soon(run_supervisor)
+            await nursery.start(broker.run_market)
+            mismatches: list[Mismatch] = []
+            with trio.move_on_after(timeout):
+                while True:
+                    if progress is not None:
+                        _progress_line(progress, broker, metrics, state)
+                    if done.is_set():
                         break
-                await trio.sleep(0.25)
-        if progress is not None:
-            _progress_line(progress, broker, metrics, state)
-            progress.write("\n")
-        supervisor.request_drain("demo finished")
-        with trio.move_on_after(settings.drain_timeout + 5):
-            await done.wait()
-        await rest.aclose()
+                    if broker.finished:
+                        mismatches = await _verify(settings, broker)
+                        if not mismatches:
+                            break
+                    await trio.sleep(0.25)
+            if progress is not None:
+                _progress_line(progress, broker, metrics, state)
+                progress.write("\n")
+            supervisor.request_drain("demo finished")
+            with trio.move_on_after(settings.drain_timeout + 5):
+                await done.wait()
         nursery.cancel_scope.cancel()
-    mismatches = await _verify(PgStore, settings, broker)
+    mismatches = await _verify(settings, broker)
     if not broker.finished:
         mismatches.append(Mismatch("liveness", "market", "finished", "still trading"))
     code = exit_code[0] if exit_code else EXIT_FAILURE
     return DemoResult(mismatches, broker.ground_truth(), metrics, state, code)
 
 
-async def _verify(store_cls: Any, settings: Settings, broker: SimulatedBroker) -> list[Mismatch]:
-    store = store_cls(settings.database_url)
+async def _verify(settings: Settings, broker: SimulatedBroker) -> list[Mismatch]:
+    store = pg_store(settings)
     await store.open()
     try:
         snapshot = await store.snapshot(broker.account()["id"])

@@ -1,9 +1,114 @@
-"""Errors shared across modules, and exception-group helpers (Trio nurseries wrap errors
-in groups; actors want the cause)."""
+"""Every error that crosses a module boundary, what each one means for the process, and
+the exception-group helpers (Trio nurseries wrap errors in groups; callers want the cause).
+
+How the supervisor treats them:
+- `FATAL`: only an operator can fix these (credentials, configuration, schema): the
+  process exits 78 (EX_CONFIG) at once, and systemd's `RestartPreventExitStatus=78`
+  keeps it from restarting in a loop.
+- Transport errors (`TransportClosed`, `UpgradeRejected`, `ProtocolViolation`) and
+  `BrokerUnavailable` during recovery: the connection actor reconnects with backoff;
+  nothing else restarts.
+- `StoreError`: the writer retries the batch; `StoreUnavailable` is waited out;
+  `LostLeadership` stops writing at once and the pipeline goes back to standby.
+- Anything else is a crash: the pipeline restarts from durable state, within the
+  restart-intensity limit.
+- `DecodeError` / `TimestampError` never leave the decoder as exceptions: bad input
+  becomes a dead letter.
+"""
 
 from __future__ import annotations
 
 import trio
+
+# --- configuration and schema: fatal --------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration problem the operator must fix; the message names the variable."""
+
+
+class SchemaError(Exception):
+    """The database is reachable but not migrated; `stream-supervisor migrate` fixes it."""
+
+
+class SchemaNotMigrated(SchemaError):
+    """The database lacks the tables or the migration this code needs."""
+
+
+class MigrationError(Exception):
+    """A migration cannot be applied: a changed applied file, a missing directory, or a
+    failing statement (the message names the file)."""
+
+
+# --- the broker -----------------------------------------------------------------------
+
+
+class Unauthorized(Exception):
+    """The broker refused our keys on the stream: a configuration error, never retried."""
+
+
+class BrokerAuthError(Exception):
+    """The broker refused our credentials (HTTP 401/403). Not retryable: fix the config."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker's REST API kept failing after every retry."""
+
+
+class TransportClosed(Exception):
+    """The stream connection is gone (peer closed, reset, or failed to open)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpgradeRejected(Exception):
+    """The server refused the WebSocket upgrade with an HTTP status (429: one connection
+    per account, the broker still holds our previous one)."""
+
+    def __init__(self, status_code: int, body: str = "") -> None:
+        super().__init__(f"upgrade rejected with HTTP {status_code}")
+        self.status_code = status_code
+        self.body = body
+
+
+class ProtocolViolation(Exception):
+    """The server did not follow the handshake (treated like a dropped connection)."""
+
+
+# --- decoding -------------------------------------------------------------------------
+
+
+class DecodeError(ValueError):
+    """A payload that cannot become an event; the message is the dead-letter reason."""
+
+
+class TimestampError(ValueError):
+    """Text that is not an RFC 3339 timestamp the decoder accepts."""
+
+
+# --- the store ------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """A failure talking to the store; the batch did not commit, or its fate is unknown."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now; waiting and retrying is the answer."""
+
+
+class LostLeadership(StoreError):
+    """This process no longer holds the account's writer lock: stop writing at once."""
+
+
+#: Errors that end the process at once with EX_CONFIG: only an operator can fix them.
+FATAL: tuple[type[BaseException], ...] = (ConfigError, SchemaError, Unauthorized,
+                                          BrokerAuthError)
+
+
+# --- exception groups -----------------------------------------------------------------
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
@@ -28,21 +133,3 @@ def collapse(exc: BaseException, *, prefer: tuple[type[BaseException], ...] = ()
         if not isinstance(leaf, trio.Cancelled):
             return leaf
     return exc
-
-
-class TransportClosed(Exception):
-    """The stream connection is gone (peer closed, reset, or failed to open)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UpgradeRejected(Exception):
-    """The server refused the WebSocket upgrade with an HTTP status (429: one connection
-    per account, the broker still holds our previous one)."""
-
-    def __init__(self, status_code: int, body: str = "") -> None:
-        super().__init__(f"upgrade rejected with HTTP {status_code}")
-        self.status_code = status_code
-        self.body = body

@@ -14,6 +14,8 @@ from typing import Final, Literal
 
 import msgspec
 
+from .errors import TimestampError
+
 FILL_EVENTS: Final = frozenset({"fill", "partial_fill"})
 
 #: Events the broker documents today. Anything else is stored and ignored, never fatal.
@@ -110,10 +112,6 @@ def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int) -> str:
 _RFC3339: Final = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:?\d{2})\Z"
 )
-
-
-class TimestampError(ValueError):
-    pass
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,31 +1,22 @@
-"""Health of a running supervisor: what "alive" means, and the HTTP endpoints that say it.
+"""Health of a running supervisor: what "alive" and "ready" mean, and nothing else.
 
 `HealthMonitor` is the one definition of liveness, used by `/healthz` and by the systemd
-watchdog. `/readyz` is `SupervisorState.ready`; `/metrics` is prometheus_client's own
-exposition. `stream-supervisor health` asks `/healthz` (or `/readyz`) and exits 0 or 1.
+watchdog; `readiness` is `/readyz`'s verdict (`SupervisorState.ready`) and its parts. The
+HTTP endpoints that say it are in `endpoints.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Final
 
-import h11
 import trio
-from prometheus_client.exposition import choose_encoder
 
-from .logs import get_logger
 from .metrics import Metrics
-from .settings import ENV_PREFIX, ConfigError, Settings
+from .settings import Settings
 from .state import SupervisorState
 
-log = get_logger("stream_supervisor.health")
-
-HTTP_ADDR_ENV: Final = ENV_PREFIX + "HTTP_ADDR"
 #: Slack added to every time limit below: scheduling delay, a slow DNS answer, GC.
 GRACE: Final = 10.0
 #: A writer with queued work shows progress (a commit or a retry) at least this often.
@@ -34,11 +25,6 @@ MIN_STALL_LIMIT: Final = 60.0
 CONNECTED: Final = frozenset({"authorized", "listening", "backfilling", "streaming"})
 #: (channel, the actor that consumes it): queued items and a silent consumer is a stall.
 CONSUMERS: Final = (("events", "dedupe"), ("new_events", "writer"))
-
-HTTP_MAX_CONNECTIONS: Final = 16
-HTTP_IO_TIMEOUT: Final = 5.0
-HTTP_MAX_REQUEST: Final = 16 * 1024
-DEFAULT_HEALTH_TIMEOUT: Final = 3.0
 
 
 # --------------------------------------------------------------------- liveness
@@ -204,193 +190,4 @@ def readiness(state: SupervisorState) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------- HTTP server
-
-
-def parse_http_addr(addr: str) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) -> (host, port)."""
-    text = addr.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{HTTP_ADDR_ENV}={addr!r} must be HOST:PORT, e.g. 127.0.0.1:9108")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "127.0.0.1", int(port_text)
-
-
-async def open_health_listeners(addr: str) -> list[trio.SocketListener]:
-    """Bind the health address now, so a bad one fails at start-up (exit 78)."""
-    host, port = parse_http_addr(addr)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise ConfigError(f"{HTTP_ADDR_ENV}={addr!r}: cannot listen: {exc.strerror or exc}") from None
-
-
-def bound_port(listeners: list[trio.SocketListener]) -> int:
-    port = listeners[0].socket.getsockname()[1]
-    assert isinstance(port, int)
-    return port
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-
-
-class HealthServer:
-    """`/healthz`, `/readyz` and `/metrics`: one request per connection, GET or HEAD."""
-
-    def __init__(self, state: SupervisorState, metrics: Metrics, monitor: HealthMonitor) -> None:
-        self.state = state
-        self.metrics = metrics
-        self.monitor = monitor
-        self._slots = trio.CapacityLimiter(HTTP_MAX_CONNECTIONS)
-
-    def answer(self, method: str, target: str, accept: str = "") -> _Response:
-        path = target.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return _Response(405, b'{"error":"method not allowed"}\n')
-        if path == "/healthz":
-            health = self.monitor.assess()
-            body = {"alive": health.alive, "problems": list(health.problems), **health.detail}
-            return _Response(200 if health.alive else 503, _json(body))
-        if path == "/readyz":
-            ready = readiness(self.state)
-            return _Response(200 if ready["ready"] else 503, _json(ready))
-        if path == "/metrics":
-            # The library's own negotiation: classic text format (generate_latest) unless
-            # the scraper asks for OpenMetrics.
-            encode, content_type = choose_encoder(accept)
-            return _Response(200, encode(self.metrics.registry), content_type)
-        return _Response(404, b'{"error":"not found","paths":["/healthz","/readyz","/metrics"]}\n')
-
-    async def __call__(self, stream: trio.SocketStream) -> None:
-        try:
-            if self._slots.borrowed_tokens >= self._slots.total_tokens:
-                return  # a flood of connections: drop the extra ones rather than queue them
-            async with self._slots:
-                with trio.move_on_after(HTTP_IO_TIMEOUT):
-                    await self._serve_one(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            with trio.move_on_after(1.0) as scope:
-                scope.shield = True
-                await stream.aclose()
-
-    async def _serve_one(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_MAX_REQUEST)
-        request: h11.Request | None = None
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(4096))
-                elif isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.EndOfMessage) and request is not None:
-                    break
-                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                    return
-            assert request is not None
-            accept = b",".join(v for k, v in request.headers if k == b"accept")
-            response = self.answer(request.method.decode("ascii", "replace"),
-                                   request.target.decode("ascii", "replace"),
-                                   accept.decode("latin-1"))
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                return
-            response = _Response(exc.error_status_hint, b'{"error":"bad request"}\n')
-        headers = [
-            (b"Content-Type", response.content_type.encode()),
-            (b"Content-Length", str(len(response.body)).encode()),
-            (b"Cache-Control", b"no-store"),
-            (b"Connection", b"close"),
-        ]
-        out = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-        if request is None or request.method != b"HEAD":
-            out += conn.send(h11.Data(data=response.body)) or b""
-        out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
-
-
-async def serve_health(
-    listeners: list[trio.SocketListener],
-    state: SupervisorState,
-    metrics: Metrics,
-    monitor: HealthMonitor,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until cancelled; `task_status.started` gets the bound port."""
-    port = bound_port(listeners)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, HealthServer(state, metrics, monitor),
-                            listeners)
-        host = listeners[0].socket.getsockname()[0]
-        log.info("health_listening", host=host, port=port)
-        task_status.started(port)
-
-
-# --------------------------------------------------------------------- `health` command
-
-
-def add_health_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--http-addr", help=f"where `run` serves health (env {HTTP_ADDR_ENV})")
-    p.add_argument("--ready", action="store_true",
-                   help="check /readyz (streaming, caught up, database writable) instead of "
-                        "/healthz (process and actors alive)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_HEALTH_TIMEOUT,
-                   help=f"seconds to wait for the answer (default {DEFAULT_HEALTH_TIMEOUT:g})")
-
-
-def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 if the running service answers 200 on /healthz (or /readyz), else 1.
-
-    Liveness is the default because a container health check that fails restarts the
-    task: a standby replica, a long backfill or a broker outage are not ready, yet a
-    restart would not help (and a reconnect storm earns HTTP 429s)."""
-    path = "/readyz" if args.ready else "/healthz"
-    if not settings.http_addr:
-        print(f"unhealthy: {HTTP_ADDR_ENV} is not set, so `run` serves no health endpoint")
-        return 1
-    try:
-        host, port = parse_http_addr(settings.http_addr)
-    except ConfigError as exc:
-        print(f"unhealthy: {exc}")
-        return 1
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
-    try:
-        conn.request("GET", path, headers={"User-Agent": "stream-supervisor-health"})
-        response = conn.getresponse()
-        body = response.read(4096).decode("utf-8", "replace").strip()
-    except (OSError, http.client.HTTPException) as exc:
-        print(f"unhealthy: {path} on {host}:{port}: {exc}")
-        return 1
-    finally:
-        conn.close()
-    verdict = "healthy" if response.status == 200 else "unhealthy"
-    print(f"{verdict}: {path} {response.status} {body}")
-    return 0 if response.status == 200 else 1
-
-
-__all__ = [
-    "Health",
-    "HealthMonitor",
-    "HealthPolicy",
-    "HealthServer",
-    "add_health_arguments",
-    "cmd_health",
-    "open_health_listeners",
-    "parse_http_addr",
-    "readiness",
-    "serve_health",
-]
+__all__ = ["Health", "HealthMonitor", "HealthPolicy", "readiness"]

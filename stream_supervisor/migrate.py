@@ -18,6 +18,7 @@ from typing import Any, Final
 import psycopg
 
 from . import pgconn
+from .errors import MigrationError
 
 #: `pg_advisory_lock` key held for a whole migrate run: the bytes "ss-migr8" as a bigint.
 #: Fixed and documented so operators can see (pg_locks.objid) who holds it.
@@ -39,11 +40,6 @@ _COMMENT: Final = (
     "'Migrations applied by stream-supervisor migrate: one row per migrations/*.sql file, "
     "with the sha256 of its bytes (a changed applied file is refused).'"
 )
-
-
-class MigrationError(Exception):
-    """A migration cannot be applied: a changed applied file, a missing directory, or a
-    failing statement (the message names the file)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,7 @@ from urllib.parse import quote, unquote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .settings import ConfigError
-from .store import StoreUnavailable
+from .errors import ConfigError, StoreUnavailable
 
 #: TCP keepalives, unless the conninfo says otherwise: a peer that vanished mid-query
 #: is noticed in ~25 s even though the server-side statement_timeout cannot help.

@@ -17,19 +17,12 @@ import trio
 from psycopg import pq
 
 from . import pgconn
+from .errors import LostLeadership, SchemaNotMigrated, StoreError, StoreUnavailable
 from .events import DeadLetter, Event
 from .ledger import Cursor, apply_events, cursor_of
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
-from .store import (
-    Batch,
-    BatchResult,
-    LostLeadership,
-    SchemaError,
-    StoreError,
-    StoreSnapshot,
-    StoreUnavailable,
-)
+from .store import Batch, BatchResult, StoreSnapshot
 
 T = TypeVar("T")
 
@@ -54,10 +47,6 @@ PREPARE_THRESHOLD: Final = 0
 #: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
 #: cannot hold row locks for ever; it is never shorter than this.
 MIN_IDLE_IN_TRANSACTION_MS: Final = 60_000
-
-
-class SchemaNotMigrated(SchemaError):
-    """The database is reachable but lacks the schema: run `stream-supervisor migrate`."""
 
 
 # --- SQL -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Any, Final
 
 import msgspec
 
-from .events import FILL_EVENTS, DeadLetter, Event, TimestampError, event_key, parse_timestamp
+from .errors import DecodeError, TimestampError
+from .events import FILL_EVENTS, DeadLetter, Event, event_key, parse_timestamp
 
 #: Frames larger than this are dead-lettered without being parsed (the broker's own are ~2 KB).
 DEFAULT_MAX_FRAME_BYTES: Final = 1_000_000
@@ -139,10 +140,6 @@ _error_decoder: Final = msgspec.json.Decoder(_ErrorData)
 _activities_decoder: Final = msgspec.json.Decoder(list[WireActivity])
 _orders_decoder: Final = msgspec.json.Decoder(list[WireOrder])
 _order_decoder: Final = msgspec.json.Decoder(WireOrder)
-
-
-class DecodeError(ValueError):
-    """A payload that cannot become an event; the message is the dead-letter reason."""
 
 
 #: Amounts beyond 10**20 are not money or share counts; NaN and Infinity never are.

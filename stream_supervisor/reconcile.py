@@ -7,9 +7,8 @@ from decimal import Decimal
 from typing import Any
 
 from .logs import get_logger
-from .pgstore import PgStore
-from .service import make_rest
 from .settings import Settings
+from .wiring import http_rest, pg_store
 
 log = get_logger("stream_supervisor.reconcile")
 
@@ -33,10 +32,10 @@ def compare_positions(
 
 
 async def reconcile(settings: Settings) -> int:
-    async with make_rest(settings) as rest:
+    async with http_rest(settings) as rest:
         account_id = settings.account_id or await rest.account_id()
         broker = await rest.positions()
-    store = PgStore(settings.database_url)
+    store = pg_store(settings)
     await store.open()
     try:
         snapshot = await store.snapshot(account_id)

@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from .errors import ConfigError
 from .logs import get_logger
-from .settings import ConfigError, Settings
+from .settings import Settings
 
 if TYPE_CHECKING:
     import psycopg
@@ -178,7 +179,7 @@ def prune(
     import psycopg
 
     from . import pgconn
-    from .store import StoreError
+    from .errors import StoreError
 
     now = now if now is not None else datetime.now(UTC)
     floor_applied = policy.max_age < policy.floor

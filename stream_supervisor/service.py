@@ -1,5 +1,5 @@
-"""Wiring for `stream-supervisor run`: the real transport, REST client and PostgreSQL,
-plus what the process's home needs: the health/metrics listener and systemd notify.
+"""`stream-supervisor run`: the supervisor as production wires it (`wiring.py`), plus
+what the process's home needs: the health/metrics listener and systemd notify.
 
 One nursery holds the supervisor, the HTTP listener and the notify loop; the last two
 stop when the supervisor returns.
@@ -14,15 +14,14 @@ from functools import partial
 
 import trio
 
-from .health import HealthMonitor, HealthPolicy, open_health_listeners, serve_health
+from .endpoints import open_health_listeners, serve_health
+from .health import HealthMonitor, HealthPolicy
 from .logs import get_logger
 from .metrics import Metrics
-from .rest import HttpBrokerRest, RestSettings
 from .sdnotify import Notifier, notify_loop, watchdog_interval
 from .settings import Settings
 from .state import SupervisorState
-from .supervisor import Dependencies, Supervisor
-from .transport import websocket_connector
+from .wiring import open_supervisor
 
 log = get_logger("stream_supervisor.service")
 
@@ -37,24 +36,6 @@ GIL_SWITCH_INTERVAL = 0.0005
 def tune_interpreter() -> None:
     """Process-wide settings for a supervisor process (`run`, `demo`, the benchmarks)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-
-
-def make_rest(settings: Settings) -> HttpBrokerRest:
-    return HttpBrokerRest(RestSettings(
-        base_url=settings.base_url, key_id=settings.key_id, secret_key=settings.secret_key,
-        timeout=settings.rest_timeout, retries=settings.rest_retries,
-    ))
-
-
-def make_dependencies(settings: Settings, rest: HttpBrokerRest) -> Dependencies:
-    from .pgstore import PgStore
-
-    return Dependencies(
-        connector=websocket_connector(connect_timeout=settings.connect_timeout),
-        rest=rest,
-        store_factory=partial(PgStore, settings.database_url,
-                              statement_timeout_ms=settings.statement_timeout_ms),
-    )
 
 
 async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None) -> int:
@@ -72,17 +53,15 @@ async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None)
     watchdog = watchdog_interval(env) if notifier is not None else None
     code: int | None = None
     try:
-        async with make_rest(settings) as rest:
-            supervisor = Supervisor(settings, make_dependencies(settings, rest),
-                                    metrics=metrics, state=state)
-            async with trio.open_nursery() as nursery:
-                if listeners is not None:
-                    await nursery.start(serve_health, listeners, state, metrics, monitor)
-                if notifier is not None:
-                    await nursery.start(partial(notify_loop, state, notifier, monitor,
-                                                watchdog=watchdog))
-                code = await supervisor.run()
-                nursery.cancel_scope.cancel()
+        async with (open_supervisor(settings, metrics=metrics, state=state) as supervisor,
+                    trio.open_nursery() as nursery):
+            if listeners is not None:
+                await nursery.start(serve_health, listeners, state, metrics, monitor)
+            if notifier is not None:
+                await nursery.start(partial(notify_loop, state, notifier, monitor,
+                                            watchdog=watchdog))
+            code = await supervisor.run()
+            nursery.cancel_scope.cancel()
     finally:
         if notifier is not None:
             # Also on a fatal exit or a crash: systemd then knows the stop was ours.

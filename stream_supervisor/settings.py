@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import BackoffPolicy
+from .errors import ConfigError
 
 PAPER_BASE_URL: Final = "https://paper-api.alpaca.markets"
 LIVE_BASE_URL: Final = "https://api.alpaca.markets"
@@ -34,10 +35,6 @@ DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
 DEFAULT_MAX_FRAME_BYTES: Final = 1_000_000
 DEFAULT_REST_TIMEOUT: Final = 10.0
 DEFAULT_REST_RETRIES: Final = 8
-
-
-class ConfigError(Exception):
-    """A configuration problem the operator must fix; the message names the variable."""
 
 
 def derive_stream_url(base_url: str) -> str:

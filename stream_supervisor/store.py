@@ -45,22 +45,6 @@ class BatchResult:
         return self.applied_keys | self.duplicate_keys
 
 
-class SchemaError(Exception):
-    """The database is reachable but not migrated; `stream-supervisor migrate` fixes it."""
-
-
-class StoreError(Exception):
-    """A failure talking to the store; the batch did not commit, or its fate is unknown."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be reached now; waiting and retrying is the answer."""
-
-
-class LostLeadership(StoreError):
-    """This process no longer holds the account's writer lock: stop writing at once."""
-
-
 @dataclass(frozen=True, slots=True)
 class StoreSnapshot:
     """Everything a store holds for one account, for checks and the conformance suite."""

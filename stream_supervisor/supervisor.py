@@ -16,20 +16,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 import trio
 
 from .backoff import Backoff, BackoffPolicy
-from .connection import FATAL, ConnectionActor, ConnectionSettings
-from .dedupe import Ack, Item, KeyCache, dedupe_actor
-from .errors import collapse, leaves
+from .channels import send_soon
+from .connection import ConnectionActor, ConnectionSettings
+from .dedupe import KeyCache, dedupe_actor
+from .errors import FATAL, BrokerUnavailable, StoreError, StoreUnavailable, collapse
 from .logs import get_logger
+from .messages import Ack, Item
 from .metrics import Metrics
-from .rest import BrokerRest, BrokerUnavailable
-from .settings import ConfigError, Settings
+from .recovery import GapRecovery, RecoverySettings
+from .rest import BrokerRest
+from .settings import Settings
 from .state import SupervisorState
-from .store import SchemaError, Store, StoreError, StoreUnavailable
+from .store import Store
 from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
@@ -42,8 +46,6 @@ ACK_CHANNEL_SIZE = 64
 RESTART_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
-#: Errors that end the process at once with EX_CONFIG: only an operator can fix them.
-FATAL_ERRORS: tuple[type[BaseException], ...] = (*FATAL, ConfigError, SchemaError)
 #: How often a standby asks for the writer lock; takeover happens within this.
 LEADER_POLL = 1.0
 
@@ -102,7 +104,7 @@ class Supervisor:
                 await nursery.start(self._watch_signals)
             try:
                 code = await self._supervise(task_status)
-            except FATAL_ERRORS as exc:
+            except FATAL as exc:
                 code = self._fatal(exc)
             nursery.cancel_scope.cancel()
         self.exit_code = code
@@ -151,10 +153,10 @@ class Supervisor:
             try:
                 await self._run_pipeline(account_id, mark_started)
             except (BaseExceptionGroup, Exception) as exc:
-                cause = collapse(exc, prefer=FATAL_ERRORS)
+                cause = collapse(exc, prefer=FATAL)
                 if isinstance(cause, trio.Cancelled | BaseExceptionGroup):
                     raise
-                if isinstance(cause, FATAL_ERRORS):
+                if isinstance(cause, FATAL):
                     raise cause from None
                 if isinstance(cause, StoreError):
                     # The writer retries store errors itself; this one hit the pipeline's
@@ -232,28 +234,23 @@ class Supervisor:
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
             send_acks, recv_acks = trio.open_memory_channel[Ack](ACK_CHANNEL_SIZE)
             self._export_fill(recv_events, recv_new)
-            connection = ConnectionActor(
-                ConnectionSettings(
-                    stream_url=s.stream_url,
-                    key_id=s.key_id,
-                    secret_key=s.secret_key,
-                    ping_interval=s.ping_interval,
-                    ping_timeout=s.ping_timeout,
-                    handshake_timeout=s.connect_timeout,
-                    backoff=s.backoff,
-                    backfill_overlap=s.backfill_overlap,
-                    order_refresh_interval=s.order_refresh_interval,
-                    first_start_lookback=s.first_start_lookback,
-                    max_frame_bytes=s.max_frame_bytes,
-                ),
-                self.deps.connector,
+            recovery = GapRecovery(
+                RecoverySettings.from_settings(s),
                 self.deps.rest,
-                send_events,
+                partial(send_soon, send_events),
                 self.metrics,
                 self.state,
                 wallclock=self.deps.wallclock,
-                rng=self.deps.rng,
                 open_order_ids=lambda: store.open_order_ids(account_id),
+            )
+            connection = ConnectionActor(
+                ConnectionSettings.from_settings(s),
+                self.deps.connector,
+                recovery,
+                send_events,
+                self.metrics,
+                self.state,
+                rng=self.deps.rng,
             )
             with trio.CancelScope() as pipeline_scope:
                 self._pipeline_scope = pipeline_scope
@@ -262,7 +259,7 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(
                         self._run_writer, nursery.cancel_scope,
-                        WriterSettings(account_id=account_id, max_batch=s.max_batch),
+                        WriterSettings.from_settings(s, account_id),
                         store, recv_new, send_acks,
                     )
                     await nursery.start(
@@ -371,7 +368,5 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "Dependencies",
-    "SchemaError",
     "Supervisor",
-    "leaves",
 ]

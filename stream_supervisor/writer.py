@@ -16,16 +16,17 @@ import trio
 
 from .backoff import Backoff, BackoffPolicy
 from .channels import drain
-from .dedupe import Ack
+from .errors import LostLeadership, StoreError
 from .events import DeadLetter, Event
 from .logs import get_logger
+from .messages import Ack, Item
 from .metrics import Metrics
+from .settings import Settings
 from .state import SupervisorState
-from .store import Batch, BatchResult, LostLeadership, Store, StoreError
+from .store import Batch, BatchResult, Store
 
 log = get_logger("stream_supervisor.writer")
 
-Item = Event | DeadLetter
 
 RETRY_POLICY = BackoffPolicy(initial=0.1, factor=2.0, cap=5.0)
 
@@ -33,8 +34,12 @@ RETRY_POLICY = BackoffPolicy(initial=0.1, factor=2.0, cap=5.0)
 @dataclass(frozen=True, slots=True)
 class WriterSettings:
     account_id: str
-    max_batch: int = 500
+    max_batch: int
     retry: BackoffPolicy = RETRY_POLICY
+
+    @classmethod
+    def from_settings(cls, s: Settings, account_id: str) -> WriterSettings:
+        return cls(account_id=account_id, max_batch=s.max_batch)
 
 
 def take_batch(first: Item, inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:

@@ -9,14 +9,19 @@ still does the upgrade, framing, UTF-8 and close-code rules, so this module is o
 I/O around it: pings and pongs, the close handshake, fragment assembly with a size
 limit. The simulated broker's server side still uses trio-websocket.
 
-Contract, as for the rest of the transport seam: failures surface as `TransportClosed`
-(or `UpgradeRejected` for a refused upgrade); messages already read are returned before
-the failure is.
+`websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
+stream, runs the upgrade, and always closes both. Contract, as for the whole transport
+seam: failures surface as `TransportClosed` (or `UpgradeRejected` for a refused
+upgrade); messages already read are returned before the failure is.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -35,7 +40,12 @@ from wsproto.events import (
 from wsproto.utilities import ProtocolError
 
 from .errors import TransportClosed, UpgradeRejected
+from .transport import Connector, WebSocket
 
+#: The largest message the transport assembles; beyond it the connection is closed
+#: (1009). Frames over the decoder's own, smaller limit are dead-lettered, so one
+#: oversized frame costs a dead-letter row, not a reconnect.
+TRANSPORT_MAX_MESSAGE: int = 16 * 1024 * 1024
 #: Bytes asked of the socket per read: about sixty trade updates.
 RECEIVE_BYTES = 64 * 1024
 #: What is kept of the body of a refused upgrade, for the error message.
@@ -271,3 +281,58 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
                     raise UpgradeRejected(
                         rejected.status_code,
                         body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))
+
+
+def websocket_connector(
+    *, connect_timeout: float = 10.0, disconnect_timeout: float = 2.0
+) -> Connector:
+    """A `Connector` over `wsclient`; TLS for wss:// comes from the system store.
+
+    On leaving, the close handshake gets `disconnect_timeout` (a tenth of it when the
+    caller is already cancelled: a drain should not wait on a peer that went quiet),
+    then the stream is closed whatever happened.
+    """
+
+    @asynccontextmanager
+    async def connect(url: str) -> AsyncIterator[WebSocket]:
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise TransportClosed(f"not a WebSocket URL: {url!r}")
+        host = parts.hostname
+        port = parts.port or (443 if secure else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        stream: trio.abc.Stream
+        try:
+            with trio.fail_after(connect_timeout):
+                if secure:
+                    stream = await trio.open_ssl_over_tcp_stream(
+                        host, port, ssl_context=ssl.create_default_context(),
+                        https_compatible=True)
+                else:
+                    stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise TransportClosed("connect timeout") from None
+        except OSError as exc:
+            raise TransportClosed(f"connect failed: {type(exc).__name__}: {exc}") from None
+        try:
+            try:
+                with trio.fail_after(connect_timeout):
+                    client = await open_websocket(
+                        stream, host if parts.port is None else f"{host}:{port}", resource,
+                        max_message_size=TRANSPORT_MAX_MESSAGE)
+            except trio.TooSlowError:
+                raise TransportClosed("handshake timeout") from None
+            try:
+                yield client
+            finally:
+                cancelled = trio.current_effective_deadline() == float("-inf")
+                with trio.move_on_after(
+                        disconnect_timeout / 10 if cancelled else disconnect_timeout,
+                        shield=True):
+                    await client.aclose()
+        finally:
+            with trio.move_on_after(disconnect_timeout, shield=True):
+                await stream.aclose()
+
+    return connect

@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from stream_supervisor.check import Violation, format_violations, run_checks
+from stream_supervisor.errors import SchemaNotMigrated
 from stream_supervisor.events import fill_key
-from stream_supervisor.pgstore import PgStore, SchemaNotMigrated
+from stream_supervisor.pgstore import PgStore
 
 from .test_store_conformance import ACCOUNT, REST, STREAM, replay
 

@@ -8,8 +8,9 @@ from decimal import Decimal
 import trio
 import trio.testing
 
-from stream_supervisor.dedupe import Ack, Item, KeyCache, dedupe_actor
+from stream_supervisor.dedupe import KeyCache, dedupe_actor
 from stream_supervisor.events import DeadLetter, Event, fill_key
+from stream_supervisor.messages import Ack, Item
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.state import SupervisorState
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream_supervisor.errors import TimestampError
 from stream_supervisor.events import (
-    TimestampError,
     decimal_text,
     event_key,
     fill_key,

@@ -11,16 +11,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_supervisor.health import (
-    HealthMonitor,
-    HealthPolicy,
-    cmd_health,
-    open_health_listeners,
-    parse_http_addr,
-    serve_health,
-)
+from stream_supervisor.cli import cmd_health
+from stream_supervisor.endpoints import open_health_listeners, parse_http_addr, serve_health
+from stream_supervisor.errors import ConfigError
+from stream_supervisor.health import HealthMonitor, HealthPolicy
 from stream_supervisor.metrics import Metrics
-from stream_supervisor.settings import ConfigError, Settings
+from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
 
 POLICY = HealthPolicy(connection_silence=35.0, connecting_limit=30.0, backoff_limit=55.0,

@@ -14,12 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from stream_supervisor.migrate import (
-    MIGRATIONS_DIR_ENV,
-    MigrationError,
-    apply_migrations,
-    find_migrations_dir,
-)
+from stream_supervisor.errors import MigrationError
+from stream_supervisor.migrate import MIGRATIONS_DIR_ENV, apply_migrations, find_migrations_dir
 
 REPO_MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 TABLES = (

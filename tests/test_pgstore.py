@@ -11,11 +11,16 @@ import psycopg
 import pytest
 import trio
 
+from stream_supervisor.errors import (
+    ConfigError,
+    SchemaError,
+    SchemaNotMigrated,
+    StoreError,
+    StoreUnavailable,
+)
 from stream_supervisor.events import DeadLetter
-from stream_supervisor.pgstore import PgStore, SchemaNotMigrated
-from stream_supervisor.settings import ConfigError
-from stream_supervisor.store import Batch, StoreError, StoreUnavailable
-from stream_supervisor.supervisor import SchemaError
+from stream_supervisor.pgstore import PgStore
+from stream_supervisor.store import Batch
 
 from .test_store_conformance import ACCOUNT, STREAM, TRUTH, fill, full_mismatches, replay
 

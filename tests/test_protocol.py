@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stream_supervisor.errors import DecodeError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.protocol import (
     DEAD_LETTER_KEEP_BYTES,
     Authorization,
-    DecodeError,
     ErrorReply,
     Listening,
     OtherStream,

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from stream_supervisor.errors import ConfigError
 from stream_supervisor.retention import (
     SAFETY_MARGIN,
     TRADING_DAY_LOOKBACK,
@@ -20,7 +21,7 @@ from stream_supervisor.retention import (
     parse_duration,
     prune,
 )
-from stream_supervisor.settings import ConfigError, Settings
+from stream_supervisor.settings import Settings
 
 NOW = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -191,7 +192,7 @@ def test_prune_command(database_url: str, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_database_errors_are_store_errors_without_the_password(empty_database_url: str) -> None:
-    from stream_supervisor.store import StoreError
+    from stream_supervisor.errors import StoreError
 
     with pytest.raises(StoreError, match="alpaca_event_dedupe") as caught:
         prune(empty_database_url, RetentionPolicy(), now=NOW)  # not migrated

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.errors import ConfigError
 from stream_supervisor.settings import (
     DEFAULT_CHANNEL_SIZE,
     DEFAULT_LRU_SIZE,
     DEFAULT_MAX_BATCH,
     PAPER_BASE_URL,
-    ConfigError,
     Settings,
     load_settings,
 )

@@ -31,8 +31,8 @@ from wsproto.events import (
 )
 
 from stream_supervisor.errors import TransportClosed, UpgradeRejected
-from stream_supervisor.transport import WebSocket, websocket_connector
-from stream_supervisor.wsclient import MESSAGE_TOO_BIG, open_websocket
+from stream_supervisor.transport import WebSocket
+from stream_supervisor.wsclient import MESSAGE_TOO_BIG, open_websocket, websocket_connector
 
 
 class Peer:
@@ -210,7 +210,7 @@ async def _read_until_closed(ws: WebSocket) -> None:
 
 
 async def test_an_oversized_message_closes_with_1009(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stream_supervisor.transport.TRANSPORT_MAX_MESSAGE", 1000)
+    monkeypatch.setattr("stream_supervisor.wsclient.TRANSPORT_MAX_MESSAGE", 1000)
     codes: list[int] = []
 
     async def script(peer: Peer) -> None:

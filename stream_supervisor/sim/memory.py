@@ -15,8 +15,9 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
+from ..errors import TransportClosed, UpgradeRejected
 from ..simulator import SessionClosed, SimulatedBroker
-from ..transport import Connector, TransportClosed, UpgradeRejected, WebSocket
+from ..transport import Connector, WebSocket
 
 #: Frames buffered in each direction: the in-memory stand-in for socket buffers.
 LINK_BUFFER = 256

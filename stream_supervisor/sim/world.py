@@ -20,15 +20,16 @@ import trio.testing
 from trio._core import _run as trio_run_internals
 
 from ..backoff import BackoffPolicy
+from ..errors import StoreError
 from ..memstore import MemoryDatabase, MemoryStore
 from ..metrics import Metrics
-from ..rest import HttpBrokerRest, RestSettings
 from ..settings import Settings
 from ..simulator import ChaosConfig, SimConfig, SimulatedBroker
 from ..state import SupervisorState
-from ..store import Batch, StoreError
-from ..supervisor import Dependencies, Supervisor
+from ..store import Batch
+from ..supervisor import Supervisor
 from ..verify import Mismatch, verify_against_truth
+from ..wiring import open_supervisor
 from .memory import BrokerTransport, memory_connector
 
 #: Simulated wall-clock epoch: a fixed Monday session, so timestamps replay exactly.
@@ -232,32 +233,25 @@ async def _world(
         while True:
             lives += 1
             rng = random.Random(f"{schedule.seed}/{lives}")
-            rest = HttpBrokerRest(
-                RestSettings("http://broker.sim", sim.key_id, sim.secret_key,
-                             timeout=settings.rest_timeout, retries=settings.rest_retries),
-                rng=rng, transport=BrokerTransport(broker),
-            )
-            deps = Dependencies(
-                connector=memory_connector(broker, world),
-                rest=rest,
-                store_factory=lambda: make_store(db, faults),
-                wallclock=wallclock,
-                rng=rng,
-                install_signal_handlers=False,
-            )
-            state = SupervisorState()
-            sup = Supervisor(settings, deps, metrics=Metrics(), state=state)
             next_crash = crash_times.pop(0) if crash_times else None
             with trio.CancelScope() as life:
                 if next_crash is not None:
                     life.deadline = t0 + next_crash
-                async with trio.open_nursery() as inner:
+                async with (
+                    open_supervisor(
+                        settings, metrics=Metrics(), state=SupervisorState(),
+                        connector=memory_connector(broker, world),
+                        rest_transport=BrokerTransport(broker),
+                        store_factory=lambda: make_store(db, faults),
+                        wallclock=wallclock, rng=rng, install_signal_handlers=False,
+                    ) as sup,
+                    trio.open_nursery() as inner,
+                ):
                     inner.start_soon(_run_and_record, sup, trace)
                     if next_crash is None:
                         await _until_converged(broker, db, account_id, t0,
                                               schedule.strict_prices)
                         sup.request_drain("simulation finished")
-            await rest.aclose()
             if life.cancelled_caught:
                 trace.append(f"crash@{trio.current_time() - t0:.3f}")
                 continue

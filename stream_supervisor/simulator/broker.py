@@ -23,7 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 import trio
 
-from ..events import TimestampError, parse_timestamp
+from ..errors import TimestampError
+from ..events import parse_timestamp
 from .chaos import INJECTED_KINDS, ChaosConfig, ChaosDecider
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from functools import partial
@@ -24,17 +25,18 @@ import psycopg
 import trio
 
 from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.errors import StoreError
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
-from stream_supervisor.rest import HttpBrokerRest, RestSettings
 from stream_supervisor.settings import Settings
 from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
 from stream_supervisor.simulator.chaos import INJECTED_KINDS
 from stream_supervisor.state import SupervisorState
-from stream_supervisor.store import StoreError, StoreSnapshot
-from stream_supervisor.supervisor import EXIT_OK, Dependencies, Supervisor
-from stream_supervisor.transport import websocket_connector
+from stream_supervisor.store import StoreSnapshot
+from stream_supervisor.supervisor import EXIT_OK, Supervisor
 from stream_supervisor.verify import Mismatch, summarize, verify_against_truth
+from stream_supervisor.wiring import open_supervisor, pg_store
+from stream_supervisor.wsclient import websocket_connector
 
 #: Reconnects and 429s cost milliseconds, not the production seconds.
 FAST_BACKOFF: Final = BackoffPolicy(initial=0.05, factor=2.0, cap=0.5, rate_limited_floor=0.2)
@@ -293,25 +295,19 @@ async def run_scenario(
     notes: list[str] = []
     cursor = CursorWatch(verify_url, broker.account_id)
     with trio.fail_after(timeout + settings.drain_timeout + 15):
-        async with trio.open_nursery() as nursery:
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
             server: SimServer = await nursery.start(serve, broker)
             settings = replace(settings, key_id=config.key_id, secret_key=config.secret_key,
                                base_url=server.rest_url, stream_url=server.ws_url)
-            rest = HttpBrokerRest(RestSettings(server.rest_url, config.key_id, config.secret_key,
-                                               timeout=settings.rest_timeout,
-                                               retries=settings.rest_retries),
-                                  rng=random.Random(config.seed))
-            make_store = store_factory or (lambda s: PgStore(
-                s.database_url, statement_timeout_ms=s.statement_timeout_ms))
-            deps = Dependencies(
+            make_store = store_factory or pg_store
+            supervisor = await stack.enter_async_context(open_supervisor(
+                settings, metrics=metrics, state=state,
                 connector=websocket_connector(connect_timeout=settings.connect_timeout,
                                               disconnect_timeout=DISCONNECT_TIMEOUT),
-                rest=rest,
                 store_factory=partial(make_store, settings),
                 rng=random.Random(config.seed),
                 install_signal_handlers=False,
-            )
-            supervisor = Supervisor(settings, deps, metrics=metrics, state=state)
+            ))
             done = trio.Event()
 
             async def run_supervisor() -> None:
@@ -372,7 +368,7 @@ async def run_scenario(
                 await done.wait()
             if not done.is_set():
                 notes.append("the supervisor did not stop within the drain deadline")
-            await rest.aclose()
+            await stack.aclose()
             nursery.cancel_scope.cancel()
     final = await final_verify(verify_url, broker, strict_prices=strict_prices)
     return Outcome(config, broker, supervisor, final, exit_code[0] if exit_code else None,

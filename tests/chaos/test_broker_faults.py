@@ -294,8 +294,8 @@ async def test_unknown_event_about_an_unseen_order_invents_no_order(database_url
     from stream_supervisor.settings import Settings
     from stream_supervisor.simulator.chaos import unknown_event_frame
     from stream_supervisor.supervisor import Dependencies, Supervisor
-    from stream_supervisor.transport import websocket_connector
     from stream_supervisor.verify import verify_against_truth
+    from stream_supervisor.wsclient import websocket_connector
 
     from ..integration.replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script
     from .harness import snapshot

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -17,9 +16,9 @@ from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
-from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK, Dependencies, Supervisor
-from stream_supervisor.transport import websocket_connector
+from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK, Supervisor
 from stream_supervisor.verify import verify_against_truth
+from stream_supervisor.wiring import open_supervisor
 
 from .replay import (
     KEY_ID,
@@ -61,16 +60,12 @@ async def _run_until(
     timeout: float = 30.0,
 ) -> Supervisor:
     """Run a supervisor until `done` says so, then drain it; returns it (exit_code set)."""
-    deps = Dependencies(
-        connector=websocket_connector(connect_timeout=5.0),
-        rest=rest,
-        store_factory=partial(PgStore, settings.database_url),
-        rng=random.Random(7),
-        install_signal_handlers=False,
-    )
-    sup = Supervisor(settings, deps, metrics=Metrics(), state=SupervisorState())
     with trio.fail_after(timeout):
-        async with trio.open_nursery() as nursery:
+        async with (
+            open_supervisor(settings, metrics=Metrics(), state=SupervisorState(), rest=rest,
+                            rng=random.Random(7), install_signal_handlers=False) as sup,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(sup.run)
             while not await done(sup):
                 await trio.sleep(0.05)
@@ -208,13 +203,9 @@ async def test_unauthorized_is_fatal_with_a_clear_exit(database_url: str) -> Non
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         settings = _settings(database_url, server)
-        deps = Dependencies(
-            connector=websocket_connector(connect_timeout=5.0),
-            rest=FixtureRest(ACCOUNT),
-            store_factory=partial(PgStore, database_url),
-            install_signal_handlers=False,
-        )
         with trio.fail_after(20):
-            code = await Supervisor(settings, deps).run()
+            async with open_supervisor(settings, rest=FixtureRest(ACCOUNT),
+                                       install_signal_handlers=False) as sup:
+                code = await sup.run()
         nursery.cancel_scope.cancel()
     assert code == EXIT_CONFIG

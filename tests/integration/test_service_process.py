@@ -227,12 +227,12 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
     goes, and nothing is lost or doubled."""
     from stream_supervisor.health import HealthMonitor, HealthPolicy
     from stream_supervisor.metrics import Metrics
-    from stream_supervisor.rest import HttpBrokerRest, RestSettings
+    from stream_supervisor.rest_http import HttpBrokerRest, RestSettings
     from stream_supervisor.sdnotify import Notifier, notify_loop
     from stream_supervisor.settings import Settings
     from stream_supervisor.state import SupervisorState
     from stream_supervisor.supervisor import EXIT_OK, Dependencies, Supervisor
-    from stream_supervisor.transport import websocket_connector
+    from stream_supervisor.wsclient import websocket_connector
 
     broker = SimulatedBroker(SimConfig(seed=23, account_id=str(uuid.uuid4()), orders=150,
                                        rate=250.0))

@@ -1,0 +1,155 @@
+"""`BrokerRest` over HTTP: httpx on Trio (through anyio). Timeouts on every call,
+retries with backoff on 5xx, 429 honouring `Retry-After`, and no retry on 401/403,
+which is a configuration error.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Self
+
+import httpx
+import msgspec
+import trio
+
+from .backoff import Backoff, BackoffPolicy
+from .errors import BrokerAuthError, BrokerUnavailable
+from .logs import get_logger
+from .protocol import WireActivity, WireOrder, decode_activities, decode_order, decode_orders
+from .rest import MAX_PAGE_SIZE
+from .settings import DEFAULT_REST_RETRIES, DEFAULT_REST_TIMEOUT, Settings
+
+log = get_logger("stream_supervisor.rest_http")
+
+_RETRY_POLICY = BackoffPolicy(initial=0.25, factor=2.0, cap=10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RestSettings:
+    base_url: str
+    key_id: str
+    secret_key: str
+    timeout: float = DEFAULT_REST_TIMEOUT
+    retries: int = DEFAULT_REST_RETRIES
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RestSettings:
+        return cls(base_url=s.base_url, key_id=s.key_id, secret_key=s.secret_key,
+                   timeout=s.rest_timeout, retries=s.rest_retries)
+
+
+class HttpBrokerRest:
+    """`BrokerRest` over HTTP. Use as an async context manager (it owns a connection pool)."""
+
+    def __init__(
+        self,
+        settings: RestSettings,
+        *,
+        rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._rng = rng if rng is not None else random.Random()
+        # `transport` lets the deterministic simulation answer in memory while every
+        # retry, timeout and status rule here still runs for real.
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            base_url=settings.base_url,
+            headers={
+                "APCA-API-KEY-ID": settings.key_id,
+                "APCA-API-SECRET-KEY": settings.secret_key,
+                "Accept": "application/json",
+                "User-Agent": "stream-supervisor",
+            },
+            timeout=httpx.Timeout(settings.timeout),
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            await self._client.aclose()
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> bytes | None:
+        """GET with retries. Returns the body, or None for 404."""
+        backoff = Backoff(_RETRY_POLICY, self._rng)
+        attempts = max(1, self._settings.retries + 1)
+        last = ""
+        for attempt in range(attempts):
+            try:
+                # The client has its own timeouts; this bounds the whole exchange too.
+                with trio.fail_after(self._settings.timeout * 2):
+                    resp = await self._client.get(path, params=params)
+            except (httpx.TransportError, trio.TooSlowError) as exc:
+                last = f"{type(exc).__name__}"
+                delay = backoff.next_delay()
+            else:
+                status = resp.status_code
+                if status < 300:
+                    return resp.content
+                if status == 404:
+                    return None
+                if status in (401, 403):
+                    raise BrokerAuthError(
+                        f"broker REST refused the credentials (HTTP {status} on {path}): "
+                        "check APCA_API_KEY_ID, APCA_API_SECRET_KEY and APCA_API_BASE_URL"
+                    )
+                if status == 429 or status >= 500:
+                    last = f"HTTP {status}"
+                    delay = backoff.next_delay()
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    if retry_after is not None:
+                        delay = max(delay, retry_after)
+                else:
+                    raise BrokerUnavailable(f"broker REST answered HTTP {status} on {path}")
+            if attempt + 1 < attempts:
+                log.warning("rest_retry", path=path, reason=last, attempt=attempt + 1,
+                            delay=round(delay, 3))
+                await trio.sleep(delay)
+        raise BrokerUnavailable(f"broker REST {path} failed after {attempts} attempts: {last}")
+
+    async def account_id(self) -> str:
+        body = await self._get("/v2/account")
+        if body is None:
+            raise BrokerUnavailable("GET /v2/account returned 404")
+        account = msgspec.json.decode(body)
+        return str(account["id"])
+
+    async def fill_activities(
+        self, *, after: str | None, page_token: str | None, page_size: int = MAX_PAGE_SIZE
+    ) -> list[WireActivity]:
+        params: dict[str, Any] = {"direction": "asc", "page_size": min(page_size, MAX_PAGE_SIZE)}
+        if after is not None:
+            params["after"] = after
+        if page_token is not None:
+            params["page_token"] = page_token
+        body = await self._get("/v2/account/activities/FILL", params)
+        return decode_activities(body) if body else []
+
+    async def open_orders(self) -> list[WireOrder]:
+        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "false"})
+        return decode_orders(body) if body else []
+
+    async def order(self, order_id: str) -> WireOrder | None:
+        body = await self._get(f"/v2/orders/{order_id}")
+        return decode_order(body) if body else None
+
+    async def positions(self) -> list[dict[str, Any]]:
+        body = await self._get("/v2/positions")
+        return list(msgspec.json.decode(body)) if body else []
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+    return min(max(seconds, 0.0), 120.0)
