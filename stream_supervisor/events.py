@@ -103,7 +103,7 @@ def fill_key(order_id: str, cum_qty: Decimal) -> str:
 
 
 def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int) -> str:
-    """The dedupe key of an update (DESIGN section 4, layer 1)."""
+    """The dedupe key of an update (docs/design.md, section 4, layer 1)."""
     if event in FILL_EVENTS:
         return fill_key(order_id, cum_qty)
     return f"{event}:{order_id}:{ts_ns}"

@@ -1,4 +1,4 @@
-"""Order level of exactly-once (DESIGN section 4, layer 2): pure, no I/O.
+"""Order level of exactly-once (docs/design.md, section 4, layer 2): pure, no I/O.
 
 An order's stored cumulative `filled_qty` is a high-water mark: an update whose
 cumulative quantity is not above it changes nothing, and the quantity that reaches

@@ -182,8 +182,8 @@ FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[])
 ORDER BY n
 """
 
-# A session-level advisory lock per account elects the one writer (DESIGN section 7). It
-# lives and dies with the connection, which is why a leader never reconnects silently.
+# A session-level advisory lock per account elects the one writer (docs/design.md, section
+# 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
 

@@ -1,4 +1,4 @@
-"""Symbol level of exactly-once (DESIGN section 4, layer 3): position math, pure.
+"""Symbol level of exactly-once (docs/design.md, section 4, layer 3): position math, pure.
 
 A position is the signed net quantity Q and average entry price A of one symbol in one
 account, opened by the order whose fill opened it. Same-direction fills re-average;

@@ -90,7 +90,7 @@ class Store(Protocol):
         ...
 
     async def try_leadership(self, account_id: str) -> bool:
-        """Try to become the account's one writer (DESIGN section 7). True once held; the
+        """Try to become the account's one writer (docs/design.md, section 7). True once held; the
         store then refuses to write through any other connection (LostLeadership)."""
         ...
 

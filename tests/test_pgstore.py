@@ -205,7 +205,7 @@ async def test_nul_characters_do_not_poison_a_batch(database_url: str) -> None:
 
 
 async def test_rows_are_what_other_jobs_read(database_url: str) -> None:
-    """The columns of DESIGN section 5, as a user's SQL sees them."""
+    """The columns of docs/design.md, section 5, as a user's SQL sees them."""
     store = await opened(database_url)
     await replay(store, STREAM, 40)
     await store.aclose()
