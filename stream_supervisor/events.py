@@ -74,6 +74,10 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     asset_class: str | None = None
     created_at: datetime | None = None
     received_at: float = 0.0  # trio.current_time() at frame receipt, for latency metrics
+    #: What it was decoded from: the stream frame, or the REST activity's or order's JSON.
+    #: Kept (a reference, not a copy) so that an update the database refuses can still be
+    #: dead-lettered verbatim, and replayed later through the decoder of the day.
+    raw: bytes = b""
 
     @property
     def is_fill(self) -> bool:

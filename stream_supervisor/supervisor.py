@@ -251,6 +251,7 @@ class Supervisor:
                 self.metrics,
                 self.state,
                 rng=self.deps.rng,
+                wallclock=self.deps.wallclock,
             )
             with trio.CancelScope() as pipeline_scope:
                 self._pipeline_scope = pipeline_scope

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stream_supervisor.bounds import DEAD_LETTER_KEEP_BYTES
 from stream_supervisor.errors import DecodeError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.protocol import (
-    DEAD_LETTER_KEEP_BYTES,
     Authorization,
     ErrorReply,
     Listening,
@@ -314,15 +314,19 @@ def test_quantities_sent_as_json_numbers_stay_exact() -> None:
     numeric = (
         line.replace(b'"qty":"0.063"', b'"qty":0.1')
         .replace(b'"price":"351.14"', b'"price":123456789.123456789012')
-        .replace(b'"filled_qty":"0.063"', b'"filled_qty":0.30000000000000004')
+        .replace(b'"filled_qty":"0.063"', b'"filled_qty":0.300000000004')
     )
     ev = decode_frame(numeric)
     assert isinstance(ev, Event)
     assert isinstance(ev.fill_qty, Decimal) and ev.fill_qty == Decimal("0.1")
     assert ev.fill_price == Decimal("123456789.123456789012")
-    assert ev.cum_qty == Decimal("0.30000000000000004")
-    as_text = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":"0.30000000000000004"')
+    assert ev.cum_qty == Decimal("0.300000000004")
+    as_text = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":"0.300000000004"')
     assert decode_frame(as_text).key == ev.key  # type: ignore[union-attr]
+    # A float's artefact has more decimal places than a quantity may (bounds.py): the
+    # update is refused rather than rounded.
+    artefact = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":0.30000000000000004')
+    assert "decimal places" in _dead(artefact).reason
 
 
 @pytest.mark.parametrize(
