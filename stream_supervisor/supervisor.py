@@ -25,7 +25,15 @@ from .backoff import Backoff, BackoffPolicy
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
 from .dedupe import KeyCache, dedupe_actor
-from .errors import FATAL, BrokerUnavailable, StoreError, StoreUnavailable, collapse
+from .errors import (
+    FATAL,
+    BrokerUnavailable,
+    LostLeadership,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    collapse,
+)
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
@@ -158,9 +166,14 @@ class Supervisor:
                     raise
                 if isinstance(cause, FATAL):
                     raise cause from None
-                if isinstance(cause, StoreError):
+                if isinstance(cause, LostLeadership):
+                    # The writer lock went with its connection: stop writing, elect again.
+                    log.warning("leadership_lost", error=str(cause)[:500])
+                elif isinstance(cause, StoreError) and not isinstance(cause, StoreRejected):
                     # The writer retries store errors itself; this one hit the pipeline's
                     # start (cursor, warm keys): go round again without counting a crash.
+                    # A refusal (StoreRejected: the server answered, and no) is counted
+                    # below instead: waiting does not end it, the restart limit does.
                     log.warning("pipeline_store_error", error=str(cause)[:300])
                 else:
                     crashes.append(trio.current_time())
