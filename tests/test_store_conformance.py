@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import trio
 
-from stream_supervisor import protocol
+from stream_supervisor import bounds, protocol
 from stream_supervisor.errors import StoreError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.ledger import Cursor
@@ -440,3 +440,72 @@ async def test_dead_letters_are_kept_verbatim(backend: Backend) -> None:
         (d.reason, d.payload, d.source) for d in letters
     ]
     assert snap.event_keys == {e.key for e in STREAM[:2]}
+
+
+# --- the extremes bounds.py accepts: stored and read back exactly ---------------------
+
+
+def _extreme_updates() -> list[Event]:
+    from .test_bounds import LIMIT_NS, PRICE_MAX, QTY_MAX, WIDE, ns_text
+
+    floor = ns_text(bounds.TIMESTAMP_FLOOR_NS)
+
+    def update(event: str, order: dict[str, Any], stamp: str, **extra: Any) -> Event:
+        base = {"id": "", "client_order_id": None, "symbol": "", "side": "buy",
+                "status": "filled", "filled_qty": "0", "qty": None,
+                "filled_avg_price": None, "order_type": "limit", "asset_class": "crypto",
+                "created_at": floor}
+        frame = {"stream": "trade_updates",
+                 "data": {"event": event, "order": {**base, **order}, "timestamp": stamp,
+                          **extra}}
+        ev = protocol.decode_frame(json.dumps(frame).encode(), not_after_ns=LIMIT_NS)
+        assert isinstance(ev, Event), ev
+        return ev
+
+    label = WIDE * bounds.MAX_LABEL_CHARS
+    big = {"id": WIDE * bounds.MAX_ID_CHARS, "symbol": WIDE * bounds.MAX_SYMBOL_CHARS,
+           "client_order_id": WIDE * bounds.MAX_CLIENT_ORDER_ID_CHARS, "status": label,
+           "order_type": label, "asset_class": label, "filled_qty": str(QTY_MAX),
+           "qty": str(QTY_MAX), "filled_avg_price": str(PRICE_MAX)}
+    tiny = {"id": "t" * bounds.MAX_ID_CHARS, "symbol": "TINY", "filled_qty": "0.000000000001",
+            "qty": "0.000000000001", "filled_avg_price": "1E-28", "created_at": ns_text(LIMIT_NS)}
+    labelled = {**big, "id": "n" * bounds.MAX_ID_CHARS, "filled_qty": "0",
+                "filled_avg_price": None}
+    return [
+        update(label, {**big, "filled_qty": "0", "filled_avg_price": None}, floor),
+        update("new", labelled, floor),
+        update("fill", big, floor, price=str(PRICE_MAX), qty=str(QTY_MAX),
+               position_qty=str(QTY_MAX)),
+        update("fill", tiny, ns_text(LIMIT_NS), price="1E-28", qty="0.000000000001",
+               position_qty="0.000000000001"),
+    ]
+
+
+async def test_the_extreme_accepted_values_are_stored_and_read_back_exactly(
+    backend: Backend,
+) -> None:
+    updates = _extreme_updates()
+    store = await backend.make()
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(Batch("acct-extremes", updates))
+        snap = await store.snapshot("acct-extremes")
+    assert result.applied_keys == {ev.key for ev in updates}
+    assert snap.event_keys == {ev.key for ev in updates}
+    labelled = snap.orders[updates[1].order_id]
+    assert (labelled.status, labelled.order_type, labelled.asset_class, labelled.symbol) == (
+        updates[1].status, updates[1].order_type, updates[1].asset_class, updates[1].symbol)
+    for ev in updates[2:]:
+        order = snap.orders[ev.order_id]
+        assert (order.order_id, order.symbol, order.client_order_id, order.status,
+                order.order_type, order.asset_class) == (
+            ev.order_id, ev.symbol, ev.client_order_id, "filled", ev.order_type,
+            ev.asset_class)
+        assert (order.filled_qty, order.order_qty, order.filled_avg_price) == (
+            ev.cum_qty, ev.order_qty, ev.cum_avg_price)
+        assert str(order.filled_qty) == str(ev.cum_qty)  # the digits, not only the value
+        assert order.created_at == ev.created_at
+        position = next(p for p in snap.positions if p.symbol == ev.symbol)
+        assert (position.qty, position.avg_entry_price, position.opened_at) == (
+            ev.fill_qty, ev.fill_price, ev.timestamp)
+        assert position.opened_by_client_order_id == ev.client_order_id
+    assert snap.cursor == Cursor(updates[3].timestamp, None)
