@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -360,17 +361,21 @@ def compute_stats(
 def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
     import psycopg
 
-    conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{int(wait_s * 1000)}ms"])
     row = conn.execute("SELECT pg_try_advisory_lock(%s)", [STATS_LOCK_KEY]).fetchone()
-    if not (row and row[0]):
-        log.info("stats_lock_wait", key=STATS_LOCK_KEY, wait_s=wait_s)
-        try:
-            conn.execute("SELECT pg_advisory_lock(%s)", [STATS_LOCK_KEY])
-        except psycopg.errors.LockNotAvailable:
-            raise StatsError(
-                f"another stats run has held the stats lock ({STATS_LOCK_KEY}) for more "
-                f"than {wait_s:g} s (--lock-wait)"
-            ) from None
+    if row and row[0]:
+        return
+    held_too_long = StatsError(
+        f"another stats run has held the stats lock ({STATS_LOCK_KEY}) for more than "
+        f"{max(wait_s, 0):g} s (--lock-wait)"
+    )
+    if wait_s <= 0:  # lock_timeout 0 would mean "wait for ever"
+        raise held_too_long
+    log.info("stats_lock_wait", key=STATS_LOCK_KEY, wait_s=wait_s)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{math.ceil(wait_s * 1000)}ms"])
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", [STATS_LOCK_KEY])
+    except psycopg.errors.LockNotAvailable:
+        raise held_too_long from None
     conn.execute("SELECT set_config('lock_timeout', '0', false)")
 
 
@@ -502,7 +507,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
         output["report"] = write_report(settings.database_url, args.report,
                                         account_id=settings.account_id)
-    print(json.dumps(output, indent=1))
+    print(json.dumps(output))  # one line: stdout also carries the JSON log lines
     return 0
 
 
