@@ -266,9 +266,9 @@ def test_every_column_matches_the_figures_worked_out_by_hand(history_url: str) -
     assert result.days == 4 and result.trades == len(HISTORY)
     assert result.per_day == {"2026-03-02": 5, "2026-03-03": 2, "2026-03-04": 0,
                               "2026-03-05": 1}
-    assert not mismatches(table(history_url, "strategy_stats"), HAND)  # type: ignore[arg-type]
+    assert not mismatches(table(history_url, "strategy_stats"), HAND)
     symbols = table(history_url, "strategy_symbol_stats")
-    assert not mismatches({k: symbols[k] for k in HAND_SYMBOLS}, HAND_SYMBOLS)  # type: ignore[arg-type]
+    assert not mismatches({k: symbols[k] for k in HAND_SYMBOLS}, HAND_SYMBOLS)
     # Money is exact, ratios are doubles, and a day without trades has no row.
     row = table(history_url, "strategy_stats")[("A1", "alpha", D2)]
     assert isinstance(row["net_pnl"], Decimal) and isinstance(row["sharpe_daily"], float)
@@ -283,7 +283,7 @@ def test_both_tables_match_the_python_reference(history_url: str) -> None:
     assert not mismatches(table(history_url, "strategy_stats"), strategy_rows)
     assert not mismatches(table(history_url, "strategy_symbol_stats"), symbol_rows)
     # The reference itself agrees with the hand-worked figures.
-    assert not mismatches({k: strategy_rows[k] for k in HAND}, HAND)  # type: ignore[arg-type]
+    assert not mismatches({k: strategy_rows[k] for k in HAND}, HAND)
 
 
 def test_sharpe_and_drawdown_agree_with_empyrical(history_url: str) -> None:
