@@ -778,3 +778,18 @@ def test_column_lists_match_the_tables(database_url: str) -> None:
                 [name]).fetchall()
             assert undocumented == []
     assert set(PER_DAY_COLUMNS) < set(STRATEGY_COLUMNS)
+
+
+def test_the_benchmark_runs_at_a_tiny_size_and_checks_its_rows(pg_admin_uri: str,
+                                                                tmp_path: Path) -> None:
+    """The harness end to end; BENCHMARKS.md has the figures, this asserts no speed."""
+    from benchmarks.stats import main
+
+    out = tmp_path / "stats-bench.json"
+    assert main(["--database-url", pg_admin_uri, "--days", "6", "--strategies", "2",
+                 "--trades", "3", "--nightly-runs", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["verified"] is True and results["problems"] == []
+    assert results["parameters"]["closed_positions"] == 6 * 2 * 3
+    assert results["strategy_rows"] == 6 * 3  # two strategies and the baseline, each day
+    assert results["backfill_wall_s"] > 0 and results["nightly_wall_s"] > 0
