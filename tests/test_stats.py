@@ -793,3 +793,30 @@ def test_the_benchmark_runs_at_a_tiny_size_and_checks_its_rows(pg_admin_uri: str
     assert results["parameters"]["closed_positions"] == 6 * 2 * 3
     assert results["strategy_rows"] == 6 * 3  # two strategies and the baseline, each day
     assert results["backfill_wall_s"] > 0 and results["nightly_wall_s"] > 0
+
+
+def test_the_migration_keeps_existing_history_and_its_guard(empty_database_url: str,
+                                                            tmp_path: Path) -> None:
+    """0002 on a database that already has closed positions: they read as fills with no
+    known fees, and the history stays append-only."""
+    repo = Path(__file__).resolve().parents[1] / "migrations"
+    only_first = tmp_path / "migrations"
+    only_first.mkdir()
+    (only_first / "0001_initial.sql").write_bytes((repo / "0001_initial.sql").read_bytes())
+    apply_migrations(empty_database_url, only_first)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty,"
+            " avg_entry_price, realized_pnl, alpaca_order_id, opened_at, closed_at)"
+            " VALUES (1, 'A1', 'AAPL', 'long', 0, 1, 10, 5, 'o1', now(), now())")
+    assert len(apply_migrations(empty_database_url, repo)) >= 1
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT origin, fees FROM position_history").fetchall() == [
+            ("fill", D(0))]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE position_history SET fees = 1")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,"
+                " alpaca_order_id, status, opened_at, peak_qty, origin)"
+                " VALUES ('A1', 'AAPL', 'long', 1, 10, 'o2', 'open', now(), 1, 'Not A Word')")
