@@ -96,10 +96,13 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}LRU_SIZE must not be negative")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
-        self.strategy()  # a bad pattern fails at start, like every other setting
 
     def strategy(self) -> StrategyPattern:
-        """The checked strategy pattern (ConfigError naming the variable if unusable)."""
+        """The checked strategy pattern (ConfigError naming the variable if unusable).
+
+        Checked when `stats` starts, not in every command: the service shares its
+        environment file with the statistics job, and a typo in a reporting setting must
+        not keep the writer from starting."""
         try:
             return StrategyPattern.parse(self.strategy_pattern)
         except PatternError as exc:
