@@ -1,4 +1,5 @@
-"""`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, health.
+"""`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, health,
+prune, stats.
 
 Flags override the environment; every command builds one `Settings` and passes it down.
 Exit codes: 0 ok, 1 failure or violation, 2 usage, 78 configuration error.
@@ -20,6 +21,7 @@ from .errors import ConfigError, MigrationError, SchemaError, StoreError
 from .logs import configure_logging, get_logger, redactor
 from .retention import add_prune_arguments, cmd_prune
 from .settings import Settings, load_settings
+from .stats import add_stats_arguments, cmd_stats
 from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = get_logger("stream_supervisor.cli")
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "positions in small batches (never position_history)")
     _common_flags(prune)
     add_prune_arguments(prune)
+    stats = sub.add_parser("stats", help="per-strategy statistics of closed positions, per UTC "
+                           "day (default: yesterday and the lookback days before it)")
+    _common_flags(stats)
+    add_stats_arguments(stats)
     return parser
 
 
@@ -256,4 +262,5 @@ _COMMANDS: dict[str, Any] = {
     "reconcile": cmd_reconcile,
     "health": cmd_health,
     "prune": cmd_prune,
+    "stats": cmd_stats,
 }

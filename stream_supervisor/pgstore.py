@@ -49,7 +49,9 @@ TABLES: Final = (
     "stream_cursors",
     "dead_letters",
 )
-#: The newest migration this code needs (`migrations/<name>.sql`).
+#: The newest migration this code needs (`migrations/<name>.sql`): the history insert
+#: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
+#: and `replay_result` and the leader reads `replay_requested_at` (0003).
 REQUIRED_MIGRATION: Final = "0003_dead_letter_replay"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
@@ -131,11 +133,14 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
     last_stored_at = now()
 """
 
+# origin and fees come from the row as stored (set by whoever opened it, e.g. a baseline
+# import), not from the ledger, which knows neither.
 _HISTORY_INSERT = """
 INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty,
-    avg_entry_price, realized_pnl, alpaca_order_id, client_order_id, opened_at, closed_at)
+    avg_entry_price, realized_pnl, alpaca_order_id, client_order_id, opened_at, closed_at,
+    origin, fees)
 SELECT id, account_id, symbol, side, qty, peak_qty, avg_entry_price, realized_pnl,
-    alpaca_order_id, client_order_id, opened_at, closed_at
+    alpaca_order_id, client_order_id, opened_at, closed_at, origin, fees
 """
 
 # Closing rows first (its own statement, before the insert) keeps the partial unique index

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .backoff import BackoffPolicy
 from .bounds import DEFAULT_MAX_FRAME_BYTES, TRANSPORT_MAX_MESSAGE
 from .errors import ConfigError
+from .strategy import DEFAULT_STRATEGY_PATTERN, PATTERN_VARIABLE, PatternError, StrategyPattern
 
 PAPER_BASE_URL: Final = "https://paper-api.alpaca.markets"
 LIVE_BASE_URL: Final = "https://api.alpaca.markets"
@@ -40,6 +41,8 @@ DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
 DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
 DEFAULT_REST_RETRIES: Final = 8
+#: `stats` recomputes yesterday and this many days before it (closes can land late).
+DEFAULT_STATS_LOOKBACK_DAYS: Final = 3
 
 
 def derive_stream_url(base_url: str) -> str:
@@ -82,6 +85,8 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
+    strategy_pattern: str = DEFAULT_STRATEGY_PATTERN  # `stats`: client_order_id -> strategy
+    stats_lookback_days: int = DEFAULT_STATS_LOOKBACK_DAYS
 
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
@@ -99,6 +104,17 @@ class Settings:
                               f"{TRANSPORT_MAX_MESSAGE} (16 MiB), got {self.max_frame_bytes}")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
+
+    def strategy(self) -> StrategyPattern:
+        """The checked strategy pattern (ConfigError naming the variable if unusable).
+
+        Checked when `stats` starts, not in every command: the service shares its
+        environment file with the statistics job, and a typo in a reporting setting must
+        not keep the writer from starting."""
+        try:
+            return StrategyPattern.parse(self.strategy_pattern)
+        except PatternError as exc:
+            raise ConfigError(f"{PATTERN_VARIABLE}={self.strategy_pattern!r} {exc}") from None
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line or an error message."""
@@ -167,6 +183,8 @@ _PREFIXED: Final[dict[str, str]] = {
     "LOG_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "HTTP_ADDR": "http_addr",
+    "STRATEGY_PATTERN": "strategy_pattern",
+    "STATS_LOOKBACK_DAYS": "stats_lookback_days",
 }
 _BACKOFF: Final[dict[str, str]] = {
     "BACKOFF_INITIAL": "initial",

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from stream_supervisor import bounds
+from stream_supervisor.errors import OutOfBounds
 from stream_supervisor.events import DeadLetter, Event, decimal_text, parse_timestamp
 from stream_supervisor.protocol import (
     activity_from_json,
@@ -180,7 +181,7 @@ def test_fill_activities_are_held_to_the_same_bounds(
         ok = msgspec.structs.replace(ok, qty=accepted, cum_qty=accepted)
     assert isinstance(activity_to_event(ok, not_after_ns=LIMIT_NS), Event)
     bad = msgspec.structs.replace(ACTIVITY, **{field: refused})
-    with pytest.raises(bounds.OutOfBounds):
+    with pytest.raises(OutOfBounds):
         activity_to_event(bad, not_after_ns=LIMIT_NS)
     # What a dead letter keeps of it is its JSON, which decodes back to the same activity.
     assert activity_from_json(activity_json(bad)) == bad

@@ -24,7 +24,10 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNIT = DEPLOY / "systemd" / "stream-supervisor.service"
 PRUNE_UNIT = DEPLOY / "systemd" / "stream-supervisor-prune.service"
 PRUNE_TIMER = DEPLOY / "systemd" / "stream-supervisor-prune.timer"
+STATS_UNIT = DEPLOY / "systemd" / "stream-supervisor-stats.service"
+STATS_TIMER = DEPLOY / "systemd" / "stream-supervisor-stats.timer"
 TASK = DEPLOY / "ecs" / "task-definition.json"
+STATS_SCHEDULE = DEPLOY / "ecs" / "stats-schedule.json"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 SECRET_VARS = {"APCA_API_KEY_ID", "APCA_API_SECRET_KEY", "DATABASE_URL"}
 # Fargate task sizes: cpu units -> allowed memory (MiB) for the small sizes.
@@ -172,6 +175,38 @@ def test_prune_units() -> None:
     assert _values(timer, "OnCalendar") and _one(timer, "Persistent") == "true"
 
 
+def test_stats_units() -> None:
+    service = _unit(STATS_UNIT)["Service"]
+    assert _one(service, "Type") == "oneshot"
+    exec_start = shlex.split(_one(service, "ExecStart"))
+    _cli_parses(exec_start[1:])
+    assert exec_start[1] == "stats"
+    # the same sandbox as the service's long-running unit
+    assert _one(service, "ProtectSystem") == "strict" and _one(service, "DynamicUser") == "yes"
+    timer = _unit(STATS_TIMER)["Timer"]
+    assert _one(timer, "OnCalendar") == "*-*-* 02:00:00 UTC"
+    assert _one(timer, "Persistent") == "true"
+
+
+def test_stats_schedule_runs_the_task_definition_nightly() -> None:
+    schedule = json.loads(STATS_SCHEDULE.read_text())
+    assert schedule["ScheduleExpression"] == "cron(0 2 * * ? *)"
+    assert schedule["ScheduleExpressionTimezone"] == "UTC"
+    assert schedule["FlexibleTimeWindow"] == {"Mode": "OFF"}
+    target = schedule["Target"]
+    assert re.fullmatch(r"arn:aws:ecs:[a-z0-9-]+:\d{12}:cluster/.+", target["Arn"])
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/.+", target["RoleArn"])
+    ecs = target["EcsParameters"]
+    task = _task()
+    assert ecs["TaskDefinitionArn"].endswith(f":task-definition/{task['family']}")
+    assert ecs["LaunchType"] == "FARGATE" and ecs["TaskCount"] == 1
+    assert ecs["NetworkConfiguration"]["awsvpcConfiguration"]["Subnets"]
+    (override,) = json.loads(target["Input"])["containerOverrides"]
+    assert override["name"] == task["containerDefinitions"][0]["name"]
+    assert override["command"][0] == "stats"
+    _cli_parses(override["command"])
+
+
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     # Runs wherever systemd's tools are installed (they are on the CI machine); a
     # developer machine without them skips, saying so, rather than passing silently.
@@ -180,7 +215,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     # verify insists that ExecStart's binary exists: point it at one that does.
     units = []
-    for path in (UNIT, PRUNE_UNIT, PRUNE_TIMER):
+    for path in (UNIT, PRUNE_UNIT, PRUNE_TIMER, STATS_UNIT, STATS_TIMER):
         copy = tmp_path / path.name
         copy.write_text(path.read_text().replace("/opt/stream-supervisor/bin/stream-supervisor",
                                                  sys.executable))

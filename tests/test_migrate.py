@@ -74,7 +74,7 @@ def test_new_files_apply_in_filename_order(empty_database_url: str, migrations: 
 
 def test_concurrent_runs_apply_once(empty_database_url: str, migrations: Path) -> None:
     # A slow migration keeps the first run inside the lock while the second arrives.
-    (migrations / "0002_slow.sql").write_text("SELECT pg_sleep(0.5);\n")
+    (migrations / "9999_slow.sql").write_text("SELECT pg_sleep(0.5);\n")  # after the repo's
     start = threading.Barrier(2)
 
     def run() -> list[str]:
@@ -85,10 +85,9 @@ def test_concurrent_runs_apply_once(empty_database_url: str, migrations: Path) -
         futures = [pool.submit(run) for _ in range(2)]
         results = sorted((f.result(timeout=30) for f in futures), key=len)
 
-    every = sorted(p.name.removesuffix(".sql") for p in migrations.glob("*.sql"))
-    assert "0002_slow" in every
-    assert results == [[], every]
-    assert rows(empty_database_url, "SELECT count(*) FROM schema_migrations") == [(len(every),)]
+    repo = sorted(p.stem for p in REPO_MIGRATIONS.glob("*.sql"))
+    assert results == [[], [*repo, "9999_slow"]]
+    assert rows(empty_database_url, "SELECT count(*) FROM schema_migrations") == [(len(repo) + 1,)]
 
 
 def test_a_changed_applied_file_is_refused_by_name(

@@ -1,0 +1,199 @@
+"""`stats --report FILE`: one self-contained HTML page of the stored statistics.
+
+Per account and strategy: the cumulative net P&L curve (one point per day with trades,
+starting at 0) with its drawdowns shaded between the curve and its running peak, and a
+table of the latest figures. plotly draws it and its JavaScript is inlined, so the file
+opens offline; plotly is an optional extra (`stream-supervisor[report]`).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError
+from .logs import get_logger
+
+log = get_logger("stream_supervisor.stats_report")
+
+REPORT_EXTRA: Final = "pip install 'stream-supervisor[report]'"
+#: The trace every strategy's figure has exactly one of (tests look for it by name).
+CURVE_NAME: Final = "cumulative net P&L"
+PEAK_NAME: Final = "running peak"
+
+_SERIES = """
+SELECT account_id, strategy, day, cum_net_pnl
+FROM strategy_stats
+WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
+ORDER BY account_id, strategy, day
+"""
+
+# Totals over every stored day, and the to-date figures of the latest one.
+_LATEST = """
+WITH totals AS (
+    SELECT account_id, strategy, min(day) AS first_day, count(*) AS days,
+           sum(trades) AS trades, sum(wins) AS wins, sum(losses) AS losses,
+           sum(gross_profit) AS gross_profit, sum(gross_loss) AS gross_loss
+    FROM strategy_stats
+    WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
+    GROUP BY account_id, strategy
+),
+latest AS (
+    SELECT DISTINCT ON (account_id, strategy) account_id, strategy, day, cum_net_pnl,
+           max_drawdown, sqn, sharpe_daily
+    FROM strategy_stats
+    WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
+    ORDER BY account_id, strategy, day DESC
+)
+SELECT t.account_id, t.strategy, t.first_day, l.day, t.days, t.trades, t.wins, t.losses,
+       t.wins::float8 / t.trades,
+       CASE WHEN t.gross_loss > 0 THEN (t.gross_profit / t.gross_loss)::float8 END,
+       l.cum_net_pnl, l.max_drawdown, l.sqn, l.sharpe_daily
+FROM totals t JOIN latest l USING (account_id, strategy)
+ORDER BY t.account_id, t.strategy
+"""
+
+_LATEST_COLUMNS: Final = (
+    "first day", "latest day", "days with trades", "trades", "wins", "losses", "win rate",
+    "profit factor", "net P&L to date", "max drawdown", "SQN", "Sharpe (daily, annualised)",
+)
+
+
+def require_plotting() -> None:
+    """ConfigError naming the extra when plotly is not installed."""
+    try:
+        import plotly  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"the HTML report needs plotly, which is an optional extra: {REPORT_EXTRA}"
+        ) from None
+
+
+@dataclass(slots=True)
+class _Strategy:
+    account_id: str
+    strategy: str
+    days: list[date] = field(default_factory=list)
+    cum: list[Decimal] = field(default_factory=list)
+    latest: tuple[Any, ...] = ()
+
+
+def write_report(conninfo: str, path: str | Path, *, account_id: str | None = None) -> str:
+    """Write the report of every stored strategy (of `account_id`, or all) to `path`;
+    returns the path written."""
+    require_plotting()
+    import psycopg
+
+    from . import pgconn
+    from .errors import StoreError
+
+    try:
+        with pgconn.connect(conninfo, autocommit=True, prepare_threshold=None,
+                            application_name="stream-supervisor stats report") as conn:
+            params = {"account": account_id}
+            strategies: dict[tuple[str, str], _Strategy] = {}
+            for acct, strategy, day, cum in conn.execute(_SERIES, params):
+                entry = strategies.setdefault((acct, strategy), _Strategy(acct, strategy))
+                entry.days.append(day)
+                entry.cum.append(cum)
+            for row in conn.execute(_LATEST, params):
+                strategies[(row[0], row[1])].latest = tuple(row[2:])
+    except psycopg.Error as exc:
+        raise StoreError(f"stats report failed: {pgconn.error_text(exc, conninfo)}") from None
+    page = render(list(strategies.values()))
+    out = Path(path)
+    out.write_text(page, encoding="utf-8")
+    log.info("stats_report_written", path=str(out), strategies=len(strategies),
+             bytes=len(page.encode()))
+    return str(out)
+
+
+def render(strategies: Sequence[_Strategy]) -> str:
+    import plotly.io as pio  # type: ignore[import-untyped]
+
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sections: list[str] = []
+    for n, s in enumerate(strategies):
+        figure = _figure(s)
+        # plotly.js once, inline, in the first figure; the others reuse it.
+        div = pio.to_html(figure, include_plotlyjs=(n == 0), full_html=False,
+                          div_id=f"curve-{n}", default_height="420px")
+        sections.append(
+            f'<section class="strategy" data-account="{_e(s.account_id)}" '
+            f'data-strategy="{_e(s.strategy)}">\n<h2>{_e(s.strategy)} '
+            f'<small>account {_e(s.account_id)}</small></h2>\n{div}\n'
+            f'{_latest_table(s)}\n</section>'
+        )
+    body = "\n".join(sections) or "<p>No statistics stored yet: run <code>stream-supervisor " \
+        "stats</code> first.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>stream-supervisor strategy statistics</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 2em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th {{ background: #f4f4f4; }}
+small {{ color: #777; font-weight: normal; }}
+</style>
+</head>
+<body>
+<h1>Strategy statistics</h1>
+<p>Generated {generated} from <code>strategy_stats</code>. Net P&amp;L is realized P&amp;L
+less known fees; the curve has one point per day with trades and starts at 0; the shaded
+area is the drawdown from the curve's running peak. The max drawdown in the table is
+measured trade by trade, so it can exceed what the daily curve shows.</p>
+{body}
+</body>
+</html>
+"""
+
+
+def _figure(s: _Strategy) -> Any:
+    import plotly.graph_objects as go  # type: ignore[import-untyped]
+
+    start = s.days[0] - timedelta(days=1)  # the curve's 0 before the first trade
+    x = [start.isoformat()] + [d.isoformat() for d in s.days]
+    y = [0.0] + [float(v) for v in s.cum]
+    peak: list[float] = []
+    for value in y:
+        peak.append(max(value, peak[-1] if peak else 0.0))
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=x, y=peak, name=PEAK_NAME, mode="lines",
+                                line={"color": "rgba(120,120,120,0.8)", "width": 1,
+                                      "dash": "dot"}))
+    figure.add_trace(go.Scatter(x=x, y=y, name=CURVE_NAME, mode="lines",
+                                line={"color": "#1f5fa8", "width": 2}, fill="tonexty",
+                                fillcolor="rgba(214,39,40,0.25)"))
+    figure.update_layout(title={"text": f"{s.strategy} ({s.account_id})"},
+                         yaxis_title="net P&L", hovermode="x unified",
+                         margin={"l": 60, "r": 20, "t": 50, "b": 40},
+                         legend={"orientation": "h"})
+    return figure
+
+
+def _latest_table(s: _Strategy) -> str:
+    cells = "".join(f"<td>{_e(_fmt(v))}</td>" for v in s.latest)
+    head = "".join(f"<th>{_e(c)}</th>" for c in _LATEST_COLUMNS)
+    return f'<table class="latest"><tr>{head}</tr><tr>{cells}</tr></table>'
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, Decimal):
+        return f"{value:,.2f}"
+    return str(value)
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
