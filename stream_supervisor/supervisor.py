@@ -41,7 +41,7 @@ from .recovery import GapRecovery, RecoverySettings
 from .rest import BrokerRest
 from .settings import Settings
 from .state import SupervisorState
-from .store import Store
+from .store import ReplayQueue, Store
 from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
@@ -56,6 +56,9 @@ STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
 #: How often a standby asks for the writer lock; takeover happens within this.
 LEADER_POLL = 1.0
+#: How often the leader looks for dead letters an operator asked to replay.
+REPLAY_POLL = 2.0
+REPLAYS_PER_POLL = 20
 
 
 @dataclass
@@ -280,6 +283,8 @@ class Supervisor:
                         dedupe_actor, cache, recv_events, send_new,
                         recv_acks, self.metrics, self.state,
                     )
+                    if isinstance(store, ReplayQueue):
+                        nursery.start_soon(self._replay_requested, store, account_id)
                     self._conn_scope = trio.CancelScope()
                     if self.state.draining:
                         self._conn_scope.cancel()
@@ -335,6 +340,30 @@ class Supervisor:
         # The writer returns only after its inbox ended: the connection and dedupe actors
         # are done and everything they sent is committed. Stop the metrics loop too.
         pipeline.cancel()
+
+    async def _replay_requested(self, store: Store, account_id: str) -> None:
+        """Replay the dead letters `dead-letters --replay` marked while this process leads:
+        through the store connection that holds the writer lock, with the writer's
+        `commit_batch` (the store runs one call at a time, so it never overlaps a batch).
+        A replayed update the LRU does not know is harmless: layer 1 drops a later copy."""
+        from .deadletters import replay_with  # local: the command's module, rarely needed
+
+        assert isinstance(store, ReplayQueue)
+        while not self.state.draining:
+            await trio.sleep(REPLAY_POLL)
+            try:
+                for letter in await store.pending_replays(account_id, REPLAYS_PER_POLL):
+                    if self.state.draining:
+                        return
+                    outcome = await replay_with(store, letter, self.settings,
+                                                self.deps.wallclock())
+                    log.info("dead_letter_replayed", id=letter.id, outcome=outcome[:300],
+                             by="service")
+            except LostLeadership:
+                raise
+            except StoreError as exc:
+                # The writer sees the same database; this only waits for the next poll.
+                log.warning("dead_letter_replay_failed", error=str(exc)[:300])
 
     async def _run_connection(self, actor: ConnectionActor, scope: trio.CancelScope) -> None:
         with scope:
