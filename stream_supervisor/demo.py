@@ -19,11 +19,11 @@ from .logs import get_logger
 from .metrics import Metrics
 from .rest import HttpBrokerRest, RestSettings
 from .settings import Settings
-from .simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
 from .state import SupervisorState
 from .supervisor import EXIT_FAILURE, EXIT_OK, Dependencies, Supervisor
+from .testing.broker import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
+from .testing.verify import Mismatch, summarize, verify_against_truth
 from .transport import websocket_connector
-from .verify import Mismatch, summarize, verify_against_truth
 
 log = get_logger("stream_supervisor.demo")
 

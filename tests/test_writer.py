@@ -15,12 +15,12 @@ import trio
 from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.dedupe import Ack
 from stream_supervisor.events import DeadLetter, Event
-from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.positions import Position
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult, LostLeadership, StoreSnapshot
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.writer import Item, WriterSettings, take_batch, writer_actor
 
 from .fixtures import RECORDING

@@ -28,13 +28,19 @@ from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.rest import HttpBrokerRest, RestSettings
 from stream_supervisor.settings import Settings
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.simulator.chaos import INJECTED_KINDS
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import StoreError, StoreSnapshot
 from stream_supervisor.supervisor import EXIT_OK, Dependencies, Supervisor
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.broker.chaos import INJECTED_KINDS
+from stream_supervisor.testing.verify import Mismatch, summarize, verify_against_truth
 from stream_supervisor.transport import websocket_connector
-from stream_supervisor.verify import Mismatch, summarize, verify_against_truth
 
 #: Reconnects and 429s cost milliseconds, not the production seconds.
 FAST_BACKOFF: Final = BackoffPolicy(initial=0.05, factor=2.0, cap=0.5, rate_limited_floor=0.2)

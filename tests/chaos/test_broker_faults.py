@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import pytest
 
-from stream_supervisor.simulator import ChaosConfig, SimConfig
+from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .harness import (
     DEAD_LETTER_KINDS,
@@ -292,10 +292,10 @@ async def test_unknown_event_about_an_unseen_order_invents_no_order(database_url
 
     from stream_supervisor.pgstore import PgStore
     from stream_supervisor.settings import Settings
-    from stream_supervisor.simulator.chaos import unknown_event_frame
     from stream_supervisor.supervisor import Dependencies, Supervisor
+    from stream_supervisor.testing.broker.chaos import unknown_event_frame
+    from stream_supervisor.testing.verify import verify_against_truth
     from stream_supervisor.transport import websocket_connector
-    from stream_supervisor.verify import verify_against_truth
 
     from ..integration.replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script
     from .harness import snapshot

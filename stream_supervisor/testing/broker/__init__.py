@@ -1,9 +1,9 @@
 """A simulated Alpaca-compatible broker: seeded order flow, ground truth, chaos, servers."""
 
-from .broker import RestResponse, SimConfig, SimulatedBroker
 from .chaos import ChaosConfig
+from .market import RestResponse, SimConfig, SimulatedBroker
 from .server import SimServer, serve
-from .session import SessionClosed, SessionTransport
+from .sessions import SessionClosed, SessionTransport
 
 __all__ = [
     "ChaosConfig",

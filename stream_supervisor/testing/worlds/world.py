@@ -19,17 +19,17 @@ import trio
 import trio.testing
 from trio._core import _run as trio_run_internals
 
-from ..backoff import BackoffPolicy
+from ...backoff import BackoffPolicy
+from ...metrics import Metrics
+from ...rest import HttpBrokerRest, RestSettings
+from ...settings import Settings
+from ...state import SupervisorState
+from ...store import Batch, StoreError
+from ...supervisor import Dependencies, Supervisor
+from ..broker import ChaosConfig, SimConfig, SimulatedBroker
 from ..memstore import MemoryDatabase, MemoryStore
-from ..metrics import Metrics
-from ..rest import HttpBrokerRest, RestSettings
-from ..settings import Settings
-from ..simulator import ChaosConfig, SimConfig, SimulatedBroker
-from ..state import SupervisorState
-from ..store import Batch, StoreError
-from ..supervisor import Dependencies, Supervisor
 from ..verify import Mismatch, verify_against_truth
-from .memory import BrokerTransport, memory_connector
+from .transport import BrokerTransport, memory_connector
 
 #: Simulated wall-clock epoch: a fixed Monday session, so timestamps replay exactly.
 EPOCH = datetime(2026, 1, 5, 14, 30, tzinfo=UTC)

@@ -21,10 +21,10 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from .broker import RestResponse, SimulatedBroker
-from .session import CLOSE_TIMEOUT, SessionClosed
+from .market import RestResponse, SimulatedBroker
+from .sessions import CLOSE_TIMEOUT, SessionClosed
 
-log = structlog.get_logger("stream_supervisor.simulator")
+log = structlog.get_logger("stream_supervisor.testing.broker")
 
 STREAM_PATH: Final = "/stream"
 CONNECT_TIMEOUT: Final = 10.0

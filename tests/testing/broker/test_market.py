@@ -25,7 +25,7 @@ from trio_websocket import (
 )
 
 from stream_supervisor.events import parse_timestamp
-from stream_supervisor.simulator import (
+from stream_supervisor.testing.broker import (
     ChaosConfig,
     SessionClosed,
     SimConfig,
@@ -33,9 +33,9 @@ from stream_supervisor.simulator import (
     SimulatedBroker,
     serve,
 )
-from stream_supervisor.simulator.chaos import ChaosDecider
+from stream_supervisor.testing.broker.chaos import ChaosDecider
 
-from .fixtures import RECORDING
+from ...fixtures import RECORDING
 
 START = datetime(2026, 11, 23, 20, 47, 37, 758317, tzinfo=UTC)
 AUTH = {"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}

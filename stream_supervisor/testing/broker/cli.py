@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from .broker import SimConfig, SimulatedBroker
 from .chaos import ChaosConfig
+from .market import SimConfig, SimulatedBroker
 from .server import SimServer, serve
 
 #: Help for each chaos knob; `simulate --help` lists them all.

@@ -23,13 +23,13 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 import trio
 
-from ..events import TimestampError, parse_timestamp
+from ...events import TimestampError, parse_timestamp
 from .chaos import INJECTED_KINDS, ChaosConfig, ChaosDecider
 
 if TYPE_CHECKING:
-    from .session import SessionTransport
+    from .sessions import SessionTransport
 
-log = structlog.get_logger("stream_supervisor.simulator")
+log = structlog.get_logger("stream_supervisor.testing.broker")
 
 # Ground-truth arithmetic: the recorded broker reports realized P&L unrounded at 50
 # significant digits, and averages rounded half-even to 12 decimals.
@@ -649,7 +649,7 @@ class SimulatedBroker:
     async def handle_session(self, conn: SessionTransport) -> None:
         """Serve one client connection (after `admit()`, or directly on an in-memory
         transport). A second concurrent session is refused: closed at once."""
-        from .session import run_session  # session.py imports this module
+        from .sessions import run_session  # session.py imports this module
 
         if self._reservation is not None and self._slot is self._reservation:
             token, self._reservation = self._reservation, None

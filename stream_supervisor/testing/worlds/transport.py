@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from ..simulator import SessionClosed, SimulatedBroker
-from ..transport import Connector, TransportClosed, UpgradeRejected, WebSocket
+from ...transport import Connector, TransportClosed, UpgradeRejected, WebSocket
+from ..broker import SessionClosed, SimulatedBroker
 
 #: Frames buffered in each direction: the in-memory stand-in for socket buffers.
 LINK_BUFFER = 256

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from .events import DeadLetter
-from .ledger import Cursor, apply_events, cursor_of
-from .orders import TERMINAL_STATUSES, OrderState
-from .positions import Position
-from .store import Batch, BatchResult, StoreError, StoreSnapshot, StoreUnavailable
+from ..events import DeadLetter
+from ..ledger import Cursor, apply_events, cursor_of
+from ..orders import TERMINAL_STATUSES, OrderState
+from ..positions import Position
+from ..store import Batch, BatchResult, StoreError, StoreSnapshot, StoreUnavailable
 
 
 @dataclass

@@ -19,9 +19,9 @@ import trio
 from .chaos import malformed_frame, oversized_frame, unknown_event_frame
 
 if TYPE_CHECKING:
-    from .broker import SimulatedBroker
+    from .market import SimulatedBroker
 
-log = structlog.get_logger("stream_supervisor.simulator")
+log = structlog.get_logger("stream_supervisor.testing.broker")
 
 AUTH_TIMEOUT: Final = 30.0
 """Seconds a client has to authenticate after the upgrade."""
