@@ -17,8 +17,9 @@ from typing import Any
 import trio
 
 from .chaos import ChaosConfig
-from .market import SimConfig, SimulatedBroker
+from .market import SimConfig
 from .server import SimServer, serve
+from .simulated import SimulatedBroker
 
 #: Help for each chaos knob; `simulate --help` lists them all.
 KNOB_HELP: dict[str, str] = {

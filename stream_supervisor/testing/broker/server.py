@@ -21,8 +21,9 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from .market import RestResponse, SimulatedBroker
+from .rest import RestResponse
 from .sessions import CLOSE_TIMEOUT, SessionClosed
+from .simulated import SimulatedBroker
 
 log = structlog.get_logger("stream_supervisor.testing.broker")
 

@@ -1,4 +1,5 @@
-"""`python -m stream_supervisor.testing.worlds`: many seeded worlds, or one replayed and explained."""
+"""`python -m stream_supervisor.testing.worlds`: many seeded worlds, or one replayed and
+explained."""
 
 import sys
 
