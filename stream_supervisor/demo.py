@@ -1,6 +1,6 @@
 """`stream-supervisor demo`: the real supervisor against the simulated broker and an
 embedded PostgreSQL, with a live progress line and a summary verified against the
-simulator's ground truth. Exit 0 only if exactly-once held.
+simulated broker's ground truth. Exit 0 only if exactly-once held.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def scenario(seed: int) -> Scenario:
                     chaos=ChaosConfig(**knobs), scenario=label)
     # Reordered or never-streamed partial fills apply some fills later, or merged with
     # the next one: quantities stay exact, per-symbol average and P&L may not (as in the
-    # deterministic simulation, `sim/world.py`).
+    # deterministic simulation, `testing/worlds/world.py`).
     strict = not any(f.name in ("reorder", "skip_partial") for f in (family, *extras))
     return Scenario(seed, family, extras, sim, settings, strict)
 

@@ -41,7 +41,7 @@ _READ_SIZE: Final = 16 * 1024
 
 @dataclass(frozen=True)
 class SimServer:
-    """Where a running simulator listens."""
+    """Where a running simulated broker listens."""
 
     ws_url: str
     rest_url: str
@@ -257,7 +257,7 @@ class _RestHandler:
                 {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers},
             )
         except Exception:
-            # A simulator bug must not take the listener down; the client sees a 500.
+            # A bug of ours must not take the listener down; the client sees a 500.
             log.exception("sim_rest_bug", path=request.target[:100].decode("ascii", "replace"))
             return RestResponse(500, b'{"code":50010000,"message":"internal server error"}')
 
