@@ -9,7 +9,7 @@ import pytest
 
 from .fixtures import RECORDING
 
-_LISTED = re.compile(r"^([0-9a-f]{64})  (\S+)$", re.M)
+_LISTED = re.compile(r"^([0-9a-f]{64})  (\S+)$", re.MULTILINE)
 
 
 def _listed() -> list[tuple[str, str]]:
