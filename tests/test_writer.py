@@ -15,13 +15,13 @@ import trio
 from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.errors import LostLeadership
 from stream_supervisor.events import DeadLetter, Event
-from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.messages import Ack, Item
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.positions import Position
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult, StoreSnapshot
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.writer import WriterSettings, take_batch, writer_actor
 
 from .fixtures import RECORDING
