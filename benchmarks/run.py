@@ -56,7 +56,7 @@ from stream_supervisor.migrate import apply_migrations
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.settings import DEFAULT_CHANNEL_SIZE, DEFAULT_LRU_SIZE, DEFAULT_MAX_BATCH
-from stream_supervisor.verify import Mismatch, verify_against_truth
+from stream_supervisor.testing.verify import Mismatch, verify_against_truth
 
 #: Tables the pipeline writes, in an order COPY can load them.
 COPY_TABLES = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from stream_supervisor.simulator import SimConfig, SimulatedBroker
+from stream_supervisor.testing.broker import SimConfig, SimulatedBroker
 
 #: Fixed simulated epoch: the same seed gives byte-identical frames on every run.
 START_TIME: Final = datetime(2024, 11, 5, 15, 0, tzinfo=UTC)

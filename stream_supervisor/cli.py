@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser("simulate", help="the simulated Alpaca-compatible broker alone "
                               "(WebSocket + REST), with chaos options")
-    from .simulator.cli import add_simulate_arguments  # local: keeps `run` start-up lean
+    from .testing.broker.cli import add_simulate_arguments  # local: keeps `run` start-up lean
 
     add_simulate_arguments(simulate)
     _common_flags(simulate)
@@ -180,7 +180,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from .simulator.cli import run_simulate
+    from .testing.broker.cli import run_simulate
 
     return run_simulate(args)
 

@@ -1,6 +1,6 @@
 """`stream-supervisor demo`: the real supervisor against the simulated broker and an
 embedded PostgreSQL, with a live progress line and a summary verified against the
-simulator's ground truth. Exit 0 only if exactly-once held.
+simulated broker's ground truth. Exit 0 only if exactly-once held.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import trio
 from .logs import get_logger
 from .metrics import Metrics
 from .settings import Settings
-from .simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
 from .state import SupervisorState
 from .supervisor import EXIT_FAILURE, EXIT_OK
-from .verify import Mismatch, summarize, verify_against_truth
+from .testing.broker import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
+from .testing.verify import Mismatch, summarize, verify_against_truth
 from .wiring import open_supervisor, pg_store
 
 log = get_logger("stream_supervisor.demo")

@@ -28,7 +28,6 @@ from stream_supervisor.ledger import (
     cursor_of,
     order_fills_by_cum_qty,
 )
-from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.orders import OrderState
 from stream_supervisor.positions import Position
 from stream_supervisor.protocol import (
@@ -41,6 +40,7 @@ from stream_supervisor.protocol import (
     update_to_event,
 )
 from stream_supervisor.store import Batch, StoreSnapshot
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 
 from .fixtures import RECORDING
 

@@ -23,10 +23,10 @@ from stream_supervisor import bounds, protocol
 from stream_supervisor.errors import StoreError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.ledger import Cursor
-from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.store import Batch, BatchResult, Store, StoreSnapshot
-from stream_supervisor.verify import verify_against_truth
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
+from stream_supervisor.testing.verify import verify_against_truth
 
 from .fixtures import RECORDING
 

@@ -16,7 +16,6 @@ import trio
 from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.errors import BatchKeepsFailing, LostLeadership
 from stream_supervisor.events import DeadLetter, Event
-from stream_supervisor.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.messages import Ack, Item
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
@@ -24,6 +23,7 @@ from stream_supervisor.positions import Position
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult, StoreSnapshot
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.writer import (
     REPEATS_BEFORE_CRASH,
     WriterSettings,

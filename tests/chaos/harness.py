@@ -29,12 +29,18 @@ from stream_supervisor.errors import StoreError
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.simulator.chaos import INJECTED_KINDS
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import StoreSnapshot
 from stream_supervisor.supervisor import EXIT_OK, Supervisor
-from stream_supervisor.verify import Mismatch, summarize, verify_against_truth
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.broker.chaos import INJECTED_KINDS
+from stream_supervisor.testing.verify import Mismatch, summarize, verify_against_truth
 from stream_supervisor.wiring import open_supervisor, pg_store
 from stream_supervisor.wsclient import websocket_connector
 

@@ -18,8 +18,8 @@ import pytest
 
 from stream_supervisor import dedupe, pgstore
 from stream_supervisor.ledger import cursor_of
-from stream_supervisor.simulator import ChaosConfig, SimConfig
 from stream_supervisor.store import Batch
+from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .harness import Outcome, chaos_settings, run_scenario
 

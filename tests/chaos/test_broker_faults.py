@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import pytest
 
-from stream_supervisor.simulator import ChaosConfig, SimConfig
+from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .harness import (
     DEAD_LETTER_KINDS,
@@ -213,7 +213,7 @@ def scenario(seed: int) -> Scenario:
                     chaos=ChaosConfig(**knobs), scenario=label)
     # Reordered or never-streamed partial fills apply some fills later, or merged with
     # the next one: quantities stay exact, per-symbol average and P&L may not (as in the
-    # deterministic simulation, `sim/world.py`).
+    # deterministic simulation, `testing/worlds/world.py`).
     strict = not any(f.name in ("reorder", "skip_partial") for f in (family, *extras))
     return Scenario(seed, family, extras, sim, settings, strict)
 
@@ -292,9 +292,9 @@ async def test_unknown_event_about_an_unseen_order_invents_no_order(database_url
 
     from stream_supervisor.pgstore import PgStore
     from stream_supervisor.settings import Settings
-    from stream_supervisor.simulator.chaos import unknown_event_frame
     from stream_supervisor.supervisor import Dependencies, Supervisor
-    from stream_supervisor.verify import verify_against_truth
+    from stream_supervisor.testing.broker.chaos import unknown_event_frame
+    from stream_supervisor.testing.verify import verify_against_truth
     from stream_supervisor.wsclient import websocket_connector
 
     from ..integration.replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script

@@ -19,7 +19,7 @@ import trio
 from psycopg import sql
 
 from stream_supervisor.embedded import create_database, database_uri, drop_database
-from stream_supervisor.simulator import ChaosConfig, SimConfig
+from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .conftest import OwnServer
 from .harness import (

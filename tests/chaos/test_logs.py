@@ -12,8 +12,14 @@ import os
 import pytest
 import trio
 
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.verify import summarize
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.verify import summarize
 
 from .harness import (
     SupervisorProcess,

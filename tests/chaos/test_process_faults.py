@@ -14,8 +14,14 @@ import signal
 import pytest
 import trio
 
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.verify import summarize
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.verify import summarize
 
 from .harness import (
     PROCESS_DRAIN_TIMEOUT,

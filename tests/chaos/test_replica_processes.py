@@ -13,8 +13,14 @@ import signal
 import pytest
 import trio
 
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.verify import summarize
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.verify import summarize
 
 from .harness import (
     SupervisorProcess,

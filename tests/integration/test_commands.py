@@ -13,7 +13,7 @@ import trio
 from stream_supervisor.demo import run_pipeline_against_sim
 from stream_supervisor.reconcile import reconcile
 from stream_supervisor.settings import Settings
-from stream_supervisor.simulator import SimConfig, SimulatedBroker, serve
+from stream_supervisor.testing.broker import SimConfig, SimulatedBroker, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 

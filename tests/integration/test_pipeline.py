@@ -17,7 +17,7 @@ from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK, Supervisor
-from stream_supervisor.verify import verify_against_truth
+from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor
 
 from .replay import (

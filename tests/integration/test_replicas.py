@@ -14,10 +14,10 @@ from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
-from stream_supervisor.simulator import SimConfig, SimServer, SimulatedBroker, serve
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.supervisor import Supervisor
-from stream_supervisor.verify import verify_against_truth
+from stream_supervisor.testing.broker import SimConfig, SimServer, SimulatedBroker, serve
+from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor, pg_store
 
 

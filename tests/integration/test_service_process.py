@@ -21,8 +21,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_supervisor.pgstore import PgStore
-from stream_supervisor.simulator import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
-from stream_supervisor.verify import verify_against_truth
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
+from stream_supervisor.testing.verify import verify_against_truth
 
 pytestmark = pytest.mark.slow
 

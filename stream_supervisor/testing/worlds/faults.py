@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 
-from ..simulator import ChaosConfig
+from ..broker import ChaosConfig
 from .world import Schedule
 
 #: Broker-side fault families and the ChaosConfig fields that switch each one off.

@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..logs import configure_logging
+from ...logs import configure_logging
 from .faults import describe, schedule_for_seed, shrink
 from .world import Outcome, Schedule, run_schedule
 
-REPLAY = "python -m stream_supervisor.sim --seed {seed}"
+REPLAY = "python -m stream_supervisor.testing.worlds --seed {seed}"
 
 
 @dataclass
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m stream_supervisor.sim",
+        prog="python -m stream_supervisor.testing.worlds",
         description="Run the real supervisor against simulated brokers, stores and faults "
                     "in virtual time, one world per seed.")
     parser.add_argument("--seeds", type=int, default=1000, help="how many seeds (default 1000)")

@@ -2,7 +2,7 @@
 
 Shared by `demo`, the chaos suite and the deterministic simulation. It reports every
 difference precisely (which order or symbol, expected and found) for the invariants of
-DESIGN section 6, and never stops at the first.
+docs/design.md, section 6, and never stops at the first.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
-from .orders import TERMINAL_STATUSES
-from .store import StoreSnapshot
+from ..orders import TERMINAL_STATUSES
+from ..store import StoreSnapshot
 
 AVG_PRICE_TOLERANCE: Final = Decimal("1e-9")  # the broker reports averages to 12 places
 PNL_TOLERANCE: Final = Decimal("1e-6")

@@ -21,10 +21,11 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from .broker import RestResponse, SimulatedBroker
-from .session import CLOSE_TIMEOUT, SessionClosed
+from .rest import RestResponse
+from .sessions import CLOSE_TIMEOUT, SessionClosed
+from .simulated import SimulatedBroker
 
-log = structlog.get_logger("stream_supervisor.simulator")
+log = structlog.get_logger("stream_supervisor.testing.broker")
 
 STREAM_PATH: Final = "/stream"
 CONNECT_TIMEOUT: Final = 10.0
@@ -40,7 +41,7 @@ _READ_SIZE: Final = 16 * 1024
 
 @dataclass(frozen=True)
 class SimServer:
-    """Where a running simulator listens."""
+    """Where a running simulated broker listens."""
 
     ws_url: str
     rest_url: str
@@ -256,7 +257,7 @@ class _RestHandler:
                 {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers},
             )
         except Exception:
-            # A simulator bug must not take the listener down; the client sees a 500.
+            # A bug of ours must not take the listener down; the client sees a 500.
             log.exception("sim_rest_bug", path=request.target[:100].decode("ascii", "replace"))
             return RestResponse(500, b'{"code":50010000,"message":"internal server error"}')
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import trio
 
-from .broker import SimConfig, SimulatedBroker
 from .chaos import ChaosConfig
+from .market import SimConfig
 from .server import SimServer, serve
+from .simulated import SimulatedBroker
 
 #: Help for each chaos knob; `simulate --help` lists them all.
 KNOB_HELP: dict[str, str] = {

@@ -15,10 +15,10 @@ import pytest
 
 from stream_supervisor import dedupe
 from stream_supervisor.ledger import apply_events, cursor_of
-from stream_supervisor.sim import run_schedule, run_seeds, schedule_for_seed
-from stream_supervisor.sim.runner import Report, default_jobs
-from stream_supervisor.sim.world import _StallingStore
 from stream_supervisor.store import Batch
+from stream_supervisor.testing.worlds import run_schedule, run_seeds, schedule_for_seed
+from stream_supervisor.testing.worlds.runner import Report, default_jobs
+from stream_supervisor.testing.worlds.world import _StallingStore
 
 #: Seeds per CI run (STREAM_SUPERVISOR_SIM_SEEDS overrides, e.g. for a quick local run).
 SEEDS = int(os.environ.get("STREAM_SUPERVISOR_SIM_SEEDS", "10000"))

@@ -1,9 +1,9 @@
 """In-memory WebSocket and REST between the real supervisor and the simulated broker.
 
 No sockets and no threads: everything runs in one Trio run on a virtual clock, so one
-seed replays bit for bit. The broker side is the simulator's own session logic and REST
-dispatch; the supervisor side is the real connection actor and the real REST client
-(through an httpx transport), so retries, timeouts and close handling run as in
+seed replays bit for bit. The broker side is the simulated broker's own session logic
+and REST dispatch; the supervisor side is the real connection actor and the real REST
+client (through an httpx transport), so retries, timeouts and close handling run as in
 production.
 """
 
@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from ..errors import TransportClosed, UpgradeRejected
-from ..simulator import SessionClosed, SimulatedBroker
-from ..transport import Connector, WebSocket
+from ...errors import TransportClosed, UpgradeRejected
+from ...transport import Connector, WebSocket
+from ..broker import SessionClosed, SimulatedBroker
 
 #: Frames buffered in each direction: the in-memory stand-in for socket buffers.
 LINK_BUFFER = 256
@@ -91,7 +91,7 @@ class _ClientSide:
 
 
 class _ServerSide:
-    """The broker's end: the simulator's `SessionTransport` (and pausable)."""
+    """The broker's end: the simulated broker's `SessionTransport` (and pausable)."""
 
     def __init__(self, link: _Link) -> None:
         self.link = link
@@ -138,7 +138,7 @@ def memory_connector(broker: SimulatedBroker, nursery: trio.Nursery) -> Connecto
 
 
 class BrokerTransport(httpx.AsyncBaseTransport):
-    """An httpx transport answering from the simulator's REST dispatch, in virtual time."""
+    """An httpx transport answering from the simulated broker's REST, in virtual time."""
 
     def __init__(self, broker: SimulatedBroker) -> None:
         self.broker = broker

@@ -2,6 +2,7 @@
 
 Written against `SessionTransport`, three methods, so the same logic runs over a real
 trio-websocket connection (`server.py`) or an in-memory pair in a deterministic test.
+It reaches the broker only through its feeds (`feeds.py`), never the broker itself.
 """
 
 from __future__ import annotations
@@ -9,19 +10,16 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
-import random
-import uuid
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
 import trio
 
 from .chaos import malformed_frame, oversized_frame, unknown_event_frame
+from .feeds import Feeds
+from .wire import uuid4
 
-if TYPE_CHECKING:
-    from .broker import SimulatedBroker
-
-log = structlog.get_logger("stream_supervisor.simulator")
+log = structlog.get_logger("stream_supervisor.testing.broker")
 
 AUTH_TIMEOUT: Final = 30.0
 """Seconds a client has to authenticate after the upgrade."""
@@ -66,17 +64,31 @@ class PausableTransport(Protocol):
     def pause_reading(self) -> None: ...
 
 
-async def run_session(broker: SimulatedBroker, conn: SessionTransport) -> None:
-    """Authenticate, answer `listen`, stream live updates until either side goes away."""
-    await _Session(broker, conn).run()
+async def handle_session(
+    conn: SessionTransport, feeds: Feeds, *, key_id: str, secret_key: str
+) -> None:
+    """Serve one client connection (after `feeds.admit()`, or directly on an in-memory
+    transport): authenticate it with these keys, answer `listen`, stream live updates
+    until either side goes away. A second concurrent session is refused: closed at once."""
+    token = feeds.claim_slot()
+    if token is None:
+        await conn.aclose()
+        return
+    try:
+        await _Session(conn, feeds, key_id, secret_key).run()
+    finally:
+        feeds.release_slot(token)
 
 
 class _Session:
-    def __init__(self, broker: SimulatedBroker, conn: SessionTransport) -> None:
-        self.broker = broker
+    def __init__(self, conn: SessionTransport, feeds: Feeds, key_id: str, secret_key: str) -> None:
+        self.feeds = feeds
+        self.market = feeds.market
         self.conn = conn
-        self.chaos = broker.chaos
-        self.stats = broker.stats
+        self._key_id = key_id
+        self._secret_key = secret_key
+        self.chaos = feeds.chaos
+        self.stats = feeds.stats
         self.id = next(_session_ids)
         self.log = log.bind(session=self.id)
         self._closing = False
@@ -125,8 +137,8 @@ class _Session:
         if not isinstance(data, dict):
             data = {}
         # Compare both secrets every time: no early exit to time which one was wrong.
-        key_ok = _same(data.get("key_id"), self.broker.config.key_id)
-        secret_ok = _same(data.get("secret_key"), self.broker.config.secret_key)
+        key_ok = _same(data.get("key_id"), self._key_id)
+        secret_ok = _same(data.get("secret_key"), self._secret_key)
         ok = message.get("action") == "authenticate" and key_ok and secret_ok
         if not ok:
             self.stats["auth_failed"] += 1
@@ -180,13 +192,13 @@ class _Session:
         if self._feed is not None:
             return
         if not self._replayed and self.chaos.config.replay_on_connect > 0:
-            self._replay = self.broker.sent_indices(self.chaos.config.replay_on_connect)
+            self._replay = self.feeds.sent_indices(self.chaos.config.replay_on_connect)
         self._replayed = True
-        self._feed, self._feed_out = self.broker.open_feed()
+        self._feed, self._feed_out = self.feeds.open_feed()
 
     def _unsubscribe(self) -> None:
         if self._feed is not None:
-            self.broker.close_feed(self._feed)
+            self.feeds.close_feed(self._feed)
             self._feed = None
 
     # --- updates
@@ -194,9 +206,9 @@ class _Session:
     async def _send_loop(self) -> None:
         await self._feed_ready.wait()
         for index in self._replay:
-            if not await self._send(self.broker.frame(index)):
+            if not await self._send(self.market.frame(index)):
                 return
-            self.broker.mark_sent(index)
+            self.feeds.mark_sent(index)
             self.stats["replay_frames"] += 1
         while True:
             feed = self._feed_out
@@ -236,8 +248,8 @@ class _Session:
 
     async def _send_update(self, index: int) -> bool:
         """Send one update with its faults; False once the session is over."""
-        broker, chaos = self.broker, self.chaos
-        if broker.update(index)["event"] == "partial_fill" and chaos.skip_partial():
+        market, chaos = self.market, self.chaos
+        if market.update(index)["event"] == "partial_fill" and chaos.skip_partial():
             self.stats["skipped_partials"] += 1
             return True
         kind = chaos.injection()
@@ -248,11 +260,11 @@ class _Session:
         if stall := chaos.stall():
             await self._stall(stall)
             return False
-        frame = broker.frame(index)
+        frame = market.frame(index)
         copies = chaos.copies()
         if not await self._send(frame):
             return False
-        broker.mark_sent(index)
+        self.feeds.mark_sent(index)
         self.stats["update_frames"] += 1
         frame_index = self.stats["update_frames"] - 1
         for _ in range(copies - 1):
@@ -265,17 +277,17 @@ class _Session:
         return True
 
     async def _inject(self, kind: str, index: int) -> bool:
-        broker, rng = self.broker, self.chaos.stream_rng
+        market, rng = self.market, self.chaos.stream_rng
         if kind in ("unknown_event", "oversized"):
-            order = broker.sample_order(rng) or broker.update(index)["order"]
-            now = broker.current_time_text()
+            order = market.sample_order(rng) or market.update(index)["order"]
+            now = market.current_time_text()
             if kind == "unknown_event":
-                frame = unknown_event_frame(order, now, _uuid_text(rng))
+                frame = unknown_event_frame(order, now, str(uuid4(rng)))
             else:
                 frame = oversized_frame(order, now, self.chaos.config.oversized_bytes)
         else:
-            frame = malformed_frame(kind, rng, broker.frame(index))
-        broker.injected[kind] += 1
+            frame = malformed_frame(kind, rng, market.frame(index))
+        self.feeds.injected[kind] += 1
         self.stats["injected_frames"] += 1
         return await self._send(frame)
 
@@ -360,6 +372,3 @@ def _same(offered: object, expected: str) -> bool:
         return False
     return hmac.compare_digest(offered.encode(), expected.encode())
 
-
-def _uuid_text(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))

@@ -7,10 +7,11 @@ knob does not reshuffle the decisions of another.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+from .wire import dumps
 
 MalformedKind = Literal["invalid_json", "data_null", "wrong_types", "unknown_stream"]
 
@@ -214,9 +215,9 @@ def malformed_frame(kind: str, rng: random.Random, sample: bytes) -> bytes:
                 "data": {"event": "fill", "order": [1, 2, 3], "timestamp": 1.5, "qty": {}},
             },
         ]
-        return _dumps(rng.choice(variants))
+        return dumps(rng.choice(variants))
     if kind == "unknown_stream":
-        return _dumps({"stream": "account_updates", "data": {"status": "ACTIVE"}})
+        return dumps({"stream": "account_updates", "data": {"status": "ACTIVE"}})
     raise ValueError(f"unknown malformed kind {kind!r}")
 
 
@@ -228,7 +229,7 @@ def unknown_event_frame(order: dict[str, Any], timestamp: str, execution_id: str
         "order": order,
         "timestamp": timestamp,
     }
-    return _dumps({"stream": "trade_updates", "data": data})
+    return dumps({"stream": "trade_updates", "data": data})
 
 
 def oversized_frame(order: dict[str, Any], timestamp: str, size: int) -> bytes:
@@ -240,10 +241,6 @@ def oversized_frame(order: dict[str, Any], timestamp: str, size: int) -> bytes:
         "timestamp": timestamp,
         "padding": "",
     }
-    base = len(_dumps({"stream": "trade_updates", "data": data}))
+    base = len(dumps({"stream": "trade_updates", "data": data}))
     data["padding"] = "x" * max(0, size - base)
-    return _dumps({"stream": "trade_updates", "data": data})
-
-
-def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return dumps({"stream": "trade_updates", "data": data})

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from .test_simulation import pytest_terminal_summary_lines
+    from .test_worlds import pytest_terminal_summary_lines
 
     lines = pytest_terminal_summary_lines()
     if lines:

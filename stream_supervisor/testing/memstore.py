@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from .errors import StoreError, StoreUnavailable
-from .events import DeadLetter
-from .ledger import Cursor, apply_events, cursor_of
-from .orders import TERMINAL_STATUSES, OrderState
-from .positions import Position
-from .store import Batch, BatchResult, StoreSnapshot
+from ..errors import StoreError, StoreUnavailable
+from ..events import DeadLetter
+from ..ledger import Cursor, apply_events, cursor_of
+from ..orders import TERMINAL_STATUSES, OrderState
+from ..positions import Position
+from ..store import Batch, BatchResult, StoreSnapshot
 
 
 @dataclass

@@ -19,18 +19,18 @@ import trio
 import trio.testing
 from trio._core import _run as trio_run_internals
 
-from ..backoff import BackoffPolicy
-from ..errors import StoreError
+from ...backoff import BackoffPolicy
+from ...errors import StoreError
+from ...metrics import Metrics
+from ...settings import Settings
+from ...state import SupervisorState
+from ...store import Batch
+from ...supervisor import Supervisor
+from ...wiring import open_supervisor
+from ..broker import ChaosConfig, SimConfig, SimulatedBroker
 from ..memstore import MemoryDatabase, MemoryStore
-from ..metrics import Metrics
-from ..settings import Settings
-from ..simulator import ChaosConfig, SimConfig, SimulatedBroker
-from ..state import SupervisorState
-from ..store import Batch
-from ..supervisor import Supervisor
 from ..verify import Mismatch, verify_against_truth
-from ..wiring import open_supervisor
-from .memory import BrokerTransport, memory_connector
+from .transport import BrokerTransport, memory_connector
 
 #: Simulated wall-clock epoch: a fixed Monday session, so timestamps replay exactly.
 EPOCH = datetime(2026, 1, 5, 14, 30, tzinfo=UTC)

@@ -1,0 +1,362 @@
+"""The simulated market: seeded order flow for one account, recorded as stream updates
+and FILL activities, with the positions and cash it moves (`records.py`). No sockets and
+no sessions: `feeds.py` publishes what `step()` makes, `rest.py` and `truth.py` read it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import decimal
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import trio
+
+from .chaos import ChaosConfig
+from .records import Fill, Order, Position, Step, Symbol
+from .wire import (
+    CENT,
+    CTX,
+    EASTERN,
+    MS_NS,
+    NS,
+    ZERO,
+    decimal_text,
+    dumps,
+    rfc3339_ns,
+    utc_us,
+    uuid4,
+)
+
+MAX_LIVE_ORDERS: Final = 4
+"""Orders in flight at once; their updates interleave on the stream."""
+DEFAULT_STEP_NS: Final = 5_800_000
+"""Simulated time between updates when `rate` is 0 (about the recording's spacing)."""
+SAME_MS_PAIR_PROB: Final = 0.12
+"""Chance that two consecutive fills of an order land in the same millisecond."""
+EASTERN_TIMESTAMP_PROB: Final = 0.3
+STARTING_CASH: Final = Decimal(100000)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that shapes one simulated session. Same config, same frames."""
+
+    seed: int = 1
+    account_id: str | None = None
+    """Default: a uuid derived from the seed."""
+    key_id: str = "SIMKEY"
+    secret_key: str = "SIMSECRET"
+    symbols: tuple[str, ...] = ("AAPL", "QQQ", "TSLA", "NVDA", "SPY", "MSFT")
+    orders: int = 200
+    """Orders the market generates before it is finished."""
+    rate: float = 200.0
+    """Updates per second of Trio time; 0 = as fast as possible."""
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    start_time: datetime | None = None
+    """Wall-clock epoch of simulated time; default `datetime.now(UTC)` at construction.
+    Set it to make timestamps (and so activity ids) fully deterministic."""
+    scenario: str = "default"
+    """A label copied into the ground truth."""
+
+
+class Market:
+    """One account's seeded order flow and everything it has recorded so far.
+
+    The attributes are the broker's books, read by REST and the ground truth; only the
+    market writes them.
+    """
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        # Market randomness only: chaos and the account id draw from their own streams,
+        # so a chaos knob never changes which orders the market makes.
+        self._rng = random.Random(config.seed)
+        self.account_id = config.account_id or str(uuid4(random.Random(f"{config.seed}/account")))
+        start = config.start_time or datetime.now(UTC)
+        if start.tzinfo is None:
+            raise ValueError("SimConfig.start_time must be timezone-aware")
+        epoch = start.astimezone(UTC)
+        self.epoch_ns = int(epoch.replace(microsecond=0).timestamp()) * NS + (
+            epoch.microsecond * 1000
+        )
+        self.now_ns = self.epoch_ns
+        self._step_ns = int(NS / config.rate) if config.rate > 0 else DEFAULT_STEP_NS
+
+        self.symbols = [
+            Symbol(
+                name=name,
+                asset_id=str(uuid4(self._rng)),
+                price=Decimal(self._rng.randint(2_000, 60_000)) / 100,
+                # Alternate so both fractional and whole-share symbols are always exercised.
+                fractional=(i % 2 == 0),
+            )
+            for i, name in enumerate(config.symbols)
+        ]
+        if not self.symbols:
+            raise ValueError("SimConfig.symbols must not be empty")
+        self.positions = {s.name: Position() for s in self.symbols}
+        self.cash = STARTING_CASH
+
+        self.orders: dict[str, Order] = {}
+        self._live: list[Order] = []
+        self._created = 0
+        self.updates: list[dict[str, Any]] = []
+        self.frames: list[bytes] = []
+        # FILL activities sorted by id, as REST pages them; `activity_ns` is each one's
+        # transaction time.
+        self.activity_ids: list[str] = []
+        self.activities: list[dict[str, Any]] = []
+        self.activity_ns: dict[str, int] = {}
+        self.fills_total = 0
+
+        self.finished = config.orders <= 0
+        self._finished_event = trio.Event()
+        if self.finished:
+            self._finished_event.set()
+
+    async def wait_finished(self) -> None:
+        await self._finished_event.wait()
+
+    def step(self) -> list[int] | None:
+        """Make and record the next batch of updates; their indices, or None once finished."""
+        if self.finished:
+            return None
+        with decimal.localcontext(CTX):
+            indices = self._advance()
+        if self._created >= self.config.orders and not self._live:
+            self.finished = True
+            self._finished_event.set()
+        return indices
+
+    @property
+    def updates_total(self) -> int:
+        return len(self.updates)
+
+    def update(self, index: int) -> dict[str, Any]:
+        return self.updates[index]
+
+    def frame(self, index: int) -> bytes:
+        """The update's wire frame: compact UTF-8 JSON, rendered once."""
+        return self.frames[index]
+
+    def current_time_text(self) -> str:
+        """Now in simulated time, in the stream's timestamp style."""
+        return rfc3339_ns(self.now_ns, eastern=False)
+
+    def sample_order(self, rng: random.Random) -> dict[str, Any] | None:
+        """A current snapshot of some existing order (for injected unknown events)."""
+        if not self.orders:
+            return None
+        return rng.choice(list(self.orders.values())).snapshot()
+
+    def _advance(self) -> list[int]:
+        rng = self._rng
+        can_open = self._created < self.config.orders
+        if can_open and (
+            not self._live or (len(self._live) < MAX_LIVE_ORDERS and rng.random() < 0.35)
+        ):
+            order = self._open_order()
+            self._live.append(order)
+        else:
+            order = rng.choice(self._live)
+        # Two fills of one order in the same millisecond: their activity ids share the
+        # time prefix and sort by uuid, which is how REST returns them out of cum order.
+        pair = (
+            len(order.plan) >= 2
+            and order.plan[0][0] == "fill"
+            and order.plan[1][0] == "fill"
+            and rng.random() < SAME_MS_PAIR_PROB
+        )
+        out = [self._play(order, self._tick(snap=pair))]
+        if pair:
+            out.append(self._play(order, self._tick(same_ms=True)))
+        if not order.plan:
+            self._live.remove(order)
+        return out
+
+    def _tick(self, *, snap: bool = False, same_ms: bool = False) -> int:
+        rng = self._rng
+        now = self.now_ns
+        if same_ms:
+            room = (now // MS_NS + 1) * MS_NS - now - 1
+            if room > 0:
+                now += rng.randint(1, room)
+        else:
+            now += max(1, int(self._step_ns * rng.uniform(0.5, 1.5)))
+            # The real broker often stamps on a whole millisecond ("...770000000Z").
+            if snap or rng.random() < 0.15:
+                now = -(-now // MS_NS) * MS_NS
+        self.now_ns = now
+        return now
+
+    def _random_qty(self, sym: Symbol) -> Decimal:
+        rng = self._rng
+        if sym.fractional and rng.random() < 0.5:
+            return Decimal(rng.randint(1, 60_000)) / 1000  # e.g. 0.974, 17.026
+        return Decimal(rng.randint(1, 100))
+
+    def _open_order(self) -> Order:
+        rng = self._rng
+        sym = rng.choice(self.symbols)
+        held = self.positions[sym.name].qty
+        r = rng.random()
+        if held != 0 and r < 0.30:
+            side, qty = ("sell" if held > 0 else "buy"), abs(held)  # close exactly
+        elif held != 0 and r < 0.45:
+            side, qty = ("sell" if held > 0 else "buy"), abs(held) + self._random_qty(sym)  # flip
+        else:
+            side, qty = rng.choice(("buy", "sell")), self._random_qty(sym)
+        fractional_qty = qty != qty.to_integral_value()
+        if fractional_qty:
+            # The real broker accepts fractional quantities only as market day orders.
+            order_type, tif = "market", "day"
+        else:
+            order_type, tif = rng.choice(("market", "limit")), rng.choice(("day", "gtc"))
+        limit: Decimal | None = None
+        if order_type == "limit":
+            offset = Decimal(rng.randint(50, 400)) / 100
+            # Marketable limits, so most fill, some at the limit when the price walks away.
+            limit = sym.price + offset if side == "buy" else max(CENT, sym.price - offset)
+        if side == "buy":
+            intent = "buy_to_close" if held < 0 else "buy_to_open"
+        else:
+            intent = "sell_to_close" if held > 0 else "sell_to_open"
+
+        pieces = self._split(qty, Decimal("0.001") if fractional_qty else Decimal(1))
+        plan: list[tuple[Step, Decimal]] = [("pending_new", ZERO), ("new", ZERO)]
+        fate = rng.random()
+        if fate < 0.12:
+            k = rng.randint(1, len(pieces) - 1) if len(pieces) > 1 else 0
+            plan += [("fill", p) for p in pieces[:k]]
+            plan += [("pending_cancel", ZERO), ("canceled", ZERO)]
+        elif fate < 0.18 and order_type == "limit" and tif == "day":
+            k = rng.randint(1, len(pieces) - 1) if len(pieces) > 1 else 0
+            plan += [("fill", p) for p in pieces[:k]]
+            plan.append(("expired", ZERO))
+        else:
+            plan += [("fill", p) for p in pieces]
+
+        self._created += 1
+        order = Order(
+            id=str(uuid4(rng)),
+            client_order_id=str(uuid4(rng)),
+            symbol=sym,
+            side=side,
+            qty=qty,
+            order_type=order_type,
+            time_in_force=tif,
+            limit_price=limit,
+            position_intent=intent,
+            plan=plan,
+        )
+        self.orders[order.id] = order
+        return order
+
+    def _split(self, qty: Decimal, unit: Decimal) -> list[Decimal]:
+        """Cut `qty` into 1..5 fills of whole `unit`s."""
+        units = int(qty / unit)
+        k = min(self._rng.randint(1, 5), units)
+        cuts = sorted(self._rng.sample(range(1, units), k - 1)) if k > 1 else []
+        bounds = [0, *cuts, units]
+        return [(bounds[i + 1] - bounds[i]) * unit for i in range(len(bounds) - 1)]
+
+    def _fill_price(self, order: Order) -> Decimal:
+        sym = order.symbol
+        sym.price = max(Decimal(1), sym.price + Decimal(self._rng.randint(-40, 40)) / 100)
+        price = sym.price
+        if order.limit_price is not None:
+            price = (
+                min(price, order.limit_price)
+                if order.side == "buy"
+                else max(price, order.limit_price)
+            )
+        return price
+
+    def _play(self, order: Order, ts: int) -> int:
+        rng = self._rng
+        step, fill_qty = order.plan.pop(0)
+        order.updated_ns = ts
+        execution_id = None if step == "pending_new" else str(uuid4(rng))
+        extra: dict[str, str] = {}
+        event: str = step
+        if step == "pending_new":
+            order.created_ns = ts
+            order.status = "pending_new"
+        elif step == "new":
+            order.status = "new"
+        elif step == "fill":
+            price = self._fill_price(order)
+            order.filled_qty += fill_qty
+            order.notional += fill_qty * price
+            done = order.filled_qty == order.qty
+            event = "fill" if done else "partial_fill"
+            order.status = "filled" if done else "partially_filled"
+            if done:
+                order.filled_ns = ts
+            signed = fill_qty if order.side == "buy" else -fill_qty
+            position = self.positions[order.symbol.name]
+            position.apply(signed, price)
+            self.cash -= signed * price
+            activity_id = self._record_activity(order, event, fill_qty, price, ts, rng)
+            order.fills.append(
+                Fill(fill_qty, price, order.filled_qty, activity_id, len(self.updates))
+            )
+            self.fills_total += 1
+            extra = {
+                "price": decimal_text(price),
+                "qty": decimal_text(fill_qty),
+                "position_qty": decimal_text(position.qty),
+            }
+        elif step == "pending_cancel":
+            order.status = "pending_cancel"
+        elif step == "canceled":
+            order.status = "canceled"
+            order.canceled_ns = ts
+        else:
+            order.status = "expired"
+            order.expired_ns = ts
+        data: dict[str, Any] = {
+            "event": event,
+            "execution_id": execution_id,
+            "order": order.snapshot(),
+            "timestamp": rfc3339_ns(ts, eastern=rng.random() < EASTERN_TIMESTAMP_PROB),
+        }
+        data.update(extra)
+        return self._record_update(data)
+
+    def _record_activity(
+        self, order: Order, event: str, qty: Decimal, price: Decimal, ts: int, rng: random.Random
+    ) -> str:
+        local = datetime.fromtimestamp(ts // NS, EASTERN)
+        activity_id = f"{local:%Y%m%d%H%M%S}{(ts % NS) // MS_NS:03d}::{uuid4(rng)}"
+        activity = {
+            "id": activity_id,
+            "activity_type": "FILL",
+            "transaction_time": utc_us(ts),
+            "type": event,
+            "price": decimal_text(price),
+            "qty": decimal_text(qty),
+            "side": order.side,
+            "symbol": order.symbol.name,
+            "leaves_qty": decimal_text(order.qty - order.filled_qty),
+            "order_id": order.id,
+            "cum_qty": decimal_text(order.filled_qty),
+            "order_status": order.status,
+        }
+        at = bisect.bisect(self.activity_ids, activity_id)
+        self.activity_ids.insert(at, activity_id)
+        self.activities.insert(at, activity)
+        # Compare `after`/`until` at the precision clients see: microseconds.
+        self.activity_ns[activity_id] = ts - ts % 1000
+        return activity_id
+
+
+    def _record_update(self, data: dict[str, Any]) -> int:
+        index = len(self.updates)
+        self.updates.append(data)
+        self.frames.append(dumps({"stream": "trade_updates", "data": data}))
+        return index

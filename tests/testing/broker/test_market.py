@@ -1,0 +1,124 @@
+"""The simulated market (`market.py`, `records.py`): deterministic order flow shaped like
+the recording, and the broker-side position math."""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, localcontext
+
+from stream_supervisor.events import parse_timestamp
+from stream_supervisor.testing.broker import ChaosConfig, SimulatedBroker
+
+from ...fixtures import RECORDING
+from .helpers import all_activities, config, fixture_lines, play_all
+
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(Z|-05:00)$")
+ORDER_TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def test_same_seed_same_frames_and_truth() -> None:
+    a, b = SimulatedBroker(config(seed=7, orders=60)), SimulatedBroker(config(seed=7, orders=60))
+    assert play_all(a) == play_all(b)
+    assert a.ground_truth() == b.ground_truth()
+    assert all_activities(a) == all_activities(b)
+    other = SimulatedBroker(config(seed=8, orders=60))
+    assert play_all(other) != play_all(SimulatedBroker(config(seed=7, orders=60)))
+
+
+def test_chaos_knobs_do_not_change_the_market() -> None:
+    calm = SimulatedBroker(config(seed=3, orders=30))
+    noisy = SimulatedBroker(config(seed=3, orders=30, chaos=ChaosConfig(duplicate_prob=0.5)))
+    assert play_all(calm) == play_all(noisy)
+
+
+def test_position_math_matches_design_section_4() -> None:
+    """Replaying the fills with the DESIGN math reproduces avg price and realized P&L."""
+    broker = SimulatedBroker(config(seed=9, orders=120))
+    updates = play_all(broker)
+    book: dict[str, tuple[Decimal, Decimal | None, Decimal]] = {}
+    with localcontext() as ctx:
+        ctx.prec = 50
+        for u in updates:
+            if u["event"] not in ("fill", "partial_fill"):
+                continue
+            sym, price = u["order"]["symbol"], Decimal(u["price"])
+            dq = Decimal(u["qty"]) * (1 if u["order"]["side"] == "buy" else -1)
+            q, a, r = book.get(sym, (Decimal(0), None, Decimal(0)))
+            if q == 0:
+                q, a = dq, price
+            elif (q > 0) == (dq > 0):
+                assert a is not None
+                a, q = (q * a + dq * price) / (q + dq), q + dq
+            else:
+                assert a is not None
+                r += min(abs(q), abs(dq)) * (price - a) * (1 if q > 0 else -1)
+                after = q + dq
+                a = None if after == 0 else (price if (after > 0) != (q > 0) else a)
+                q = after
+            book[sym] = (q, a, r)
+        truth = broker.ground_truth()["positions"]
+        for sym, (q, a, r) in book.items():
+            assert Decimal(truth[sym]["qty"]) == q
+            assert Decimal(truth[sym]["realized_pnl"]) == r
+            if a is None:
+                assert truth[sym]["avg_entry_price"] is None
+            else:
+                assert Decimal(truth[sym]["avg_entry_price"]) == a.quantize(Decimal("1e-12"))
+
+
+def test_shapes_match_the_recording() -> None:
+    recorded = fixture_lines()
+    broker = SimulatedBroker(config(seed=4242, orders=150))
+    updates = play_all(broker)
+
+    recorded_shapes = {(d["data"]["event"], tuple(d["data"])) for d in recorded[2:]}
+    assert {(u["event"], tuple(u)) for u in updates} <= recorded_shapes
+    assert {u["event"] for u in updates} >= {
+        "pending_new",
+        "new",
+        "partial_fill",
+        "fill",
+        "pending_cancel",
+        "canceled",
+        "expired",
+    }
+    order_keys = tuple(recorded[2]["data"]["order"])
+    for u in updates:
+        assert tuple(u["order"]) == order_keys
+        assert TS_RE.match(u["timestamp"]), u["timestamp"]
+        for key in ("created_at", "updated_at", "submitted_at", "filled_at", "canceled_at"):
+            assert u["order"][key] is None or ORDER_TS_RE.match(u["order"][key])
+        for key in ("qty", "filled_qty", "price", "position_qty"):
+            value = u.get(key, u["order"].get(key))
+            assert value is None or (isinstance(value, str) and "E" not in value)
+    styles = {u["timestamp"][-1] for u in updates}
+    assert styles == {"Z", "0"}  # both `Z` and `-05:00`
+    assert any(u["timestamp"].endswith("000000Z") for u in updates)  # whole-ms stamps
+    # timestamps never go backwards, whatever their offset
+    stamps = [parse_timestamp(u["timestamp"])[1] for u in updates]
+    assert stamps == sorted(stamps)
+
+    recorded_acts = json.loads((RECORDING / "fill_activities.json").read_text())
+    acts = all_activities(broker)
+    assert all(tuple(a) == tuple(recorded_acts[0]) for a in acts)
+    assert all(re.match(r"^\d{17}::[0-9a-f-]{36}$", a["id"]) for a in acts)
+
+    recorded_truth = json.loads((RECORDING / "ground_truth.json").read_text())
+    truth = broker.ground_truth()
+    assert set(truth) == set(recorded_truth)
+    assert set(truth["stats"]) >= set(recorded_truth["stats"])
+    assert set(truth["injected"]) == set(recorded_truth["injected"])
+    sample_order = next(iter(recorded_truth["orders"].values()))
+    for o in truth["orders"].values():
+        assert set(o) == set(sample_order)
+        assert all(set(f) == set(sample_order["fills"][0]) for f in o["fills"])
+    assert all(
+        set(p) == {"qty", "avg_entry_price", "realized_pnl"} for p in truth["positions"].values()
+    )
+
+
+def test_account_id_defaults_to_a_seeded_uuid() -> None:
+    assert SimulatedBroker(config(seed=1)).account_id == SimulatedBroker(config(seed=1)).account_id
+    assert SimulatedBroker(config(seed=1)).account_id != SimulatedBroker(config(seed=2)).account_id
+    assert SimulatedBroker(config(account_id="acct-x")).account_id == "acct-x"
