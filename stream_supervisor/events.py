@@ -8,6 +8,7 @@ from the stream, or a FILL activity from REST backfill, normalised to one shape)
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final, Literal
@@ -84,13 +85,21 @@ class Event(msgspec.Struct, frozen=True, gc=False):
         return self.event in FILL_EVENTS
 
 
+def _letter_key() -> str:
+    return uuid.uuid4().hex
+
+
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
-    """A frame that could not be turned into an `Event`, kept verbatim with the reason."""
+    """A frame that could not be turned into an `Event` (or an update the database
+    refused), kept verbatim with the reason."""
 
     reason: str
     payload: bytes
     source: Source = "stream"
     received_at: float = 0.0
+    #: Unique per dead letter, so a batch retried after an ambiguous commit stores it once
+    #: (`dead_letters.letter_key`, like event keys for updates).
+    key: str = msgspec.field(default_factory=_letter_key)
 
 
 def decimal_text(value: Decimal) -> str:

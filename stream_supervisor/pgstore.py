@@ -194,11 +194,13 @@ RETURNING fill_time, activity_id
 """
 
 _INSERT_DEAD_LETTERS = """
-INSERT INTO dead_letters (account_id, reason, payload, source)
-SELECT %(acct)s, r, p, s
-FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[])
-    WITH ORDINALITY AS v(r, p, s, n)
+INSERT INTO dead_letters (account_id, reason, payload, source, letter_key)
+SELECT %(acct)s, r, p, s, k
+FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[],
+            %(keys)b::text[])
+    WITH ORDINALITY AS v(r, p, s, k, n)
 ORDER BY n
+ON CONFLICT (letter_key) DO NOTHING
 """
 
 # The outcome of each replayed dead letter, in the transaction of the batch it rode in.
@@ -251,7 +253,7 @@ FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
 """
 _SNAPSHOT_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %s"
 _SNAPSHOT_DEAD_LETTERS = """
-SELECT reason, payload, source FROM dead_letters WHERE account_id = %s ORDER BY id
+SELECT reason, payload, source, letter_key FROM dead_letters WHERE account_id = %s ORDER BY id
 """
 
 
@@ -368,6 +370,7 @@ def _dead_letter_params(account_id: str, letters: Sequence[DeadLetter]) -> dict[
         "reasons": [_text(d.reason) for d in letters],
         "payloads": [bytes(d.payload) for d in letters],
         "sources": [d.source for d in letters],
+        "keys": [d.key for d in letters],
     }
 
 
@@ -717,5 +720,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         positions=[_position(r) for r in positions],
         history=[_position(r) for r in history],
         cursor=_cursor(cursor[0] if cursor else None),
-        dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2]) for r in letters],
+        dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2],
+                                 **({"key": r[3]} if r[3] is not None else {}))
+                      for r in letters],
     )

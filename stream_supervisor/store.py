@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from .events import DeadLetter, Event
 from .ledger import Cursor, Drift
@@ -145,12 +145,8 @@ class Store(Protocol):
 
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
 
-
-@runtime_checkable
-class ReplayQueue(Protocol):
-    """A store that keeps dead letters an operator asked to replay (`dead-letters
-    --replay` while a service holds the writer lock): the leader replays them."""
-
     async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
-        """Requested and not yet answered, oldest request first."""
+        """Dead letters an operator asked to replay (`dead-letters --replay` while a
+        service holds the writer lock) that no replay has answered yet, oldest request
+        first: the leader replays them through its own store."""
         ...

@@ -41,7 +41,7 @@ from .recovery import GapRecovery, RecoverySettings
 from .rest import BrokerRest
 from .settings import Settings
 from .state import SupervisorState
-from .store import ReplayQueue, Store
+from .store import Store
 from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
@@ -283,8 +283,7 @@ class Supervisor:
                         dedupe_actor, cache, recv_events, send_new,
                         recv_acks, self.metrics, self.state,
                     )
-                    if isinstance(store, ReplayQueue):
-                        nursery.start_soon(self._replay_requested, store, account_id)
+                    nursery.start_soon(self._replay_requested, store, account_id)
                     self._conn_scope = trio.CancelScope()
                     if self.state.draining:
                         self._conn_scope.cancel()
@@ -348,7 +347,6 @@ class Supervisor:
         A replayed update the LRU does not know is harmless: layer 1 drops a later copy."""
         from .deadletters import replay_with  # local: the command's module, rarely needed
 
-        assert isinstance(store, ReplayQueue)
         while not self.state.draining:
             await trio.sleep(REPLAY_POLL)
             try:
