@@ -11,6 +11,7 @@ import json
 import os
 import random
 import string
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -341,3 +342,38 @@ async def test_a_refusal_that_never_ends_is_counted_and_the_process_exits_1(
     assert all("this order is refused by a trigger" in e["error"] for e in crashed)
     assert "another replica" not in "\n".join(svc.process.stdout)
     assert stored_keys(database_url) == set()
+
+
+async def test_a_replay_asked_while_the_service_runs_goes_through_its_leader(
+    database_url: str,
+) -> None:
+    """`dead-letters --replay` never writes beside a running leader: the service holds the
+    writer lock, so the command marks the row and the leader replays it."""
+    fixed = update("fill", "replayed-later", cum="2", price="7")
+    async with service(database_url, []) as svc:
+        with trio.fail_after(WAIT):
+            while "backfill_done" not in svc.events():
+                await trio.sleep(0.1)
+        letter = sql(database_url, "INSERT INTO dead_letters (account_id, reason, payload, "
+                                   "source) VALUES (%s, 'refused by an older build', %s, "
+                                   "'stream') RETURNING id", ACCOUNT, encode(fixed))[0][0]
+        env = {**svc.process.env, "STREAM_SUPERVISOR_LOG_LEVEL": "error"}
+        result = await trio.run_process(
+            [sys.executable, "-m", "stream_supervisor", "dead-letters", "--replay",
+             str(letter), "--json"], env=env, capture_stdout=True, capture_stderr=True,
+            check=False)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"id": letter, "how": "by the service",
+                                             "outcome": "stored", "stored": True}
+        again = await trio.run_process(
+            [sys.executable, "-m", "stream_supervisor", "dead-letters", "--replay",
+             str(letter), "--json"], env=env, capture_stdout=True, capture_stderr=True,
+            check=False)
+        assert json.loads(again.stdout)["outcome"] == "already stored"
+        code = await svc.drain()
+    assert code == 0
+    assert stored_keys(database_url) == {fill_key("replayed-later", "2")}
+    replayed = [e for e in svc.process.events() if e["event"] == "dead_letter_replayed"]
+    assert [(e["id"], e["outcome"], e["by"]) for e in replayed] == [
+        (letter, "stored", "service"), (letter, "already stored", "service")]
+    svc.assert_no_restart_loop()
