@@ -27,7 +27,7 @@ from .bounds import not_after_ns
 from .errors import ConfigError, StoreDataError, StoreError
 from .events import DeadLetter, Event
 from .logs import get_logger
-from .pgstore import PgStore, stored_dead_letter
+from .pgstore import DEAD_LETTER_COLUMNS, PgStore, stored_dead_letter
 from .protocol import decode_stored
 from .settings import Settings
 from .store import (
@@ -50,14 +50,12 @@ PREVIEW_BYTES: Final = 72
 REPLAYED: Final = frozenset({REPLAY_STORED, REPLAY_ALREADY_STORED})
 STILL_REFUSED: Final = "still refused: "
 
-_COLUMNS = """id, account_id, received_at, reason, payload, source,
-    replay_requested_at, replayed_at, replay_result"""
 _LIST = f"""
-SELECT {_COLUMNS} FROM dead_letters
+SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
 WHERE (%(acct)s::text IS NULL OR account_id = %(acct)s)
 ORDER BY id DESC LIMIT %(limit)s
 """
-_ONE = f"SELECT {_COLUMNS} FROM dead_letters WHERE id = %s"
+_ONE = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = %s"
 _REQUEST = """
 UPDATE dead_letters SET replay_requested_at = now(), replayed_at = NULL, replay_result = NULL
 WHERE id = %s

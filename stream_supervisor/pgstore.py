@@ -210,10 +210,10 @@ FROM unnest(%(ids)s::bigint[], %(results)b::text[]) AS v(id, r)
 WHERE d.id = v.id AND d.account_id = %(acct)s
 """
 
-_DEAD_LETTER_COLUMNS = """id, account_id, received_at, reason, payload, source,
+DEAD_LETTER_COLUMNS: Final = """id, account_id, received_at, reason, payload, source,
     replay_requested_at, replayed_at, replay_result"""
 _PENDING_REPLAYS = f"""
-SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters
+SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
 WHERE account_id = %s AND replay_requested_at IS NOT NULL AND replayed_at IS NULL
 ORDER BY replay_requested_at, id
 LIMIT %s
@@ -310,7 +310,7 @@ def _cursor(row: Sequence[Any] | None) -> Cursor | None:
 
 
 def stored_dead_letter(row: Sequence[Any]) -> StoredDeadLetter:
-    """A row of `_DEAD_LETTER_COLUMNS`."""
+    """A row of `DEAD_LETTER_COLUMNS`."""
     return StoredDeadLetter(
         id=row[0], account_id=row[1], received_at=row[2], reason=row[3],
         payload=bytes(row[4]), source=row[5], replay_requested_at=row[6],

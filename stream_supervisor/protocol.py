@@ -347,7 +347,9 @@ def update_to_event(
 
 def activity_json(activity: WireActivity) -> bytes:
     """One FILL activity as JSON: what a dead letter keeps, and `activity_from_json`
-    (the dead-letter replay) reads back."""
+    (the dead-letter replay) reads back. One that did not decode: as it came."""
+    if isinstance(activity, UndecodableActivity):
+        return activity.raw
     return msgspec.json.encode(activity)
 
 
@@ -361,6 +363,8 @@ def activity_from_json(payload: bytes) -> WireActivity:
 def activity_to_event(activity: WireActivity, *, not_after_ns: int | None = None) -> Event:
     """A REST FILL activity as an `Event`; its key equals the stream fill's key. Raises
     DecodeError (OutOfBounds) if it cannot be used."""
+    if isinstance(activity, UndecodableActivity):
+        raise DecodeError(activity.problem)
     if not activity.id or not activity.order_id or not activity.symbol:
         raise DecodeError("activity without id, order id or symbol")
     check_text("id", activity.id, MAX_ID_CHARS)
@@ -400,11 +404,54 @@ def activity_to_event(activity: WireActivity, *, not_after_ns: int | None = None
     )
 
 
+class UndecodableActivity(WireActivity, gc=False):
+    """One FILL activity of a page that does not fit `WireActivity` (a wrong type, a
+    missing field): the rest of the page still decodes, and this one reaches backfill,
+    whose `activity_to_event` refuses it, to be dead-lettered as the JSON it came as.
+    (A whole page failing for one activity would fail every backfill, for ever.)"""
+
+    raw: bytes = b""
+    problem: str = ""
+
+
+class _LooseActivity(msgspec.Struct, gc=False):
+    """What paging needs of an activity that does not decode, if it has it."""
+
+    id: Any = None
+    transaction_time: Any = None
+
+
+_raw_items_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_loose_decoder: Final = msgspec.json.Decoder(_LooseActivity)
+
+
 def decode_activities(body: bytes) -> list[WireActivity]:
+    """A page of FILL activities; an activity that does not decode comes back as an
+    `UndecodableActivity`. Raises DecodeError only if the page is not a JSON list."""
     try:
         return _activities_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid FILL activities page: {exc}") from None
+        try:
+            items = _raw_items_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise DecodeError(f"invalid FILL activities page: {exc}") from None
+    return [_activity_or_undecodable(bytes(item)) for item in items]
+
+
+def _activity_or_undecodable(raw: bytes) -> WireActivity:
+    try:
+        return _activity_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            loose = _loose_decoder.decode(raw)
+            ident, stamp = loose.id, loose.transaction_time
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ident = stamp = None
+        return UndecodableActivity(
+            id=ident if isinstance(ident, str) else "", order_id="", symbol="", side="",
+            price=Decimal(0), qty=Decimal(0), cum_qty=Decimal(0),
+            transaction_time=stamp if isinstance(stamp, str) else "",
+            raw=raw, problem=f"invalid update: {exc}"[:300])
 
 
 def decode_orders(body: bytes) -> list[WireOrder]:

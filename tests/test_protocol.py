@@ -19,6 +19,7 @@ from stream_supervisor.protocol import (
     ErrorReply,
     Listening,
     OtherStream,
+    activity_json,
     activity_to_event,
     authenticate_message,
     decode_activities,
@@ -165,9 +166,28 @@ def test_activity_keys_ignore_decimal_spelling() -> None:
 
 def test_bad_activities_page_raises_decode_error() -> None:
     with pytest.raises(DecodeError, match="activities"):
-        decode_activities(b'[{"id": 1}]')
+        decode_activities(b'{"id": 1}')
     with pytest.raises(DecodeError):
         decode_activities(b"not json")
+
+
+def test_one_undecodable_activity_does_not_fail_its_page() -> None:
+    # Issue 13: one activity of the wrong shape used to fail the whole page, hence every
+    # backfill, for ever. It now reaches backfill, which dead-letters it as it came.
+    good = (RECORDING / "fill_activities.json").read_bytes()
+    items = json.loads(good)
+    bad = {**items[0], "id": "bad-activity", "qty": "abc"}
+    odd = {"id": 7}
+    page = json.dumps([bad, *items[1:3], odd]).encode()
+    activities = decode_activities(page)
+    assert [a.id for a in activities[1:3]] == [i["id"] for i in items[1:3]]
+    assert activities[0].id == "bad-activity" and activities[3].id == ""
+    for activity in (activities[0], activities[3]):
+        with pytest.raises(DecodeError, match="invalid update"):
+            activity_to_event(activity)
+    assert json.loads(activity_json(activities[0])) == bad
+    assert json.loads(activity_json(activities[3])) == odd
+    assert activities[0].transaction_time == bad["transaction_time"]
 
 
 # --- control messages -----------------------------------------------------------------

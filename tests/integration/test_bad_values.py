@@ -225,14 +225,18 @@ async def test_a_bad_fill_activity_from_rest_is_dead_lettered_and_ingestion_goes
     now = datetime.now(UTC)
     good = activity("rest-good", "2", "50", now - timedelta(minutes=10))
     bad = activity("rest-bad", "1E-20000", "50", now - timedelta(minutes=9))
+    # And one no struct can hold: it used to fail its whole page, hence every backfill.
+    shapeless = {**activity("rest-shapeless", "1", "50", now - timedelta(minutes=8)),
+                 "qty": "abc"}
     live = update("fill", "live-fill", cum="4", price="20")
-    async with service(database_url, [encode(live)], [good, bad]) as svc:
-        await svc.wait_until({fill_key("rest-good", "2"), fill_key("live-fill", "4")}, 1)
-        await trio.sleep(1.0)  # nothing else may come: no reconnect, no second letter
+    async with service(database_url, [encode(live)], [good, bad, shapeless]) as svc:
+        await svc.wait_until({fill_key("rest-good", "2"), fill_key("live-fill", "4")}, 2)
+        await trio.sleep(1.0)  # nothing else may come: no reconnect, no third letter
         code = await svc.drain()
     assert code == 0, svc.process.tail()
     assert stored_keys(database_url) == {fill_key("rest-good", "2"), fill_key("live-fill", "4")}
-    [(reason, payload, source)] = dead_letters(database_url)
+    [(reason, payload, source), (other, verbatim, _)] = dead_letters(database_url)
+    assert "Invalid decimal string" in other and json.loads(verbatim) == shapeless
     assert source == "rest" and "qty has more than 12 decimal places" in reason
     # Its JSON, which decodes back to the activity the broker sent.
     assert activity_from_json(payload).order_id == "rest-bad"
