@@ -5,6 +5,9 @@ One synchronous psycopg connection, driven from one worker thread at a time (Tri
 is one transaction in two pipelined round trips, set-based whatever its size: claim the
 dedupe keys and lock the touched state; then, after the pure ledger has run, write
 orders, positions, history, cursor and dead letters, and commit.
+
+Longer than our other modules on purpose: half of it is the SQL text, kept beside the
+code that binds each statement's parameters so a reader checks both in one place.
 """
 
 from __future__ import annotations

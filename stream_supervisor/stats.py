@@ -8,7 +8,8 @@ swapped in by its own transaction (delete the day, insert the new rows), so a cr
 leaves every day either as it was or as recomputed. Money stays `numeric` until a ratio
 is taken, so a re-run gives identical rows. A session advisory lock serialises runs: a
 second one waits for the first (up to `--lock-wait`), then does its own days.
-Definitions and conventions: docs/statistics.md.
+Definitions and conventions: docs/statistics.md. Longer than our other modules because
+most of it is the SQL of each figure, kept beside the command that runs it.
 """
 
 from __future__ import annotations
@@ -85,12 +86,18 @@ END"""
 
 _PATTERN_COMPILES = "SELECT regexp_match('', %(pattern)s::text)"
 
+# The opening order's client order id: the position's own, or, when the opening fill came
+# from REST (FILL activities do not carry it), the one the order learnt later.
+_OPENING_CID = "coalesce(h.client_order_id, o.client_order_id)"
+_WITH_ORDER = "position_history h LEFT JOIN broker_orders o ON o.alpaca_order_id = h.alpaca_order_id"
+
 # A sample of the client order ids about to be attributed, with the server's answer.
 _PATTERN_SAMPLE = f"""
 SELECT cid, {_strategy_sql("'fill'", "cid")}
-FROM (SELECT DISTINCT client_order_id AS cid FROM position_history
-      WHERE closed_at >= %(start)s AND closed_at < %(end)s AND origin <> '{BASELINE_ORIGIN}'
-        AND client_order_id IS NOT NULL AND {_ACCOUNT.format(alias='')}
+FROM (SELECT DISTINCT {_OPENING_CID} AS cid FROM {_WITH_ORDER}
+      WHERE h.closed_at >= %(start)s AND h.closed_at < %(end)s
+        AND h.origin <> '{BASELINE_ORIGIN}' AND {_OPENING_CID} IS NOT NULL
+        AND {_ACCOUNT.format(alias='h.')}
       LIMIT %(sample)s) AS ids
 """
 
@@ -99,14 +106,14 @@ FROM (SELECT DISTINCT client_order_id AS cid FROM position_history
 _TRADES = f"""
 CREATE TEMP TABLE stats_trades AS
 SELECT h.account_id,
-       {_strategy_sql('h.origin', 'h.client_order_id')} AS strategy,
+       {_strategy_sql('h.origin', _OPENING_CID)} AS strategy,
        h.symbol,
        (h.closed_at AT TIME ZONE 'UTC')::date AS day,
        h.closed_at,
        h.position_id,
        h.realized_pnl - h.fees AS pnl,
        extract(epoch FROM h.closed_at - h.opened_at) AS holding
-FROM position_history h
+FROM {_WITH_ORDER}
 WHERE h.closed_at < %(end)s AND {_ACCOUNT.format(alias='h.')}
 """
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -25,32 +26,67 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_demo_runs_on_embedded_postgres_and_verifies(tmp_path: Path) -> None:
-    """The README's first command, minus the install: no DATABASE_URL, no server running."""
+def _demo(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "stream_supervisor", "demo", "--duration", "3",
-         "--data-dir", str(tmp_path / "pg"), "--seed", "11"],
+        [sys.executable, "-m", "stream_supervisor", "demo", "--json",
+         "--data-dir", str(tmp_path / "pg"), *flags],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return proc, summary
+
+
+def test_demo_shows_the_incident_the_per_event_consumer_gets_wrong(tmp_path: Path) -> None:
+    """The README's first command, minus the install: no DATABASE_URL, no server running,
+    no flags but a shorter session. Repeated frames double the per-event consumer's fills,
+    the outage loses some; stream-supervisor ends equal to the broker."""
+    proc, summary = _demo(tmp_path, "--duration", "8", "--seed", "11")
+    ours, theirs = summary["stream_supervisor"], summary["per_event_consumer"]
     assert summary["mismatches"] == 0
-    assert summary["events_committed"] > 0
-    assert summary["fills"] > 0
+    assert summary["faults_injected"]["duplicate_frames"] > 0
+    assert summary["faults_injected"]["disconnects"] == 1
+    assert summary["backfill_fills"] > 0  # the outage's fills came over REST
+    assert theirs["applied_twice"] > 0 and theirs["fills_lost"] > 0
+    assert theirs["drifting_symbols"]
+    assert ours["applied_twice"] == 0 and ours["fills_lost"] == 0
+    assert ours["drifting_symbols"] == []
+    assert ours["positions"] == {s: q for s, q in summary["broker"]["positions"].items()
+                                 if s in ours["positions"]}
     assert "exactly-once held" in proc.stderr
 
 
+def test_demo_clean_the_two_consumers_agree(tmp_path: Path) -> None:
+    """Without faults the per-event consumer is right too: the comparison is fair."""
+    _, summary = _demo(tmp_path, "--clean", "--duration", "3", "--seed", "11")
+    assert summary["faults_injected"] == {}
+    for column in (summary["stream_supervisor"], summary["per_event_consumer"]):
+        assert column["applied_twice"] == 0 and column["fills_lost"] == 0
+        assert column["drifting_symbols"] == []
+
+
 def test_demo_with_chaos_reports_faults_and_holds(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream_supervisor", "demo", "--duration", "4", "--chaos",
-         "--data-dir", str(tmp_path / "pg"), "--seed", "5"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    _, summary = _demo(tmp_path, "--chaos", "--duration", "4", "--seed", "5")
     assert summary["mismatches"] == 0
     assert summary["faults_injected"].get("duplicate_frames", 0) > 0
     assert sum(summary["duplicates_dropped"].values()) > 0
+
+
+def test_demo_table_and_strategy_figures(tmp_path: Path) -> None:
+    """Without --json: the three columns side by side, then the session's statistics."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream_supervisor", "demo", "--duration", "4", "--seed", "3",
+         "--data-dir", str(tmp_path / "pg")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "broker truth" in out and "per-event consumer" in out and "stream-supervisor" in out
+    assert "fills lost" in out and "fills applied twice" in out
+    assert "strategy figures" in out
+    assert any(name in out for name in ("momentum", "meanrev", "pairs"))
+    # Not a terminal: plain progress lines, no carriage returns.
+    assert "\r" not in proc.stderr
 
 
 def test_run_refuses_missing_configuration_naming_it() -> None:

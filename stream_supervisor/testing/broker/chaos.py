@@ -83,6 +83,10 @@ class ChaosConfig:
     """Seconds after the server started during which every upgrade gets HTTP 429."""
     reject_429_connects: int = 0
     """The first N upgrade attempts get HTTP 429."""
+    outage_after_disconnect: float = 0.0
+    """After a chaos disconnect, every upgrade gets HTTP 429 for this many seconds, as
+    Alpaca answers while it still holds the stale session (up to ~90 s): the updates of
+    that outage reach a client only through REST."""
     rest_error_prob: float = 0.0
     rest_429_prob: float = 0.0
     rest_retry_after: float = 1.0

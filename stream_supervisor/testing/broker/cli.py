@@ -43,6 +43,8 @@ KNOB_HELP: dict[str, str] = {
     "replay_on_connect": "after listen, replay up to this many recent updates again",
     "reject_429_for": "seconds after start during which every upgrade gets HTTP 429",
     "reject_429_connects": "the first N upgrade attempts get HTTP 429",
+    "outage_after_disconnect": "after a chaos disconnect, answer every upgrade with HTTP 429 "
+                               "for this many seconds (a stale session the broker still holds)",
     "rest_error_prob": "probability that a REST call answers 500",
     "rest_429_prob": "probability that a REST call answers 429 with Retry-After",
     "rest_retry_after": "Retry-After seconds on those 429s",

@@ -43,6 +43,7 @@ class Feeds:
         self._slot: object | None = None
         self._reservation: object | None = None
         self._started_at: float | None = None
+        self._outage_until = float("-inf")
 
     # --- publishing
 
@@ -122,11 +123,17 @@ class Feeds:
         chaos = self.chaos.reject_upgrade(
             attempt=self.stats["upgrade_attempts"], since_start=now - self._started_at
         )
-        if chaos or self._slot is not None:
+        if chaos or now < self._outage_until or self._slot is not None:
             self.stats["rejected_429"] += 1
             return 429
         self._reservation = self._slot = object()
         return None
+
+    def begin_outage(self) -> None:
+        """A chaos disconnect just happened: refuse upgrades for the configured outage."""
+        seconds = self.chaos.config.outage_after_disconnect
+        if seconds > 0:
+            self._outage_until = trio.current_time() + seconds
 
     def cancel_admission(self) -> None:
         """The upgrade that `admit()` accepted never completed: free the slot."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import bisect
 import decimal
+import hashlib
 import random
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -61,6 +63,12 @@ class SimConfig:
     Set it to make timestamps (and so activity ids) fully deterministic."""
     scenario: str = "default"
     """A label copied into the ground truth."""
+    strategies: tuple[str, ...] = ()
+    """Prefix each client order id with one of these (`momentum-<uuid>`), as a bot tags
+    its orders; empty: bare uuids, as the recorded session has them."""
+    burst: tuple[int, int] = (0, 0)
+    """(after this many updates, this many more): a burst the market plays as fast as it
+    can, without pacing, before going back to `rate`."""
 
 
 class Market:
@@ -75,7 +83,16 @@ class Market:
         # Market randomness only: chaos and the account id draw from their own streams,
         # so a chaos knob never changes which orders the market makes.
         self._rng = random.Random(config.seed)
+        self._strategy_rng = random.Random(f"{config.seed}/strategy")
         self.account_id = config.account_id or str(uuid4(random.Random(f"{config.seed}/account")))
+        # Order ids are unique at Alpaca across accounts, and event keys rely on it: a
+        # session on an account of its own gets ids of its own even from a seed used
+        # before (the same draws, mixed with the account), so two runs of one seed can
+        # share a database. Without an explicit account the ids are the seed's alone.
+        self._id_salt = (
+            int.from_bytes(hashlib.sha256(config.account_id.encode()).digest()[:16], "big")
+            if config.account_id else 0
+        )
         start = config.start_time or datetime.now(UTC)
         if start.tzinfo is None:
             raise ValueError("SimConfig.start_time must be timezone-aware")
@@ -242,8 +259,8 @@ class Market:
 
         self._created += 1
         order = Order(
-            id=str(uuid4(rng)),
-            client_order_id=str(uuid4(rng)),
+            id=str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4)),
+            client_order_id=self._client_order_id(uuid4(rng)),
             symbol=sym,
             side=side,
             qty=qty,
@@ -255,6 +272,12 @@ class Market:
         )
         self.orders[order.id] = order
         return order
+
+    def _client_order_id(self, unique: object) -> str:
+        strategies = self.config.strategies
+        if not strategies:
+            return str(unique)
+        return f"{self._strategy_rng.choice(strategies)}-{unique}"
 
     def _split(self, qty: Decimal, unit: Decimal) -> list[Decimal]:
         """Cut `qty` into 1..5 fills of whole `unit`s."""

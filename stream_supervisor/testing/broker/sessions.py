@@ -278,6 +278,7 @@ class _Session:
                 return False
             self.stats["dup_frames"] += 1
         if chaos.disconnect_after(frame_index):
+            self.feeds.begin_outage()
             await self._drop(abrupt=chaos.abrupt())
             return False
         return True

@@ -102,9 +102,15 @@ class SimulatedBroker:
         """Play the market in Trio time at `config.rate`, then set `finished` and return."""
         task_status.started()
         rate = self.config.rate
+        burst_from, burst_count = self.config.burst
+        burst_to = burst_from + burst_count if burst_count > 0 else -1
         next_at = trio.current_time()
         while (batch := self.step()) is not None:
-            if rate > 0:
+            if burst_from <= self.updates_total < burst_to:
+                # The burst: no pacing (a yield per update lets the consumers read).
+                await trio.lowlevel.checkpoint()
+                next_at = trio.current_time()
+            elif rate > 0:
                 # Schedule against an absolute clock so sleep overhead does not drift the rate.
                 next_at += len(batch) / rate
                 await trio.sleep_until(next_at)

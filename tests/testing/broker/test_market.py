@@ -7,6 +7,8 @@ import json
 import re
 from decimal import Decimal, localcontext
 
+import trio
+
 from stream_supervisor.events import parse_timestamp
 from stream_supervisor.testing.broker import ChaosConfig, SimulatedBroker
 
@@ -123,3 +125,35 @@ def test_account_id_defaults_to_a_seeded_uuid() -> None:
     assert SimulatedBroker(config(seed=1)).account_id == SimulatedBroker(config(seed=1)).account_id
     assert SimulatedBroker(config(seed=1)).account_id != SimulatedBroker(config(seed=2)).account_id
     assert SimulatedBroker(config(account_id="acct-x")).account_id == "acct-x"
+
+
+def test_strategy_tags_and_account_salt_leave_the_market_as_it_was() -> None:
+    """Tagging client order ids with strategies and giving the session an account of its
+    own change ids only: the same orders, quantities and prices; a bare seed keeps the
+    recorded shape (uuid client order ids)."""
+    plain = play_all(SimulatedBroker(config(seed=4, orders=40)))
+    tagged_broker = SimulatedBroker(config(seed=4, orders=40, account_id="acct-1",
+                                           strategies=("alpha", "beta")))
+    tagged = play_all(tagged_broker)
+    assert len(plain) == len(tagged)
+    for a, b in zip(plain, tagged, strict=True):
+        assert (a["event"], a["order"]["symbol"], a["order"]["qty"], a.get("price")) == (
+            b["event"], b["order"]["symbol"], b["order"]["qty"], b.get("price"))
+    assert {u["order"]["client_order_id"].split("-")[0] for u in tagged} == {"alpha", "beta"}
+    assert all(re.fullmatch(r"[0-9a-f-]{36}", u["order"]["client_order_id"]) for u in plain)
+    # Another account: other order ids from the same seed (event keys never collide).
+    other = play_all(SimulatedBroker(config(seed=4, orders=40, account_id="acct-2")))
+    ids = {u["order"]["id"] for u in tagged}
+    assert ids.isdisjoint({u["order"]["id"] for u in other})
+    assert ids == {u["order"]["id"] for u in play_all(SimulatedBroker(
+        config(seed=4, orders=40, account_id="acct-1")))}
+
+
+async def test_a_burst_plays_its_updates_without_pacing(autojump_clock: object) -> None:
+    """In virtual time: the burst's 100 updates take none, the others 1/50 s each."""
+    broker = SimulatedBroker(config(seed=5, orders=60, rate=50.0, burst=(20, 100)))
+    started = trio.current_time()
+    await broker.run_market()
+    paced = broker.updates_total - 100
+    # A step can make two updates at once (a same-millisecond pair), hence the slack.
+    assert abs((trio.current_time() - started) - paced / 50.0) <= 2 / 50.0

@@ -315,3 +315,29 @@ async def test_rest_chaos_knobs() -> None:
     assert got == all_activities(broker)
     assert statuses[429] and statuses[500] and statuses[200]
     assert broker.stats["rest_faults"] == statuses[429] + statuses[500]
+
+
+async def test_outage_after_a_disconnect_refuses_reconnects_for_a_while() -> None:
+    """Alpaca holds a dropped session for a while and answers the reconnect with 429: the
+    updates of that outage reach a client only through REST."""
+    knobs = ChaosConfig(disconnect_at=(1,), outage_after_disconnect=0.5)
+    broker = SimulatedBroker(config(seed=3, orders=10, rate=0, chaos=knobs))
+    with trio.fail_after(10):
+        async with running(broker) as server:
+            async with ws_client(server) as ws:
+                await login(ws)
+                await broker.run_market()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+            dropped_at = trio.current_time()
+            while broker.session_active:
+                await trio.sleep(0.01)
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with ws_client(server):
+                    pass
+            assert rejected.value.status_code == 429
+            await trio.sleep_until(dropped_at + 0.55)
+            async with ws_client(server) as ws:
+                await login(ws)
+    assert broker.stats["rejected_429"] == 1
