@@ -8,7 +8,8 @@ is written to the dead letter's row in the same transaction (migration 0003).
 Only the holder of the account's writer lock writes (docs/design.md, section 7): when the
 lock is free, this command takes it for the replay; when a service holds it, the command
 marks the row (`replay_requested_at`) and the service's leader replays it through its
-own writer (`supervisor.py`, `replay_requested`), and the command waits for the outcome.
+own store connection (`supervisor.py`), and the command waits for the outcome. The
+replay itself (`replay.py`) is the same in both.
 """
 
 from __future__ import annotations
@@ -23,21 +24,12 @@ from typing import Any, Final
 import trio
 
 from . import pgconn
-from .bounds import not_after_ns
-from .errors import ConfigError, StoreDataError, StoreError
-from .events import DeadLetter, Event
+from .errors import ConfigError, StoreError
 from .logs import get_logger
 from .pgstore import DEAD_LETTER_COLUMNS, PgStore, stored_dead_letter
-from .protocol import decode_stored
+from .replay import REPLAYED, replay_with
 from .settings import Settings
-from .store import (
-    REPLAY_ALREADY_STORED,
-    REPLAY_STORED,
-    Batch,
-    ReplayMark,
-    Store,
-    StoredDeadLetter,
-)
+from .store import StoredDeadLetter
 
 log = get_logger("stream_supervisor.deadletters")
 
@@ -46,9 +38,6 @@ DEFAULT_LIST_LIMIT: Final = 50
 DEFAULT_REPLAY_WAIT: Final = 30.0
 #: How much of a payload the listing shows.
 PREVIEW_BYTES: Final = 72
-#: Outcomes that mean the update is stored now.
-REPLAYED: Final = frozenset({REPLAY_STORED, REPLAY_ALREADY_STORED})
-STILL_REFUSED: Final = "still refused: "
 
 _LIST = f"""
 SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
@@ -60,42 +49,6 @@ _REQUEST = """
 UPDATE dead_letters SET replay_requested_at = now(), replayed_at = NULL, replay_result = NULL
 WHERE id = %s
 """
-
-
-# --- replaying: shared by the command and the running service ------------------------
-
-
-def replay_batch(letter: StoredDeadLetter, decoded: Event | DeadLetter) -> Batch:
-    """The batch that replays `letter`: its update (if it decodes now) and the mark that
-    records the outcome on its row, in one transaction."""
-    if isinstance(decoded, DeadLetter):
-        mark = ReplayMark(letter.id, None, (STILL_REFUSED + decoded.reason)[:1000])
-        return Batch(letter.account_id, [], (), [mark])
-    return Batch(letter.account_id, [decoded], (), [ReplayMark(letter.id, decoded.key)])
-
-
-def decode_letter(letter: StoredDeadLetter, settings: Settings, now: datetime) -> Event | DeadLetter:
-    """The payload decoded with today's code and today's bounds."""
-    return decode_stored(letter.payload, letter.source, max_bytes=settings.max_frame_bytes,
-                         not_after_ns=not_after_ns(now, settings.future_tolerance))
-
-
-async def replay_with(store: Store, letter: StoredDeadLetter, settings: Settings,
-                      now: datetime) -> str:
-    """Replay one dead letter through `store.commit_batch` (the caller holds the writer
-    lock); returns the outcome recorded on its row."""
-    batch = replay_batch(letter, decode_letter(letter, settings, now))
-    try:
-        result = await store.commit_batch(batch)
-    except StoreDataError as exc:
-        outcome = f"refused by the database [{exc.sqlstate}]: {exc.detail}"[:1000]
-        await store.commit_batch(Batch(letter.account_id, [], (),
-                                       [ReplayMark(letter.id, None, outcome)]))
-        return outcome
-    mark = batch.replays[0]
-    if mark.outcome is not None:
-        return mark.outcome
-    return REPLAY_STORED if mark.event_key in result.applied_keys else REPLAY_ALREADY_STORED
 
 
 # --- the command ----------------------------------------------------------------------
@@ -270,6 +223,4 @@ __all__ = [
     "cmd_dead_letters",
     "list_dead_letters",
     "replay",
-    "replay_batch",
-    "replay_with",
 ]

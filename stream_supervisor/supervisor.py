@@ -38,6 +38,7 @@ from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
 from .recovery import GapRecovery, RecoverySettings
+from .replay import replay_with
 from .rest import BrokerRest
 from .settings import Settings
 from .state import SupervisorState
@@ -345,8 +346,6 @@ class Supervisor:
         through the store connection that holds the writer lock, with the writer's
         `commit_batch` (the store runs one call at a time, so it never overlaps a batch).
         A replayed update the LRU does not know is harmless: layer 1 drops a later copy."""
-        from .deadletters import replay_with  # local: the command's module, rarely needed
-
         while not self.state.draining:
             await trio.sleep(REPLAY_POLL)
             try:

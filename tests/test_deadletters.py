@@ -12,10 +12,11 @@ import pytest
 import trio
 
 from stream_supervisor.cli import run_cli
-from stream_supervisor.deadletters import replay, replay_with
+from stream_supervisor.deadletters import replay
 from stream_supervisor.events import Event
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import activity_json, decode_activities, decode_frame
+from stream_supervisor.replay import replay_with
 from stream_supervisor.settings import Settings
 
 from .fixtures import RECORDING
