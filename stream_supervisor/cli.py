@@ -1,5 +1,5 @@
 """`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, health,
-prune, stats.
+prune, dead-letters, stats.
 
 Flags override the environment; every command builds one `Settings` and passes it down.
 Exit codes: 0 ok, 1 failure or violation, 2 usage, 78 configuration error.
@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .deadletters import add_dead_letters_arguments, cmd_dead_letters
 from .endpoints import HTTP_ADDR_ENV, parse_http_addr
 from .errors import ConfigError, MigrationError, SchemaError, StoreError
 from .logs import configure_logging, get_logger, redactor
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "positions in small batches (never position_history)")
     _common_flags(prune)
     add_prune_arguments(prune)
+    dead = sub.add_parser("dead-letters", help="list what could not be stored (newest "
+                          "first), or replay one exactly once after a fix (--replay ID)")
+    _common_flags(dead)
+    add_dead_letters_arguments(dead)
     stats = sub.add_parser("stats", help="per-strategy statistics of closed positions, per UTC "
                            "day (default: yesterday and the lookback days before it)")
     _common_flags(stats)
@@ -276,5 +281,6 @@ _COMMANDS: dict[str, Any] = {
     "reconcile": cmd_reconcile,
     "health": cmd_health,
     "prune": cmd_prune,
+    "dead-letters": cmd_dead_letters,
     "stats": cmd_stats,
 }

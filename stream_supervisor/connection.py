@@ -10,12 +10,15 @@ they never restart the rest of the pipeline. `unauthorized` is fatal.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import trio
 from prometheus_client import Counter
 
 from .backoff import Backoff, BackoffPolicy
+from .bounds import not_after_ns
 from .channels import drain, send_soon
 from .errors import (
     FATAL,
@@ -60,6 +63,8 @@ class ConnectionSettings:
     handshake_timeout: float
     backoff: BackoffPolicy
     max_frame_bytes: int
+    #: Updates stamped more than this ahead of the wall clock are dead-lettered.
+    future_tolerance: float
 
     @classmethod
     def from_settings(cls, s: Settings) -> ConnectionSettings:
@@ -72,6 +77,7 @@ class ConnectionSettings:
             handshake_timeout=s.connect_timeout,
             backoff=s.backoff,
             max_frame_bytes=s.max_frame_bytes,
+            future_tolerance=s.future_tolerance,
         )
 
 
@@ -88,8 +94,10 @@ class ConnectionActor:
         state: SupervisorState,
         *,
         rng: random.Random | None = None,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
+        self.wallclock = wallclock
         self.connector = connector
         self.recovery = recovery
         self.outbox = outbox
@@ -153,6 +161,10 @@ class ConnectionActor:
                          rate_limited=rate_limited)
                 await trio.sleep(delay)
 
+    def _not_after_ns(self) -> int:
+        """The latest update timestamp accepted now (wall clock plus the tolerance)."""
+        return not_after_ns(self.wallclock(), self.settings.future_tolerance)
+
     async def _handshake(self, ws: WebSocket) -> None:
         s = self.settings
         with trio.fail_after(s.handshake_timeout):
@@ -173,7 +185,8 @@ class ConnectionActor:
             log.info("authorized", connection_id=self.state.connection_id)
             await ws.send_message(listen_message())
             while True:
-                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes)
+                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes,
+                                     not_after_ns=self._not_after_ns())
                 if isinstance(reply, Listening):
                     if "trade_updates" not in reply.streams:
                         raise ProtocolViolation(f"listening to {reply.streams}, not trade_updates")
@@ -230,10 +243,12 @@ class ConnectionActor:
                     return
                 now = trio.current_time()
                 self.state.beat("connection", now)
+                latest = self._not_after_ns()  # once per read, not per frame
                 received: dict[str, int] = {}  # per event type, counted once per read
                 try:
                     for message in messages:
-                        frame = decode_frame(message, received_at=now, max_bytes=max_bytes)
+                        frame = decode_frame(message, received_at=now, max_bytes=max_bytes,
+                                             not_after_ns=latest)
                         if isinstance(frame, Event):
                             received[frame.event] = received.get(frame.event, 0) + 1
                             await send_soon(live, frame)

@@ -62,6 +62,12 @@ class KeyCache:
         REST backfill or the broker will bring it again); committed keys stay valid."""
         self._in_flight.clear()
 
+    def released(self, keys: Iterable[str]) -> None:
+        """The writer dead-lettered these instead of storing them: out of flight, not
+        learnt, so another copy of the same update is not taken for a duplicate."""
+        for key in keys:
+            self._in_flight.discard(key)
+
     def committed(self, keys: Iterable[str], newest_stored: str | None = None) -> None:
         """The writer committed these: move them from in flight into the LRU."""
         if newest_stored is not None:
@@ -100,6 +106,8 @@ async def dedupe_actor(
         async with acks:
             async for ack in acks:
                 cache.committed(ack.keys, ack.newest_stored)
+                if ack.rejected:
+                    cache.released(ack.rejected)
                 state.beat("dedupe", trio.current_time())
 
     async def forward() -> None:

@@ -9,7 +9,10 @@ How the supervisor treats them:
   `BrokerUnavailable` during recovery: the connection actor reconnects with backoff;
   nothing else restarts.
 - `StoreError`: the writer retries the batch; `StoreUnavailable` is waited out;
-  `LostLeadership` stops writing at once and the pipeline goes back to standby.
+  `LostLeadership` stops writing at once and the pipeline goes back to standby;
+  `StoreDataError` (the database refused one update's values) makes the writer split
+  the batch and dead-letter that update; `StoreRejected` repeated for one batch
+  (`REPEATS_BEFORE_CRASH` times) becomes `BatchKeepsFailing`, a crash.
 - Anything else is a crash: the pipeline restarts from durable state, within the
   restart-intensity limit.
 - `DecodeError` / `TimestampError` never leave the decoder as exceptions: bad input
@@ -88,6 +91,11 @@ class TimestampError(ValueError):
     """Text that is not an RFC 3339 timestamp the decoder accepts."""
 
 
+class OutOfBounds(DecodeError):
+    """A well-formed value outside `bounds.py` (too long, too large, too precise, too far
+    in the future): the update is dead-lettered before it can reach a batch."""
+
+
 # --- the store ------------------------------------------------------------------------
 
 
@@ -101,6 +109,39 @@ class StoreUnavailable(StoreError):
 
 class LostLeadership(StoreError):
     """This process no longer holds the account's writer lock: stop writing at once."""
+
+
+class StoreRefusal(StoreError):
+    """The database answered the batch with an error of its own (it is reachable, the
+    session is sound and kept, with its writer lock). `sqlstate` and `detail` are the
+    server's; equal ones on a retry are the same refusal."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.detail = detail or message
+
+    @property
+    def signature(self) -> tuple[str, str | None, str]:
+        return (type(self).__name__, self.sqlstate, self.detail)
+
+
+class StoreDataError(StoreRefusal):
+    """The database refused a value of the batch (SQLSTATE class 22 data exception,
+    54 program limit, 23502 not-null or 23514 check violation): some update's data is at
+    fault, not the connection, and splitting the batch finds it."""
+
+
+class StoreRejected(StoreRefusal):
+    """The database refused the batch for a reason that is neither contention nor one
+    row's data (a trigger, a schema that does not match, an internal error): a retry is
+    worth a few attempts, not a silent loop."""
+
+
+class BatchKeepsFailing(Exception):
+    """The same `StoreRejected` came back for the same batch on every attempt: a crash
+    (counted towards the restart limit), so a loop the database will never end makes the
+    process exit non-zero instead of spinning quietly."""
 
 
 #: Errors that end the process at once with EX_CONFIG: only an operator can fix them.

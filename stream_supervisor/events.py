@@ -8,6 +8,7 @@ from the stream, or a FILL activity from REST backfill, normalised to one shape)
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final, Literal
@@ -74,19 +75,31 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     asset_class: str | None = None
     created_at: datetime | None = None
     received_at: float = 0.0  # trio.current_time() at frame receipt, for latency metrics
+    #: What it was decoded from: the stream frame, or the REST activity's or order's JSON.
+    #: Kept (a reference, not a copy) so that an update the database refuses can still be
+    #: dead-lettered verbatim, and replayed later through the decoder of the day.
+    raw: bytes = b""
 
     @property
     def is_fill(self) -> bool:
         return self.event in FILL_EVENTS
 
 
+def _letter_key() -> str:
+    return uuid.uuid4().hex
+
+
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
-    """A frame that could not be turned into an `Event`, kept verbatim with the reason."""
+    """A frame that could not be turned into an `Event` (or an update the database
+    refused), kept verbatim with the reason."""
 
     reason: str
     payload: bytes
     source: Source = "stream"
     received_at: float = 0.0
+    #: Unique per dead letter, so a batch retried after an ambiguous commit stores it once
+    #: (`dead_letters.letter_key`, like event keys for updates).
+    key: str = msgspec.field(default_factory=_letter_key)
 
 
 def decimal_text(value: Decimal) -> str:

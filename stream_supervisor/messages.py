@@ -17,7 +17,11 @@ Item = Event | DeadLetter
 
 class Ack(NamedTuple):
     """The writer's word that a batch committed: every key of it is durable now (stored
-    by it, or found already stored), and the newest key it stored itself, if any."""
+    by it, or found already stored), and the newest key it stored itself, if any.
+    `rejected` are keys of updates the database refused and the writer dead-lettered:
+    not stored, so they leave the in-flight set without being learnt (a later valid copy
+    of the update must get through, docs/design.md, section 4)."""
 
     keys: tuple[str, ...]
     newest_stored: str | None = None
+    rejected: tuple[str, ...] = ()

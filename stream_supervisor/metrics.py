@@ -40,6 +40,9 @@ class Metrics:
         self.backfill_fills = Counter(p + "backfill_fills",
                                       "FILL activities fetched by REST backfill", registry=r)
         self.dead_letters = Counter(p + "dead_letters", "Frames dead-lettered", registry=r)
+        self.updates_refused = Counter(
+            p + "updates_refused", "Updates the database refused, dead-lettered by the writer "
+            "(also counted in dead_letters)", registry=r)
         self.position_drift = Counter(
             p + "position_drift", "Fills after which our net position differed from the "
             "broker's position_qty", registry=r)

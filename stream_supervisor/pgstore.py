@@ -20,12 +20,26 @@ import trio
 from psycopg import pq
 
 from . import pgconn
-from .errors import LostLeadership, SchemaNotMigrated, StoreError, StoreUnavailable
+from .errors import (
+    LostLeadership,
+    SchemaNotMigrated,
+    StoreDataError,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+)
 from .events import DeadLetter, Event
 from .ledger import Cursor, apply_events, cursor_of
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
-from .store import Batch, BatchResult, StoreSnapshot
+from .store import (
+    Batch,
+    BatchResult,
+    ReplayMark,
+    StoredDeadLetter,
+    StoreSnapshot,
+    replay_outcome,
+)
 
 T = TypeVar("T")
 
@@ -39,8 +53,9 @@ TABLES: Final = (
     "dead_letters",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
-#: copies `origin` and `fees`, which 0002 adds.
-REQUIRED_MIGRATION: Final = "0002_strategy_stats"
+#: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
+#: and `replay_result` and the leader reads `replay_requested_at` (0003).
+REQUIRED_MIGRATION: Final = "0003_dead_letter_replay"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -182,11 +197,29 @@ RETURNING fill_time, activity_id
 """
 
 _INSERT_DEAD_LETTERS = """
-INSERT INTO dead_letters (account_id, reason, payload, source)
-SELECT %(acct)s, r, p, s
-FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[])
-    WITH ORDINALITY AS v(r, p, s, n)
+INSERT INTO dead_letters (account_id, reason, payload, source, letter_key)
+SELECT %(acct)s, r, p, s, k
+FROM unnest(%(reasons)b::text[], %(payloads)b::bytea[], %(sources)b::text[],
+            %(keys)b::text[])
+    WITH ORDINALITY AS v(r, p, s, k, n)
 ORDER BY n
+ON CONFLICT (letter_key) DO NOTHING
+"""
+
+# The outcome of each replayed dead letter, in the transaction of the batch it rode in.
+_MARK_REPLAYED = """
+UPDATE dead_letters AS d SET replayed_at = now(), replay_result = v.r
+FROM unnest(%(ids)s::bigint[], %(results)b::text[]) AS v(id, r)
+WHERE d.id = v.id AND d.account_id = %(acct)s
+"""
+
+DEAD_LETTER_COLUMNS: Final = """id, account_id, received_at, reason, payload, source,
+    replay_requested_at, replayed_at, replay_result"""
+_PENDING_REPLAYS = f"""
+SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
+WHERE account_id = %s AND replay_requested_at IS NOT NULL AND replayed_at IS NULL
+ORDER BY replay_requested_at, id
+LIMIT %s
 """
 
 # A session-level advisory lock per account elects the one writer (docs/design.md, section
@@ -223,7 +256,7 @@ FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
 """
 _SNAPSHOT_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %s"
 _SNAPSHOT_DEAD_LETTERS = """
-SELECT reason, payload, source FROM dead_letters WHERE account_id = %s ORDER BY id
+SELECT reason, payload, source, letter_key FROM dead_letters WHERE account_id = %s ORDER BY id
 """
 
 
@@ -279,6 +312,15 @@ def _cursor(row: Sequence[Any] | None) -> Cursor | None:
     return None if row is None else Cursor(row[0], row[1])
 
 
+def stored_dead_letter(row: Sequence[Any]) -> StoredDeadLetter:
+    """A row of `DEAD_LETTER_COLUMNS`."""
+    return StoredDeadLetter(
+        id=row[0], account_id=row[1], received_at=row[2], reason=row[3],
+        payload=bytes(row[4]), source=row[5], replay_requested_at=row[6],
+        replayed_at=row[7], replay_result=row[8],
+    )
+
+
 def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
     rows = list(orders)
     return {
@@ -331,6 +373,16 @@ def _dead_letter_params(account_id: str, letters: Sequence[DeadLetter]) -> dict[
         "reasons": [_text(d.reason) for d in letters],
         "payloads": [bytes(d.payload) for d in letters],
         "sources": [d.source for d in letters],
+        "keys": [d.key for d in letters],
+    }
+
+
+def _replay_params(account_id: str, marks: Sequence[ReplayMark],
+                   new_keys: set[str]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "ids": [m.dead_letter_id for m in marks],
+        "results": [_text(replay_outcome(m, new_keys))[:1000] for m in marks],
     }
 
 
@@ -358,6 +410,8 @@ class PgStore:
         # Set once this store's connection holds the account's advisory lock. From then on
         # a lost connection is lost leadership: reconnecting would write without the lock.
         self._leader_of: str | None = None
+        # Why the last connection was dropped: what a LostLeadership names as its cause.
+        self._dropped_because: str | None = None
 
     def __repr__(self) -> str:
         return f"PgStore({pgconn.describe(self._conninfo)})"
@@ -388,9 +442,12 @@ class PgStore:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             if self._leader_of is not None:
+                # Say why it went; whether another replica holds the lock now is for the
+                # next election to find out (it logs `standby` if so).
                 raise LostLeadership(
                     f"the connection holding the writer lock of account {self._leader_of} "
-                    "is gone; another replica may be writing now"
+                    f"is gone ({self._dropped_because or 'closed'}), and the lock with it: "
+                    "this process stops writing and stands for election again"
                 )
             self._conn = self._connect()
         return self._conn
@@ -398,9 +455,11 @@ class PgStore:
     def _error(self, what: str, exc: BaseException) -> str:
         return f"{what}: {pgconn.error_text(exc, self._conninfo)}"
 
-    def _discard(self) -> None:
-        """Drop the connection after any failure: the server rolls back whatever was open,
-        and the next call starts clean (no half-read pipeline, no stale prepared plans)."""
+    def _discard(self, because: str | None = None) -> None:
+        """Drop the connection (a broken session, or closing): the server rolls back
+        whatever was open, and the next call starts clean."""
+        if because is not None and self._conn is not None:
+            self._dropped_because = because
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -417,18 +476,21 @@ class PgStore:
             return op(conn)
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
-                self._discard()
-                raise StoreUnavailable(self._error(f"{what}: connection lost", exc)) from None
-            if not (isinstance(exc, _STATEMENT_SCOPED) and _back_to_idle(conn)):
-                self._discard()
-            # Otherwise the connection stays: a statement timeout or a lock conflict must
-            # not cost the leader its session (and with it the writer lock). Any other
-            # error drops it, which also drops whatever the session had prepared.
-            raise StoreError(self._error(what, exc)) from None
-        except BaseException:
+                message = self._error(f"{what}: connection lost", exc)
+                self._discard(message)
+                raise StoreUnavailable(message) from None
+            if not _back_to_idle(conn):
+                message = self._error(f"{what}: could not roll back", exc)
+                self._discard(message)
+                raise StoreUnavailable(message) from None
+            # The server refused the statement and the session is idle and clean again:
+            # it stays, and with it the writer lock. ROLLBACK also makes psycopg forget what
+            # the session had prepared, so nothing stale survives a refusal either.
+            raise _refusal(self._error(what, exc), exc) from None
+        except BaseException as exc:
             # Not a database failure (a bug in pure code, say): undo the transaction and
             # let it propagate unchanged, so the supervisor's crash policy sees it.
-            self._discard()
+            self._discard(f"{what}: {type(exc).__name__} while the transaction was open")
             raise
 
     # -- Store --------------------------------------------------------------------------
@@ -506,14 +568,45 @@ class PgStore:
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
 
+    async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
+        def op(conn: psycopg.Connection[Any]) -> list[StoredDeadLetter]:
+            rows = conn.execute(_PENDING_REPLAYS, [account_id, limit]).fetchall()
+            return [stored_dead_letter(r) for r in rows]
 
-#: Failures that end one statement (or transaction) and leave the session sound.
-_STATEMENT_SCOPED: Final = (
+        return await self._run(lambda: self._guarded("pending_replays", op))
+
+
+#: Failures of contention or of the moment: retried for as long as they last (statement
+#: timeout, lock timeout, deadlock, serialization failure, the server short of resources
+#: or shutting down). Other refusals are `StoreDataError` or `StoreRejected`.
+_TRANSIENT: Final = (
     psycopg.errors.QueryCanceled,
     psycopg.errors.LockNotAvailable,
     psycopg.errors.DeadlockDetected,
     psycopg.errors.SerializationFailure,
 )
+_TRANSIENT_CLASSES: Final = ("40", "53", "57", "58")
+#: Refused data, tied to a value of one row rather than to the connection or to other
+#: rows: class 22 (data exception: numeric out of range, invalid text...), class 54
+#: (program limit: an index row too large), 23502 (not null) and 23514 (check). Not
+#: 23505/23P01 (unique, exclusion): those depend on rows another writer may hold, and
+#: isolating an update for them could dead-letter a valid one.
+_DATA_CLASSES: Final = ("22", "54")
+_DATA_STATES: Final = frozenset({"23502", "23514"})
+
+
+def _refusal(message: str, exc: psycopg.Error) -> StoreError:
+    """The StoreError a server's (or psycopg's own) refusal means for the writer."""
+    state = exc.sqlstate
+    detail = " ".join(str(exc).split())[:500]
+    if isinstance(exc, _TRANSIENT) or (state is not None and state[:2] in _TRANSIENT_CLASSES):
+        return StoreError(message)
+    # psycopg.DataError without a SQLSTATE: psycopg itself could not send a value (a
+    # Decimal beyond numeric's binary format).
+    if (isinstance(exc, psycopg.DataError) or (state is not None and (
+            state[:2] in _DATA_CLASSES or state in _DATA_STATES))):
+        return StoreDataError(message, sqlstate=state, detail=detail)
+    return StoreRejected(message, sqlstate=state, detail=detail)
 
 
 def _back_to_idle(conn: psycopg.Connection[Any]) -> bool:
@@ -592,6 +685,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             )
         if batch.dead_letters:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
+        if batch.replays:
+            conn.execute(_MARK_REPLAYED, _replay_params(acct, batch.replays, new_keys))
     # Committed (the transaction block exited cleanly): read what the cursor upsert said,
     # which also covers a concurrent writer having moved it further.
     if cursor != stored_cursor:
@@ -628,5 +723,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         positions=[_position(r) for r in positions],
         history=[_position(r) for r in history],
         cursor=_cursor(cursor[0] if cursor else None),
-        dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2]) for r in letters],
+        dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2],
+                                 **({"key": r[3]} if r[3] is not None else {}))
+                      for r in letters],
     )

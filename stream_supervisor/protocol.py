@@ -3,6 +3,9 @@
 `decode_frame` turns one WebSocket frame (binary or text) into a `Frame`: an `Event`,
 a control reply, or a `DeadLetter` with the reason. It never raises on bad input.
 REST FILL activities and order snapshots decode here too, into the same `Event` shape.
+Every value is held to `bounds.py`: an update with one value outside them is a dead
+letter, never an event. The decoder is pure: the wall-clock limit on timestamps is
+passed in (`not_after_ns`), by actors that get the time from their injected clock.
 """
 
 from __future__ import annotations
@@ -15,13 +18,23 @@ from typing import Any, Final
 
 import msgspec
 
-from .errors import DecodeError, TimestampError
+from .bounds import (
+    DEAD_LETTER_KEEP_BYTES,
+    DEFAULT_MAX_FRAME_BYTES,
+    MAX_CLIENT_ORDER_ID_CHARS,
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_SYMBOL_CHARS,
+    check_opt_text,
+    check_price,
+    check_qty,
+    check_text,
+    check_time,
+    price_ok,
+    qty_ok,
+)
+from .errors import DecodeError, OutOfBounds, TimestampError
 from .events import FILL_EVENTS, DeadLetter, Event, event_key, parse_timestamp
-
-#: Frames larger than this are dead-lettered without being parsed (the broker's own are ~2 KB).
-DEFAULT_MAX_FRAME_BYTES: Final = 1_000_000
-#: What is kept of an oversized frame in the dead-letter table.
-DEAD_LETTER_KEEP_BYTES: Final = 64_000
 
 
 def authenticate_message(key_id: str, secret_key: str) -> bytes:
@@ -140,18 +153,7 @@ _error_decoder: Final = msgspec.json.Decoder(_ErrorData)
 _activities_decoder: Final = msgspec.json.Decoder(list[WireActivity])
 _orders_decoder: Final = msgspec.json.Decoder(list[WireOrder])
 _order_decoder: Final = msgspec.json.Decoder(WireOrder)
-
-
-#: Amounts beyond 10**20 are not money or share counts; NaN and Infinity never are.
-_MAX_DECIMAL_ADJUSTED: Final = 20
-
-
-def _check_amounts(**values: Decimal | None) -> None:
-    for name, value in values.items():
-        if value is not None and (
-            not value.is_finite() or value.adjusted() > _MAX_DECIMAL_ADJUSTED
-        ):
-            raise DecodeError(f"{name} is not a finite decimal in range: {str(value)[:40]}")
+_activity_decoder: Final = msgspec.json.Decoder(WireActivity)
 
 
 def _as_bytes(frame: str | bytes) -> bytes:
@@ -159,13 +161,23 @@ def _as_bytes(frame: str | bytes) -> bytes:
 
 
 def decode_frame(
-    frame: str | bytes, *, received_at: float = 0.0, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    frame: str | bytes,
+    *,
+    received_at: float = 0.0,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    not_after_ns: int | None = None,
 ) -> Frame:
-    """Decode one frame. Bad input becomes a `DeadLetter`; this never raises."""
+    """Decode one frame. Bad input becomes a `DeadLetter`; this never raises.
+
+    `not_after_ns` (epoch ns: the wall clock plus the tolerance) refuses updates stamped
+    later; None skips that one check (the floor and every other bound still hold)."""
     raw = _as_bytes(frame)
     if len(raw) > max_bytes:
+        # The transport cuts a longer message to max_bytes + 1 bytes (wsclient): at that
+        # length the true size is unknown, only that it is at least that.
+        size = f"{'at least ' if len(raw) == max_bytes + 1 else ''}{len(raw)} bytes"
         return DeadLetter(
-            reason=f"oversized frame: {len(raw)} bytes > limit {max_bytes}",
+            reason=f"oversized frame: {size} > limit {max_bytes}",
             payload=raw[:DEAD_LETTER_KEEP_BYTES],
             received_at=received_at,
         )
@@ -175,7 +187,7 @@ def decode_frame(
         pass  # not a well-formed trade update: the envelope path below says why
     else:
         try:
-            return update_to_event(update, received_at)
+            return update_to_event(update, received_at, raw=raw, not_after_ns=not_after_ns)
         except (DecodeError, TimestampError, ValueError, ArithmeticError) as exc:
             return _dead_letter(exc, raw, received_at)
     try:
@@ -183,7 +195,8 @@ def decode_frame(
         if bytes(envelope.data).strip() == b"null":
             raise DecodeError(f"message for stream {envelope.stream!r} has no data")
         if envelope.stream == "trade_updates":
-            return update_to_event(_update_decoder.decode(envelope.data), received_at)
+            return update_to_event(_update_decoder.decode(envelope.data), received_at,
+                                   raw=raw, not_after_ns=not_after_ns)
         if envelope.stream == "authorization":
             auth = _auth_decoder.decode(envelope.data)
             return Authorization(auth.status == "authorized", auth.message)
@@ -214,40 +227,94 @@ def _reason(exc: Exception) -> str:
         msgspec.ValidationError: "invalid update",
         msgspec.DecodeError: "invalid JSON",
         TimestampError: "invalid timestamp",
+        OutOfBounds: "out of bounds",
     }.get(type(exc), "invalid update")
     return f"{kind}: {exc}"[:500]
 
 
-def _opt_ts(text: str | None) -> datetime | None:
+def _opt_ts(name: str, text: str | None, not_after_ns: int | None) -> datetime | None:
     if text is None:
         return None
-    return _created_at(text)
+    ts, ts_ns = _created_at(text)
+    check_time(name, ts_ns, not_after_ns)
+    return ts
 
 
 @lru_cache(maxsize=4096)
-def _created_at(text: str) -> datetime:
+def _created_at(text: str) -> tuple[datetime, int]:
     """An order's `created_at` repeats on every update of the order: parsed once."""
-    return parse_timestamp(text)[0]
+    return parse_timestamp(text)
 
 
-def update_to_event(update: WireUpdate, received_at: float = 0.0) -> Event:
-    """Normalise a decoded stream update into an `Event` (raises DecodeError if unusable)."""
-    order = update.order
-    _check_amounts(
-        filled_qty=order.filled_qty,
-        filled_avg_price=order.filled_avg_price,
-        order_qty=order.qty,
-        qty=update.qty,
-        price=update.price,
-        position_qty=update.position_qty,
+def _update_in_bounds(update: WireUpdate) -> bool:
+    """Every bound of a stream update at once (`bounds.py`), for the common case: one
+    expression, no call per field; `update_to_event` asks the slow checks why if not."""
+    o = update.order
+    cid, otype, typ, cls, xid = o.client_order_id, o.order_type, o.type, o.asset_class, \
+        update.execution_id
+    oqty, avg, qty, price, pos = o.qty, o.filled_avg_price, update.qty, update.price, \
+        update.position_qty
+    return (
+        0 < len(o.id) <= MAX_ID_CHARS and 0 < len(o.symbol) <= MAX_SYMBOL_CHARS
+        and len(o.status) <= MAX_LABEL_CHARS and len(update.event) <= MAX_LABEL_CHARS
+        and (cid is None or len(cid) <= MAX_CLIENT_ORDER_ID_CHARS)
+        and (otype is None or len(otype) <= MAX_LABEL_CHARS)
+        and (typ is None or len(typ) <= MAX_LABEL_CHARS)
+        and (cls is None or len(cls) <= MAX_LABEL_CHARS)
+        and (xid is None or len(xid) <= MAX_ID_CHARS)
+        and qty_ok(o.filled_qty)
+        and (oqty is None or qty_ok(oqty))
+        and (avg is None or price_ok(avg))
+        and (qty is None or qty_ok(qty))
+        and (price is None or price_ok(price))
+        and (pos is None or qty_ok(pos))
     )
+
+
+def _check_order(order: WireOrder, prefix: str = "order.") -> None:
+    """Bounds of the order fields every source shares (stream update, REST snapshot)."""
     if not order.id or not order.symbol:
         raise DecodeError("update without order id or symbol")
+    check_text(prefix + "id", order.id, MAX_ID_CHARS)
+    check_text(prefix + "symbol", order.symbol, MAX_SYMBOL_CHARS)
+    check_opt_text(prefix + "client_order_id", order.client_order_id, MAX_CLIENT_ORDER_ID_CHARS)
+    check_text(prefix + "status", order.status, MAX_LABEL_CHARS)
+    check_opt_text(prefix + "order_type", order.order_type, MAX_LABEL_CHARS)
+    check_opt_text(prefix + "type", order.type, MAX_LABEL_CHARS)
+    check_opt_text(prefix + "asset_class", order.asset_class, MAX_LABEL_CHARS)
+    check_qty(prefix + "filled_qty", order.filled_qty)
+    check_qty(prefix + "qty", order.qty)
+    check_price(prefix + "filled_avg_price", order.filled_avg_price)
+    if order.side not in ("buy", "sell"):
+        raise DecodeError(f"unknown order side {order.side!r}")
+    if order.filled_qty < 0:
+        raise DecodeError("negative filled_qty")
+
+
+def update_to_event(
+    update: WireUpdate,
+    received_at: float = 0.0,
+    *,
+    raw: bytes = b"",
+    not_after_ns: int | None = None,
+) -> Event:
+    """Normalise a decoded stream update into an `Event` (raises DecodeError if unusable,
+    OutOfBounds if a value is outside `bounds.py`). `raw` is the frame it came from."""
+    order = update.order
+    if not _update_in_bounds(update):
+        # The slow path names the first value out of bounds (or what else is wrong).
+        _check_order(order)
+        check_text("event", update.event, MAX_LABEL_CHARS)
+        check_opt_text("execution_id", update.execution_id, MAX_ID_CHARS)
+        check_qty("qty", update.qty)
+        check_price("price", update.price)
+        check_qty("position_qty", update.position_qty)
     if order.side not in ("buy", "sell"):
         raise DecodeError(f"unknown order side {order.side!r}")
     if order.filled_qty < 0:
         raise DecodeError("negative filled_qty")
     ts, ts_ns = parse_timestamp(update.timestamp)
+    check_time("timestamp", ts_ns, not_after_ns)
     if update.event in FILL_EVENTS:
         if update.qty is None or update.price is None:
             raise DecodeError(f"{update.event} without qty or price")
@@ -272,20 +339,52 @@ def update_to_event(update: WireUpdate, received_at: float = 0.0) -> Event:
         position_qty=update.position_qty,
         order_type=order.order_type or order.type,
         asset_class=order.asset_class,
-        created_at=_opt_ts(order.created_at),
+        created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
         received_at=received_at,
+        raw=raw,
     )
 
 
-def activity_to_event(activity: WireActivity) -> Event:
-    """A REST FILL activity as an `Event`; its key equals the stream fill's key."""
-    _check_amounts(price=activity.price, qty=activity.qty, cum_qty=activity.cum_qty,
-                   leaves_qty=activity.leaves_qty)
+def activity_json(activity: WireActivity) -> bytes:
+    """One FILL activity as JSON: what a dead letter keeps, and `activity_from_json`
+    (the dead-letter replay) reads back. One that did not decode: as it came."""
+    if isinstance(activity, UndecodableActivity):
+        return activity.raw
+    return msgspec.json.encode(activity)
+
+
+def activity_from_json(payload: bytes) -> WireActivity:
+    try:
+        return _activity_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"invalid FILL activity: {exc}") from None
+
+
+def activity_to_event(activity: WireActivity, *, not_after_ns: int | None = None) -> Event:
+    """A REST FILL activity as an `Event`; its key equals the stream fill's key. Raises
+    DecodeError (OutOfBounds) if it cannot be used."""
+    if isinstance(activity, UndecodableActivity):
+        raise DecodeError(activity.problem)
+    if not activity.id or not activity.order_id or not activity.symbol:
+        raise DecodeError("activity without id, order id or symbol")
+    check_text("id", activity.id, MAX_ID_CHARS)
+    check_text("order_id", activity.order_id, MAX_ID_CHARS)
+    check_text("symbol", activity.symbol, MAX_SYMBOL_CHARS)
+    check_text("type", activity.type, MAX_LABEL_CHARS)
+    check_text("activity_type", activity.activity_type, MAX_LABEL_CHARS)
+    check_opt_text("order_status", activity.order_status, MAX_LABEL_CHARS)
+    check_price("price", activity.price)
+    check_qty("qty", activity.qty)
+    check_qty("cum_qty", activity.cum_qty)
+    check_qty("leaves_qty", activity.leaves_qty)
     if activity.side not in ("buy", "sell"):
         raise DecodeError(f"unknown activity side {activity.side!r}")
     if activity.qty <= 0 or activity.cum_qty <= 0:
         raise DecodeError("activity with non-positive quantity")
+    if activity.price < 0:
+        raise DecodeError("activity with a negative price")
     ts, ts_ns = parse_timestamp(activity.transaction_time)
+    check_time("transaction_time", ts_ns, not_after_ns)
     event = activity.type if activity.type in FILL_EVENTS else "fill"
     return Event(
         key=event_key(event, activity.order_id, activity.cum_qty, ts_ns),
@@ -301,14 +400,58 @@ def activity_to_event(activity: WireActivity) -> Event:
         fill_qty=activity.qty,
         fill_price=activity.price,
         activity_id=activity.id,
+        raw=activity_json(activity),
     )
 
 
+class UndecodableActivity(WireActivity, gc=False):
+    """One FILL activity of a page that does not fit `WireActivity` (a wrong type, a
+    missing field): the rest of the page still decodes, and this one reaches backfill,
+    whose `activity_to_event` refuses it, to be dead-lettered as the JSON it came as.
+    (A whole page failing for one activity would fail every backfill, for ever.)"""
+
+    raw: bytes = b""
+    problem: str = ""
+
+
+class _LooseActivity(msgspec.Struct, gc=False):
+    """What paging needs of an activity that does not decode, if it has it."""
+
+    id: Any = None
+    transaction_time: Any = None
+
+
+_raw_items_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_loose_decoder: Final = msgspec.json.Decoder(_LooseActivity)
+
+
 def decode_activities(body: bytes) -> list[WireActivity]:
+    """A page of FILL activities; an activity that does not decode comes back as an
+    `UndecodableActivity`. Raises DecodeError only if the page is not a JSON list."""
     try:
         return _activities_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid FILL activities page: {exc}") from None
+        try:
+            items = _raw_items_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise DecodeError(f"invalid FILL activities page: {exc}") from None
+    return [_activity_or_undecodable(bytes(item)) for item in items]
+
+
+def _activity_or_undecodable(raw: bytes) -> WireActivity:
+    try:
+        return _activity_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            loose = _loose_decoder.decode(raw)
+            ident, stamp = loose.id, loose.transaction_time
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ident = stamp = None
+        return UndecodableActivity(
+            id=ident if isinstance(ident, str) else "", order_id="", symbol="", side="",
+            price=Decimal(0), qty=Decimal(0), cum_qty=Decimal(0),
+            transaction_time=stamp if isinstance(stamp, str) else "",
+            raw=raw, problem=f"invalid update: {exc}"[:300])
 
 
 def decode_orders(body: bytes) -> list[WireOrder]:
@@ -325,16 +468,18 @@ def decode_order(body: bytes) -> WireOrder:
         raise DecodeError(f"invalid order: {exc}") from None
 
 
-def snapshot_to_event(order: WireOrder) -> Event:
+def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> Event:
     """An order snapshot from REST (`/v2/orders`) as a status refresh.
 
     It carries no fill: fills come only from the stream and FILL activities, so a
     snapshot can change status and order fields but never positions.
     """
+    _check_order(order)
     stamp = order.updated_at or order.created_at
     if stamp is None:
         raise DecodeError("order snapshot without updated_at")
     ts, ts_ns = parse_timestamp(stamp)
+    check_time("order.updated_at", ts_ns, not_after_ns)
     return Event(
         key=f"refresh:{order.id}:{order.status}:{ts_ns}",
         event="refresh",
@@ -351,8 +496,35 @@ def snapshot_to_event(order: WireOrder) -> Event:
         cum_avg_price=order.filled_avg_price,
         order_type=order.order_type or order.type,
         asset_class=order.asset_class,
-        created_at=_opt_ts(order.created_at),
+        created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
+        raw=msgspec.json.encode(order),
     )
+
+
+def decode_stored(
+    payload: bytes,
+    source: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    not_after_ns: int | None = None,
+) -> Event | DeadLetter:
+    """A dead letter's payload decoded again with today's code (the replay): a stream
+    frame, or a REST FILL activity or order snapshot (their JSON). An `Event`, or a
+    `DeadLetter` saying why it still cannot be one; never raises."""
+    if source != "rest":
+        frame = decode_frame(payload, max_bytes=max_bytes, not_after_ns=not_after_ns)
+        if isinstance(frame, Event | DeadLetter):
+            return frame
+        return DeadLetter(f"not a trade update: {type(frame).__name__}", payload)
+    try:
+        try:
+            activity = _activity_decoder.decode(payload)
+        except msgspec.ValidationError:
+            return snapshot_to_event(decode_order(payload), not_after_ns=not_after_ns)
+        return activity_to_event(activity, not_after_ns=not_after_ns)
+    except (msgspec.DecodeError, msgspec.ValidationError, DecodeError, TimestampError,
+            ValueError, ArithmeticError, RecursionError) as exc:
+        return msgspec.structs.replace(_dead_letter(exc, payload, 0.0), source="rest")
 
 
 def encode_json(value: Any) -> bytes:

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import trio
 
+from .bounds import not_after_ns
 from .errors import BrokerUnavailable, DecodeError
 from .events import DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
@@ -28,9 +29,9 @@ from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
 from .orders import TERMINAL_STATUSES, merge_status
-from .protocol import WireOrder, activity_to_event, snapshot_to_event
+from .protocol import WireOrder, activity_json, activity_to_event, snapshot_to_event
 from .rest import MAX_PAGE_SIZE, BrokerRest
-from .settings import Settings
+from .settings import DEFAULT_FUTURE_TOLERANCE, Settings
 from .state import SupervisorState
 
 log = get_logger("stream_supervisor.recovery")
@@ -57,6 +58,8 @@ class RecoverySettings:
     #: the stream can replay a stale update for an order that ended while we were away,
     #: and only REST tells us it ended.
     order_refresh_interval: float
+    #: FILL activities stamped more than this ahead of the wall clock are dead-lettered.
+    future_tolerance: float = DEFAULT_FUTURE_TOLERANCE
 
     @classmethod
     def from_settings(cls, s: Settings) -> RecoverySettings:
@@ -64,6 +67,7 @@ class RecoverySettings:
             backfill_overlap=s.backfill_overlap,
             first_start_lookback=s.first_start_lookback,
             order_refresh_interval=s.order_refresh_interval,
+            future_tolerance=s.future_tolerance,
         )
 
 
@@ -175,14 +179,16 @@ class GapRecovery:
                 # step forward by id until something new or the end.
                 page_token = page[-1].id
                 continue
+            latest = not_after_ns(self.wallclock(), self.settings.future_tolerance)
             for activity in fresh:
                 seen.add(activity.id)
                 try:
-                    events.append(activity_to_event(activity))
+                    events.append(activity_to_event(activity, not_after_ns=latest))
                 except (DecodeError, ValueError) as exc:
+                    # Its JSON, which `dead-letters --replay` decodes again.
                     await self._forward(DeadLetter(
-                        reason=f"invalid FILL activity {activity.id}: {exc}"[:500],
-                        payload=repr(activity).encode()[:64_000], source="rest"))
+                        reason=f"invalid FILL activity {activity.id[:128]}: {exc}"[:500],
+                        payload=activity_json(activity)[:64_000], source="rest"))
             # The next page starts a little before the last activity's time rather than
             # at its id: an activity the broker stores late within that millisecond gets
             # an id that can sort before the token (ids are time + random uuid) and would

@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import BackoffPolicy
+from .bounds import DEFAULT_MAX_FRAME_BYTES, TRANSPORT_MAX_MESSAGE
 from .errors import ConfigError
 from .strategy import DEFAULT_STRATEGY_PATTERN, PATTERN_VARIABLE, PatternError, StrategyPattern
 
@@ -33,7 +34,11 @@ DEFAULT_DRAIN_TIMEOUT: Final = 20.0
 DEFAULT_RESTART_LIMIT: Final = 5
 DEFAULT_RESTART_WINDOW: Final = 60.0
 DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
-DEFAULT_MAX_FRAME_BYTES: Final = 1_000_000
+#: How far ahead of our wall clock a broker timestamp may be (clock skew) before the
+#: update is dead-lettered: a fill's time becomes the cursor, and backfill starts at the
+#: cursor minus the overlap (300 s), so a tolerance below the overlap keeps one skewed
+#: fill from hiding the fills before it (docs/design.md, section 4, step 5).
+DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
 DEFAULT_REST_RETRIES: Final = 8
 #: `stats` recomputes yesterday and this many days before it (closes can land late).
@@ -74,6 +79,7 @@ class Settings:
     restart_window: float = DEFAULT_RESTART_WINDOW
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    future_tolerance: float = DEFAULT_FUTURE_TOLERANCE
     rest_timeout: float = DEFAULT_REST_TIMEOUT
     rest_retries: int = DEFAULT_REST_RETRIES
     log_format: str = "auto"
@@ -91,6 +97,11 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}CHANNEL_SIZE must be at least 1")
         if self.lru_size < 0:
             raise ConfigError(f"{ENV_PREFIX}LRU_SIZE must not be negative")
+        if not 1 <= self.max_frame_bytes <= TRANSPORT_MAX_MESSAGE:
+            # The transport never holds more of one message than this in memory; a larger
+            # limit could not be honoured (docs/design.md, section 8, malformed frame).
+            raise ConfigError(f"{ENV_PREFIX}MAX_FRAME_BYTES must be between 1 and "
+                              f"{TRANSPORT_MAX_MESSAGE} (16 MiB), got {self.max_frame_bytes}")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
 
@@ -166,6 +177,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "RESTART_WINDOW": "restart_window",
     "STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
     "MAX_FRAME_BYTES": "max_frame_bytes",
+    "FUTURE_TOLERANCE": "future_tolerance",
     "REST_TIMEOUT": "rest_timeout",
     "REST_RETRIES": "rest_retries",
     "LOG_FORMAT": "log_format",

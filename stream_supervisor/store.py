@@ -4,13 +4,16 @@ Two implementations keep it: `PgStore` (PostgreSQL, production) and `MemoryStore
 (deterministic simulation). One conformance suite runs against both. The contract:
 `commit_batch` is atomic (all of a batch or nothing), idempotent for events already
 stored (the ambiguous-commit retry applies nothing twice), and moves the cursor only
-forward, in the same transaction as the events it covers.
+forward, in the same transaction as the events it covers. A batch holding a value the
+store cannot keep fails with `StoreDataError` and leaves the store as it was, connection
+and writer lock included (the writer then finds the update at fault, section 4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
@@ -19,12 +22,53 @@ from .ledger import Cursor, Drift
 from .orders import OrderState
 from .positions import Position
 
+#: `ReplayMark.outcome` when the store decides it: the key was new, or already stored.
+REPLAY_STORED = "stored"
+REPLAY_ALREADY_STORED = "already stored"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayMark:
+    """A dead letter replayed (`stream-supervisor dead-letters --replay`): its row records
+    the outcome in the transaction of the batch that carries the replayed update."""
+
+    dead_letter_id: int
+    #: The replayed update's key (it travels in the same batch), or None when the
+    #: payload still cannot become an update.
+    event_key: str | None
+    #: A fixed outcome (`still refused: ...`, `refused by the database: ...`); None lets
+    #: the store say `stored` or `already stored` from its dedupe table.
+    outcome: str | None = None
+
+
+def replay_outcome(mark: ReplayMark, new_keys: set[str] | frozenset[str]) -> str:
+    """What a replayed dead letter's row records (both stores decide it the same way)."""
+    if mark.outcome is not None:
+        return mark.outcome
+    return REPLAY_STORED if mark.event_key in new_keys else REPLAY_ALREADY_STORED
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     account_id: str
     events: Sequence[Event]
     dead_letters: Sequence[DeadLetter] = ()
+    replays: Sequence[ReplayMark] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """One row of `dead_letters`, as the replay reads it."""
+
+    id: int
+    account_id: str
+    received_at: datetime
+    reason: str
+    payload: bytes
+    source: str
+    replay_requested_at: datetime | None = None
+    replayed_at: datetime | None = None
+    replay_result: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +139,14 @@ class Store(Protocol):
         ...
 
     async def commit_batch(self, batch: Batch) -> BatchResult:
-        """Apply a batch in one transaction. Raises StoreError if it may not have committed."""
+        """Apply a batch in one transaction. Raises StoreError if it may not have committed;
+        StoreDataError if a value of it cannot be stored (nothing of it was)."""
         ...
 
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
+
+    async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
+        """Dead letters an operator asked to replay (`dead-letters --replay` while a
+        service holds the writer lock) that no replay has answered yet, oldest request
+        first: the leader replays them through its own store."""
+        ...

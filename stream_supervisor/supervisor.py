@@ -25,11 +25,20 @@ from .backoff import Backoff, BackoffPolicy
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
 from .dedupe import KeyCache, dedupe_actor
-from .errors import FATAL, BrokerUnavailable, StoreError, StoreUnavailable, collapse
+from .errors import (
+    FATAL,
+    BrokerUnavailable,
+    LostLeadership,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    collapse,
+)
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
 from .recovery import GapRecovery, RecoverySettings
+from .replay import replay_with
 from .rest import BrokerRest
 from .settings import Settings
 from .state import SupervisorState
@@ -48,6 +57,9 @@ STORE_WAIT_POLICY = BackoffPolicy(initial=0.5, factor=2.0, cap=10.0)
 STORE_CLOSE_TIMEOUT = 5.0
 #: How often a standby asks for the writer lock; takeover happens within this.
 LEADER_POLL = 1.0
+#: How often the leader looks for dead letters an operator asked to replay.
+REPLAY_POLL = 2.0
+REPLAYS_PER_POLL = 20
 
 
 @dataclass
@@ -158,9 +170,14 @@ class Supervisor:
                     raise
                 if isinstance(cause, FATAL):
                     raise cause from None
-                if isinstance(cause, StoreError):
+                if isinstance(cause, LostLeadership):
+                    # The writer lock went with its connection: stop writing, elect again.
+                    log.warning("leadership_lost", error=str(cause)[:500])
+                elif isinstance(cause, StoreError) and not isinstance(cause, StoreRejected):
                     # The writer retries store errors itself; this one hit the pipeline's
                     # start (cursor, warm keys): go round again without counting a crash.
+                    # A refusal (StoreRejected: the server answered, and no) is counted
+                    # below instead: waiting does not end it, the restart limit does.
                     log.warning("pipeline_store_error", error=str(cause)[:300])
                 else:
                     crashes.append(trio.current_time())
@@ -251,6 +268,7 @@ class Supervisor:
                 self.metrics,
                 self.state,
                 rng=self.deps.rng,
+                wallclock=self.deps.wallclock,
             )
             with trio.CancelScope() as pipeline_scope:
                 self._pipeline_scope = pipeline_scope
@@ -266,6 +284,7 @@ class Supervisor:
                         dedupe_actor, cache, recv_events, send_new,
                         recv_acks, self.metrics, self.state,
                     )
+                    nursery.start_soon(self._replay_requested, store, account_id)
                     self._conn_scope = trio.CancelScope()
                     if self.state.draining:
                         self._conn_scope.cancel()
@@ -321,6 +340,27 @@ class Supervisor:
         # The writer returns only after its inbox ended: the connection and dedupe actors
         # are done and everything they sent is committed. Stop the metrics loop too.
         pipeline.cancel()
+
+    async def _replay_requested(self, store: Store, account_id: str) -> None:
+        """Replay the dead letters `dead-letters --replay` marked while this process leads:
+        through the store connection that holds the writer lock, with the writer's
+        `commit_batch` (the store runs one call at a time, so it never overlaps a batch).
+        A replayed update the LRU does not know is harmless: layer 1 drops a later copy."""
+        while not self.state.draining:
+            await trio.sleep(REPLAY_POLL)
+            try:
+                for letter in await store.pending_replays(account_id, REPLAYS_PER_POLL):
+                    if self.state.draining:
+                        return
+                    outcome = await replay_with(store, letter, self.settings,
+                                                self.deps.wallclock())
+                    log.info("dead_letter_replayed", id=letter.id, outcome=outcome[:300],
+                             by="service")
+            except LostLeadership:
+                raise
+            except StoreError as exc:
+                # The writer sees the same database; this only waits for the next poll.
+                log.warning("dead_letter_replay_failed", error=str(exc)[:300])
 
     async def _run_connection(self, actor: ConnectionActor, scope: trio.CancelScope) -> None:
         with scope:

@@ -70,7 +70,8 @@ async def open_supervisor(
     if rest is None:
         rest = own_rest = http_rest(settings, transport=rest_transport, rng=rng)
     deps = Dependencies(
-        connector=connector or websocket_connector(connect_timeout=settings.connect_timeout),
+        connector=connector or websocket_connector(connect_timeout=settings.connect_timeout,
+                                                   max_message_size=settings.max_frame_bytes),
         rest=rest,
         store_factory=store_factory or partial(pg_store, settings),
         wallclock=wallclock or (lambda: datetime.now(UTC)),

@@ -7,7 +7,8 @@ own task reads: one `receive_some` of up to 64 KiB, every message it completes r
 at once by `get_messages`. wsproto (the sans-I/O library trio-websocket is built on)
 still does the upgrade, framing, UTF-8 and close-code rules, so this module is only the
 I/O around it: pings and pongs, the close handshake, fragment assembly with a size
-limit. The simulated broker's server side still uses trio-websocket.
+limit (a longer message is cut, not a reason to close: the decoder dead-letters it). The
+simulated broker's server side still uses trio-websocket.
 
 `websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
 stream, runs the upgrade, and always closes both. Contract, as for the whole transport
@@ -39,20 +40,16 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError
 
+from .bounds import TRANSPORT_MAX_MESSAGE
 from .errors import TransportClosed, UpgradeRejected
 from .transport import Connector, WebSocket
 
-#: The largest message the transport assembles; beyond it the connection is closed
-#: (1009). Frames over the decoder's own, smaller limit are dead-lettered, so one
-#: oversized frame costs a dead-letter row, not a reconnect.
-TRANSPORT_MAX_MESSAGE: int = 16 * 1024 * 1024
 #: Bytes asked of the socket per read: about sixty trade updates.
 RECEIVE_BYTES = 64 * 1024
 #: What is kept of the body of a refused upgrade, for the error message.
 REJECT_BODY_BYTES = 200
 #: Close codes (RFC 6455 section 7.4.1).
 NORMAL_CLOSURE = 1000
-MESSAGE_TOO_BIG = 1009
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -70,6 +67,7 @@ class WebSocketClient:
         self._ready: deque[str | bytes] = deque()  # complete messages not yet returned
         self._parts: list[str | bytes] = []  # fragments of the message being assembled
         self._part_bytes = 0
+        self._cut = False  # the message being assembled is over the limit: rest discarded
         self._closed: str | None = None  # why, once the connection is over
         self._pings: dict[int, trio.Event] = {}  # ping number -> set when its pong comes
         self._ping_number = 0
@@ -113,9 +111,6 @@ class WebSocketClient:
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 self._message_part(event.data, event.message_finished)
-                if self._closed is not None:
-                    await self._send_close(MESSAGE_TOO_BIG, self._closed)
-                    return
             elif isinstance(event, Ping):
                 # Answered at once (a broker that pings us drops us without pongs).
                 await self._send_quietly(self._ws.send(event.response()))
@@ -129,12 +124,17 @@ class WebSocketClient:
                 return
 
     def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
+        """Assemble fragments. A message over the limit keeps only its first limit + 1
+        bytes (the rest is read and dropped as it arrives): the decoder sees it is over
+        and dead-letters it, the connection and the memory it holds stay bounded."""
         piece: str | bytes = data if isinstance(data, str) else bytes(data)
-        self._part_bytes += len(piece)
-        if self._part_bytes > self._max_message_size:
-            self._parts.clear()
-            self._lost(f"message over {self._max_message_size} bytes")
-            return
+        if self._cut:
+            piece = piece[:0]
+        else:
+            keep = self._max_message_size + 1 - self._part_bytes
+            if len(piece) >= keep:
+                piece, self._cut = piece[:keep], True
+            self._part_bytes += len(piece)
         if finished and not self._parts:
             self._ready.append(piece)
         else:
@@ -150,6 +150,7 @@ class WebSocketClient:
                 self._parts.clear()
         if finished:
             self._part_bytes = 0
+            self._cut = False
 
     def _pong(self, payload: bytes | bytearray) -> None:
         # A pong answers its ping and every earlier one (RFC 6455 lets a peer answer only
@@ -284,9 +285,14 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
 
 
 def websocket_connector(
-    *, connect_timeout: float = 10.0, disconnect_timeout: float = 2.0
+    *,
+    connect_timeout: float = 10.0,
+    disconnect_timeout: float = 2.0,
+    max_message_size: int = TRANSPORT_MAX_MESSAGE,
 ) -> Connector:
     """A `Connector` over `wsclient`; TLS for wss:// comes from the system store.
+    `max_message_size` is the decoder's frame limit (`STREAM_SUPERVISOR_MAX_FRAME_BYTES`):
+    a longer message reaches the decoder cut to that plus one byte.
 
     On leaving, the close handshake gets `disconnect_timeout` (a tenth of it when the
     caller is already cancelled: a drain should not wait on a peer that went quiet),
@@ -320,7 +326,7 @@ def websocket_connector(
                 with trio.fail_after(connect_timeout):
                     client = await open_websocket(
                         stream, host if parts.port is None else f"{host}:{port}", resource,
-                        max_message_size=TRANSPORT_MAX_MESSAGE)
+                        max_message_size=max_message_size)
             except trio.TooSlowError:
                 raise TransportClosed("handshake timeout") from None
             try:

@@ -51,3 +51,18 @@ def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
     dup = results["scenarios"]["dup_heavy"]
     assert dup["events"] == results["scenarios"]["pipeline"]["events"]
     assert sum(dup["duplicates"].values()) == dup["frames"] - dup["events"]
+
+
+@pytest.mark.slow
+def test_the_poison_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str, tmp_path: Path) -> None:
+    from benchmarks.poison import main as poison_main
+
+    out = tmp_path / "poison.json"
+    code = poison_main(["--database-url", pg_admin_uri, "--rounds", "2", "--batch", "40",
+                        "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert code == 0 and results["verified"] is True, results["problems"]
+    assert results["clean"]["commits_median"] == 1
+    # Binary splitting: one half refused and one committed per level, then the letter.
+    assert 2 <= results["poisoned"]["commits_median"] <= 8
+    assert isinstance(results["poison_cost_ms"], float)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
 import trio
 import trio.testing
 
@@ -54,6 +55,20 @@ def test_keys_are_learnt_only_on_commit() -> None:
     assert cache.check("a") == "lru"
     assert cache.check("b") == "inflight"
     assert (len(cache), cache.in_flight) == (1, 1)
+
+
+def test_a_key_the_database_refused_is_released_not_learnt() -> None:
+    # The writer dead-lettered the update (the database refused a value of it): its key
+    # is not stored, so another copy of the update (a valid one from REST, say) must not
+    # be dropped as a duplicate, neither now (in flight) nor later (LRU).
+    cache = KeyCache(10)
+    cache.check("bad")
+    cache.check("good")
+    cache.committed(["good"])
+    cache.released(["bad"])
+    assert cache.in_flight == 0
+    assert cache.check("bad") is None  # a new copy goes through
+    assert cache.check("good") == "lru"
 
 
 def test_the_restart_check_uses_the_newest_key_a_commit_stored() -> None:
@@ -160,6 +175,33 @@ async def test_dedupe_actor_drops_duplicates_and_counts_them() -> None:
     assert metrics.value(DROPPED, layer="lru") == 2  # the warm fill 1 and the replayed fill 3
     assert metrics.value(DROPPED, layer="inflight") == 1
     assert "dedupe" in state.heartbeats
+
+
+async def test_an_ack_releases_refused_keys_so_a_later_copy_is_forwarded() -> None:
+    metrics, state = Metrics(), SupervisorState()
+    cache = KeyCache(100)
+    in_send, in_recv = trio.open_memory_channel[Item](10)
+    out_send, out_recv = trio.open_memory_channel[Item](10)
+    ack_send, ack_recv = trio.open_memory_channel[Ack](10)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dedupe_actor, cache, in_recv, out_send, ack_recv, metrics, state)
+            await in_send.send(fill("o", 1))
+            await in_send.send(fill("o", 2))
+            await trio.testing.wait_all_tasks_blocked()
+            assert [out_recv.receive_nowait() for _ in range(2)] == [fill("o", 1), fill("o", 2)]
+            await ack_send.send(Ack((fill("o", 1).key,), fill("o", 1).key,
+                                    rejected=(fill("o", 2).key,)))
+            await trio.testing.wait_all_tasks_blocked()
+            await in_send.send(fill("o", 2))  # another copy of the refused update
+            await in_send.send(fill("o", 1))  # a replay of the stored one
+            await trio.testing.wait_all_tasks_blocked()
+            assert out_recv.receive_nowait() == fill("o", 2)
+            with pytest.raises(trio.WouldBlock):
+                out_recv.receive_nowait()
+            await in_send.aclose()
+            await ack_send.aclose()
+    assert metrics.value(DROPPED, layer="lru") == 1
 
 
 async def test_acks_are_drained_while_the_outbox_is_full() -> None:

@@ -13,9 +13,12 @@ import trio
 
 from stream_supervisor.errors import (
     ConfigError,
+    LostLeadership,
     SchemaError,
     SchemaNotMigrated,
+    StoreDataError,
     StoreError,
+    StoreRejected,
     StoreUnavailable,
 )
 from stream_supervisor.events import DeadLetter
@@ -230,4 +233,59 @@ async def test_recent_keys_with_nothing_asked(database_url: str) -> None:
     await replay(store, STREAM[:5], 5)
     assert await store.recent_keys(ACCOUNT, 0) == []
     assert len(await store.recent_keys(ACCOUNT, 3)) == 3
+    await store.aclose()
+
+
+async def test_a_refused_value_keeps_the_session_and_its_writer_lock(database_url: str) -> None:
+    # Issue 13, observation 1: a value PostgreSQL refuses used to drop the connection,
+    # which released the writer lock and made every later call "lost leadership".
+    store = await opened(database_url)
+    assert await store.try_leadership(ACCOUNT)
+    bad = msgspec.structs.replace(STREAM[5], fill_price=Decimal("1E-20000"),
+                                  cum_avg_price=Decimal("1E-20000"))
+    with trio.fail_after(WAIT), pytest.raises(StoreDataError) as err:
+        await store.commit_batch(Batch(ACCOUNT, [*STREAM[:5], bad]))
+    assert err.value.sqlstate == "22003"
+    assert "numeric" in err.value.detail
+    assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(0,)]
+    rival = await opened(database_url)
+    assert not await rival.try_leadership(ACCOUNT)
+    await rival.aclose()
+    await replay(store, STREAM, 100)  # same session, no LostLeadership
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_losing_the_lock_names_the_cause_not_another_replica(database_url: str) -> None:
+    store = await opened(database_url, application_name="ss-test-lost")
+    assert await store.try_leadership(ACCOUNT)
+    sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'ss-test-lost'")
+    with trio.fail_after(WAIT), pytest.raises(StoreUnavailable):
+        await store.commit_batch(Batch(ACCOUNT, STREAM[:3]))
+    with trio.fail_after(WAIT), pytest.raises(LostLeadership) as err:
+        await store.commit_batch(Batch(ACCOUNT, STREAM[:3]))
+    message = str(err.value)
+    assert "another replica" not in message
+    assert "connection lost" in message and "commit_batch" in message
+    await store.aclose()
+
+
+async def test_a_refusal_that_is_not_about_data_is_rejected_not_retried_as_data(
+    database_url: str,
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("""
+            CREATE FUNCTION no_orders() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'no orders today'; END $$;
+            CREATE TRIGGER no_orders BEFORE INSERT ON broker_orders
+                FOR EACH ROW EXECUTE FUNCTION no_orders();
+        """)
+    store = await opened(database_url)
+    assert await store.try_leadership(ACCOUNT)
+    for _ in range(2):  # the same refusal each time, and the session stays
+        with trio.fail_after(WAIT), pytest.raises(StoreRejected) as err:
+            await store.commit_batch(Batch(ACCOUNT, STREAM[:3]))
+        assert err.value.sqlstate == "P0001" and "no orders today" in err.value.detail
+    assert not isinstance(err.value, StoreDataError)
     await store.aclose()

@@ -11,14 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stream_supervisor.bounds import DEAD_LETTER_KEEP_BYTES
 from stream_supervisor.errors import DecodeError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.protocol import (
-    DEAD_LETTER_KEEP_BYTES,
     Authorization,
     ErrorReply,
     Listening,
     OtherStream,
+    activity_json,
     activity_to_event,
     authenticate_message,
     decode_activities,
@@ -165,9 +166,28 @@ def test_activity_keys_ignore_decimal_spelling() -> None:
 
 def test_bad_activities_page_raises_decode_error() -> None:
     with pytest.raises(DecodeError, match="activities"):
-        decode_activities(b'[{"id": 1}]')
+        decode_activities(b'{"id": 1}')
     with pytest.raises(DecodeError):
         decode_activities(b"not json")
+
+
+def test_one_undecodable_activity_does_not_fail_its_page() -> None:
+    # Issue 13: one activity of the wrong shape used to fail the whole page, hence every
+    # backfill, for ever. It now reaches backfill, which dead-letters it as it came.
+    good = (RECORDING / "fill_activities.json").read_bytes()
+    items = json.loads(good)
+    bad = {**items[0], "id": "bad-activity", "qty": "abc"}
+    odd = {"id": 7}
+    page = json.dumps([bad, *items[1:3], odd]).encode()
+    activities = decode_activities(page)
+    assert [a.id for a in activities[1:3]] == [i["id"] for i in items[1:3]]
+    assert activities[0].id == "bad-activity" and activities[3].id == ""
+    for activity in (activities[0], activities[3]):
+        with pytest.raises(DecodeError, match="invalid update"):
+            activity_to_event(activity)
+    assert json.loads(activity_json(activities[0])) == bad
+    assert json.loads(activity_json(activities[3])) == odd
+    assert activities[0].transaction_time == bad["transaction_time"]
 
 
 # --- control messages -----------------------------------------------------------------
@@ -314,15 +334,19 @@ def test_quantities_sent_as_json_numbers_stay_exact() -> None:
     numeric = (
         line.replace(b'"qty":"0.063"', b'"qty":0.1')
         .replace(b'"price":"351.14"', b'"price":123456789.123456789012')
-        .replace(b'"filled_qty":"0.063"', b'"filled_qty":0.30000000000000004')
+        .replace(b'"filled_qty":"0.063"', b'"filled_qty":0.300000000004')
     )
     ev = decode_frame(numeric)
     assert isinstance(ev, Event)
     assert isinstance(ev.fill_qty, Decimal) and ev.fill_qty == Decimal("0.1")
     assert ev.fill_price == Decimal("123456789.123456789012")
-    assert ev.cum_qty == Decimal("0.30000000000000004")
-    as_text = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":"0.30000000000000004"')
+    assert ev.cum_qty == Decimal("0.300000000004")
+    as_text = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":"0.300000000004"')
     assert decode_frame(as_text).key == ev.key  # type: ignore[union-attr]
+    # A float's artefact has more decimal places than a quantity may (bounds.py): the
+    # update is refused rather than rounded.
+    artefact = line.replace(b'"filled_qty":"0.063"', b'"filled_qty":0.30000000000000004')
+    assert "decimal places" in _dead(artefact).reason
 
 
 @pytest.mark.parametrize(

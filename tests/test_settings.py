@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.bounds import TRANSPORT_MAX_MESSAGE
 from stream_supervisor.errors import ConfigError
 from stream_supervisor.settings import (
     DEFAULT_CHANNEL_SIZE,
+    DEFAULT_FUTURE_TOLERANCE,
     DEFAULT_LRU_SIZE,
     DEFAULT_MAX_BATCH,
     PAPER_BASE_URL,
@@ -199,3 +201,20 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(AttributeError):
         s.max_batch = 3  # type: ignore[misc]
+
+
+def test_the_future_tolerance_is_a_setting() -> None:
+    assert load_settings({}).future_tolerance == DEFAULT_FUTURE_TOLERANCE
+    env = {"STREAM_SUPERVISOR_FUTURE_TOLERANCE": "30.5"}
+    assert load_settings(env).future_tolerance == 30.5
+    with pytest.raises(ConfigError, match="STREAM_SUPERVISOR_FUTURE_TOLERANCE"):
+        load_settings({"STREAM_SUPERVISOR_FUTURE_TOLERANCE": "-1"})
+
+
+def test_a_frame_limit_beyond_what_the_transport_holds_is_refused() -> None:
+    # Issue 13, observation 4: above 16 MiB the limit could never be honoured.
+    ok = {"STREAM_SUPERVISOR_MAX_FRAME_BYTES": str(TRANSPORT_MAX_MESSAGE)}
+    assert load_settings(ok).max_frame_bytes == TRANSPORT_MAX_MESSAGE
+    for value in (TRANSPORT_MAX_MESSAGE + 1, 0):
+        with pytest.raises(ConfigError, match="STREAM_SUPERVISOR_MAX_FRAME_BYTES"):
+            load_settings({"STREAM_SUPERVISOR_MAX_FRAME_BYTES": str(value)})

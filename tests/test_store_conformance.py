@@ -19,12 +19,21 @@ import psycopg
 import pytest
 import trio
 
-from stream_supervisor import protocol
-from stream_supervisor.errors import StoreError
+from stream_supervisor import bounds, protocol
+from stream_supervisor.deadletters import list_dead_letters
+from stream_supervisor.errors import StoreDataError, StoreError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.pgstore import PgStore
-from stream_supervisor.store import Batch, BatchResult, Store, StoreSnapshot
+from stream_supervisor.settings import Settings
+from stream_supervisor.store import (
+    Batch,
+    BatchResult,
+    ReplayMark,
+    Store,
+    StoredDeadLetter,
+    StoreSnapshot,
+)
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.testing.verify import verify_against_truth
 
@@ -92,13 +101,21 @@ CREATE TRIGGER conformance_poison BEFORE INSERT ON dead_letters
 class Backend:
     name: str
     make: Callable[..., Awaitable[Store]]
+    #: What `dead-letters --replay` does to a row while a service holds the lock.
+    request_replay: Callable[[int], None]
+    #: Every dead letter of an account with its replay columns, oldest first.
+    stored_letters: Callable[[str], list[StoredDeadLetter]]
 
 
 @pytest.fixture(params=["memory", "postgres"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     opened: list[Store] = []
+    request_replay: Callable[[int], None]
+    stored_letters: Callable[[str], list[StoredDeadLetter]]
     if request.param == "memory":
         db = MemoryDatabase()
+        request_replay = db.request_replay
+        stored_letters = db.stored_dead_letters
 
         async def make(fail_after: Hook | None = None) -> Store:
             store = MemoryStore(db, fail_before_commit=_poisoned, fail_after_commit=fail_after)
@@ -117,7 +134,17 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
             opened.append(store)
             return store
 
-    yield Backend(request.param, make)
+        def request_replay(letter_id: int) -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE dead_letters SET replay_requested_at = now(), "
+                             "replayed_at = NULL, replay_result = NULL WHERE id = %s",
+                             [letter_id])
+
+        def stored_letters(account_id: str) -> list[StoredDeadLetter]:
+            found = list_dead_letters(Settings(database_url=url), account_id, 1000)
+            return sorted(found, key=lambda d: d.id)
+
+    yield Backend(request.param, make, request_replay, stored_letters)
     for store in opened:
         await store.aclose()
 
@@ -440,3 +467,140 @@ async def test_dead_letters_are_kept_verbatim(backend: Backend) -> None:
         (d.reason, d.payload, d.source) for d in letters
     ]
     assert snap.event_keys == {e.key for e in STREAM[:2]}
+
+
+# --- the extremes bounds.py accepts: stored and read back exactly ---------------------
+
+
+def _extreme_updates() -> list[Event]:
+    from .test_bounds import LIMIT_NS, PRICE_MAX, QTY_MAX, WIDE, ns_text
+
+    floor = ns_text(bounds.TIMESTAMP_FLOOR_NS)
+
+    def update(event: str, order: dict[str, Any], stamp: str, **extra: Any) -> Event:
+        base = {"id": "", "client_order_id": None, "symbol": "", "side": "buy",
+                "status": "filled", "filled_qty": "0", "qty": None,
+                "filled_avg_price": None, "order_type": "limit", "asset_class": "crypto",
+                "created_at": floor}
+        frame = {"stream": "trade_updates",
+                 "data": {"event": event, "order": {**base, **order}, "timestamp": stamp,
+                          **extra}}
+        ev = protocol.decode_frame(json.dumps(frame).encode(), not_after_ns=LIMIT_NS)
+        assert isinstance(ev, Event), ev
+        return ev
+
+    label = WIDE * bounds.MAX_LABEL_CHARS
+    big = {"id": WIDE * bounds.MAX_ID_CHARS, "symbol": WIDE * bounds.MAX_SYMBOL_CHARS,
+           "client_order_id": WIDE * bounds.MAX_CLIENT_ORDER_ID_CHARS, "status": label,
+           "order_type": label, "asset_class": label, "filled_qty": str(QTY_MAX),
+           "qty": str(QTY_MAX), "filled_avg_price": str(PRICE_MAX)}
+    tiny = {"id": "t" * bounds.MAX_ID_CHARS, "symbol": "TINY", "filled_qty": "0.000000000001",
+            "qty": "0.000000000001", "filled_avg_price": "1E-28", "created_at": ns_text(LIMIT_NS)}
+    labelled = {**big, "id": "n" * bounds.MAX_ID_CHARS, "filled_qty": "0",
+                "filled_avg_price": None}
+    return [
+        update(label, {**big, "filled_qty": "0", "filled_avg_price": None}, floor),
+        update("new", labelled, floor),
+        update("fill", big, floor, price=str(PRICE_MAX), qty=str(QTY_MAX),
+               position_qty=str(QTY_MAX)),
+        update("fill", tiny, ns_text(LIMIT_NS), price="1E-28", qty="0.000000000001",
+               position_qty="0.000000000001"),
+    ]
+
+
+async def test_the_extreme_accepted_values_are_stored_and_read_back_exactly(
+    backend: Backend,
+) -> None:
+    updates = _extreme_updates()
+    store = await backend.make()
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(Batch("acct-extremes", updates))
+        snap = await store.snapshot("acct-extremes")
+    assert result.applied_keys == {ev.key for ev in updates}
+    assert snap.event_keys == {ev.key for ev in updates}
+    labelled = snap.orders[updates[1].order_id]
+    assert (labelled.status, labelled.order_type, labelled.asset_class, labelled.symbol) == (
+        updates[1].status, updates[1].order_type, updates[1].asset_class, updates[1].symbol)
+    for ev in updates[2:]:
+        order = snap.orders[ev.order_id]
+        assert (order.order_id, order.symbol, order.client_order_id, order.status,
+                order.order_type, order.asset_class) == (
+            ev.order_id, ev.symbol, ev.client_order_id, "filled", ev.order_type,
+            ev.asset_class)
+        assert (order.filled_qty, order.order_qty, order.filled_avg_price) == (
+            ev.cum_qty, ev.order_qty, ev.cum_avg_price)
+        assert str(order.filled_qty) == str(ev.cum_qty)  # the digits, not only the value
+        assert order.created_at == ev.created_at
+        position = next(p for p in snap.positions if p.symbol == ev.symbol)
+        assert (position.qty, position.avg_entry_price, position.opened_at) == (
+            ev.fill_qty, ev.fill_price, ev.timestamp)
+        assert position.opened_by_client_order_id == ev.client_order_id
+    assert snap.cursor == Cursor(updates[3].timestamp, None)
+
+
+# --- values the store cannot hold, and replay marks ------------------------------------
+
+
+def _noise(n: int) -> str:
+    rng = random.Random(n)
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(n))
+
+
+POISONS = {
+    "order id": lambda ev: msgspec.structs.replace(ev, order_id=_noise(3000)),
+    "symbol": lambda ev: msgspec.structs.replace(ev, symbol=_noise(3001)),
+    "key": lambda ev: msgspec.structs.replace(ev, key=_noise(3002)),
+    "tiny average": lambda ev: msgspec.structs.replace(ev, cum_avg_price=Decimal("1E-20000")),
+    "huge average": lambda ev: msgspec.structs.replace(ev, cum_avg_price=Decimal("1E+200000")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(POISONS))
+async def test_a_value_the_store_cannot_hold_refuses_the_batch_and_keeps_nothing(
+    backend: Backend, kind: str
+) -> None:
+    store = await backend.make()
+    half = len(STREAM) // 2
+    await replay(store, STREAM[:half], 40)
+    before = await store.snapshot(ACCOUNT)
+    poisoned = list(STREAM[half:])
+    # The last update of its order in the batch: what the batch writes for that order.
+    at = next(i for i in range(len(poisoned) - 1, -1, -1) if poisoned[i].is_fill
+              and all(e.order_id != poisoned[i].order_id for e in poisoned[i + 1:]))
+    poisoned[at] = POISONS[kind](poisoned[at])
+
+    with trio.fail_after(WAIT), pytest.raises(StoreDataError) as err:
+        await store.commit_batch(Batch(ACCOUNT, poisoned, [DeadLetter("bad json", b"{")]))
+    assert err.value.detail
+    assert comparable(await store.snapshot(ACCOUNT)) == comparable(before)
+
+    # The same store carries on (PgStore keeps its session), and without the poison the
+    # batch applies whole.
+    without = poisoned[:at] + poisoned[at + 1:]
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(Batch(ACCOUNT, without))
+    assert result.applied_keys == {e.key for e in without}
+
+
+async def test_replay_marks_record_the_outcome_in_the_batch(backend: Backend) -> None:
+    store = await backend.make()
+    letters = [DeadLetter("refused earlier", STREAM[i].raw) for i in (0, 1, 2)]
+    await store.commit_batch(Batch(ACCOUNT, [STREAM[1]], letters))
+    assert await store.pending_replays(ACCOUNT, 10) == []
+    ids = [d.id for d in backend.stored_letters(ACCOUNT)]
+    assert len(ids) == 3
+    for letter_id in ids:
+        backend.request_replay(letter_id)
+    pending = await store.pending_replays(ACCOUNT, 10)
+    assert [p.id for p in pending] == ids
+    assert [p.payload for p in pending] == [STREAM[i].raw for i in (0, 1, 2)]
+    assert await store.pending_replays(ACCOUNT, 2) == pending[:2]
+
+    marks = [ReplayMark(ids[0], STREAM[0].key), ReplayMark(ids[1], STREAM[1].key),
+             ReplayMark(ids[2], None, "still refused: out of bounds")]
+    result = await store.commit_batch(Batch(ACCOUNT, [STREAM[0], STREAM[1]], (), marks))
+    assert result.applied_keys == {STREAM[0].key}
+    assert await store.pending_replays(ACCOUNT, 10) == []
+    outcomes = {d.id: d.replay_result for d in backend.stored_letters(ACCOUNT)}
+    assert outcomes == {ids[0]: "stored", ids[1]: "already stored",
+                        ids[2]: "still refused: out of bounds"}

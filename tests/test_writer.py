@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -13,18 +14,25 @@ import pytest
 import trio
 
 from stream_supervisor.backoff import BackoffPolicy
-from stream_supervisor.errors import LostLeadership
+from stream_supervisor.errors import BatchKeepsFailing, LostLeadership
 from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.messages import Ack, Item
 from stream_supervisor.metrics import Metrics
+from stream_supervisor.pgstore import PgStore
 from stream_supervisor.positions import Position
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BatchResult, StoreSnapshot
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
-from stream_supervisor.writer import WriterSettings, take_batch, writer_actor
+from stream_supervisor.writer import (
+    REPEATS_BEFORE_CRASH,
+    WriterSettings,
+    take_batch,
+    writer_actor,
+)
 
 from .fixtures import RECORDING
+from .test_store_conformance import fill
 
 TRUTH: dict[str, Any] = json.loads((RECORDING / "ground_truth.json").read_text())
 ACCOUNT = TRUTH["account_id"]
@@ -321,3 +329,173 @@ async def test_lost_leadership_stops_the_writer_without_acking() -> None:
     assert not state.db_writable
     assert db.commits == 0
     assert metrics.value("stream_supervisor_batch_retries_total") == 0
+
+
+# --- values the database refuses: isolated, dead-lettered, the rest committed once -----
+#
+# These run on the real PostgreSQL: what it refuses, and that its session (with the
+# writer lock) survives the refusal, is the point. The updates are built directly, past
+# the decoder's bounds, as a value the bounds missed would arrive.
+
+
+def _noise(n: int, seed: int = 1) -> str:
+    """Text PostgreSQL cannot compress into an index entry (`"a" * 3000` it can)."""
+    rng = random.Random(seed)
+    return "".join(rng.choices(string.ascii_letters + string.digits, k=n))
+
+
+def _valid(n: int, prefix: str = "o") -> list[Event]:
+    return [fill(f"{prefix}{i}", "buy", "1", "1", "10", i % 50) for i in range(n)]
+
+
+def _poisons() -> dict[str, Event]:
+    """One update per way PostgreSQL refuses a value, each with its own key."""
+    base = fill("poison", "buy", "2", "2", "10", 3)
+    return {
+        # broker_orders' primary key: index row too large (54000)
+        "order_id": msgspec.structs.replace(base, order_id=_noise(3000), key="fill:p1:2"),
+        # the open-position index on (account, symbol): index row too large (54000)
+        "symbol": msgspec.structs.replace(base, symbol=_noise(3000, 2), key="fill:p2:2"),
+        # numeric cannot hold it (22003)
+        "price": msgspec.structs.replace(base, order_id="p3", fill_price=Decimal("1E-20000"),
+                                         cum_avg_price=None, key="fill:p3:2"),
+    }
+
+
+async def pg_writer(url: str, items: list[Item], *, max_batch: int = 1000,
+                    metrics: Metrics | None = None) -> tuple[list[Ack], PgStore]:
+    store = PgStore(url, statement_timeout_ms=5_000)
+    await store.open()
+    assert await store.try_leadership(PG_ACCOUNT)
+    metrics = metrics if metrics is not None else Metrics()
+    inbox_send, inbox_recv = trio.open_memory_channel[Item](len(items) + 1)
+    ack_send, ack_recv = trio.open_memory_channel[Ack](len(items) + 1)
+    for item in items:
+        inbox_send.send_nowait(item)
+    inbox_send.close()
+    settings = WriterSettings(account_id=PG_ACCOUNT, max_batch=max_batch,
+                              retry=BackoffPolicy(initial=0.01, factor=2.0, cap=0.05))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(writer_actor, settings, store, inbox_recv, ack_send,
+                                            metrics, SupervisorState(), rng=random.Random(3)))
+    except BaseException:
+        await store.aclose()
+        raise
+    return await drain(ack_recv), store
+
+
+PG_ACCOUNT = "acct-flip"  # the account `fill()` builds positions for
+
+
+@pytest.mark.parametrize("kind", ["order_id", "symbol", "price"])
+async def test_a_refused_update_is_dead_lettered_and_the_rest_commits_once(
+    database_url: str, kind: str
+) -> None:
+    valid = _valid(40)
+    poison = _poisons()[kind]
+    decode_error = DeadLetter("invalid JSON: x", b"{")
+    items: list[Item] = [*valid[:17], poison, decode_error, *valid[17:]]
+    metrics = Metrics()
+    acks, store = await pg_writer(database_url, items, metrics=metrics)
+
+    snap = await store.snapshot(PG_ACCOUNT)
+    assert snap.event_keys == {ev.key for ev in valid}
+    assert set(snap.orders) == {ev.order_id for ev in valid}
+    assert snap.net_position("XYZ") == 40
+    reasons = [d.reason for d in snap.dead_letters]
+    assert len(reasons) == 2 and "invalid JSON: x" in reasons
+    refused = next(d for d in snap.dead_letters if d.reason != "invalid JSON: x")
+    expected = {"order_id": "index row size", "symbol": "index row size",
+                "price": "numeric"}[kind]
+    assert refused.reason.startswith("refused by the database [")
+    assert expected in refused.reason, refused.reason
+    assert refused.payload == msgspec.json.encode(poison)  # no raw frame: its JSON
+    # One ack for the taken batch: every valid key in order, the refused one released.
+    assert acks == [Ack(tuple(ev.key for ev in valid), valid[-1].key, (poison.key,))]
+    assert metrics.value("stream_supervisor_updates_refused_total") == 1
+    assert metrics.value("stream_supervisor_batch_retries_total") == 0
+    # The session and its writer lock survived the refusals.
+    rival = PgStore(database_url)
+    await rival.open()
+    assert not await rival.try_leadership(PG_ACCOUNT)
+    await rival.aclose()
+    again = await store.commit_batch(Batch(PG_ACCOUNT, valid[:3]))
+    assert again.duplicate_keys == {ev.key for ev in valid[:3]}
+    await store.aclose()
+
+
+async def test_every_refused_update_of_a_batch_is_found(database_url: str) -> None:
+    valid = _valid(100)
+    poisons = list(_poisons().values())
+    items: list[Item] = [poisons[0], *valid[:50], poisons[1], *valid[50:], poisons[2]]
+    acks, store = await pg_writer(database_url, items)
+    snap = await store.snapshot(PG_ACCOUNT)
+    await store.aclose()
+
+    assert snap.event_keys == {ev.key for ev in valid}
+    assert snap.net_position("XYZ") == 100
+    assert len(snap.dead_letters) == 3
+    assert acks[0].rejected == tuple(p.key for p in poisons)
+    assert acks[0].keys == tuple(ev.key for ev in valid)
+
+
+async def test_a_valid_copy_of_a_refused_update_is_stored_later(database_url: str) -> None:
+    # The refused update's key is not stored: a later valid copy of the same update
+    # (from REST, or the broker corrected) is applied, once.
+    good = fill("p3", "buy", "2", "2", "10", 3)
+    bad = msgspec.structs.replace(good, fill_price=Decimal("1E-20000"), cum_avg_price=None)
+    assert bad.key == good.key
+    acks, store = await pg_writer(database_url, [bad, *_valid(3)])
+    assert acks[0].rejected == (bad.key,)
+    await store.aclose()
+    acks, store = await pg_writer(database_url, [good])
+    snap = await store.snapshot(PG_ACCOUNT)
+    await store.aclose()
+    assert acks == [Ack((good.key,), good.key, ())]
+    assert good.key in snap.event_keys
+    assert snap.orders["p3"].filled_qty == 2 and snap.net_position("XYZ") == 5
+
+
+async def test_isolating_one_update_in_a_thousand_costs_about_twenty_commits(
+    database_url: str,
+) -> None:
+    valid = _valid(999)
+    poison = _poisons()["order_id"]
+    items: list[Item] = [*valid[:611], poison, *valid[611:]]
+    metrics = Metrics()
+    acks, store = await pg_writer(database_url, items, metrics=metrics)
+    snap = await store.snapshot(PG_ACCOUNT)
+    await store.aclose()
+    assert len(snap.event_keys) == 999 and len(snap.dead_letters) == 1
+    # Binary splitting: per level one half refused and one committed, then the dead
+    # letter; ceil(log2(1000)) = 10 levels.
+    commits = metrics.value("stream_supervisor_batches_total")
+    assert 10 <= commits <= 12, commits
+    assert acks[0].keys == tuple(ev.key for ev in valid)
+
+
+_REJECT_TRIGGER = """
+CREATE FUNCTION refuse_order() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.alpaca_order_id = 'rejected' THEN RAISE EXCEPTION 'orders named rejected are refused'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_order BEFORE INSERT OR UPDATE ON broker_orders
+    FOR EACH ROW EXECUTE FUNCTION refuse_order();
+"""
+
+
+async def test_the_same_refusal_again_and_again_is_a_crash(database_url: str) -> None:
+    # Not a value's fault (a trigger says no): retried a few times, then BatchKeepsFailing,
+    # which the supervisor counts towards the restart limit instead of looping quietly.
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(_REJECT_TRIGGER)
+    metrics = Metrics()
+    with pytest.RaisesGroup(BatchKeepsFailing, flatten_subgroups=True):
+        await pg_writer(database_url, [fill("rejected", "buy", "1", "1", "10", 1)],
+                        metrics=metrics)
+    assert metrics.value("stream_supervisor_batch_retries_total") == REPEATS_BEFORE_CRASH - 1

@@ -2,23 +2,100 @@
 
 A batch commits atomically or not at all; committed data survives a simulated crash
 (the `MemoryDatabase` outlives supervisors), everything uncommitted does not. Faults are
-injected through `fail_before_commit` / `fail_after_commit` hooks.
+injected through `fail_before_commit` / `fail_after_commit` hooks. Like PostgreSQL it
+refuses data it could not hold (`StoreDataError`, nothing of the batch kept): what
+`postgres_would_refuse` finds, and whatever the `refuse` predicate names (the simulated
+worlds inject poison values through it).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import msgspec
 
-from ..errors import StoreError, StoreUnavailable
-from ..events import DeadLetter
-from ..ledger import Cursor, apply_events, cursor_of
+from ..bounds import (
+    POSTGRES_INDEX_ROW_MAX,
+    POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
+    POSTGRES_NUMERIC_MAX_SCALE,
+)
+from ..errors import StoreDataError, StoreError, StoreUnavailable
+from ..events import DeadLetter, Event
+from ..ledger import Cursor, LedgerResult, apply_events, cursor_of
 from ..orders import TERMINAL_STATUSES, OrderState
 from ..positions import Position
-from ..store import Batch, BatchResult, StoreSnapshot
+from ..store import Batch, BatchResult, StoredDeadLetter, StoreSnapshot, replay_outcome
+
+#: Bytes of an index entry's own header and alignment, beyond the indexed text.
+_INDEX_OVERHEAD = 16
+
+
+def _numeric_refusal(name: str, value: Decimal | None) -> str | None:
+    if value is None:
+        return None
+    if not value.is_finite():
+        return f"{name}: numeric cannot hold {str(value)[:40]}"
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > POSTGRES_NUMERIC_MAX_SCALE or (
+            value and value.adjusted() >= POSTGRES_NUMERIC_MAX_INTEGER_DIGITS):
+        return "value overflows numeric format"
+    return None
+
+
+def _text_refusal(name: str, text: str | None) -> str | None:
+    if text is None:
+        return None
+    size = len(text.encode("utf-8", "surrogatepass")) + _INDEX_OVERHEAD
+    if size > POSTGRES_INDEX_ROW_MAX:
+        return (f"index row size {size} exceeds btree version 4 maximum "
+                f"{POSTGRES_INDEX_ROW_MAX} for index on {name}")
+    return None
+
+
+def postgres_would_refuse(keys: Iterable[str], result: LedgerResult) -> str | None:
+    """What PostgreSQL would refuse among the rows a batch writes (SQLSTATE 54000 or
+    22003), by its documented limits: an index entry over 2704 bytes (event key, order
+    id, symbol; a real server compresses a repetitive text first, so it refuses no more
+    than this), a number `numeric` cannot hold."""
+    checks: list[str | None] = [_text_refusal("event_key", key) for key in keys]
+    for order in result.orders.values():
+        checks += [_text_refusal("alpaca_order_id", order.order_id),
+                   _text_refusal("symbol", order.symbol),
+                   _numeric_refusal("filled_qty", order.filled_qty),
+                   _numeric_refusal("filled_avg_price", order.filled_avg_price),
+                   _numeric_refusal("qty", order.order_qty)]
+    for row in result.positions:
+        checks += [_text_refusal("symbol", row.symbol),
+                   _numeric_refusal("qty", row.qty),
+                   _numeric_refusal("avg_entry_price", row.avg_entry_price),
+                   _numeric_refusal("realized_pnl", row.realized_pnl)]
+    return next((c for c in checks if c is not None), None)
+
+
+Refusal = Callable[[Event], str | None]
+
+
+@dataclass
+class _StoredLetter:
+    letter: DeadLetter
+    id: int
+    received_at: datetime
+    replay_requested_at: datetime | None = None
+    replayed_at: datetime | None = None
+    replay_result: str | None = None
+
+
+def _stored_letter(account_id: str, row: _StoredLetter) -> StoredDeadLetter:
+    return StoredDeadLetter(
+        id=row.id, account_id=account_id, received_at=row.received_at,
+        reason=row.letter.reason, payload=row.letter.payload, source=row.letter.source,
+        replay_requested_at=row.replay_requested_at, replayed_at=row.replayed_at,
+        replay_result=row.replay_result)
 
 
 @dataclass
@@ -28,20 +105,34 @@ class _Account:
     positions: dict[int, Position] = field(default_factory=dict)
     history: list[Position] = field(default_factory=list)
     cursor: Cursor | None = None
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    dead_letters: list[_StoredLetter] = field(default_factory=list)
 
 
 class MemoryDatabase:
     """The durable part: survives the `MemoryStore` (the connection) that wrote it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.accounts: dict[str, _Account] = {}
         self.next_position_id = 1
+        self.next_dead_letter_id = 1
         self.available = True
         self.commits = 0
+        self.clock = clock  # the database's now(): receipt and replay times
 
     def account(self, account_id: str) -> _Account:
         return self.accounts.setdefault(account_id, _Account())
+
+    def stored_dead_letters(self, account_id: str) -> list[StoredDeadLetter]:
+        """Every dead letter of the account with its replay columns, oldest first."""
+        return [_stored_letter(account_id, row) for row in self.account(account_id).dead_letters]
+
+    def request_replay(self, letter_id: int) -> None:
+        """What `dead-letters --replay` does to a row while a service holds the lock."""
+        for acct in self.accounts.values():
+            for row in acct.dead_letters:
+                if row.id == letter_id:
+                    row.replay_requested_at = self.clock()
+                    row.replayed_at = row.replay_result = None
 
 
 FaultHook = Callable[[Batch], bool]
@@ -54,10 +145,12 @@ class MemoryStore:
         *,
         fail_before_commit: FaultHook | None = None,
         fail_after_commit: FaultHook | None = None,
+        refuse: Refusal | None = None,
     ) -> None:
         self.db = db
         self.fail_before_commit = fail_before_commit
         self.fail_after_commit = fail_after_commit
+        self.refuse = refuse
         self.opened = False
 
     async def open(self) -> None:
@@ -102,6 +195,12 @@ class MemoryStore:
         self._check()
         if self.fail_before_commit is not None and self.fail_before_commit(batch):
             raise StoreError("injected failure before commit")
+        if self.refuse is not None:
+            for ev in batch.events:
+                refused = self.refuse(ev)
+                if refused is not None:
+                    raise StoreDataError(f"commit_batch: {refused}", sqlstate="22000",
+                                         detail=refused)
         acct = self.db.account(batch.account_id)
         # Work on copies: nothing touches the durable state until the single swap below.
         seen: set[str] = set()
@@ -123,6 +222,9 @@ class MemoryStore:
             if p.is_open and p.symbol in touched_symbols
         }
         result = apply_events(batch.account_id, orders, open_rows, new_events)
+        refused = postgres_would_refuse(seen, result)
+        if refused is not None:
+            raise StoreDataError(f"commit_batch: {refused}", sqlstate="54000", detail=refused)
 
         # Everything below builds new values first, then swaps them in: the commit point.
         positions = dict(acct.positions)
@@ -147,7 +249,19 @@ class MemoryStore:
         acct.orders.update(result.orders)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)
-        acct.dead_letters.extend(batch.dead_letters)
+        now = self.db.clock()
+        known = {row.letter.key for row in acct.dead_letters}
+        for letter in batch.dead_letters:
+            if letter.key in known:
+                continue  # a retry of a commit that happened: the unique letter_key
+            known.add(letter.key)
+            acct.dead_letters.append(_StoredLetter(letter, self.db.next_dead_letter_id, now))
+            self.db.next_dead_letter_id += 1
+        for mark in batch.replays:
+            for stored in acct.dead_letters:
+                if stored.id == mark.dead_letter_id:
+                    stored.replayed_at = now
+                    stored.replay_result = replay_outcome(mark, seen)
         self.db.commits += 1
 
         if self.fail_after_commit is not None and self.fail_after_commit(batch):
@@ -172,5 +286,12 @@ class MemoryStore:
             positions=list(acct.positions.values()),
             history=list(acct.history),
             cursor=acct.cursor,
-            dead_letters=list(acct.dead_letters),
+            dead_letters=[row.letter for row in acct.dead_letters],
         )
+
+    async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
+        self._check()
+        pending = [row for row in self.db.account(account_id).dead_letters
+                   if row.replay_requested_at is not None and row.replayed_at is None]
+        pending.sort(key=lambda row: (row.replay_requested_at or row.received_at, row.id))
+        return [_stored_letter(account_id, row) for row in pending[:limit]]

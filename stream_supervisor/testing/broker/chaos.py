@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from .wire import dumps
+from .wire import dumps, rfc3339_ns
 
 MalformedKind = Literal["invalid_json", "data_null", "wrong_types", "unknown_stream"]
 
@@ -23,7 +23,14 @@ INJECTED_KINDS: Final = (
     "wrong_types",
     "unknown_stream",
     "oversized",
+    "poison_bounds",
+    "poison_store",
 )
+#: Poison updates: about an order the market never had, with a value the decoder's bounds
+#: refuse (`poison_bounds`), or a value within them that the store refuses
+#: (`poison_store`: the symbol `POISON_SYMBOL`, which `poison_refusal` names).
+POISON_KINDS: Final = ("poison_bounds", "poison_store")
+POISON_SYMBOL: Final = "POISON"
 
 _MALFORMED_KINDS: Final[tuple[MalformedKind, ...]] = (
     "invalid_json",
@@ -86,6 +93,10 @@ class ChaosConfig:
     rest_short_pages: bool = False
     """Return fewer than `page_size` items, but never zero while more remain."""
     rest_delay_max: float = 0.0
+    poison_prob: float = 0.0
+    """Inject an update of an order the market never had, holding a value the decoder's
+    bounds refuse (a 3,000-character id or symbol, a quantity of 1E-20000, a price of
+    1E+30, a time a day ahead) or one the store refuses (`POISON_SYMBOL`)."""
 
 
 RestFault = Literal["error", "rate_limited"]
@@ -127,6 +138,8 @@ class ChaosDecider:
             return "unknown_event"
         if self._chance(cfg.oversized_prob):
             return "oversized"
+        if self._chance(cfg.poison_prob):
+            return self._stream.choice(POISON_KINDS)
         return None
 
     def delay(self) -> float:
@@ -248,3 +261,40 @@ def oversized_frame(order: dict[str, Any], timestamp: str, size: int) -> bytes:
     base = len(dumps({"stream": "trade_updates", "data": data}))
     data["padding"] = "x" * max(0, size - base)
     return dumps({"stream": "trade_updates", "data": data})
+
+
+def poison_frame(kind: str, rng: random.Random, now_ns: int) -> bytes:
+    """A fill of an order the market never had, poisoned by one value (`POISON_KINDS`).
+    Stored, it would show as an order the broker never had."""
+    order_id = f"poison-{rng.getrandbits(64):016x}"
+    qty, price, symbol = "1", "10", "PSN"
+    stamp = rfc3339_ns(now_ns, eastern=False)
+    if kind == "poison_store":
+        symbol = POISON_SYMBOL
+    else:
+        variant = rng.randrange(5)
+        if variant == 0:
+            order_id += "-" + "x" * 3000
+        elif variant == 1:
+            symbol = "S" * 3000
+        elif variant == 2:
+            qty = "1E-20000"
+        elif variant == 3:
+            price = "1E+30"
+        else:
+            stamp = rfc3339_ns(now_ns + 86_400 * 1_000_000_000, eastern=False)
+    order = {"id": order_id, "client_order_id": f"c-{order_id[:40]}", "symbol": symbol,
+             "side": "buy", "status": "filled", "qty": qty, "filled_qty": qty,
+             "filled_avg_price": price, "order_type": "market", "type": "market",
+             "asset_class": "us_equity", "created_at": stamp, "updated_at": stamp}
+    data = {"event": "fill", "execution_id": f"x-{order_id[:40]}", "order": order,
+            "timestamp": stamp, "price": price, "qty": qty, "position_qty": qty}
+    return dumps({"stream": "trade_updates", "data": data})
+
+
+def poison_refusal(event: Any) -> str | None:
+    """The store's side of `poison_store`: `MemoryStore(refuse=poison_refusal)` refuses
+    what the simulated broker poisoned, as PostgreSQL refuses a value it cannot hold."""
+    if getattr(event, "symbol", None) == POISON_SYMBOL:
+        return f"the simulation's store refuses symbol {POISON_SYMBOL}"
+    return None

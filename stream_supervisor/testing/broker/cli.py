@@ -50,6 +50,8 @@ KNOB_HELP: dict[str, str] = {
     "rest_retry_after": "Retry-After seconds on those 429s",
     "rest_short_pages": "return fewer than page_size activities per page",
     "rest_delay_max": "slow REST answers by up to this many seconds",
+    "poison_prob": "probability of injecting an update of an unknown order holding a value "
+                   "the decoder's bounds or the store refuse",
 }
 
 

@@ -34,6 +34,8 @@ class Feeds:
         self.chaos = chaos
         self.stats = stats
         self.injected = injected
+        #: Poison frames handed to a client, with their kind (`chaos.POISON_KINDS`).
+        self.poisons_sent: list[tuple[str, bytes]] = []
         self._feeds: list[trio.MemorySendChannel[int]] = []
         self._sent: list[bool] = []
         self._fill_updates: set[int] = set()

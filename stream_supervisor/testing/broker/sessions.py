@@ -15,7 +15,13 @@ from typing import Any, Final, Protocol, runtime_checkable
 import structlog
 import trio
 
-from .chaos import malformed_frame, oversized_frame, unknown_event_frame
+from .chaos import (
+    POISON_KINDS,
+    malformed_frame,
+    oversized_frame,
+    poison_frame,
+    unknown_event_frame,
+)
 from .feeds import Feeds
 from .wire import uuid4
 
@@ -286,11 +292,16 @@ class _Session:
                 frame = unknown_event_frame(order, now, str(uuid4(rng)))
             else:
                 frame = oversized_frame(order, now, self.chaos.config.oversized_bytes)
+        elif kind in POISON_KINDS:
+            frame = poison_frame(kind, rng, market.now_ns)
         else:
             frame = malformed_frame(kind, rng, market.frame(index))
         self.feeds.injected[kind] += 1
         self.stats["injected_frames"] += 1
-        return await self._send(frame)
+        sent = await self._send(frame)
+        if sent and kind in POISON_KINDS:
+            self.feeds.poisons_sent.append((kind, frame))
+        return sent
 
     async def _send(self, frame: bytes) -> bool:
         payload: str | bytes = frame

@@ -70,6 +70,11 @@ class SimulatedBroker:
         return self.market.account_id
 
     @property
+    def poisons_sent(self) -> list[tuple[str, bytes]]:
+        """Poison updates handed to a client, with their kind, in the order sent."""
+        return self._feeds.poisons_sent
+
+    @property
     def finished(self) -> bool:
         """The market made all its orders, and each of them is done."""
         return self.market.finished

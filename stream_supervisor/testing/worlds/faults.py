@@ -31,7 +31,16 @@ CHAOS_FAMILIES: dict[str, dict[str, object]] = {
     "rest_errors": {"rest_error_prob": 0.0, "rest_429_prob": 0.0},
     "short_pages": {"rest_short_pages": False},
     "slow_rest": {"rest_delay_max": 0.0},
+    "poison": {"poison_prob": 0.0},
 }
+
+
+def _poison_prob(seed: int) -> float:
+    """Poison values for about a third of the seeds, from a generator of their own: the
+    family came later, and drawing it from the schedule's generator would have changed
+    every other fault of every seed."""
+    rng = random.Random(f"schedule/{seed}/poison")
+    return rng.uniform(0.02, 0.1) if rng.random() < 0.35 else 0.0
 
 
 def schedule_for_seed(seed: int) -> Schedule:
@@ -67,6 +76,7 @@ def schedule_for_seed(seed: int) -> Schedule:
         rest_retry_after=rng.choice((0.5, 1.0, 2.0)),
         rest_short_pages=on(0.3),
         rest_delay_max=rng.uniform(0.01, 1.0) if on(0.2) else 0.0,
+        poison_prob=_poison_prob(seed),
     )
     attempts = max(4, orders)
 

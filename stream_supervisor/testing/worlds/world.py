@@ -22,12 +22,13 @@ from trio._core import _run as trio_run_internals
 from ...backoff import BackoffPolicy
 from ...errors import StoreError
 from ...metrics import Metrics
-from ...settings import Settings
+from ...settings import DEFAULT_FUTURE_TOLERANCE, Settings
 from ...state import SupervisorState
 from ...store import Batch
 from ...supervisor import Supervisor
 from ...wiring import open_supervisor
 from ..broker import ChaosConfig, SimConfig, SimulatedBroker
+from ..broker.chaos import poison_refusal
 from ..memstore import MemoryDatabase, MemoryStore
 from ..verify import Mismatch, verify_against_truth
 from .transport import BrokerTransport, memory_connector
@@ -89,12 +90,24 @@ class Schedule:
             "replay": int(c.replay_on_connect > 0),
             "skipped_partials": int(c.skip_partial_prob > 0),
             "upgrade_429": int(c.reject_429_connects > 0),
+            "poison": int(c.poison_prob > 0),
             "store_fail_before": len(self.fail_before),
             "store_fail_after": len(self.fail_after),
             "actor_crash": len(self.actor_crash),
             "writer_stall": len(self.writer_stall),
             "supervisor_crash": len(self.crashes),
         }.items() if v}
+
+
+    @property
+    def delivers_every_frame(self) -> bool:
+        """Whether every frame the broker hands over reaches a commit: no crash loses what
+        was in flight, no stall or reset loses what was on the wire, no failed backfill
+        drops the live frames it buffered. Then every poison sent is a dead letter."""
+        c = self.chaos
+        return not (self.crashes or self.actor_crash or c.stall_prob > 0
+                    or c.disconnect_prob > 0 or c.disconnect_at or c.rest_error_prob > 0
+                    or c.rest_429_prob > 0)
 
 
 @dataclass
@@ -142,7 +155,8 @@ class _StallingStore(MemoryStore):
     """A memory store whose commits can stall (a slow database), in virtual time."""
 
     def __init__(self, db: MemoryDatabase, faults: _StoreFaults) -> None:
-        super().__init__(db, fail_before_commit=faults.before, fail_after_commit=faults.after)
+        super().__init__(db, fail_before_commit=faults.before, fail_after_commit=faults.after,
+                         refuse=poison_refusal)
         self.faults = faults
 
     async def commit_batch(self, batch: Batch) -> Any:
@@ -250,7 +264,7 @@ async def _world(
                     inner.start_soon(_run_and_record, sup, trace)
                     if next_crash is None:
                         await _until_converged(broker, db, account_id, t0,
-                                              schedule.strict_prices)
+                                              schedule.strict_prices, sup.state)
                         sup.request_drain("simulation finished")
             if life.cancelled_caught:
                 trace.append(f"crash@{trio.current_time() - t0:.3f}")
@@ -261,6 +275,13 @@ async def _world(
     snapshot = await MemoryStore(db).snapshot(account_id)
     truth = broker.ground_truth()
     mismatches = verify_against_truth(snapshot, truth, strict_prices=schedule.strict_prices)
+    mismatches += check_poisons(db, account_id, broker.poisons_sent,
+                                exact=schedule.delivers_every_frame)
+    latest = wallclock() + timedelta(seconds=DEFAULT_FUTURE_TOLERANCE)
+    if snapshot.cursor is not None and snapshot.cursor.fill_time is not None \
+            and snapshot.cursor.fill_time > latest:
+        mismatches.append(Mismatch("cursor", "fill_time", f"<= {latest.isoformat()}",
+                                   snapshot.cursor.fill_time.isoformat()))
     trace.extend(faults.trace)
     return Outcome(
         schedule=schedule,
@@ -280,9 +301,17 @@ async def _run_and_record(sup: Supervisor, trace: list[str]) -> None:
 
 
 async def _until_converged(
-    broker: SimulatedBroker, db: MemoryDatabase, account_id: str, t0: float, strict: bool
+    broker: SimulatedBroker, db: MemoryDatabase, account_id: str, t0: float, strict: bool,
+    state: SupervisorState,
 ) -> None:
-    """Wait until the market is finished and the store matches it, or the time limit.
+    """Wait until the market is finished, the supervisor is caught up (streaming, its
+    latest backfill and order refresh done) and the store matches the market, or the
+    time limit.
+
+    Caught up matters: an order whose updates are all still on their way matches "not
+    stored yet", so a world could stop before a held batch stores the order's first
+    update and the REST refresh brings its last (seen with poison batches split by the
+    writer while a stall held them).
 
     Liveness: a supervisor that never catches up fails here (the check after it reports
     what is missing), not by hanging the test.
@@ -295,10 +324,42 @@ async def _until_converged(
             # Converged worlds are seen within a second; a stuck one is checked ever less
             # often, so a failing seed costs little real time to report.
             poll = min(poll * 1.5, 30.0) if broker.finished else 1.0
-            if broker.finished:
+            if broker.finished and state.caught_up and state.connection == "streaming":
                 snap = await store.snapshot(account_id)
                 if not verify_against_truth(snap, broker.ground_truth(), strict_prices=strict):
                     return
+
+
+#: The reason each poison kind must be dead-lettered with.
+POISON_REASONS = {"poison_bounds": "out of bounds: ", "poison_store": "refused by the database"}
+
+
+def check_poisons(db: MemoryDatabase, account_id: str, sent: list[tuple[str, bytes]], *,
+                  exact: bool) -> list[Mismatch]:
+    """Dead letters match the poison injected: each poison dead-lettered at most once,
+    with its kind's reason, nothing but poison there under those reasons; and when the
+    schedule loses no delivered frame, every poison sent is there."""
+    kinds = {frame: kind for kind, frame in sent}
+    found: dict[bytes, list[str]] = {}
+    out: list[Mismatch] = []
+    for letter in db.stored_dead_letters(account_id):
+        poisoned = any(letter.reason.startswith(r) for r in POISON_REASONS.values())
+        if letter.payload in kinds:
+            found.setdefault(letter.payload, []).append(letter.reason)
+        elif poisoned:
+            out.append(Mismatch("dead_letters", f"letter {letter.id}", "a poison injected",
+                                letter.reason[:80]))
+    for frame, reasons in found.items():
+        want = POISON_REASONS[kinds[frame]]
+        if len(reasons) != 1 or not reasons[0].startswith(want):
+            out.append(Mismatch("dead_letters", kinds[frame], f"once, {want}...",
+                                str([r[:60] for r in reasons])))
+    if exact:
+        missing = [kind for kind, frame in sent if frame not in found]
+        if missing:
+            out.append(Mismatch("dead_letters", "poison", f"{len(sent)} dead letters",
+                                f"{len(missing)} missing: {missing[:5]}"))
+    return out
 
 
 def _digest(snapshot: Any, truth: dict[str, Any], commit_order: list[str]) -> str:

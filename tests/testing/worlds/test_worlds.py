@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from stream_supervisor import dedupe
+from stream_supervisor.errors import StoreDataError
 from stream_supervisor.ledger import apply_events, cursor_of
 from stream_supervisor.store import Batch
+from stream_supervisor.testing.broker import ChaosConfig
 from stream_supervisor.testing.worlds import run_schedule, run_seeds, schedule_for_seed
 from stream_supervisor.testing.worlds.runner import Report, default_jobs
 from stream_supervisor.testing.worlds.world import _StallingStore
+from stream_supervisor.writer import Outcome, _Committer
 
 #: Seeds per CI run (STREAM_SUPERVISOR_SIM_SEEDS overrides, e.g. for a quick local run).
 SEEDS = int(os.environ.get("STREAM_SUPERVISOR_SIM_SEEDS", "10000"))
@@ -29,7 +33,7 @@ FAMILIES = {
     "duplicates", "disconnects", "abrupt", "reorder", "delays", "stalls", "malformed",
     "unknown_events", "rest_errors", "short_pages", "replay", "skipped_partials",
     "upgrade_429", "store_fail_before", "store_fail_after", "actor_crash", "writer_stall",
-    "supervisor_crash",
+    "supervisor_crash", "poison",
 }
 
 REPORTS: list[tuple[str, Report]] = []
@@ -130,6 +134,36 @@ def test_non_idempotent_retry_after_an_ambiguous_commit_is_caught(
     report = _first_failure(CATCH_WITHIN)
     REPORTS.append(("non-idempotent ambiguous retry", report))
     assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def test_poison_worlds_converge_with_every_poison_dead_lettered() -> None:
+    # No fault that loses a delivered frame: every poison sent must be a dead letter with
+    # its kind's reason (`check_poisons`, exact), and nothing of it stored.
+    for seed in (1, 2, 3):
+        schedule = replace(schedule_for_seed(seed), chaos=ChaosConfig(poison_prob=0.25),
+                           fail_before=frozenset(), fail_after=frozenset(),
+                           actor_crash=frozenset(), crashes=())
+        assert schedule.delivers_every_frame
+        outcome = run_schedule(schedule)
+        assert outcome.ok, outcome.mismatches
+    assert "poison" in schedule.faults()
+
+
+def test_isolation_that_drops_the_neighbours_is_caught(broken: pytest.MonkeyPatch) -> None:
+    async def dead_letter_everything(self: _Committer, batch: Batch, exc: StoreDataError,
+                                     outcome: Outcome) -> None:
+        # The bug: the whole refused batch is dead-lettered, valid updates with it.
+        for event in batch.events:
+            await self._dead_letter(replace_batch(batch, [event]), exc, outcome)
+
+    broken.setattr(_Committer, "_split", dead_letter_everything)
+    report = _first_failure(CATCH_WITHIN)
+    REPORTS.append(("isolation drops the neighbours", report))
+    assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def replace_batch(batch: Batch, events: list[Any]) -> Batch:
+    return Batch(batch.account_id, events, batch.dead_letters, batch.replays)
 
 
 def pytest_terminal_summary_lines() -> list[str]:
