@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import BackoffPolicy
 from .bounds import DEFAULT_MAX_FRAME_BYTES, TRANSPORT_MAX_MESSAGE
+from .budget import DEFAULT_SHARE as DEFAULT_REST_BUDGET_SHARE
+from .budget import check_share
 from .errors import ConfigError
 from .strategy import DEFAULT_STRATEGY_PATTERN, PATTERN_VARIABLE, PatternError, StrategyPattern
 
@@ -82,6 +84,9 @@ class Settings:
     future_tolerance: float = DEFAULT_FUTURE_TOLERANCE
     rest_timeout: float = DEFAULT_REST_TIMEOUT
     rest_retries: int = DEFAULT_REST_RETRIES
+    #: Of the account's REST limit (Alpaca: 200 a minute), the most the service spends;
+    #: the rest is the user's own trading (docs/design.md, section 12).
+    rest_budget_share: float = DEFAULT_REST_BUDGET_SHARE
     log_format: str = "auto"
     log_level: str = "info"
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
@@ -102,6 +107,11 @@ class Settings:
             # limit could not be honoured (docs/design.md, section 8, malformed frame).
             raise ConfigError(f"{ENV_PREFIX}MAX_FRAME_BYTES must be between 1 and "
                               f"{TRANSPORT_MAX_MESSAGE} (16 MiB), got {self.max_frame_bytes}")
+        try:
+            check_share(self.rest_budget_share)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}REST_BUDGET_SHARE {exc} (the fraction of the "
+                              "account's REST limit the service may use, e.g. 0.5)") from None
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
 
@@ -180,6 +190,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "FUTURE_TOLERANCE": "future_tolerance",
     "REST_TIMEOUT": "rest_timeout",
     "REST_RETRIES": "rest_retries",
+    "REST_BUDGET_SHARE": "rest_budget_share",
     "LOG_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "HTTP_ADDR": "http_addr",
