@@ -22,7 +22,7 @@ from .errors import BrokerAuthError, BrokerUnavailable
 from .logs import get_logger
 from .metrics import Metrics
 from .protocol import WireActivity, WireOrder, decode_activities, decode_order, decode_orders
-from .rest import MAX_PAGE_SIZE
+from .rest import MAX_ORDERS_PAGE, MAX_PAGE_SIZE
 from .settings import DEFAULT_REST_RETRIES, DEFAULT_REST_TIMEOUT, Settings
 
 log = get_logger("stream_supervisor.rest_http")
@@ -184,6 +184,12 @@ class HttpBrokerRest:
 
     async def open_orders(self) -> list[WireOrder]:
         body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "false"})
+        return decode_orders(body) if body else []
+
+    async def orders_since(self, *, after: str, limit: int = MAX_ORDERS_PAGE) -> list[WireOrder]:
+        body = await self._get("/v2/orders", {
+            "status": "all", "after": after, "direction": "asc",
+            "limit": min(limit, MAX_ORDERS_PAGE), "nested": "true"})
         return decode_orders(body) if body else []
 
     async def order(self, order_id: str) -> WireOrder | None:
