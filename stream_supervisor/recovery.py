@@ -17,7 +17,7 @@ holds. Orders come from the list endpoint, 500 a request (docs/design.md, sectio
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -138,6 +138,8 @@ class GapRecovery:
         self.pages_read = 0
         self.activities_read = 0
         self.activities_new = 0
+        #: (activities read, of which new) of the latest pages.
+        self.recent_pages: deque[tuple[int, int]] = deque(maxlen=1_000)
 
     def observe(self, event: Event) -> None:
         """Remember an update's order status (every forwarded update passes here)."""
@@ -242,6 +244,7 @@ class GapRecovery:
             self.activities_read += len(page)
             fresh = [a for a in page if a.id not in done]
             self.activities_new += len(fresh)
+            self.recent_pages.append((len(page), len(fresh)))
             if not page:
                 return
             last_ms = _ms(page[-1])
