@@ -237,14 +237,16 @@ class GapRecovery:
         after_ns = _ns(start)
         token: str | None = None
         done: set[str] = set()  # handed out from the millisecond `after_ns` begins
+        held: set[str] = set()  # read, and held back for the next page
         for _ in range(MAX_BACKFILL_PAGES):
             page = await self.rest.fill_activities(
                 after=_format_ns(after_ns), page_token=token, page_size=MAX_PAGE_SIZE)
             self.pages_read += 1
             self.activities_read += len(page)
             fresh = [a for a in page if a.id not in done]
-            self.activities_new += len(fresh)
-            self.recent_pages.append((len(page), len(fresh)))
+            new = sum(1 for a in fresh if a.id not in held)
+            self.activities_new += new
+            self.recent_pages.append((len(page), new))
             if not page:
                 return
             last_ms = _ms(page[-1])
@@ -255,6 +257,7 @@ class GapRecovery:
                 # One millisecond fills the page (or a time we cannot read), or the live
                 # socket holds the rest: hand out everything and page on by id.
                 done.update(a.id for a in fresh)
+                held = set()
                 yield fresh
                 if live is not None and last_ms is not None and (
                         last_ms * NS_PER_MS > live + LIVE_OVERLAP_NS):
@@ -263,6 +266,7 @@ class GapRecovery:
                 token = page[-1].id
                 continue
             yield ready
+            held = {a.id for a in fresh if _ms(a) == last_ms}
             after_ns = last_ms * NS_PER_MS - 1
             token = None
             done = {i for i in done if i[:17] >= page[-1].id[:17]}
