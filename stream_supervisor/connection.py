@@ -43,19 +43,17 @@ from .protocol import (
     listen_message,
 )
 from .recovery import GapRecovery
-from .settings import Settings
+from .settings import DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
 
 log = get_logger("stream_supervisor.connection")
 
-#: Live frames held while recovery runs. If recovery is still running when it is full,
-#: the connection is dropped on purpose and REST covers the range on the next one
-#: (docs/design.md, section 12); while streaming, a full buffer is backpressure.
-LIVE_BUFFER = 10_000
-#: A live fill stamped this long before the `listening` reply is a replay, not the start
-#: of the live range.
-LIVE_REPLAY_SLACK_NS = 5 * 1_000_000_000
+#: Live frames held while recovery runs, by default (`Settings.live_buffer`). If
+#: recovery is still running when it is full, the connection is dropped on purpose and
+#: REST covers the range on the next one (docs/design.md, section 12); while streaming,
+#: a full buffer is backpressure.
+LIVE_BUFFER = DEFAULT_LIVE_BUFFER
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +68,7 @@ class ConnectionSettings:
     max_frame_bytes: int
     #: Updates stamped more than this ahead of the wall clock are dead-lettered.
     future_tolerance: float
+    live_buffer: int = LIVE_BUFFER
 
     @classmethod
     def from_settings(cls, s: Settings) -> ConnectionSettings:
@@ -83,6 +82,7 @@ class ConnectionSettings:
             backoff=s.backoff,
             max_frame_bytes=s.max_frame_bytes,
             future_tolerance=s.future_tolerance,
+            live_buffer=s.live_buffer,
         )
 
 
@@ -220,7 +220,7 @@ class ConnectionActor:
         has not brought back yet, and the next recovery reads them (docs/design.md,
         section 12).
         """
-        send_live, receive_live = trio.open_memory_channel[Item](LIVE_BUFFER)
+        send_live, receive_live = trio.open_memory_channel[Item](self.settings.live_buffer)
         self._end_reason = None
         self._recv_scope = None
         async with trio.open_nursery() as nursery:
@@ -305,10 +305,10 @@ class ConnectionActor:
                                              not_after_ns=latest)
                         if isinstance(frame, Event):
                             received[frame.event] = received.get(frame.event, 0) + 1
-                            if (self._live_from_ns is None and frame.is_fill
-                                    and frame.ts_ns >= self._listening_ns
-                                    - LIVE_REPLAY_SLACK_NS):
-                                self._live_from_ns = frame.ts_ns
+                            if self._live_from_ns is None and frame.is_fill:
+                                # Never before `listening`: the first fill may be a
+                                # replay of an older one.
+                                self._live_from_ns = max(frame.ts_ns, self._listening_ns)
                             if not await self._buffer(live, frame):
                                 return
                         elif isinstance(frame, DeadLetter):
@@ -334,7 +334,7 @@ class ConnectionActor:
         try:
             live.send_nowait(item)
         except trio.WouldBlock:
-            self._end(f"live buffer full ({LIVE_BUFFER}) during recovery")
+            self._end(f"live buffer full ({self.settings.live_buffer}) during recovery")
             return False
         return True
 

@@ -50,9 +50,11 @@ SEEN_ORDERS = 50_000
 #: Orders listed for a backfill start this long before its first fill: an order is
 #: submitted before it fills. Older orders with fills in the range are read one by one.
 ORDER_LOOKBACK = timedelta(seconds=120)
-#: Backfill stops once it has forwarded fills this far past the first live fill: the
-#: live buffer holds everything after that (docs/design.md, section 12).
-LIVE_OVERLAP_NS = 2 * 1_000_000_000
+#: Backfill stops once it has forwarded fills this far past where the live socket's
+#: range begins (its first fill, never before `listening` by our clock): the live buffer
+#: holds everything after that. The margin absorbs clock skew and late stores
+#: (docs/design.md, section 12).
+LIVE_OVERLAP_NS = 5 * 1_000_000_000
 NS_PER_MS = 1_000_000
 
 Forward = Callable[[Item], Awaitable[None]]

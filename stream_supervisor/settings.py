@@ -42,6 +42,11 @@ DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
 #: fill from hiding the fills before it (docs/design.md, section 4, step 5).
 DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
+#: Live updates held while recovery runs (about 1.4 KB each). It must hold the stream
+#: for as long as REST takes to read the outage within the budget: at 500 updates/s,
+#: a 60 s outage takes REST about 110 s at 90 requests a minute (docs/design.md,
+#: section 12). Full during recovery: the connection is dropped and REST covers it.
+DEFAULT_LIVE_BUFFER: Final = 60_000
 DEFAULT_REST_RETRIES: Final = 8
 #: `stats` recomputes yesterday and this many days before it (closes can land late).
 DEFAULT_STATS_LOOKBACK_DAYS: Final = 3
@@ -87,6 +92,7 @@ class Settings:
     #: Of the account's REST limit (Alpaca: 200 a minute), the most the service spends;
     #: the rest is the user's own trading (docs/design.md, section 12).
     rest_budget_share: float = DEFAULT_REST_BUDGET_SHARE
+    live_buffer: int = DEFAULT_LIVE_BUFFER
     log_format: str = "auto"
     log_level: str = "info"
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
@@ -107,6 +113,8 @@ class Settings:
             # limit could not be honoured (docs/design.md, section 8, malformed frame).
             raise ConfigError(f"{ENV_PREFIX}MAX_FRAME_BYTES must be between 1 and "
                               f"{TRANSPORT_MAX_MESSAGE} (16 MiB), got {self.max_frame_bytes}")
+        if self.live_buffer < 1:
+            raise ConfigError(f"{ENV_PREFIX}LIVE_BUFFER must be at least 1")
         try:
             check_share(self.rest_budget_share)
         except ValueError as exc:
@@ -191,6 +199,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "REST_TIMEOUT": "rest_timeout",
     "REST_RETRIES": "rest_retries",
     "REST_BUDGET_SHARE": "rest_budget_share",
+    "LIVE_BUFFER": "live_buffer",
     "LOG_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "HTTP_ADDR": "http_addr",
