@@ -17,6 +17,7 @@ holds. Orders come from the list endpoint, 500 a request (docs/design.md, sectio
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ ORDER_LOOKBACK = timedelta(seconds=120)
 #: (docs/design.md, section 12).
 LIVE_OVERLAP_NS = 5 * 1_000_000_000
 NS_PER_MS = 1_000_000
+#: Seconds before an order list that reached its end is read on again for an order it
+#: did not hold.
+RELIST_AFTER = 1.0
 
 Forward = Callable[[Item], Awaitable[None]]
 
@@ -188,9 +192,12 @@ class GapRecovery:
             first_ns = priced[0].ts_ns if first_ns is None else first_ns
             last_ns = priced[-1].ts_ns
         self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
-        refreshed = await self.refresh_orders(book)
+        # A fresh list for the refresh: the one that priced the pages is as old as they.
+        fresh = OrderBook(self.rest, book.since)
+        refreshed = await self.refresh_orders(fresh)
         log.info("backfill_done", fills=fills, pages=pages, orders_refreshed=refreshed,
-                 order_requests=book.requests, connection_id=self.state.connection_id)
+                 order_requests=book.requests + fresh.requests,
+                 connection_id=self.state.connection_id)
 
     def _judge_pace(self, fills: int, first_ns: int | None, last_ns: int | None,
                     took: float) -> None:
@@ -361,6 +368,7 @@ class OrderBook:
         self._after = since
         self._loaded_to_ns = _ns(since)
         self._complete = False
+        self._listed_at = -math.inf
         self._orders: dict[str, WireOrder] = {}
         self.requests = 0
 
@@ -368,6 +376,11 @@ class OrderBook:
         return self._orders.get(order_id)
 
     async def get(self, order_id: str, filled_ns: int) -> WireOrder | None:
+        if (order_id not in self._orders and self._complete
+                and trio.current_time() - self._listed_at >= RELIST_AFTER):
+            # Orders submitted since the list ended (the market goes on during
+            # recovery): list on from where it ended, at most once a second.
+            self._complete = False
         while (order_id not in self._orders and not self._complete
                and self._loaded_to_ns <= filled_ns):
             await self._next_page()
@@ -380,17 +393,20 @@ class OrderBook:
         return found
 
     async def load_all(self) -> None:
+        if self._complete and trio.current_time() - self._listed_at >= RELIST_AFTER:
+            self._complete = False
         while not self._complete:
             await self._next_page()
 
     async def _next_page(self) -> None:
         self.requests += 1
+        self._listed_at = trio.current_time()
         page = await self.rest.orders_since(after=format_timestamp(self._after),
                                             limit=MAX_ORDERS_PAGE)
         new = [o for o in page if o.id not in self._orders]
         for order in page:
             self._orders[order.id] = order
-        if len(page) < MAX_ORDERS_PAGE or not new:
+        if not new:
             self._complete = True
             return
         last = page[-1].created_at
@@ -405,6 +421,8 @@ class OrderBook:
         # already held are kept once.
         self._after = last_dt - timedelta(microseconds=1)
         self._loaded_to_ns = last_ns
+        if len(page) < MAX_ORDERS_PAGE:
+            self._complete = True
 
 
 def _ns(moment: datetime) -> int:
