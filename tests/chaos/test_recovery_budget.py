@@ -148,7 +148,9 @@ async def test_sigkill_mid_recovery_keeps_the_committed_pages_and_a_restart_matc
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             server: SimServer = await nursery.start(serve, broker)
-            env = process_env(database_url, server, config)
+            # A short overlap, so the restart's start shows where the kill left the cursor.
+            env = process_env(database_url, server, config,
+                              STREAM_SUPERVISOR_BACKFILL_OVERLAP="5")
             async with SupervisorProcess(env, nursery, name="first") as first:
                 await first.wait_for_event("backfill_started", timeout=START_TIMEOUT)
                 with trio.fail_after(60):
