@@ -42,11 +42,12 @@ DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
 #: fill from hiding the fills before it (docs/design.md, section 4, step 5).
 DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
-#: Live updates held while recovery runs (about 1.4 KB each). It must hold the stream
-#: for as long as REST takes to read the outage within the budget: at 500 updates/s,
-#: a 60 s outage takes REST about 110 s at 90 requests a minute (docs/design.md,
-#: section 12). Full during recovery: the connection is dropped and REST covers it.
-DEFAULT_LIVE_BUFFER: Final = 60_000
+#: Live updates held while recovery runs (about 1.4 KB each, so at most ~140 MB). It
+#: must hold the stream for as long as REST takes to read the outage within the budget:
+#: at 500 updates/s a 60 s outage is ~19,000 fills, 190 pages, over two minutes at 90
+#: requests a minute (docs/design.md, section 12). Full during recovery: the connection
+#: is dropped on purpose and REST covers the range.
+DEFAULT_LIVE_BUFFER: Final = 100_000
 DEFAULT_REST_RETRIES: Final = 8
 #: `stats` recomputes yesterday and this many days before it (closes can land late).
 DEFAULT_STATS_LOOKBACK_DAYS: Final = 3
