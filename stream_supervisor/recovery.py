@@ -57,6 +57,9 @@ ORDER_LOOKBACK = timedelta(seconds=120)
 #: (docs/design.md, section 12).
 LIVE_OVERLAP_NS = 5 * 1_000_000_000
 NS_PER_MS = 1_000_000
+#: The refresh reads this many orders (or fewer) one by one rather than list them: a
+#: few orders a busy account has in flight cost less than its list of minutes.
+FEW_ORDERS = 10
 #: Seconds before an order list that reached its end is read on again for an order it
 #: did not hold.
 RELIST_AFTER = 1.0
@@ -324,7 +327,8 @@ class GapRecovery:
         just forwarded as not terminal that is no longer open (canceled or expired while
         we were gone, or filled with its last fill only on REST). Orders submitted since
         `book` begins come from the list endpoint in bulk; older ones one by one, all of
-        them (each is an order we hold as live that is no longer open)."""
+        them (each is an order we hold as live that is no longer open); a few
+        (`FEW_ORDERS`) are read one by one without listing."""
         count = 0
         open_ids: set[str] = set()
         for order in await self.rest.open_orders():
@@ -333,7 +337,7 @@ class GapRecovery:
         stored = await self.open_order_ids() if self.open_order_ids is not None else ()
         recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
         wanted = [oid for oid in dict.fromkeys([*stored, *recent]) if oid not in open_ids]
-        if wanted:
+        if len(wanted) > FEW_ORDERS:
             await book.load_all()
         singles = 0
         for order_id in wanted:
