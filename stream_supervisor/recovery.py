@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -178,22 +179,24 @@ class GapRecovery:
         began = trio.current_time()
         fills = pages = 0
         first_ns = last_ns = None
-        async for page in self._pages(start, live_from_ns):
-            pages += 1
-            events = await self._decode(page)
-            if not events:
-                continue
-            priced = await self._price_gaps(sort_backfill(events), book)
-            received: dict[str, int] = {}
-            for ev in priced:
-                received[ev.event] = received.get(ev.event, 0) + 1
-                await self._forward(ev)
-            for event, amount in received.items():
-                self.metrics.events_received.labels(event, "rest").inc(amount)
-            self.metrics.backfill_fills.inc(len(priced))
-            fills += len(priced)
-            first_ns = priced[0].ts_ns if first_ns is None else first_ns
-            last_ns = priced[-1].ts_ns
+        # Closed on the way out, also when a closed socket cancels the recovery.
+        async with aclosing(self._pages(start, live_from_ns)) as paged:
+            async for page in paged:
+                pages += 1
+                events = await self._decode(page)
+                if not events:
+                    continue
+                priced = await self._price_gaps(sort_backfill(events), book)
+                received: dict[str, int] = {}
+                for ev in priced:
+                    received[ev.event] = received.get(ev.event, 0) + 1
+                    await self._forward(ev)
+                for event, amount in received.items():
+                    self.metrics.events_received.labels(event, "rest").inc(amount)
+                self.metrics.backfill_fills.inc(len(priced))
+                fills += len(priced)
+                first_ns = priced[0].ts_ns if first_ns is None else first_ns
+                last_ns = priced[-1].ts_ns
         self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
         # A fresh list for the refresh: the one that priced the pages is as old as they.
         fresh = OrderBook(self.rest, book.since)
@@ -235,7 +238,7 @@ class GapRecovery:
 
     async def _pages(
         self, start: datetime, live_from_ns: Callable[[], int | None]
-    ) -> AsyncIterator[list[WireActivity]]:
+    ) -> AsyncGenerator[list[WireActivity], None]:
         """FILL activities after `start`, in id order, each exactly once, a page at a time.
 
         Each request starts at the first instant of the millisecond of the previous
