@@ -31,7 +31,8 @@ import shutil
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ async def run_case(admin_uri: str, *, rate: float, seconds: float, chaos: ChaosC
     orders = int(rate * seconds / UPDATES_PER_ORDER) + 1
     config = SimConfig(seed=seed, orders=orders, rate=rate, chaos=chaos,
                        rest_rate_limit=limit, account_id=str(uuid.uuid4()))
-    broker = SimulatedBroker(config)
+    broker = SimulatedBroker(replace(config, start_time=datetime.now(UTC)))
     metrics, state = Metrics(), SupervisorState()
     watch = Watch()
     result: dict[str, Any] = {"rate": rate, "seconds": seconds, "orders": orders}
@@ -136,9 +137,9 @@ async def run_case(admin_uri: str, *, rate: float, seconds: float, chaos: ChaosC
                         done.set()
 
                 nursery.start_soon(supervise)
-                with trio.fail_after(120):
-                    while state.connection != "streaming":
-                        await trio.sleep(POLL)
+                # The market's clock starts with it, so its times are the wall clock's,
+                # as the broker's are; the first start's backfill reads what it made
+                # before the service was listening.
                 start = trio.current_time()
                 await nursery.start(broker.run_market)
                 reconnected_at = caught_at = None
