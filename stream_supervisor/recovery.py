@@ -58,6 +58,9 @@ ORDER_LOOKBACK = timedelta(seconds=120)
 #: (docs/design.md, section 12).
 LIVE_OVERLAP_NS = 5 * 1_000_000_000
 NS_PER_MS = 1_000_000
+#: A backfill re-reads this much before the newest activity an earlier one committed:
+#: activities the broker stores late, within this, are still found.
+REST_REREAD = timedelta(seconds=5)
 #: The refresh reads this many orders (or fewer) one by one rather than list them: a
 #: few orders a busy account has in flight cost less than its list of minutes.
 FEW_ORDERS = 10
@@ -97,15 +100,40 @@ def trading_day_start(now: datetime) -> datetime:
     return datetime.combine(local.date(), time(0, 0), tzinfo=EASTERN).astimezone(UTC)
 
 
+def activity_time(activity_id: str) -> datetime | None:
+    """The time an activity id begins with (`YYYYMMDDhhmmssmmm`, US/Eastern, as the
+    broker writes it), or None if it does not. In the hour a fall-back repeats, the
+    earlier reading."""
+    head = activity_id[:17]
+    if len(head) != 17 or not head.isdigit():
+        return None
+    try:
+        local = datetime.strptime(head[:14], "%Y%m%d%H%M%S").replace(
+            microsecond=int(head[14:]) * 1000, tzinfo=EASTERN)
+    except ValueError:
+        return None
+    return local.astimezone(UTC)
+
+
 def backfill_start(
     cursor: Cursor | None,
     now: datetime,
     overlap: float,
     first_start_lookback: float | None,
 ) -> datetime:
-    """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback."""
+    """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback.
+
+    Not before the newest activity REST already brought back, less `REST_REREAD`: backfill
+    pages are committed in id order (docs/design.md, section 12), so every activity before
+    it is stored, and a second disconnect soon after a recovery re-reads only what came
+    since, not the whole overlap.
+    """
     if cursor is not None and cursor.fill_time is not None:
-        return cursor.fill_time - timedelta(seconds=overlap)
+        start = cursor.fill_time - timedelta(seconds=overlap)
+        verified = activity_time(cursor.activity_id) if cursor.activity_id else None
+        if verified is not None:
+            start = max(start, min(verified - REST_REREAD, cursor.fill_time))
+        return start
     if first_start_lookback is not None:
         return now - timedelta(seconds=first_start_lookback)
     return trading_day_start(now)
