@@ -229,3 +229,31 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
     # broker's books, which grow with the market, live in this process too).
     warm = rss[len(rss) // 4]
     assert max(rss[len(rss) // 4:]) <= warm * 1.3, (warm, max(rss))
+
+
+async def test_a_live_buffer_full_during_recovery_drops_the_socket_and_rest_covers_it(
+        database_url: str) -> None:
+    config = SimConfig(seed=1904, orders=600, rate=60.0, scenario="buffer-overflow")
+    broker = backlog(config, 1_000)
+    reasons: set[str] = set()
+
+    async def body(nursery: trio.Nursery, state: SupervisorState, metrics: Metrics) -> None:
+        with trio.fail_after(30):
+            while state.connection != "backfilling":
+                await trio.sleep(0.02)
+        await nursery.start(broker.run_market)
+
+        async def watch() -> None:
+            while True:
+                reasons.add(state.last_disconnect_reason or "")
+                await trio.sleep(0.05)
+
+        nursery.start_soon(watch)
+        mismatches = await wait_until_matches(database_url, broker, timeout=180)
+        assert mismatches == [], summarize(mismatches)
+
+    with trio.fail_after(300):
+        # 50 live updates: under a second of this market, while recovery takes longer.
+        await run_in_process(database_url, broker, body, live_buffer=50)
+    assert any("live buffer full (50) during recovery" in r for r in reasons), reasons
+    assert broker.rate_limiter.refused == {}
