@@ -62,6 +62,8 @@ NS_PER_MS = 1_000_000
 #: A backfill re-reads this much before the newest activity an earlier one committed:
 #: activities the broker stores late, within this, are still found.
 REST_REREAD = timedelta(seconds=5)
+#: Seconds into a backfill when it first judges whether the account outruns the budget.
+JUDGE_PACE_AFTER = 30.0
 #: The refresh reads this many orders (or fewer) one by one rather than list them: a
 #: few orders a busy account has in flight cost less than its list of minutes.
 FEW_ORDERS = 10
@@ -209,6 +211,7 @@ class GapRecovery:
         began = trio.current_time()
         fills = pages = 0
         first_ns = last_ns = None
+        judged = False
         # Closed on the way out, also when a closed socket cancels the recovery.
         async with aclosing(self._pages(start, live_from_ns)) as paged:
             async for page in paged:
@@ -227,6 +230,10 @@ class GapRecovery:
                 fills += len(priced)
                 first_ns = priced[0].ts_ns if first_ns is None else first_ns
                 last_ns = priced[-1].ts_ns
+                if not judged and trio.current_time() - began >= JUDGE_PACE_AFTER:
+                    # Said while it runs: a recovery this long may never finish.
+                    judged = True
+                    self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
         self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
         # The refresh lists afresh: the list that priced the pages is as old as they.
         listed = self.order_list_requests
