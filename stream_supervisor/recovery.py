@@ -184,9 +184,15 @@ class GapRecovery:
         self.order_list_requests = 0  # the refresh's order list, over this life
 
     def observe(self, event: Event) -> None:
-        """Remember an update's order status (every forwarded update passes here)."""
+        """Remember an update's order status (every forwarded update passes here). Only
+        orders not yet terminal are kept: the refresh asks about no other, and memory
+        then follows the orders in flight, not every order of the day."""
         seen = self._seen_status
-        seen[event.order_id] = merge_status(seen.get(event.order_id, event.status), event.status)
+        status = merge_status(seen.get(event.order_id, event.status), event.status)
+        if status in TERMINAL_STATUSES:
+            seen.pop(event.order_id, None)
+            return
+        seen[event.order_id] = status
         seen.move_to_end(event.order_id)
         if len(seen) > SEEN_ORDERS:
             seen.popitem(last=False)
