@@ -11,6 +11,7 @@ moment as a high-water mark (`baseline_qty`): only fills beyond it move a positi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -143,6 +144,41 @@ def baseline_order(
         order_qty=stored.order_qty if stored.order_qty is not None else broker.order_qty,
         asset_class=stored.asset_class or broker.asset_class)
     return state, stored_baseline + (filled - stored.filled_qty)
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    symbol: str  # canonical (crypto with its slash)
+    ours: Decimal  # signed
+    broker: Decimal  # signed
+    broker_position: BrokerPosition | None
+
+
+def compare(
+    positions: Sequence[Position], broker: Iterable[BrokerPosition],
+    known_assets: Mapping[str, str] | None = None,
+) -> tuple[int, list[Difference]]:
+    """How many symbols were compared, and every one whose signed quantity differs.
+
+    Symbols are compared in their canonical spelling (`BTCUSD` from the broker is our
+    `BTC/USD`); a broker row whose `asset_id` we already know (`known_assets`: asset id
+    to our symbol, from earlier adjustments) matches that symbol whatever its own says
+    (a renamed ticker)."""
+    ours = net_by_symbol(positions)
+    by_asset = dict(known_assets or {})
+    theirs: dict[str, BrokerPosition] = {}
+    for row in broker:
+        symbol = by_asset.get(row.asset_id, row.symbol) if row.asset_id else row.symbol
+        theirs[symbol] = row
+    out = []
+    symbols = sorted(set(ours) | set(theirs))
+    for symbol in symbols:
+        mine = ours.get(symbol, ZERO)
+        found = theirs.get(symbol)
+        their_qty = found.qty if found is not None else ZERO
+        if mine != their_qty:
+            out.append(Difference(symbol, mine, their_qty, found))
+    return len(symbols), out
 
 
 def net_by_symbol(positions: Sequence[Position]) -> dict[str, Decimal]:

@@ -27,6 +27,10 @@ from .store import BrokerWord, Store
 
 #: Reads of the snapshot before giving up on a moment with no fill in it.
 MAX_ATTEMPTS: Final = 10
+#: The window of activities a baseline reads reaches back at least this far (seconds),
+#: whatever the backfill overlap: it must hold every fill the first backfill re-reads
+#: (one overlap before the snapshot) and the fills a reconnecting stream may replay.
+MIN_WINDOW: Final = 3_600.0
 #: Most pages of activities one read of the window takes.
 MAX_WINDOW_PAGES: Final = 1_000
 
@@ -80,7 +84,7 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
 async def take_snapshot(rest: BrokerRest, *, now: datetime, window: float) -> BrokerSnapshot:
     """One consistent moment of the account: the activities of the window are read
     before and after the positions and open orders, until both reads are the same."""
-    after = format_timestamp(now - timedelta(seconds=window))
+    after = format_timestamp(now - timedelta(seconds=max(window, MIN_WINDOW)))
     before = await _activities(rest, after)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         positions = await rest.positions()

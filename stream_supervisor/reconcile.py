@@ -6,8 +6,7 @@ position to the broker's, after which reconcile exits 0 and `check` passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -16,14 +15,13 @@ from .adjustments import (
     REBASELINE,
     RECONCILE,
     Adjustment,
-    BrokerPosition,
+    Difference,
     broker_position,
-    net_by_symbol,
+    compare,
 )
 from .baseline import take_baseline
 from .errors import ConfigError
 from .logs import get_logger
-from .positions import Position
 from .settings import Settings
 from .store import BrokerWord, Store, StoreSnapshot
 from .symbols import canonical_symbol
@@ -31,41 +29,6 @@ from .wiring import http_rest, pg_store
 
 log = get_logger("stream_supervisor.reconcile")
 ZERO = Decimal(0)
-
-
-@dataclass(frozen=True, slots=True)
-class Difference:
-    symbol: str  # canonical (crypto with its slash)
-    ours: Decimal  # signed
-    broker: Decimal  # signed
-    broker_position: BrokerPosition | None
-
-
-def compare(
-    positions: Sequence[Position], broker: Iterable[BrokerPosition],
-    known_assets: Mapping[str, str] | None = None,
-) -> tuple[int, list[Difference]]:
-    """How many symbols were compared, and every one whose signed quantity differs.
-
-    Symbols are compared in their canonical spelling (`BTCUSD` from the broker is our
-    `BTC/USD`); a broker row whose `asset_id` we already know (`known_assets`: asset id
-    to our symbol, from earlier adjustments) matches that symbol whatever its own says
-    (a renamed ticker)."""
-    ours = net_by_symbol(positions)
-    by_asset = dict(known_assets or {})
-    theirs: dict[str, BrokerPosition] = {}
-    for row in broker:
-        symbol = by_asset.get(row.asset_id, row.symbol) if row.asset_id else row.symbol
-        theirs[symbol] = row
-    out = []
-    symbols = sorted(set(ours) | set(theirs))
-    for symbol in symbols:
-        mine = ours.get(symbol, ZERO)
-        found = theirs.get(symbol)
-        their_qty = found.qty if found is not None else ZERO
-        if mine != their_qty:
-            out.append(Difference(symbol, mine, their_qty, found))
-    return len(symbols), out
 
 
 def compare_positions(

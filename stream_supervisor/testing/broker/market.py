@@ -69,6 +69,9 @@ class SimConfig:
     burst: tuple[int, int] = (0, 0)
     """(after this many updates, this many more): a burst the market plays as fast as it
     can, without pacing, before going back to `rate`."""
+    preexisting: tuple[tuple[str, str, str], ...] = ()
+    """(symbol, signed quantity, average entry): positions the account held before the
+    session, long or short (an account with history, docs/design.md, section 9)."""
 
 
 class Market:
@@ -116,6 +119,8 @@ class Market:
         if not self.symbols:
             raise ValueError("SimConfig.symbols must not be empty")
         self.positions = {s.name: Position() for s in self.symbols}
+        for name, qty, avg in config.preexisting:
+            self.positions[name] = Position(Decimal(qty), Decimal(avg))
         self.cash = STARTING_CASH
 
         self.orders: dict[str, Order] = {}

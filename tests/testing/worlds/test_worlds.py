@@ -16,8 +16,9 @@ import pytest
 
 from stream_supervisor import dedupe
 from stream_supervisor.errors import StoreDataError
-from stream_supervisor.ledger import apply_events, cursor_of
+from stream_supervisor.ledger import Cursor, apply_events, cursor_of
 from stream_supervisor.store import Batch
+from stream_supervisor.supervisor import Supervisor
 from stream_supervisor.testing.broker import ChaosConfig
 from stream_supervisor.testing.worlds import run_schedule, run_seeds, schedule_for_seed
 from stream_supervisor.testing.worlds.runner import Report, default_jobs
@@ -33,7 +34,7 @@ FAMILIES = {
     "duplicates", "disconnects", "abrupt", "reorder", "delays", "stalls", "malformed",
     "unknown_events", "rest_errors", "short_pages", "replay", "skipped_partials",
     "upgrade_429", "store_fail_before", "store_fail_after", "actor_crash", "writer_stall",
-    "supervisor_crash", "poison",
+    "supervisor_crash", "poison", "history",
 }
 
 REPORTS: list[tuple[str, Report]] = []
@@ -160,6 +161,25 @@ def test_isolation_that_drops_the_neighbours_is_caught(broken: pytest.MonkeyPatc
     report = _first_failure(CATCH_WITHIN)
     REPORTS.append(("isolation drops the neighbours", report))
     assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def test_a_first_start_that_skips_the_baseline_is_caught(broken: pytest.MonkeyPatch) -> None:
+    async def no_baseline(self: Supervisor, store: Any, account_id: str,
+                          cursor: Cursor | None) -> Cursor | None:
+        return cursor  # the bug: the broker's positions are never taken as the start
+
+    broken.setattr(Supervisor, "_baseline_if_needed", no_baseline)
+    report = _first_failure(CATCH_WITHIN)
+    REPORTS.append(("baseline skipped", report))
+    assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def test_about_two_in_five_worlds_are_accounts_with_history() -> None:
+    history = [schedule_for_seed(seed).history for seed in range(1000)]
+    assert 0.3 < sum(history) / len(history) < 0.5
+    assert any(schedule_for_seed(seed).start_delay > 0 for seed in range(1000))
+    assert any(int(qty) < 0 for seed in range(100)
+               for _, qty, _ in schedule_for_seed(seed).preexisting)
 
 
 def replace_batch(batch: Batch, events: list[Any]) -> Batch:
