@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position
+from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position, compare
 from stream_supervisor.baseline import needs_baseline, take_baseline, take_snapshot
 from stream_supervisor.check import run_checks
 from stream_supervisor.events import Event, Source, event_key, format_timestamp
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireActivity, WireOrder
-from stream_supervisor.reconcile import apply_differences, compare, known_assets
+from stream_supervisor.reconcile import apply_differences, known_assets
 from stream_supervisor.store import Batch, StoreSnapshot
 
 ACCOUNT = "acct-real"
