@@ -273,6 +273,10 @@ WHERE account_id = %s AND baseline_qty > 0
 
 # --- the broker's word (docs/design.md, section 9): rare, so one row per statement ----
 
+_OPEN_POSITIONS = f"""
+SELECT {_POSITION_COLUMNS} FROM active_positions
+WHERE account_id = %s AND status = 'open' ORDER BY symbol
+"""
 _LOCK_ALL_OPEN = f"""
 SELECT {_POSITION_COLUMNS} FROM active_positions
 WHERE account_id = %s AND status = 'open' ORDER BY symbol FOR UPDATE
@@ -628,6 +632,12 @@ class PgStore:
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
+
+    async def open_positions(self, account_id: str) -> list[Position]:
+        def op(conn: psycopg.Connection[Any]) -> list[Position]:
+            return [_position(r) for r in conn.execute(_OPEN_POSITIONS, [account_id])]
+
+        return await self._run(lambda: self._guarded("open_positions", op))
 
     async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
         return await self._run(

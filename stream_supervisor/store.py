@@ -166,6 +166,10 @@ class Store(Protocol):
 
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
 
+    async def open_positions(self, account_id: str) -> list[Position]:
+        """The account's open position rows (the scheduled reconcile reads them)."""
+        ...
+
     async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
         """Set positions to the broker's, writing an adjustment per symbol changed, raise
         the orders' high-water marks, move the cursor: one transaction. The caller holds

@@ -39,6 +39,7 @@ from .ledger import Cursor
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
+from .reconciler import ScheduledReconcile
 from .recovery import GapRecovery, RecoverySettings
 from .replay import replay_with
 from .rest import BrokerRest
@@ -289,6 +290,9 @@ class Supervisor:
                         recv_acks, self.metrics, self.state,
                     )
                     nursery.start_soon(self._replay_requested, store, account_id)
+                    nursery.start_soon(ScheduledReconcile(
+                        s, self.deps.rest, store, account_id, self.metrics, self.state,
+                        wallclock=self.deps.wallclock).run)
                     self._conn_scope = trio.CancelScope()
                     if self.state.draining:
                         self._conn_scope.cancel()

@@ -39,6 +39,7 @@ class Broker:
         self.open: list[WireOrder] = []
         self.orders: dict[str, WireOrder] = {}
         self.activities: list[WireActivity] = []
+        self.market_open = True
 
     async def account_id(self) -> str:
         return ACCOUNT
@@ -58,6 +59,9 @@ class Broker:
 
     async def positions(self) -> list[dict[str, Any]]:
         return list(self.held)
+
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": self.market_open}
 
 
 def fill(order_id: str, side: str, cum: str, qty: str, price: str, avg: str, t: datetime,

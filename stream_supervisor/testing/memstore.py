@@ -301,6 +301,11 @@ class MemoryStore:
             baseline_qty={oid: q for oid, q in acct.baseline_qty.items() if q},
         )
 
+    async def open_positions(self, account_id: str) -> list[Position]:
+        self._check()
+        rows = [p for p in self.db.account(account_id).positions.values() if p.is_open]
+        return sorted(rows, key=lambda p: p.symbol)
+
     async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
         self._check()
         acct = self.db.account(word.account_id)

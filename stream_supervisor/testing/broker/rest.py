@@ -195,6 +195,19 @@ class RestApi:
                 )
         return out
 
+    def clock(self) -> dict[str, Any]:
+        """`GET /v2/clock`: the simulated session is regular market hours, open from its
+        epoch for six and a half hours."""
+        opened = self.market.epoch_ns
+        closes = opened + int(6.5 * 3600) * NS
+        now = self.market.now_ns
+        return {
+            "timestamp": utc_us(now),
+            "is_open": opened <= now < closes,
+            "next_open": utc_us(opened + 86_400 * NS),
+            "next_close": utc_us(closes),
+        }
+
     # --- dispatch
 
     def handle(self, method: str, target: str, headers: Mapping[str, str]) -> RestResponse:
@@ -249,6 +262,8 @@ class RestApi:
             return self.account()
         if route == "positions":
             return self.positions()
+        if route == "clock":
+            return self.clock()
         if route == "order":
             return self.order(path.rsplit("/", 1)[1])
         if route == "orders":
@@ -285,6 +300,8 @@ def _route(path: str) -> str | None:
         return "order"
     if path == "/v2/positions":
         return "positions"
+    if path == "/v2/clock":
+        return "clock"
     return None
 
 
