@@ -71,6 +71,8 @@ class Schedule:
     #: partly filled by then), taking the broker's word as its baseline.
     preexisting: tuple[tuple[str, str, str], ...] = ()
     start_delay: float = 0.0
+    #: Chance that an order filling in pieces is replaced part way (SimConfig).
+    replace_prob: float = 0.0
 
     @property
     def history(self) -> bool:
@@ -107,6 +109,7 @@ class Schedule:
             "writer_stall": len(self.writer_stall),
             "supervisor_crash": len(self.crashes),
             "history": int(self.history),
+            "replaced": int(self.replace_prob > 0),
         }.items() if v}
 
 
@@ -242,6 +245,7 @@ async def _world(
         start_time=EPOCH,
         scenario="sim",
         preexisting=schedule.preexisting,
+        replace_prob=schedule.replace_prob,
     )
     broker = SimulatedBroker(sim)
     db = MemoryDatabase()

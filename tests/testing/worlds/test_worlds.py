@@ -174,6 +174,20 @@ def test_a_first_start_that_skips_the_baseline_is_caught(broken: pytest.MonkeyPa
     assert report.failures, f"not caught within {report.seeds} seeds"
 
 
+def test_worlds_with_replaced_orders_hold_every_invariant() -> None:
+    """Replaced orders (docs/design.md, section 9) in worlds of their own: the default
+    seeds stay as they were, and with them what each planted bug is caught by."""
+    seeds = range(max(20, SEEDS // 20))
+    failed = []
+    for seed in seeds:
+        outcome = run_schedule(replace(schedule_for_seed(seed), replace_prob=0.5))
+        if not outcome.ok:
+            failed.append((seed, [str(m) for m in outcome.mismatches[:3]]))
+    report = Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])
+    REPORTS.append(("replaced orders", report))
+    assert not failed, failed[:5]
+
+
 def test_about_two_in_five_worlds_are_accounts_with_history() -> None:
     history = [schedule_for_seed(seed).history for seed in range(1000)]
     assert 0.3 < sum(history) / len(history) < 0.5
