@@ -11,6 +11,7 @@ activities, and by `stream-supervisor rebaseline`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -81,9 +82,15 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
 
 
-async def take_snapshot(rest: BrokerRest, *, now: datetime, window: float) -> BrokerSnapshot:
+async def take_snapshot(
+    rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
+) -> BrokerSnapshot:
     """One consistent moment of the account: the activities of the window are read
-    before and after the positions and open orders, until both reads are the same."""
+    before and after the positions and open orders, until both reads are the same.
+
+    `known`: orders we hold as still working. One the broker no longer lists as open
+    finished while we were away; its final `filled_qty` (in the broker's positions by
+    now) becomes its mark, so its row is right again and nothing of it counts twice."""
     after = format_timestamp(now - timedelta(seconds=max(window, MIN_WINDOW)))
     before = await _activities(rest, after)
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -119,6 +126,12 @@ async def take_snapshot(rest: BrokerRest, *, now: datetime, window: float) -> Br
                 order_id=order_id, symbol=act.symbol, side=act.side,
                 status=act.order_status or "partially_filled", filled_qty=act.cum_qty,
                 filled_avg_price=avg, updated_at=stamp)
+        for order_id in known:
+            if order_id not in orders:
+                # Not open at the snapshot, so finished: its filled_qty is final.
+                final = await rest.order(order_id)
+                if final is not None:
+                    orders[order_id] = _order_state(final)
         return BrokerSnapshot(
             taken_at=now, positions=[broker_position(p) for p in positions],
             orders=list(orders.values()),
@@ -142,6 +155,7 @@ async def take_baseline(
 ) -> tuple[BrokerSnapshot, list[Adjustment]]:
     """Snapshot the broker and store it as the starting state; the caller holds the
     account's writer lock. History is kept: rows we held are closed with the reason."""
-    snapshot = await take_snapshot(rest, now=now, window=window)
+    known = await store.open_order_ids(account_id)
+    snapshot = await take_snapshot(rest, now=now, window=window, known=known)
     made = await store.apply_broker_word(broker_word(snapshot, account_id, reason))
     return snapshot, made

@@ -311,22 +311,33 @@ async def test_rebaseline_keeps_history_and_counts_nothing_twice(
     broker.held = [position("AAPL", "100", "150")]
     await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
     await commit(store, fill("g2", "buy", "5", "5", "160", "160", at(1), order_qty="50"))
-    # Away past the activities window: g2 filled 20 more, AAPL is 125 now.
+    await commit(store, fill("x9", "sell", "2", "2", "170", "170", at(1), order_qty="10",
+                             symbol="NVDA"))
+    # Away past the activities window: g2 filled 20 more, AAPL is 125 now; x9 sold its
+    # other 8 and finished.
+    broker.orders["x9"] = WireOrder(id="x9", symbol="NVDA", side="sell", status="filled",
+                                    filled_qty=D(10), qty=D(10), filled_avg_price=D(171),
+                                    updated_at=format_timestamp(at(15)))
     broker.open = [WireOrder(id="g2", symbol="AAPL", side="buy", status="partially_filled",
                              filled_qty=D(25), qty=D(50), filled_avg_price=D(158),
                              updated_at=format_timestamp(at(20)))]
-    broker.held = [position("AAPL", "125", "151")]
+    broker.held = [position("AAPL", "125", "151"), position("NVDA", "-10", "171")]
     assert needs_baseline(await store.load_cursor(ACCOUNT), at(60 * 24 * 40),
                           86400 * 30) == REBASELINE
     _, made = await take_baseline(store, broker, ACCOUNT, reason=REBASELINE, now=at(21),
                                   window=600)
-    assert [(a.qty_before, a.qty_after) for a in made] == [(D(105), D(125))]
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [
+        ("AAPL", D(105), D(125)), ("NVDA", D(-2), D(-10))]
+    snap = await store.snapshot(ACCOUNT)
+    assert (snap.orders["x9"].filled_qty, snap.orders["x9"].status) == (D(10), "filled")
+    assert snap.baseline_qty == {"g2": D(20), "x9": D(8)}
     await assert_as_the_broker(store, broker, database_url)
     # The order's fill at 25 (already in 125) arrives late: nothing; at 30, 5 more.
     await commit(store, fill("g2", "buy", "25", "20", "157.5", "158", at(20), order_qty="50"),
                  fill("g2", "buy", "30", "5", "160", "158.333333333333", at(22), order_qty="50"))
     snap = await store.snapshot(ACCOUNT)
     assert snap.net_position("AAPL") == 130
-    # The row we held (100 from the baseline + 5) is closed by the rebaseline, in history.
-    assert [(p.symbol, p.peak_qty) for p in snap.history] == [("AAPL", D(105))]
+    # The rows we held (100 from the baseline + 5; short 2) are closed by the rebaseline.
+    assert [(p.symbol, p.peak_qty) for p in snap.history] == [("AAPL", D(105)),
+                                                               ("NVDA", D(-2))]
     assert run_checks(database_url, ACCOUNT) == []
