@@ -74,6 +74,9 @@ class SimConfig:
     the old order (its fills stay with it), `new` with `replaces` on the replacing one,
     which fills the rest. Drawn from a generator of its own: 0 leaves every session as
     it was."""
+    activities_retention: float | None = None
+    """Seconds of market time the broker keeps FILL activities for (None: all). Older
+    ones are gone from REST, as a real broker's are after its window."""
     preexisting: tuple[tuple[str, str, str], ...] = ()
     """(symbol, signed quantity, average entry): positions the account held before the
     session, long or short (an account with history, docs/design.md, section 9)."""

@@ -115,8 +115,12 @@ class RestApi:
             stop = bisect.bisect_left(ids, page_token) if page_token else len(ids)
             candidates = range(stop - 1, -1, -1)
         out: list[dict[str, Any]] = []
+        retention = self.market.config.activities_retention
+        kept_from = (self.market.now_ns - int(retention * NS)) if retention is not None else None
         for i in candidates:
             ts = self.market.activity_ns[ids[i]]
+            if kept_from is not None and ts < kept_from:
+                continue  # past the broker's window
             if after_ns is not None and ts <= after_ns:
                 continue
             if until_ns is not None and ts >= until_ns:

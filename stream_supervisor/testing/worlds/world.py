@@ -23,7 +23,7 @@ from ...adjustments import broker_position, compare
 from ...backoff import BackoffPolicy
 from ...errors import StoreError
 from ...metrics import Metrics
-from ...settings import DEFAULT_FUTURE_TOLERANCE, Settings
+from ...settings import DEFAULT_ACTIVITIES_WINDOW, DEFAULT_FUTURE_TOLERANCE, Settings
 from ...state import SupervisorState
 from ...store import Batch
 from ...supervisor import Supervisor
@@ -73,10 +73,15 @@ class Schedule:
     start_delay: float = 0.0
     #: Chance that an order filling in pieces is replaced part way (SimConfig).
     replace_prob: float = 0.0
+    #: Restarts after the activities window: the broker keeps activities this many
+    #: seconds (the service is told the same window), and each crash keeps the service
+    #: down for `downtime` seconds. 0: the broker keeps everything, restarts are at once.
+    activities_window: float = 0.0
+    downtime: float = 0.0
 
     @property
     def history(self) -> bool:
-        return bool(self.preexisting) or self.start_delay > 0
+        return bool(self.preexisting) or self.start_delay > 0 or self.activities_window > 0
 
     @property
     def strict_prices(self) -> bool:
@@ -134,6 +139,8 @@ class Outcome:
     commits: int
     digest: str  # the final state, hashed: equal digests = bit-for-bit equal runs
     trace: list[str]
+    #: position_adjustments' reasons, in order (a baseline, a rebaseline...).
+    adjustments: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -205,6 +212,7 @@ def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
         # A world without history starts with its market, as before: the first-start
         # lookback covers everything. One with history takes the broker's word.
         baseline=schedule.history,
+        activities_window=schedule.activities_window or DEFAULT_ACTIVITIES_WINDOW,
     )
 
 
@@ -246,6 +254,7 @@ async def _world(
         scenario="sim",
         preexisting=schedule.preexisting,
         replace_prob=schedule.replace_prob,
+        activities_retention=schedule.activities_window or None,
     )
     broker = SimulatedBroker(sim)
     db = MemoryDatabase()
@@ -290,6 +299,8 @@ async def _world(
                         sup.request_drain("simulation finished")
             if life.cancelled_caught:
                 trace.append(f"crash@{trio.current_time() - t0:.3f}")
+                if schedule.downtime:
+                    await trio.sleep(schedule.downtime)  # the market goes on meanwhile
                 continue
             break
         world.cancel_scope.cancel()
@@ -316,6 +327,7 @@ async def _world(
         commits=db.commits,
         digest=_digest(snapshot, truth, list(db.account(account_id).keys)),
         trace=trace,
+        adjustments=[a.reason for a in snapshot.adjustments],
     )
 
 

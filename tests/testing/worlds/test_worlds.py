@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from stream_supervisor import dedupe
+from stream_supervisor import dedupe, supervisor
+from stream_supervisor.adjustments import BASELINE
 from stream_supervisor.errors import StoreDataError
 from stream_supervisor.ledger import Cursor, apply_events, cursor_of
 from stream_supervisor.store import Batch
@@ -22,7 +23,7 @@ from stream_supervisor.supervisor import Supervisor
 from stream_supervisor.testing.broker import ChaosConfig
 from stream_supervisor.testing.worlds import run_schedule, run_seeds, schedule_for_seed
 from stream_supervisor.testing.worlds.runner import Report, default_jobs
-from stream_supervisor.testing.worlds.world import _StallingStore
+from stream_supervisor.testing.worlds.world import Schedule, _StallingStore
 from stream_supervisor.writer import Outcome, _Committer
 
 #: Seeds per CI run (STREAM_SUPERVISOR_SIM_SEEDS overrides, e.g. for a quick local run).
@@ -186,6 +187,48 @@ def test_worlds_with_replaced_orders_hold_every_invariant() -> None:
     report = Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])
     REPORTS.append(("replaced orders", report))
     assert not failed, failed[:5]
+
+
+def outage_schedule(seed: int) -> Schedule:
+    """A world whose service is down past the broker's activities window: a calm broker
+    that keeps activities 1 s, a crash 30% into the session and 2 s of downtime while
+    the market trades on (docs/design.md, section 9)."""
+    s = schedule_for_seed(seed)
+    rate = 20.0
+    return replace(s, chaos=ChaosConfig(), rate=rate, crashes=(s.orders * 5.5 / rate * 0.3,),
+                   downtime=2.0, activities_window=1.0, start_delay=0.0)
+
+
+def _outage_worlds() -> tuple[range, list[tuple[int, list[str]]], int]:
+    seeds = range(max(20, SEEDS // 50))
+    failed, rebaselined = [], 0
+    for seed in seeds:
+        outcome = run_schedule(outage_schedule(seed))
+        rebaselined += "rebaseline" in outcome.adjustments
+        if not outcome.ok:
+            failed.append((seed, [str(m) for m in outcome.mismatches[:3]]))
+    return seeds, failed, rebaselined
+
+
+def test_restarts_after_the_activities_window_take_the_broker_word_again() -> None:
+    seeds, failed, rebaselined = _outage_worlds()
+    REPORTS.append(("restarts after the activities window",
+                    Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])))
+    assert not failed, failed[:5]
+    assert rebaselined == len(seeds)
+
+
+def test_a_restart_that_ignores_the_activities_window_is_caught(
+        broken: pytest.MonkeyPatch) -> None:
+    def first_start_only(cursor: Cursor | None, now: Any, window: float) -> str | None:
+        # The bug: only a missing cursor leads to a baseline.
+        return BASELINE if cursor is None or cursor.fill_time is None else None
+
+    broken.setattr(supervisor, "needs_baseline", first_start_only)
+    seeds, failed, _ = _outage_worlds()
+    REPORTS.append(("activities window ignored",
+                    Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])))
+    assert failed, f"not caught within {len(seeds)} seeds"
 
 
 def test_about_two_in_five_worlds_are_accounts_with_history() -> None:
