@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 
 from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position, compare
@@ -341,3 +342,23 @@ async def test_rebaseline_keeps_history_and_counts_nothing_twice(
     assert [(p.symbol, p.peak_qty) for p in snap.history] == [("AAPL", D(105)),
                                                                ("NVDA", D(-2))]
     assert run_checks(database_url, ACCOUNT) == []
+
+
+async def test_check_holds_positions_to_baselines_and_adjustments(
+        store: PgStore, database_url: str) -> None:
+    broker = Broker()
+    broker.open = [WireOrder(id="h1", symbol="AAPL", side="buy", status="partially_filled",
+                             filled_qty=D(4), qty=D(10), filled_avg_price=D(100),
+                             updated_at=format_timestamp(at(-60)))]
+    broker.held = [position("AAPL", "4", "100")]
+    await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("h1", "buy", "6", "2", "101", "100.333333333333", at(1),
+                             order_qty="10"))
+    assert run_checks(database_url, ACCOUNT) == []
+    # A fill counted twice (the mark forgotten) is named by check.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE broker_orders SET baseline_qty = 0 WHERE alpaca_order_id = 'h1'")
+    found = run_checks(database_url, ACCOUNT)
+    assert [(v.layer, v.what) for v in found] == [
+        ("position", "net position differs from the orders")]
+    assert "open positions net 6" in found[0].detail and " 10" in found[0].detail
