@@ -23,7 +23,7 @@ from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
 from .orders import OrderState
 from .protocol import WireActivity, WireOrder
-from .rest import MAX_PAGE_SIZE, BrokerRest
+from .rest import BrokerRest
 from .store import BrokerWord, Store
 
 #: Reads of the snapshot before giving up on a moment with no fill in it.
@@ -32,6 +32,8 @@ MAX_ATTEMPTS: Final = 10
 #: whatever the backfill overlap: it must hold every fill the first backfill re-reads
 #: (one overlap before the snapshot) and the fills a reconnecting stream may replay.
 MIN_WINDOW: Final = 3_600.0
+#: How far before the newest fill read the second read starts.
+RE_READ_MARGIN: Final = timedelta(seconds=1)
 #: Most pages of activities one read of the window takes.
 MAX_WINDOW_PAGES: Final = 1_000
 
@@ -76,7 +78,8 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     for _ in range(MAX_WINDOW_PAGES):
         page = await rest.fill_activities(after=after, page_token=token)
         out.extend(a for a in page if a.id and a.order_id)
-        if len(page) < MAX_PAGE_SIZE or not page[-1].id:
+        # A short page is not the last one (brokers cut pages short): only an empty one is.
+        if not page or not page[-1].id:
             return out
         token = page[-1].id
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
@@ -86,19 +89,26 @@ async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
     """One consistent moment of the account: the activities of the window are read
-    before and after the positions and open orders, until both reads are the same.
+    before and after the positions and open orders, until the second read finds
+    nothing new.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by
     now) becomes its mark, so its row is right again and nothing of it counts twice."""
-    after = format_timestamp(now - timedelta(seconds=max(window, MIN_WINDOW)))
-    before = await _activities(rest, after)
+    start = now - timedelta(seconds=max(window, MIN_WINDOW))
+    again = await _activities(rest, format_timestamp(start))
     for attempt in range(1, MAX_ATTEMPTS + 1):
         positions = await rest.positions()
         open_orders = await rest.open_orders()
-        again = await _activities(rest, after)
-        if [a.id for a in again] != [a.id for a in before]:
-            before = again  # a fill landed meanwhile: read the moment again
+        # The second read only needs what is new since the first (from a second before
+        # its newest fill: one stored late within its millisecond is seen too), so a
+        # busy account pays one page for it, not the window again.
+        seen = {a.id for a in again}
+        newest = max((parse_timestamp(a.transaction_time)[0] for a in again), default=start)
+        fresh = [a for a in await _activities(
+            rest, format_timestamp(max(start, newest - RE_READ_MARGIN))) if a.id not in seen]
+        if fresh:
+            again = again + fresh  # a fill landed meanwhile: read the moment again
             continue
         orders = {o.id: _order_state(o) for o in open_orders}
         reached: dict[str, WireActivity] = {}
