@@ -129,6 +129,9 @@ class Market:
             raise ValueError("SimConfig.symbols must not be empty")
         self.positions = {s.name: Position() for s in self.symbols}
         for name, qty, avg in config.preexisting:
+            if name not in self.positions:
+                raise ValueError(f"SimConfig.preexisting: {name} is not one of the session's "
+                                 f"symbols ({', '.join(config.symbols)})")
             self.positions[name] = Position(Decimal(qty), Decimal(avg))
         self.cash = STARTING_CASH
 
