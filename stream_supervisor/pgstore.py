@@ -54,6 +54,7 @@ TABLES: Final = (
     "position_history",
     "stream_cursors",
     "dead_letters",
+    "position_adjustments",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
