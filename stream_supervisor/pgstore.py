@@ -55,7 +55,7 @@ TABLES: Final = (
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
 #: and `replay_result` and the leader reads `replay_requested_at` (0003).
-REQUIRED_MIGRATION: Final = "0003_dead_letter_replay"
+REQUIRED_MIGRATION: Final = "0005_replicas"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made

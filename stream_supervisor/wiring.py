@@ -17,6 +17,8 @@ from functools import partial
 
 import httpx
 
+from .admission import Admission
+from .fleet import OpenAccount
 from .metrics import Metrics
 from .pgstore import PgStore
 from .rest import BrokerRest
@@ -59,6 +61,7 @@ async def open_supervisor(
     wallclock: Callable[[], datetime] | None = None,
     rng: random.Random | None = None,
     install_signal_handlers: bool = True,
+    admission: Admission | None = None,
 ) -> AsyncIterator[Supervisor]:
     """A supervisor wired from `settings`; await its `run()` inside the block.
 
@@ -77,6 +80,7 @@ async def open_supervisor(
         wallclock=wallclock or (lambda: datetime.now(UTC)),
         rng=rng,
         install_signal_handlers=install_signal_handlers,
+        admission=admission,
     )
     try:
         yield Supervisor(settings, deps, metrics=metrics, state=state)
@@ -85,4 +89,26 @@ async def open_supervisor(
             await own_rest.aclose()
 
 
-__all__ = ["http_rest", "open_supervisor", "pg_store"]
+def account_opener(
+    *,
+    connector: Connector | None = None,
+    store_factory: Callable[[Settings], Store] | None = None,
+    rng: random.Random | None = None,
+) -> OpenAccount:
+    """How a `Fleet` (fleet.py) opens each account's supervisor: `open_supervisor` with
+    the account's settings, without signal handlers (the fleet owns them)."""
+
+    @asynccontextmanager
+    async def open_account(settings: Settings, metrics: Metrics, state: SupervisorState,
+                           admission: Admission | None) -> AsyncIterator[Supervisor]:
+        async with open_supervisor(
+            settings, metrics=metrics, state=state, connector=connector,
+            store_factory=partial(store_factory or pg_store, settings),
+            rng=rng, install_signal_handlers=False, admission=admission,
+        ) as supervisor:
+            yield supervisor
+
+    return open_account
+
+
+__all__ = ["account_opener", "http_rest", "open_supervisor", "pg_store"]

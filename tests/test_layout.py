@@ -16,10 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
         "strategy", "errors", "messages"}
 #: The actors and their supervisor: written against interfaces only.
-ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor"}
+ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "fleet"}
 #: Implementations of the interfaces, and what wires them together.
 IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify",
-                   "embedded", "wiring", "service", "cli", "demo", "testing"}
+                   "embedded", "wiring", "service", "cli", "demo", "testing",
+                   "pgfleet", "fleet_service"}
 #: The user-facing commands that run on the test kit.
 USES_TESTING = {"cli", "demo"}
 
