@@ -20,7 +20,7 @@ from .sdnotify import Notifier
 from .settings import Settings
 from .state import SupervisorState
 from .supervisor import EXIT_CONFIG
-from .wiring import account_opener
+from .wiring import account_opener, pg_store
 
 log = get_logger("stream_supervisor.fleet_service")
 
@@ -30,7 +30,11 @@ async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
     specs = load_accounts_file(settings.accounts_file, environ)
     redactor.add(s for spec in specs for s in (spec.key_id, spec.secret_key))
     replicas = ReplicaSet(settings.database_url, [s.name for s in specs])
-    fleet = Fleet(settings, specs, account_opener(), admission=replicas.view)
+    # Each replica's sessions say whose they are (pg_stat_activity, pg_locks joined to it).
+    app = f"stream-supervisor@{replicas.replica_id}"[:63]
+    fleet = Fleet(settings, specs,
+                  account_opener(store_factory=lambda s: pg_store(s, application_name=app)),
+                  admission=replicas.view)
     log.info("accounts_loaded", accounts=len(specs), replica_id=replicas.replica_id,
              file=settings.accounts_file,
              unusable={s.name: s.problem for s in specs if s.problem})

@@ -55,7 +55,7 @@ TABLES: Final = (
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
 #: and `replay_result` and the leader reads `replay_requested_at` (0003).
-REQUIRED_MIGRATION: Final = "0005_replicas"
+REQUIRED_MIGRATION: Final = "0005_many_accounts"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -93,7 +93,7 @@ RETURNING event_key
 """
 
 _ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_avg_price,
-    client_order_id, qty, order_type, asset_class, created_at, updated_at"""
+    client_order_id, qty, order_type, asset_class, created_at, updated_at, revised_at"""
 
 _LOCK_ORDERS = f"""
 SELECT {_ORDER_COLUMNS} FROM broker_orders
@@ -116,13 +116,14 @@ _LOAD_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_
 
 _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
-    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua
+    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
+    revised_at)
+SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra
 FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
             %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
             %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua)
+            %(uas)b::timestamptz[], %(ras)b::timestamptz[])
+    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     client_order_id = EXCLUDED.client_order_id,
     order_type = EXCLUDED.order_type,
@@ -133,6 +134,7 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
     status = EXCLUDED.status,
     created_at = EXCLUDED.created_at,
     updated_at = EXCLUDED.updated_at,
+    revised_at = EXCLUDED.revised_at,
     last_stored_at = now()
 """
 
@@ -287,6 +289,7 @@ def _order(row: Sequence[Any]) -> OrderState:
         asset_class=row[9],
         created_at=row[10],
         updated_at=row[11],
+        revised_at=row[12],
     )
 
 
@@ -337,6 +340,7 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
         "sts": [_text(o.status) for o in rows],
         "cas": [o.created_at for o in rows],
         "uas": [o.updated_at for o in rows],
+        "ras": [o.revised_at for o in rows],
     }
 
 

@@ -321,7 +321,7 @@ def update_to_event(
         if update.qty <= 0 or update.price < 0 or order.filled_qty <= 0:
             raise DecodeError(f"{update.event} with non-positive quantity")
     return Event(
-        key=event_key(update.event, order.id, order.filled_qty, ts_ns),
+        key=event_key(update.event, order.id, order.filled_qty, ts_ns, update.execution_id),
         event=update.event,
         source="stream",
         order_id=order.id,

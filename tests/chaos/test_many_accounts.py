@@ -16,7 +16,13 @@ import trio
 from stream_supervisor.accounts import parse_accounts
 from stream_supervisor.fleet import Fleet
 from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK
-from stream_supervisor.testing.broker import ChaosConfig, SimConfig, SimServer, SimulatedBroker, serve
+from stream_supervisor.testing.broker import (
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    serve,
+)
 from stream_supervisor.testing.verify import summarize
 from stream_supervisor.wiring import account_opener
 from stream_supervisor.wsclient import websocket_connector

@@ -1,5 +1,5 @@
--- stream-supervisor schema, version 5: replicas that share accounts out
--- (docs/design.md, section 11).
+-- stream-supervisor schema, version 5: many accounts (replicas that share accounts out,
+-- busts and corrections; docs/design.md, section 11).
 --
 -- Every process started with an accounts file registers here and keeps its row fresh.
 -- A replica is live while its row's heartbeat is recent and the database session that
@@ -25,3 +25,10 @@ COMMENT ON TABLE stream_supervisor_replicas IS
     'Processes serving an accounts file, for sharing its accounts out (docs/design.md, section 11). Rows of dead replicas are removed by the survivors.';
 COMMENT ON COLUMN stream_supervisor_replicas.backend_pid IS 'pg_backend_pid() of the registering session: the replica counts as live only while that session exists.';
 COMMENT ON COLUMN stream_supervisor_replicas.heartbeat_at IS 'Refreshed every poll (about 0.5 s); a replica whose heartbeat is older than 10 s counts as dead.';
+
+-- Busts and corrections of the Broker API's events stream (docs/design.md, section 11):
+-- the time of the latest one applied to an order. A fill stamped no later than it is
+-- already inside the revised cumulative figures, and changes nothing.
+ALTER TABLE broker_orders ADD COLUMN revised_at timestamptz;
+COMMENT ON COLUMN broker_orders.revised_at IS
+    'Time of the latest trade_bust or trade_correct applied to this order; fills stamped no later are stale (docs/design.md, section 11).';
