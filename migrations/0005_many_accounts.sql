@@ -32,3 +32,14 @@ COMMENT ON COLUMN stream_supervisor_replicas.heartbeat_at IS 'Refreshed every po
 ALTER TABLE broker_orders ADD COLUMN revised_at timestamptz;
 COMMENT ON COLUMN broker_orders.revised_at IS
     'Time of the latest trade_bust or trade_correct applied to this order; fills stamped no later are stale (docs/design.md, section 11).';
+
+-- The Broker API's events stream (`GET /v2/events/trades`) resumes with `since_id`, the
+-- ULID of an event. Its position moves in the transaction of the batch that applied the
+-- events up to it, and only forward; the source resumes from a little before it.
+CREATE TABLE event_stream_positions (
+    stream     text PRIMARY KEY,
+    event_id   text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE event_stream_positions IS
+    'Per Broker API events stream (its name in the accounts file): the event_id (ULID) of the newest event of a committed batch (docs/design.md, section 11).';

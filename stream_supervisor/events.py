@@ -84,6 +84,10 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     #: Kept (a reference, not a copy) so that an update the database refuses can still be
     #: dead-lettered verbatim, and replayed later through the decoder of the day.
     raw: bytes = b""
+    #: The Broker API's events stream (docs/design.md, section 11): the account the event
+    #: belongs to (one stream carries many), and its ULID, the stream's resume cursor.
+    account_id: str | None = None
+    event_id: str | None = None
 
     @property
     def is_fill(self) -> bool:

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 import trio
@@ -30,7 +30,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .settings import Settings, derive_stream_url
 from .state import SupervisorState
-from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Supervisor
+from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = get_logger("stream_supervisor.fleet")
 
@@ -39,10 +39,21 @@ log = get_logger("stream_supervisor.fleet")
 #: longer than the window lets a passing cause (a broker incident) end on its own.
 DEFAULT_FAILURE_COOLDOWN: Final = 60.0
 
-#: Opens one account's supervisor: its settings, metrics, state and admission.
+class Runner(Protocol):
+    """What the fleet runs per entry of the accounts file: a `Supervisor` (one
+    account), or a `broker_events.EventsSupervisor` (a broker partner's events stream)."""
+
+    fatal_error: str | None
+
+    async def run(self) -> int: ...
+
+    def request_drain(self, why: str = "requested") -> None: ...
+
+
+#: Opens one entry's runner: its spec and settings, metrics, state and admission.
 OpenAccount = Callable[
-    [Settings, Metrics, SupervisorState, Admission | None],
-    AbstractAsyncContextManager[Supervisor],
+    [AccountSpec, Settings, Metrics, SupervisorState, Admission | None],
+    AbstractAsyncContextManager[Runner],
 ]
 
 
@@ -67,7 +78,7 @@ class AccountRun:
     error: str | None = None
     exit_code: int | None = None
     failures: int = 0
-    supervisor: Supervisor | None = None
+    supervisor: Runner | None = None
 
     @property
     def name(self) -> str:
@@ -184,7 +195,7 @@ class Fleet:
             run.error = None
             error: str | None = None
             try:
-                async with self._open_account(settings, run.metrics, run.state,
+                async with self._open_account(run.spec, settings, run.metrics, run.state,
                                               admission) as supervisor:
                     run.supervisor = supervisor
                     if self.draining:
@@ -276,6 +287,7 @@ __all__ = [
     "Fleet",
     "FleetMonitor",
     "OpenAccount",
+    "Runner",
     "account_settings",
     "fair_share",
 ]

@@ -113,6 +113,13 @@ FOR UPDATE
 """
 
 _LOAD_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %(acct)s"
+#: A Broker API events stream's position (docs/design.md, section 11): only forward.
+_ADVANCE_STREAM_POSITION = """
+INSERT INTO event_stream_positions AS p (stream, event_id) VALUES (%(stream)s, %(event_id)s)
+ON CONFLICT (stream) DO UPDATE SET event_id = GREATEST(p.event_id, EXCLUDED.event_id),
+    updated_at = now()
+"""
+_LOAD_STREAM_POSITION = "SELECT event_id FROM event_stream_positions WHERE stream = %s"
 
 _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
@@ -560,6 +567,13 @@ class PgStore:
 
         return await self._run(lambda: self._guarded("load_cursor", op))
 
+    async def load_stream_position(self, stream: str) -> str | None:
+        def op(conn: psycopg.Connection[Any]) -> str | None:
+            row = conn.execute(_LOAD_STREAM_POSITION, [stream]).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(lambda: self._guarded("load_stream_position", op))
+
     async def open_order_ids(self, account_id: str) -> list[str]:
         def op(conn: psycopg.Connection[Any]) -> list[str]:
             return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
@@ -691,6 +705,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
             conn.execute(_MARK_REPLAYED, _replay_params(acct, batch.replays, new_keys))
+        if batch.stream_position is not None:
+            conn.execute(_ADVANCE_STREAM_POSITION,
+                         {"stream": _text(batch.stream_position.stream),
+                          "event_id": _text(batch.stream_position.event_id)})
     # Committed (the transaction block exited cleanly): read what the cursor upsert said,
     # which also covers a concurrent writer having moved it further.
     if cursor != stored_cursor:

@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
         "strategy", "errors", "messages", "revisions"}
 #: The actors and their supervisor: written against interfaces only.
-ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "fleet"}
+ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "fleet", "broker_events"}
 #: Implementations of the interfaces, and what wires them together.
-IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify",
+IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify", "sse_http",
                    "embedded", "wiring", "service", "cli", "demo", "testing",
                    "pgfleet", "fleet_service"}
 #: The user-facing commands that run on the test kit.
