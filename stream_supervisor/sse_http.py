@@ -9,7 +9,7 @@ N messages`, a gap), so lines are read here and handed to its decoder, comments 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 import httpx
@@ -58,9 +58,10 @@ def sse_connector(base_url: str, key_id: str, secret_key: str, *, connect_timeou
     return connect
 
 
-async def _items(response: httpx.Response) -> AsyncIterator[SseItem]:
+async def _items(response: httpx.Response) -> AsyncGenerator[SseItem, None]:
     decoder = SSEDecoder()
-    async with aclosing(response.aiter_lines()) as lines:
+    lines = response.aiter_lines()
+    async with aclosing(lines):  # type: ignore[type-var]  # typed as an AsyncIterator
         async for line in lines:
             line = line.rstrip("\r\n")
             if line.startswith(":"):
