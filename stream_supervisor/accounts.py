@@ -9,6 +9,7 @@ variable or file to fix.
 
 from __future__ import annotations
 
+import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,7 +122,9 @@ def _account(name: str, t: dict[str, Any], env: Mapping[str, str], where: str,
             values[what] = value
         else:
             assert file is not None
-            path = Path(file)
+            # `${CREDENTIALS_DIRECTORY}/momentum-key` (systemd's LoadCredential=): the
+            # variables of the environment are expanded; an unknown one stays as written.
+            path = Path(string.Template(file).safe_substitute(env))
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
             origins.append(f"file {path}")

@@ -63,7 +63,8 @@ def account_settings(base: Settings, spec: AccountSpec) -> Settings:
     stream_url = spec.stream_url or (
         derive_stream_url(base_url) if spec.base_url else base.stream_url)
     return replace(base, key_id=spec.key_id, secret_key=spec.secret_key, base_url=base_url,
-                   stream_url=stream_url, account_id=spec.account_id, accounts_file=None)
+                   stream_url=stream_url, account_id=spec.account_id, accounts_file=None,
+                   account_name=None)
 
 
 @dataclass

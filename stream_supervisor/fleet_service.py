@@ -11,7 +11,7 @@ import trio
 
 from .accounts import load_accounts_file
 from .endpoints import open_health_listeners, serve_health
-from .errors import FATAL
+from .errors import FATAL, ConfigError
 from .fleet import Fleet, FleetMonitor
 from .logs import get_logger, redactor
 from .metrics import Metrics
@@ -28,6 +28,12 @@ log = get_logger("stream_supervisor.fleet_service")
 async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
     assert settings.accounts_file is not None
     specs = load_accounts_file(settings.accounts_file, environ)
+    if settings.account_name:
+        # One process per account (deploy/systemd/stream-supervisor@.service).
+        specs = [s for s in specs if s.name == settings.account_name]
+        if not specs:
+            raise ConfigError(f"STREAM_SUPERVISOR_ACCOUNT_NAME={settings.account_name!r}: no "
+                              f"[accounts.{settings.account_name}] in {settings.accounts_file}")
     redactor.add(s for spec in specs for s in (spec.key_id, spec.secret_key))
     replicas = ReplicaSet(settings.database_url, [s.name for s in specs])
     # Each replica's sessions say whose they are (pg_stat_activity, pg_locks joined to it).

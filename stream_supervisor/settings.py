@@ -90,6 +90,8 @@ class Settings:
     #: Several accounts in one process (docs/design.md, section 11); None: the one
     #: account of APCA_API_KEY_ID / APCA_API_SECRET_KEY.
     accounts_file: str | None = None
+    #: Serve only this account of the file (the systemd template unit's instance name).
+    account_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
@@ -190,6 +192,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "STRATEGY_PATTERN": "strategy_pattern",
     "STATS_LOOKBACK_DAYS": "stats_lookback_days",
     "ACCOUNTS_FILE": "accounts_file",
+    "ACCOUNT_NAME": "account_name",
 }
 _BACKOFF: Final[dict[str, str]] = {
     "BACKOFF_INITIAL": "initial",
