@@ -79,6 +79,8 @@ class AccountRun:
     error: str | None = None
     exit_code: int | None = None
     failures: int = 0
+    #: The drain of this account missed its deadline (exit 1 for the process).
+    drain_failed: bool = False
     supervisor: Runner | None = None
 
     @property
@@ -158,8 +160,8 @@ class Fleet:
         codes = [r.exit_code for r in self.accounts.values()]
         if self.draining:
             # A drain that missed its deadline in any account is exit 1, as for one.
-            return EXIT_FAILURE if any(r.status == "stopped" and r.exit_code == EXIT_FAILURE
-                                       for r in self.accounts.values()) else EXIT_OK
+            return EXIT_FAILURE if any(r.drain_failed for r in self.accounts.values()) \
+                else EXIT_OK
         if codes and all(c == EXIT_CONFIG for c in codes):
             return EXIT_CONFIG
         return EXIT_FAILURE
@@ -213,6 +215,7 @@ class Fleet:
             run.exit_code = code
             if self.draining:
                 run.status = "stopped"
+                run.drain_failed = code == EXIT_FAILURE
                 return
             if code == EXIT_CONFIG:
                 # The message names the single-account variables; say where this
