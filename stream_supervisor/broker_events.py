@@ -229,10 +229,15 @@ async def events_writer(settings: EventsSettings, store: Store,
             names = list(parts)
             for n, account in enumerate(names):
                 evs, letters = parts[account]
+                last = n == len(names) - 1
                 position = (StreamPosition(settings.stream, newest)
-                            if newest is not None and n == len(names) - 1 else None)
+                            if newest is not None and last else None)
+                # One WAL flush per taken batch: the last part's durable commit flushes
+                # the parts before it (the WAL is one sequence), and nothing of the
+                # batch is acknowledged, nor the position moved, before it.
                 outcome = await committer.commit(Batch(account, evs, letters,
-                                                       stream_position=position))
+                                                       stream_position=position,
+                                                       durable=last))
                 merged.commits.extend(outcome.commits)
                 merged.refused.extend(outcome.refused)
             done = trio.current_time()

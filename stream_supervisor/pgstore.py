@@ -661,6 +661,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
     symbols = {_text(ev.symbol): ev.symbol for ev in first.values()}
 
     with conn.pipeline(), conn.transaction():
+        if not batch.durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
         claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
         if keys:

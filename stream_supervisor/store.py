@@ -65,6 +65,10 @@ class Batch:
     replays: Sequence[ReplayMark] = ()
     #: Moved (only forward) in this batch's transaction, when set.
     stream_position: StreamPosition | None = None
+    #: False: the commit need not wait for its WAL flush (`synchronous_commit = off`).
+    #: Only for a part of an events-stream batch followed by a durable part: that later
+    #: commit flushes the WAL, and this one with it, before anything is acknowledged.
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
