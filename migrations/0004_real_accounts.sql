@@ -40,10 +40,11 @@ COMMENT ON COLUMN position_adjustments.taken_at IS 'The moment of the broker sna
 COMMENT ON COLUMN position_adjustments.closed_position_id IS 'The open row the adjustment closed (close_reason says why), if any.';
 COMMENT ON COLUMN position_adjustments.opened_position_id IS 'The row it opened with the broker''s quantity and average (origin says why), if any.';
 
+-- No CHECK against filled_qty: a bust (section 11) of a fill from before the baseline
+-- lowers filled_qty below the mark, and must still be stored.
 ALTER TABLE broker_orders
     ADD COLUMN baseline_qty numeric NOT NULL DEFAULT 0
-        CONSTRAINT broker_orders_baseline_within_filled
-            CHECK (baseline_qty >= 0 AND baseline_qty <= filled_qty);
+        CONSTRAINT broker_orders_baseline_not_negative CHECK (baseline_qty >= 0);
 COMMENT ON COLUMN broker_orders.baseline_qty IS
     'Part of filled_qty that was already in the broker''s positions when a baseline was taken (its high-water mark then): those fills are in an adjustment, not counted again.';
 

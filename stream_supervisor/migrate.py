@@ -4,9 +4,9 @@ Each file runs in its own transaction and is recorded in `stream_supervisor_migr
 with the sha256 of its bytes; an applied file whose bytes changed is refused by name.
 The table is named for this project so a database other tools share (golang-migrate,
 dbmate and Rails all keep a `schema_migrations`) works; an install from before the rename
-has its records moved out of our old `schema_migrations` (docs/design.md, section 9). The whole
-run holds a session advisory lock, so concurrent `migrate` runs serialise: the second
-waits, then finds nothing left to do.
+has its records moved out of our old `schema_migrations` (docs/design.md, section 9).
+The whole run holds a session advisory lock, so concurrent `migrate` runs serialise: the
+second waits, then finds nothing left to do.
 """
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ class Broker:
     async def order(self, order_id: str) -> WireOrder | None:
         return self.orders.get(order_id)
 
+    async def orders_since(self, *, after: str, limit: int = 500) -> list[WireOrder]:
+        return []
+
     async def positions(self) -> list[dict[str, Any]]:
         return list(self.held)
 

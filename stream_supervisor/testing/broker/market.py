@@ -18,6 +18,7 @@ from typing import Any, Final
 import trio
 
 from .chaos import ChaosConfig
+from .ratelimit import DEFAULT_RATE_LIMIT
 from .records import Fill, Order, Position, Step, Symbol
 from .wire import (
     CENT,
@@ -80,6 +81,8 @@ class SimConfig:
     preexisting: tuple[tuple[str, str, str], ...] = ()
     """(symbol, signed quantity, average entry): positions the account held before the
     session, long or short (an account with history, docs/design.md, section 9)."""
+    rest_rate_limit: int = DEFAULT_RATE_LIMIT
+    """REST requests per 60 s window for the account, Alpaca's limit (0: no limit)."""
 
 
 class Market:

@@ -332,7 +332,11 @@ async def _world(
 
 
 async def _run_and_record(sup: Supervisor, trace: list[str]) -> None:
-    code = await sup.run()
+    try:
+        code = await sup.run()
+    finally:
+        if sup.state.baseline is not None:
+            trace.append(sup.state.baseline)
     trace.append(f"exit={code}")
 
 
