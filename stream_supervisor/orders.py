@@ -65,6 +65,8 @@ class OrderState(msgspec.Struct, frozen=True, gc=False):
     asset_class: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    order_class: str | None = None  # `mleg` for a multi-leg parent (section 10)
+    parent_order_id: str | None = None  # a leg's parent
 
 
 class FillDelta(msgspec.Struct, frozen=True, gc=False):
@@ -125,6 +127,8 @@ def new_order_state(event: Event) -> OrderState:
         asset_class=event.asset_class,
         created_at=event.created_at,
         updated_at=None,
+        order_class=event.order_class,
+        parent_order_id=event.parent_order_id,
     )
 
 
@@ -142,12 +146,15 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     asset_class = state.asset_class if state.asset_class is not None else event.asset_class
     created_at = state.created_at if state.created_at is not None else event.created_at
     c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
+    ocls = state.order_class if state.order_class is not None else event.order_class
+    parent = state.parent_order_id if state.parent_order_id is not None \
+        else event.parent_order_id
 
     if event.event not in KNOWN_EVENTS and event.event != "refresh":
         # An event type we do not know yet: keep it (the dedupe row), change nothing.
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, state.status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, state.updated_at),
+                       order_qty, order_type, asset_class, created_at, state.updated_at, ocls, parent),
             None, False)
     status = merge_status(state.status, event.status)
     updated_at = (
@@ -169,7 +176,7 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0:
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, updated_at),
+                       order_qty, order_type, asset_class, created_at, updated_at, ocls, parent),
             None, event.event in FILL_EVENTS or implied_fill)
 
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
@@ -181,7 +188,8 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     if event.order_qty is not None and cum >= event.order_qty:
         status = merge_status(status, "filled")
     new_state = OrderState(state.order_id, state.symbol, state.side, status, cum, avg, cid,
-                           order_qty, order_type, asset_class, created_at, updated_at)
+                           order_qty, order_type, asset_class, created_at, updated_at, ocls,
+                           parent)
     delta = FillDelta(
         order_id=event.order_id,
         client_order_id=cid,
