@@ -6,7 +6,9 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from .activities import APPLIED, ActivityRecord
 from .logs import get_logger
+from .protocol import stored_symbol
 from .settings import Settings
 from .wiring import http_rest, pg_store
 
@@ -22,13 +24,26 @@ def compare_positions(
         qty = Decimal(str(row["qty"]))
         if str(row.get("side", "long")) == "short" and qty > 0:
             qty = -qty  # Alpaca reports short quantities negative; be lenient if not
-        theirs[str(row["symbol"])] = qty
+        # The broker spells a crypto pair without its slash here (`BTCUSD`): compare under
+        # the stored spelling (docs/design.md, section 10).
+        cls = row.get("asset_class")
+        theirs[stored_symbol(str(row["symbol"]), str(cls) if cls else None)] = qty
     out = []
     for symbol in sorted(set(stored) | set(theirs)):
         ours, broker_qty = stored.get(symbol, Decimal(0)), theirs.get(symbol, Decimal(0))
         if ours != broker_qty:
             out.append((symbol, ours, broker_qty))
     return out
+
+
+def unapplied_activities(activities: list[ActivityRecord]) -> list[str]:
+    """One line per stored non-trade activity that changed nothing: a type the service
+    does not understand, or one that found no position to change. Never guessed at;
+    an operator decides (docs/design.md, section 10)."""
+    return [
+        f"activity {a.activity_id} {a.activity_type} {a.symbol or '-'} qty {a.qty}: {a.outcome}"
+        for a in activities if a.outcome != APPLIED
+    ]
 
 
 async def reconcile(settings: Settings) -> int:
@@ -49,5 +64,8 @@ async def reconcile(settings: Settings) -> int:
     for symbol, ours, theirs in diffs:
         log.warning("reconcile_difference", symbol=symbol, ours=str(ours), broker=str(theirs))
         print(f"{symbol}: stored {ours}, broker {theirs}")
+    for line in unapplied_activities(snapshot.activities):
+        log.warning("reconcile_unapplied_activity", detail=line)
+        print(line)
     print(f"reconcile: {len(stored) + len(broker)} positions compared, {len(diffs)} differ")
     return 1 if diffs else 0
