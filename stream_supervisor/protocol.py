@@ -587,7 +587,8 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
     It carries no fill: fills come only from the stream and FILL activities, so a
     snapshot can change status and order fields but never positions.
     """
-    if order.legs:
+    mleg = bool(order.legs) or order.order_class == "mleg"
+    if mleg:
         _check_parent(order)
     else:
         _check_order(order)
@@ -601,7 +602,7 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
         event="refresh",
         source="rest",
         order_id=order.id,
-        symbol=order.symbol if order.legs else stored_symbol(order.symbol, order.asset_class),
+        symbol=order.symbol if mleg else stored_symbol(order.symbol, order.asset_class),
         side=order.side,
         status=order.status,
         cum_qty=order.filled_qty,
@@ -614,7 +615,7 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
         asset_class=order.asset_class,
         created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
         raw=msgspec.json.encode(order),
-        order_class="mleg" if order.legs else order.order_class,
+        order_class="mleg" if mleg else order.order_class,
         legs=_legs(order, "refresh", ts, ts_ns, "rest", not_after_ns) if order.legs else (),
     )
 

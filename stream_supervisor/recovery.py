@@ -28,6 +28,7 @@ from .ledger import Cursor, order_fills_by_cum_qty
 from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
+from .nontrade import ActivityRecovery, AssetBook
 from .orders import TERMINAL_STATUSES, merge_status
 from .protocol import WireOrder, activity_json, activity_to_event, snapshot_to_event
 from .rest import MAX_PAGE_SIZE, BrokerRest
@@ -113,6 +114,8 @@ class GapRecovery:
         *,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         open_order_ids: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        activities: ActivityRecovery | None = None,
+        assets: AssetBook | None = None,
     ) -> None:
         self.settings = settings
         self.rest = rest
@@ -121,6 +124,9 @@ class GapRecovery:
         self.state = state
         self.wallclock = wallclock
         self.open_order_ids = open_order_ids
+        #: Non-trade activities and crypto spellings (docs/design.md, section 10).
+        self.activities = activities
+        self.assets = assets
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
 
@@ -147,6 +153,8 @@ class GapRecovery:
         log.info("backfill_started", after=format_timestamp(start),
                  connection_id=self.state.connection_id)
         events, pages = await self._fill_events(start)
+        if self.assets is not None:
+            events = await self.assets.spelled(events)
         fills = await self._price_gaps(sort_backfill(events))
         self.metrics.backfill_fills.inc(len(fills))
         received: dict[str, int] = {}
@@ -156,6 +164,8 @@ class GapRecovery:
         for event, amount in received.items():
             self.metrics.events_received.labels(event, "rest").inc(amount)
         refreshed = await self.refresh_orders()
+        if self.activities is not None:
+            await self.activities.backfill(start)
         log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
                  connection_id=self.state.connection_id)
 

@@ -8,8 +8,10 @@ refuses the credentials and `errors.BrokerUnavailable` when it keeps failing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
+from .activities import WireNonTrade
 from .protocol import WireActivity, WireOrder
 
 #: The most FILL activities the broker returns per page.
@@ -30,3 +32,14 @@ class BrokerRest(Protocol):
     async def order(self, order_id: str) -> WireOrder | None: ...
 
     async def positions(self) -> list[dict[str, Any]]: ...
+
+    async def non_trade_activities(
+        self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> list[WireNonTrade]:
+        """`GET /v2/account/activities?activity_types=...`, oldest first (section 10)."""
+        ...
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        """`GET /v2/assets/{symbol}`: the broker's record of an asset (None if unknown)."""
+        ...

@@ -6,13 +6,16 @@ which is a configuration error.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 import msgspec
 import trio
 
+from .activities import WireNonTrade, decode_non_trade
 from .backoff import Backoff, BackoffPolicy
 from .errors import BrokerAuthError, BrokerUnavailable
 from .logs import get_logger
@@ -133,7 +136,8 @@ class HttpBrokerRest:
         return decode_activities(body) if body else []
 
     async def open_orders(self) -> list[WireOrder]:
-        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "false"})
+        # nested: a multi-leg order comes with its legs (docs/design.md, section 10).
+        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "true"})
         return decode_orders(body) if body else []
 
     async def order(self, order_id: str) -> WireOrder | None:
@@ -143,6 +147,26 @@ class HttpBrokerRest:
     async def positions(self) -> list[dict[str, Any]]:
         body = await self._get("/v2/positions")
         return list(msgspec.json.decode(body)) if body else []
+
+    async def non_trade_activities(
+        self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> list[WireNonTrade]:
+        params: dict[str, Any] = {"activity_types": ",".join(activity_types),
+                                  "direction": "asc", "page_size": min(page_size, MAX_PAGE_SIZE)}
+        if after is not None:
+            params["after"] = after
+        if page_token is not None:
+            params["page_token"] = page_token
+        body = await self._get("/v2/account/activities", params)
+        return decode_non_trade(body) if body else []
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        body = await self._get(f"/v2/assets/{quote(symbol, safe='')}")
+        if not body:
+            return None
+        found = msgspec.json.decode(body)
+        return found if isinstance(found, dict) else None
 
 
 def _retry_after(value: str | None) -> float | None:

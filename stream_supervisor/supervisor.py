@@ -37,6 +37,7 @@ from .errors import (
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
+from .nontrade import ActivityRecovery, AssetBook
 from .recovery import GapRecovery, RecoverySettings
 from .replay import replay_with
 from .rest import BrokerRest
@@ -251,6 +252,12 @@ class Supervisor:
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
             send_acks, recv_acks = trio.open_memory_channel[Ack](ACK_CHANNEL_SIZE)
             self._export_fill(recv_events, recv_new)
+            activities = ActivityRecovery(
+                self.deps.rest, partial(send_soon, send_events),
+                lambda: store.load_activity_cursor(account_id),
+                interval=s.activity_interval, wallclock=self.deps.wallclock,
+                future_tolerance=s.future_tolerance,
+            )
             recovery = GapRecovery(
                 RecoverySettings.from_settings(s),
                 self.deps.rest,
@@ -259,6 +266,8 @@ class Supervisor:
                 self.state,
                 wallclock=self.deps.wallclock,
                 open_order_ids=lambda: store.open_order_ids(account_id),
+                activities=activities,
+                assets=AssetBook(self.deps.rest),
             )
             connection = ConnectionActor(
                 ConnectionSettings.from_settings(s),
@@ -290,6 +299,7 @@ class Supervisor:
                         self._conn_scope.cancel()
                     nursery.start_soon(self._run_connection, connection, self._conn_scope)
                     nursery.start_soon(self._export_fill_loop, recv_events, recv_new)
+                    nursery.start_soon(activities.run_periodically)
                     self.state.pipeline_running = True
                     mark_started()
             if pipeline_scope.cancelled_caught:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
         "strategy", "errors", "messages", "symbols", "activities"}
 #: The actors and their supervisor: written against interfaces only.
-ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor"}
+ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "nontrade"}
 #: Implementations of the interfaces, and what wires them together.
 IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify",
                    "embedded", "wiring", "service", "cli", "demo", "testing"}
