@@ -171,20 +171,6 @@ def _moved(row: Position, qty: Decimal, avg: Decimal, pnl: Decimal,
                     activity_id if closed_at is not None else row.closing_activity_id)
 
 
-def _close_at(row: Position, contracts: Decimal, price: Decimal, when: datetime,
-              activity_id: str) -> PositionStep:
-    """Close `contracts` of `row` (absolute, at most its size) at `price`."""
-    closed_qty = min(abs(row.qty), contracts)
-    realized = closed_qty * (price - row.avg_entry_price) * _sign(row.qty) * row.multiplier
-    remaining = row.qty - closed_qty * _sign(row.qty)
-    pnl = row.realized_pnl + realized
-    if remaining == 0:
-        return PositionStep(None, _moved(row, ZERO, row.avg_entry_price, pnl, when, activity_id),
-                            realized)
-    return PositionStep(_moved(row, remaining, row.avg_entry_price, pnl, None, None), None,
-                        realized)
-
-
 def _scale(row: Position, new_qty: Decimal) -> Position:
     """A split: quantity to `new_qty`, cost basis unchanged, so the average scales back."""
     avg = row.avg_entry_price * row.qty / new_qty
@@ -261,31 +247,36 @@ def apply_activity(
             return out
         step = PositionStep(_scale(row, new_qty), None, ZERO)
         record.effects[ev.symbol] = new_qty - row.qty
-    elif atype == "OPEXP":
-        step = _close_at(row, abs(row.qty), ZERO, ev.timestamp, aid)
-        record.effects[ev.symbol] = -row.qty
-    else:  # OPASN, OPEXC
+    else:  # OPEXP, OPASN, OPEXC: the broker's stated contracts, from the side held
+        contracts = abs(qty) if qty else abs(row.qty)
+        change = -contracts * _sign(row.qty)
+        step = _closing(apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)
+        record.effects[ev.symbol] = change
         contract = parse_occ(ev.symbol)
-        if contract is None:
+        if atype != "OPEXP" and contract is not None:
+            buys = (contract.right == "call") == (row.qty > 0)
+            shares = contracts * row.multiplier
+            signed = shares if buys else -shares
+            under = contract.underlying
+            stock = apply_fill(current.get(under), account_id,
+                               _delta(ev, under, signed, contract.strike),
+                               multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)
+            out.steps.append((ev.symbol, step))
+            out.steps.append((under, stock))
+            record.effects[under] = signed
+            record.outcome = APPLIED
             return out
-        contracts = min(abs(qty), abs(row.qty)) if qty else abs(row.qty)
-        step = _close_at(row, contracts, ZERO, ev.timestamp, aid)
-        record.effects[ev.symbol] = -contracts * _sign(row.qty)
-        buys = (contract.right == "call") == (row.qty > 0)
-        shares = contracts * row.multiplier
-        signed = shares if buys else -shares
-        under = contract.underlying
-        stock = apply_fill(current.get(under), account_id,
-                           _delta(ev, under, signed, contract.strike),
-                           multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)
-        out.steps.append((ev.symbol, step))
-        out.steps.append((under, stock))
-        record.effects[under] = signed
-        record.outcome = APPLIED
-        return out
     out.steps.append((ev.symbol, step))
     record.outcome = APPLIED
     return out
+
+
+def _closing(step: PositionStep, activity_id: str) -> PositionStep:
+    """The step with the row it closed marked as closed by the activity."""
+    if step.closed is None:
+        return step
+    return PositionStep(step.open, msgspec.structs.replace(
+        step.closed, closing_activity_id=activity_id), step.realized)
 
 
 def _delta(ev: Event, symbol: str, signed: Decimal, price: Decimal) -> FillDelta:

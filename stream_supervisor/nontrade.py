@@ -64,6 +64,7 @@ class ActivityRecovery:
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         future_tolerance: float = DEFAULT_FUTURE_TOLERANCE,
         types: Sequence[str] = tuple(sorted(POSITION_TYPES)),
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.rest = rest
         self._forward = forward
@@ -72,6 +73,9 @@ class ActivityRecovery:
         self.wallclock = wallclock
         self.future_tolerance = future_tolerance
         self.types = tuple(types)
+        #: Whether a scheduled pass may run now: only while streaming and caught up, so
+        #: the fills before an activity are ahead of it on the way to the writer.
+        self.ready = ready
         #: Where a pass starts while no activity is stored: the first backfill's start.
         self._first_start: datetime | None = None
 
@@ -119,8 +123,10 @@ class ActivityRecovery:
             return
         while True:
             await trio.sleep(self.interval)
+            if self._first_start is None or not self.ready():
+                continue  # the connection's backfill runs a pass first, in order
             try:
-                await self.backfill(self._first_start or self.wallclock())
+                await self.backfill(self._first_start)
             except (BrokerUnavailable, DecodeError) as exc:
                 log.warning("activities_backfill_failed", error=str(exc)[:300])
 

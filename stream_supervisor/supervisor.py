@@ -257,6 +257,7 @@ class Supervisor:
                 lambda: store.load_activity_cursor(account_id),
                 interval=s.activity_interval, wallclock=self.deps.wallclock,
                 future_tolerance=s.future_tolerance,
+                ready=lambda: self.state.caught_up and self.state.connection == "streaming",
             )
             recovery = GapRecovery(
                 RecoverySettings.from_settings(s),

@@ -84,7 +84,7 @@ def verify_against_truth(
         if found != want:
             out.append(Mismatch("position", symbol, f"net qty {want}", f"net qty {found}"))
             continue
-        if not strict_prices:
+        if not strict_prices or expected.get("prices_exact") is False:
             continue
         want_avg = _dec(expected.get("avg_entry_price"))
         if want != 0 and want_avg is not None:

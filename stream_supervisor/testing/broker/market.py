@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import trio
 
+from .assets import AssetMix
 from .chaos import ChaosConfig
 from .records import Fill, Order, Position, Step, Symbol
 from .wire import (
@@ -69,6 +70,12 @@ class SimConfig:
     burst: tuple[int, int] = (0, 0)
     """(after this many updates, this many more): a burst the market plays as fast as it
     can, without pacing, before going back to `rate`."""
+    asset_mix: bool = False
+    """Trade a crypto pair and two options on the first symbol too, and end the day with
+    the non-trade activities they bring (`assets.py`, docs/design.md, section 10)."""
+    activity_delay: float = 5.0
+    """Seconds of Trio time after the market finishes before its end-of-day activities
+    show on REST: they post after the close, once the day's updates are delivered."""
 
 
 class Market:
@@ -115,6 +122,11 @@ class Market:
         ]
         if not self.symbols:
             raise ValueError("SimConfig.symbols must not be empty")
+        # Non-trade activities (expiries, assignments, fees, a split), sorted by id.
+        self.non_trade: list[dict[str, Any]] = []
+        self.non_trade_ns: dict[str, int] = {}
+        self.non_trade_visible_at = 0.0
+        self.assets = AssetMix(self) if config.asset_mix else None
         self.positions = {s.name: Position() for s in self.symbols}
         self.cash = STARTING_CASH
 
@@ -145,6 +157,10 @@ class Market:
         with decimal.localcontext(CTX):
             indices = self._advance()
         if self._created >= self.config.orders and not self._live:
+            if self.assets is not None:
+                with decimal.localcontext(CTX):
+                    self.assets.end_of_day()
+                self.non_trade_visible_at = _trio_now() + self.config.activity_delay
             self.finished = True
             self._finished_event.set()
         return indices
@@ -212,6 +228,9 @@ class Market:
 
     def _random_qty(self, sym: Symbol) -> Decimal:
         rng = self._rng
+        if sym.asset_class != "us_equity":
+            assert self.assets is not None
+            return self.assets.random_qty(sym, rng)
         if sym.fractional and rng.random() < 0.5:
             return Decimal(rng.randint(1, 60_000)) / 1000  # e.g. 0.974, 17.026
         return Decimal(rng.randint(1, 100))
@@ -221,7 +240,10 @@ class Market:
         sym = rng.choice(self.symbols)
         held = self.positions[sym.name].qty
         r = rng.random()
-        if held != 0 and r < 0.30:
+        if sym.asset_class == "crypto":
+            assert self.assets is not None
+            side, qty = self.assets.crypto_order(held, rng)
+        elif held != 0 and r < 0.30:
             side, qty = ("sell" if held > 0 else "buy"), abs(held)  # close exactly
         elif held != 0 and r < 0.45:
             side, qty = ("sell" if held > 0 else "buy"), abs(held) + self._random_qty(sym)  # flip
@@ -243,7 +265,9 @@ class Market:
         else:
             intent = "sell_to_close" if held > 0 else "sell_to_open"
 
-        pieces = self._split(qty, Decimal("0.001") if fractional_qty else Decimal(1))
+        unit = Decimal(1) if not fractional_qty else (
+            Decimal("1e-9") if sym.asset_class == "crypto" else Decimal("0.001"))
+        pieces = self._split(qty, unit)
         plan: list[tuple[Step, Decimal]] = [("pending_new", ZERO), ("new", ZERO)]
         fate = rng.random()
         if fate < 0.12:
@@ -289,7 +313,10 @@ class Market:
 
     def _fill_price(self, order: Order) -> Decimal:
         sym = order.symbol
-        sym.price = max(Decimal(1), sym.price + Decimal(self._rng.randint(-40, 40)) / 100)
+        if sym.asset_class == "us_option":
+            sym.price = max(CENT, sym.price + Decimal(self._rng.randint(-5, 5)) / 100)
+        else:
+            sym.price = max(Decimal(1), sym.price + Decimal(self._rng.randint(-40, 40)) / 100)
         price = sym.price
         if order.limit_price is not None:
             price = (
@@ -322,8 +349,10 @@ class Market:
                 order.filled_ns = ts
             signed = fill_qty if order.side == "buy" else -fill_qty
             position = self.positions[order.symbol.name]
-            position.apply(signed, price)
-            self.cash -= signed * price
+            position.apply(signed, price, order.symbol.multiplier)
+            self.cash -= signed * price * order.symbol.multiplier
+            if self.assets is not None:
+                self.assets.after_fill(order, signed, price, ts)
             activity_id = self._record_activity(order, event, fill_qty, price, ts, rng)
             order.fills.append(
                 Fill(fill_qty, price, order.filled_qty, activity_id, len(self.updates))
@@ -364,7 +393,7 @@ class Market:
             "price": decimal_text(price),
             "qty": decimal_text(qty),
             "side": order.side,
-            "symbol": order.symbol.name,
+            "symbol": order.symbol.compact,
             "leaves_qty": decimal_text(order.qty - order.filled_qty),
             "order_id": order.id,
             "cum_qty": decimal_text(order.filled_qty),
@@ -378,8 +407,29 @@ class Market:
         return activity_id
 
 
+    def record_non_trade(self, activity: dict[str, Any], ts: int) -> None:
+        """Post a non-trade activity at simulated time `ts` (its id says when)."""
+        local = datetime.fromtimestamp(ts // NS, EASTERN)
+        activity_id = f"{local:%Y%m%d%H%M%S}{(ts % NS) // MS_NS:03d}::{uuid4(self._rng)}"
+        activity = {"id": activity_id, **activity}
+        ids = [a["id"] for a in self.non_trade]
+        at = bisect.bisect(ids, activity_id)
+        self.non_trade.insert(at, activity)
+        self.non_trade_ns[activity_id] = ts - ts % 1000
+
+    def non_trade_visible(self) -> bool:
+        return _trio_now() >= self.non_trade_visible_at
+
     def _record_update(self, data: dict[str, Any]) -> int:
         index = len(self.updates)
         self.updates.append(data)
         self.frames.append(dumps({"stream": "trade_updates", "data": data}))
         return index
+
+
+def _trio_now() -> float:
+    """Trio's clock when the market runs under Trio; 0 when stepped by hand."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return 0.0

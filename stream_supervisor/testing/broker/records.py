@@ -22,6 +22,15 @@ class Symbol:
     asset_id: str
     price: Decimal
     fractional: bool
+    #: us_equity, us_option or crypto (docs/design.md, section 10); options are priced
+    #: per share and move `multiplier` shares a contract.
+    asset_class: str = "us_equity"
+    multiplier: Decimal = Decimal(1)
+
+    @property
+    def compact(self) -> str:
+        """The spelling of positions and activities: a crypto pair without its slash."""
+        return self.name.replace("/", "")
 
 
 @dataclass(slots=True)
@@ -30,8 +39,9 @@ class Position:
     avg: Decimal | None = None
     realized: Decimal = ZERO
 
-    def apply(self, signed_qty: Decimal, price: Decimal) -> None:
-        """docs/design.md, section 4 position math; caller holds the 50-digit context."""
+    def apply(self, signed_qty: Decimal, price: Decimal, multiplier: Decimal = Decimal(1)) -> None:
+        """docs/design.md, section 4 position math; caller holds the 50-digit context.
+        Realized P&L is in money: per-share prices times the contract multiplier."""
         q = self.qty
         if q == 0:
             self.qty, self.avg = signed_qty, price
@@ -42,7 +52,7 @@ class Position:
             self.qty = q + signed_qty
             return
         closed = min(abs(q), abs(signed_qty))
-        self.realized += closed * (price - self.avg) * (1 if q > 0 else -1)
+        self.realized += closed * (price - self.avg) * (1 if q > 0 else -1) * multiplier
         after = q + signed_qty
         if after == 0:
             self.avg = None
@@ -108,7 +118,7 @@ class Order:
             "replaces": None,
             "asset_id": self.symbol.asset_id,
             "symbol": self.symbol.name,
-            "asset_class": "us_equity",
+            "asset_class": self.symbol.asset_class,
             "notional": None,
             "qty": decimal_text(self.qty),
             "filled_qty": decimal_text(self.filled_qty),
