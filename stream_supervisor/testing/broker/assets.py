@@ -11,14 +11,11 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from ...symbols import OptionContract, parse_occ
-from .records import Order, Symbol
+from .records import Order, Position, Symbol
 from .wire import NS, ZERO, decimal_text, utc_us, uuid4
-
-if TYPE_CHECKING:
-    from .market import Market
 
 CRYPTO_PAIR: Final = "BTC/USD"
 #: Alpaca's crypto fee for a taker at the lowest volume tier: 0.25%, in the coin received.
@@ -28,10 +25,23 @@ OPTION_MULTIPLIER: Final = Decimal(100)
 SPLIT_RATIO: Final = 4
 
 
+class Books(Protocol):
+    """What the asset mix needs of the market (`market.Market`), which owns it."""
+
+    config: Any
+    epoch_ns: int
+    now_ns: int
+    symbols: list[Symbol]
+    positions: dict[str, Position]
+    cash: Decimal
+
+    def record_non_trade(self, activity: dict[str, Any], ts: int) -> None: ...
+
+
 class AssetMix:
     """The crypto pair and options of one market, and what they owe at the day's end."""
 
-    def __init__(self, market: Market) -> None:
+    def __init__(self, market: Books) -> None:
         self.market = market
         rng = random.Random(f"{market.config.seed}/assets")
         under = market.symbols[0]
