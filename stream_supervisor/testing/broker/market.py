@@ -242,7 +242,10 @@ class Market:
         r = rng.random()
         if sym.asset_class == "crypto":
             assert self.assets is not None
-            side, qty = self.assets.crypto_order(held, rng)
+            # Coin already promised to sell orders still working is not there to sell.
+            selling = sum((o.qty - o.filled_qty for o in self._live
+                           if o.symbol is sym and o.side == "sell"), ZERO)
+            side, qty = self.assets.crypto_order(held - selling, rng)
         elif held != 0 and r < 0.30:
             side, qty = ("sell" if held > 0 else "buy"), abs(held)  # close exactly
         elif held != 0 and r < 0.45:
