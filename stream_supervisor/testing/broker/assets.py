@@ -155,7 +155,7 @@ def asset_record(sym: Symbol) -> dict[str, Any]:
     return {
         "id": sym.asset_id, "class": sym.asset_class,
         "exchange": "CRYPTO" if sym.asset_class == "crypto" else (
-            "OPRA" if contract is not None else "NASDAQ"),
+            "" if contract is not None else "NASDAQ"),
         "symbol": sym.name, "name": sym.name, "status": "active", "tradable": True,
         "marginable": sym.asset_class == "us_equity", "shortable": sym.asset_class != "crypto",
         "easy_to_borrow": sym.asset_class == "us_equity", "fractionable": sym.fractional,

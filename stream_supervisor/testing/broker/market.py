@@ -414,7 +414,7 @@ class Market:
         """Post a non-trade activity at simulated time `ts` (its id says when)."""
         local = datetime.fromtimestamp(ts // NS, EASTERN)
         activity_id = f"{local:%Y%m%d%H%M%S}{(ts % NS) // MS_NS:03d}::{uuid4(self._rng)}"
-        activity = {"id": activity_id, **activity}
+        activity = {"id": activity_id, "description": "", **activity}
         ids = [a["id"] for a in self.non_trade]
         at = bisect.bisect(ids, activity_id)
         self.non_trade.insert(at, activity)
