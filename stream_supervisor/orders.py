@@ -162,6 +162,19 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         if state.updated_at is None or event.timestamp > state.updated_at
         else state.updated_at
     )
+    if ocls == "mleg":
+        # A multi-leg parent counts whole strategy units; its legs carry the quantities
+        # that reach positions (docs/design.md, section 10), so it keeps its high-water
+        # mark and its (net) average, and moves no position itself.
+        # Any update, a REST snapshot too, may carry it further: no position depends on it.
+        ahead = cum > c0
+        avg_parent = event.cum_avg_price if ahead and event.cum_avg_price is not None else p0
+        return OrderOutcome(
+            OrderState(state.order_id, state.symbol, state.side, status, max(cum, c0),
+                       avg_parent, cid,
+                       order_qty, order_type, asset_class, created_at, updated_at, ocls,
+                       parent),
+            None, False)
     implied_fill = (
         event.source == "stream" and cum > c0 and event.cum_avg_price is not None
     )
@@ -179,16 +192,6 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
                        order_qty, order_type, asset_class, created_at, updated_at, ocls, parent),
             None, event.event in FILL_EVENTS or implied_fill)
 
-    if ocls == "mleg":
-        # A multi-leg parent counts whole strategy units; its legs carry the quantities
-        # that reach positions (docs/design.md, section 10), so it keeps its high-water
-        # mark and its (net) average, and moves no position itself.
-        avg_parent = event.cum_avg_price if event.cum_avg_price is not None else p0
-        return OrderOutcome(
-            OrderState(state.order_id, state.symbol, state.side, status, cum, avg_parent, cid,
-                       order_qty, order_type, asset_class, created_at, updated_at, ocls,
-                       parent),
-            None, False)
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
     qty = cum - c0
     if event.cum_avg_price is not None:

@@ -54,7 +54,7 @@ def listen_message(streams: tuple[str, ...] = ("trade_updates",)) -> bytes:
 class WireOrder(msgspec.Struct, gc=False):
     id: str
     symbol: str
-    side: str
+    side: str | None  # None (or "") on a multi-leg parent
     status: str
     filled_qty: Decimal
     client_order_id: str | None = None
@@ -402,7 +402,7 @@ def _legs(order: WireOrder, parent_event: str, ts: datetime, ts_ns: int, source:
             source="stream" if source == "stream" else "rest",
             order_id=leg.id,
             symbol=stored_symbol(leg.symbol, leg.asset_class),
-            side=leg.side,
+            side=leg.side or "",
             status=leg.status,
             cum_qty=leg.filled_qty,
             timestamp=ts,
@@ -440,7 +440,7 @@ def _mleg_update(update: WireUpdate, received_at: float, *, raw: bytes,
         source="stream",
         order_id=order.id,
         symbol=order.symbol,
-        side=order.side,
+        side=order.side or "",
         status=order.status,
         cum_qty=order.filled_qty,
         timestamp=ts,
@@ -603,7 +603,7 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
         source="rest",
         order_id=order.id,
         symbol=order.symbol if mleg else stored_symbol(order.symbol, order.asset_class),
-        side=order.side,
+        side=order.side or "",
         status=order.status,
         cum_qty=order.filled_qty,
         timestamp=ts,

@@ -34,6 +34,8 @@ from .wire import (
     uuid4,
 )
 
+MLEG_PROB: Final = 0.12
+"""With the asset mix: the share of new orders that are two-leg option orders."""
 MAX_LIVE_ORDERS: Final = 4
 """Orders in flight at once; their updates interleave on the stream."""
 DEFAULT_STEP_NS: Final = 5_800_000
@@ -237,6 +239,8 @@ class Market:
 
     def _open_order(self) -> Order:
         rng = self._rng
+        if self.assets is not None and rng.random() < MLEG_PROB:
+            return self._open_mleg()
         sym = rng.choice(self.symbols)
         held = self.positions[sym.name].qty
         r = rng.random()
@@ -300,6 +304,64 @@ class Market:
         self.orders[order.id] = order
         return order
 
+    def _open_mleg(self) -> Order:
+        """A two-leg option order (buy the call, sell the put: a synthetic long), its legs
+        filled piece by piece in any order, each leg an order of its own."""
+        rng = self._rng
+        assert self.assets is not None
+        call, put = (next(s for s in self.symbols if s.name == c.symbol)
+                     for c in self.assets.contracts.values())
+        units = Decimal(rng.randint(1, 5))
+        parent_id = str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4))
+        legs = []
+        for sym, side in ((call, "buy"), (put, "sell")):
+            leg = Order(
+                id=str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4)),
+                client_order_id=self._client_order_id(uuid4(rng)), symbol=sym, side=side,
+                qty=units, order_type="market", time_in_force="day", limit_price=None,
+                position_intent=f"{side}_to_open", plan=[], parent_id=parent_id)
+            legs.append(leg)
+        pieces = [(i, p) for i in range(len(legs)) for p in self._split(units, Decimal(1))]
+        rng.shuffle(pieces)
+        plan: list[tuple[Step, Decimal]] = [("pending_new", ZERO), ("new", ZERO)]
+        plan += [("fill", p) for _, p in pieces]
+        parent = Order(
+            id=parent_id, client_order_id=self._client_order_id(uuid4(rng)), symbol=call,
+            side="buy", qty=units, order_type="market", time_in_force="day", limit_price=None,
+            position_intent="buy_to_open", plan=plan, order_class="mleg", legs=legs,
+            leg_plan=[i for i, _ in pieces])
+        self._created += 1
+        self.orders[parent.id] = parent
+        for leg in legs:
+            self.orders[leg.id] = leg
+        return parent
+
+    def _fill_leg(self, order: Order, fill_qty: Decimal, ts: int) -> dict[str, str]:
+        """One fill of one leg of a multi-leg order: the leg's own order, position and FILL
+        activity; the parent counts whole units (the least-filled leg)."""
+        leg = order.legs[order.leg_plan.pop(0)]
+        price = self._fill_price(leg)
+        leg.filled_qty += fill_qty
+        leg.notional += fill_qty * price
+        leg.updated_ns = ts
+        leg_done = leg.filled_qty == leg.qty
+        leg.status = "filled" if leg_done else "partially_filled"
+        if leg_done:
+            leg.filled_ns = ts
+        signed = fill_qty if leg.side == "buy" else -fill_qty
+        self.positions[leg.symbol.name].apply(signed, price, leg.symbol.multiplier)
+        self.cash -= signed * price * leg.symbol.multiplier
+        activity_id = self._record_activity(
+            leg, "fill" if leg_done else "partial_fill", fill_qty, price, ts, self._rng)
+        leg.fills.append(Fill(fill_qty, price, leg.filled_qty, activity_id, len(self.updates)))
+        self.fills_total += 1
+        order.filled_qty = min(leg.filled_qty for leg in order.legs)
+        done = all(leg.filled_qty == leg.qty for leg in order.legs)
+        order.status = "filled" if done else "partially_filled"
+        if done:
+            order.filled_ns = ts
+        return {"price": decimal_text(price), "qty": decimal_text(fill_qty)}
+
     def _client_order_id(self, unique: object) -> str:
         strategies = self.config.strategies
         if not strategies:
@@ -339,8 +401,16 @@ class Market:
         if step == "pending_new":
             order.created_ns = ts
             order.status = "pending_new"
+            for leg in order.legs:
+                leg.created_ns = leg.updated_ns = ts
+                leg.status = "pending_new"
         elif step == "new":
             order.status = "new"
+            for leg in order.legs:
+                leg.status, leg.updated_ns = "new", ts
+        elif step == "fill" and order.legs:
+            extra = self._fill_leg(order, fill_qty, ts)
+            event = "fill" if order.status == "filled" else "partial_fill"
         elif step == "fill":
             price = self._fill_price(order)
             order.filled_qty += fill_qty

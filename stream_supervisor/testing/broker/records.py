@@ -92,16 +92,35 @@ class Order:
     filled_qty: Decimal = ZERO
     notional: Decimal = ZERO
     fills: list[Fill] = field(default_factory=list)
+    #: A multi-leg order (`mleg`): its legs are orders of their own, one symbol each, and
+    #: `leg_plan` says which leg each planned fill fills (docs/design.md, section 10).
+    order_class: str = ""
+    legs: list[Order] = field(default_factory=list)
+    leg_plan: list[int] = field(default_factory=list)
+    parent_id: str | None = None
 
     def avg_price(self) -> Decimal | None:
         if self.filled_qty == 0:
             return None
         with decimal.localcontext(CTX):
+            if self.legs:
+                # The strategy's net price a unit: what buying legs cost less what
+                # selling legs bring (negative for a net credit).
+                return sum(((leg.avg_price() or ZERO) * (1 if leg.side == "buy" else -1)
+                            for leg in self.legs), ZERO).quantize(TWELVE)
             return (self.notional / self.filled_qty).quantize(TWELVE)
 
     def snapshot(self) -> dict[str, Any]:
         """The order object, keys in the order the real broker sends them."""
         avg = self.avg_price()
+        if self.legs:
+            # A multi-leg parent has no symbol, side or asset of its own: its legs do.
+            return {**self._snapshot(avg), "asset_id": None, "symbol": "", "asset_class": None,
+                    "side": None, "position_intent": None, "order_class": "mleg",
+                    "legs": [leg.snapshot() for leg in self.legs]}
+        return self._snapshot(avg)
+
+    def _snapshot(self, avg: Decimal | None) -> dict[str, Any]:
         return {
             "id": self.id,
             "client_order_id": self.client_order_id,

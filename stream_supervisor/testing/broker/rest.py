@@ -147,7 +147,9 @@ class RestApi:
         chosen = [
             o
             for o in self.market.orders.values()
-            if (status == "all" or (o.status in _OPEN_STATUSES) == (status == "open"))
+            # A leg is listed inside its multi-leg parent (`nested`), not on its own.
+            if o.parent_id is None
+            and (status == "all" or (o.status in _OPEN_STATUSES) == (status == "open"))
             and (after_ns is None or o.created_ns > after_ns)
         ]
         chosen.sort(key=lambda o: o.created_ns, reverse=(direction == "desc"))

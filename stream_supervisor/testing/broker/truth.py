@@ -32,6 +32,7 @@ def ground_truth(
                 "filled_qty": decimal_text(o.filled_qty),
                 "filled_avg_price": decimal_text_opt(o.avg_price()),
                 "status": o.status,
+                **({"order_class": "mleg"} if o.legs else {}),
                 "fills": [
                     {
                         "qty": decimal_text(f.qty),

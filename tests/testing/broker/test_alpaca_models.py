@@ -67,7 +67,8 @@ def test_the_sdk_parses_everything_the_simulated_broker_says(seed: int, asset_mi
     if asset_mix:
         assert {c.value for c in classes if c is not None} == {"us_equity", "us_option",
                                                                 "crypto"}
-        assert {a.activity_type.value for a in others} >= {"CFEE", "SPLIT"}
+        assert "CFEE" in {a.activity_type.value for a in others}
+        assert any(o.legs for o in orders)
         assert {str(p.symbol) for p in positions} >= {"BTCUSD"}
     else:
         assert others == []
