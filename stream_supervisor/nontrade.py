@@ -13,17 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import msgspec
 import trio
 
-from .activities import POSITION_TYPES, non_trade_to_event
+from .activities import POSITION_TYPES, WireNonTrade, non_trade_to_event
 from .bounds import not_after_ns
 from .errors import BrokerUnavailable, DecodeError
 from .events import DeadLetter, Event, format_timestamp
 from .logs import get_logger
 from .messages import Item
-from .rest import MAX_PAGE_SIZE, BrokerRest
+from .rest import MAX_PAGE_SIZE
 from .settings import DEFAULT_FUTURE_TOLERANCE
 from .symbols import CRYPTO_QUOTES, AssetClass, canonical_symbol, parse_occ
 
@@ -32,22 +34,39 @@ log = get_logger("stream_supervisor.nontrade")
 #: Activities post late and out of id order within a day: each pass re-reads this far
 #: before the newest one stored; their keys make the overlap harmless.
 REREAD: timedelta = timedelta(days=1)
+EASTERN = ZoneInfo("America/New_York")
 #: Pages per pass at most: a runaway guard.
 MAX_PAGES: int = 1_000
 
 Forward = Callable[[Item], Awaitable[None]]
 
 
+class ActivitySource(Protocol):
+    """The one `BrokerRest` call the activities backfill makes."""
+
+    async def non_trade_activities(
+        self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> list[WireNonTrade]: ...
+
+
+class AssetSource(Protocol):
+    """The one `BrokerRest` call the asset book makes."""
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None: ...
+
+
 def activity_time(activity_id: str) -> datetime | None:
-    """The time an activity id starts with (`<YYYYMMDDHHMMSSmmm>::<uuid>`), if it does."""
+    """The time an activity id starts with (`<YYYYMMDDHHMMSSmmm>::<uuid>`, US/Eastern
+    local time, as the broker writes it), if it does."""
     digits = activity_id.split("::", 1)[0]
     if len(digits) != 17 or not digits.isdigit():
         return None
     try:
-        stamp = datetime.strptime(digits[:14], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        stamp = datetime.strptime(digits[:14], "%Y%m%d%H%M%S").replace(tzinfo=EASTERN)
     except ValueError:
         return None
-    return stamp + timedelta(milliseconds=int(digits[14:]))
+    return (stamp + timedelta(milliseconds=int(digits[14:]))).astimezone(UTC)
 
 
 class ActivityRecovery:
@@ -56,7 +75,7 @@ class ActivityRecovery:
 
     def __init__(
         self,
-        rest: BrokerRest,
+        rest: ActivitySource,
         forward: Forward,
         load_cursor: Callable[[], Awaitable[str | None]],
         *,
@@ -142,7 +161,7 @@ def looks_compact_crypto(symbol: str) -> bool:
 class AssetBook:
     """The broker's asset records (`GET /v2/assets/{symbol}`), cached for the process."""
 
-    def __init__(self, rest: BrokerRest) -> None:
+    def __init__(self, rest: AssetSource) -> None:
         self.rest = rest
         self._classes: dict[str, str | None] = {}
 
