@@ -122,6 +122,10 @@ def demo_sim_config(options: DemoOptions, seed: int) -> SimConfig:
         start_time=datetime.now(UTC),  # fixed, so the per-event copy is the same session
         strategies=DEMO_STRATEGIES,
         burst=(0, 0) if options.clean else (int(updates * 0.6), max(50, int(updates / 10))),
+        # The heavier mix trades options and crypto too, and ends the day with the fees,
+        # expiries, assignments and split they bring (docs/design.md, section 10).
+        asset_mix=options.chaos,
+        activity_delay=1.0,
     )
 
 
@@ -152,6 +156,8 @@ async def run_pipeline_against_sim(
             stream_url=server.ws_url,
             account_id=None,
             first_start_lookback=3600.0,
+            # The session's end-of-day activities post a second after it: look often.
+            activity_interval=min(settings.activity_interval, 1.0),
         )
         twin: SimulatedBroker | None = None
         if per_event:
