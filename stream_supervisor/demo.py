@@ -156,8 +156,10 @@ async def run_pipeline_against_sim(
             stream_url=server.ws_url,
             account_id=None,
             first_start_lookback=3600.0,
-            # The session's end-of-day activities post a second after it: look often.
-            activity_interval=min(settings.activity_interval, 1.0),
+            # A session with the asset mix posts its end-of-day activities a second after
+            # it ends: look often then (each look also pages the fills since the cursor).
+            activity_interval=(min(settings.activity_interval, 1.0) if sim_config.asset_mix
+                               else settings.activity_interval),
         )
         twin: SimulatedBroker | None = None
         if per_event:
