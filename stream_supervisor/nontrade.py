@@ -98,6 +98,11 @@ class ActivityRecovery:
         #: Where a pass starts while no activity is stored: the first backfill's start.
         self._first_start: datetime | None = None
 
+    def note_start(self, first_start: datetime) -> None:
+        """Where a pass starts while no activity is stored: the first fills backfill's."""
+        if self._first_start is None:
+            self._first_start = first_start
+
     async def backfill(self, first_start: datetime) -> int:
         """One pass: every activity since the cursor (minus `REREAD`), or since
         `first_start` when none is stored yet. Returns how many were forwarded."""

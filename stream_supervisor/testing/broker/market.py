@@ -19,6 +19,7 @@ import trio
 
 from .assets import AssetMix
 from .chaos import ChaosConfig
+from .ratelimit import DEFAULT_RATE_LIMIT
 from .records import Fill, Order, Position, Step, Symbol
 from .wire import (
     CENT,
@@ -78,6 +79,8 @@ class SimConfig:
     activity_delay: float = 5.0
     """Seconds of Trio time after the market finishes before its end-of-day activities
     show on REST: they post after the close, once the day's updates are delivered."""
+    rest_rate_limit: int = DEFAULT_RATE_LIMIT
+    """REST requests per 60 s window for the account, Alpaca's limit (0: no limit)."""
 
 
 class Market:
