@@ -125,7 +125,8 @@ def demo_sim_config(options: DemoOptions, seed: int) -> SimConfig:
         # The heavier mix trades options and crypto too, and ends the day with the fees,
         # expiries, assignments and split they bring (docs/design.md, section 10).
         asset_mix=options.chaos,
-        activity_delay=1.0,
+        # Posted after the day's updates are delivered: past the outage and its backoff.
+        activity_delay=5.0,
     )
 
 
@@ -156,8 +157,8 @@ async def run_pipeline_against_sim(
             stream_url=server.ws_url,
             account_id=None,
             first_start_lookback=3600.0,
-            # A session with the asset mix posts its end-of-day activities a second after
-            # it ends: look often then (each look also pages the fills since the cursor).
+            # A session with the asset mix posts its end-of-day activities seconds after it
+            # ends: look often then.
             activity_interval=(min(settings.activity_interval, 1.0) if sim_config.asset_mix
                                else settings.activity_interval),
         )

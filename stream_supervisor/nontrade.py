@@ -141,14 +141,13 @@ class ActivityRecovery:
         log.info("activities_backfilled", activities=forwarded, pages=pages)
         return forwarded
 
-    async def run_periodically(
-        self, fills_first: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
+    async def run_periodically(self) -> None:
         """While the pipeline runs: a pass every `interval` seconds (fees post late).
 
-        `fills_first` is the fills backfill, which ends with an activities pass: an
-        activity must reach the writer after every fill before it, and a fill the stream
-        has not delivered yet (a stall, a socket not yet known dead) would come after it."""
+        Only while streaming and caught up: an activity must reach the writer after every
+        fill before it, which the stream has then delivered, unless it stalls for longer
+        than the activity took to post (hours for an expiry or a split, the rest of the
+        day for a crypto fee; docs/design.md, section 10)."""
         if self.interval <= 0:
             return
         while True:
@@ -156,10 +155,7 @@ class ActivityRecovery:
             if self._first_start is None or not self.ready():
                 continue  # the connection's backfill runs a pass first, in order
             try:
-                if fills_first is not None:
-                    await fills_first()
-                else:
-                    await self.backfill(self._first_start)
+                await self.backfill(self._first_start)
             except (BrokerUnavailable, DecodeError) as exc:
                 log.warning("activities_backfill_failed", error=str(exc)[:300])
 

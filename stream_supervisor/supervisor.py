@@ -300,7 +300,7 @@ class Supervisor:
                         self._conn_scope.cancel()
                     nursery.start_soon(self._run_connection, connection, self._conn_scope)
                     nursery.start_soon(self._export_fill_loop, recv_events, recv_new)
-                    nursery.start_soon(activities.run_periodically, recovery.backfill)
+                    nursery.start_soon(activities.run_periodically)
                     self.state.pipeline_running = True
                     mark_started()
             if pipeline_scope.cancelled_caught:
