@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -63,6 +63,12 @@ class Health:
     alive: bool
     problems: tuple[str, ...]
     detail: dict[str, Any]
+
+
+class Assessor(Protocol):
+    """What `/healthz` and the watchdog ask: one `HealthMonitor`, or a fleet's."""
+
+    def assess(self, now: float | None = None) -> Health: ...
 
 
 class HealthMonitor:
@@ -190,4 +196,4 @@ def readiness(state: SupervisorState) -> dict[str, Any]:
     }
 
 
-__all__ = ["Health", "HealthMonitor", "HealthPolicy", "readiness"]
+__all__ = ["Assessor", "Health", "HealthMonitor", "HealthPolicy", "readiness"]

@@ -18,9 +18,10 @@ from typing import TypeVar
 import msgspec
 
 from .activities import ActivityRecord, apply_activity, touched_symbols
-from .events import ACTIVITY_EVENT, FILL_EVENTS, KNOWN_EVENTS, Event
+from .events import ACTIVITY_EVENT, FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, PositionStep, apply_fill
+from .revisions import apply_revision, revise_position
 from .symbols import asset_class_of, multiplier
 
 
@@ -122,10 +123,15 @@ def order_fills_by_cum_qty(events: Sequence[Event]) -> list[Event]:
     fill's slot in the batch decides its place in the symbol's position history, so each
     order's fills are re-dealt, smallest cumulative first, into the slots they occupied.
     """
-    slots: dict[str, list[int]] = {}
+    # A bust or correction starts a new run of the order's fills: its cumulative figures
+    # come back down, so fills on either side of it must not be sorted together.
+    slots: dict[tuple[str, int], list[int]] = {}
+    runs: dict[str, int] = {}
     for i, ev in enumerate(events):
         if ev.event in FILL_EVENTS:
-            slots.setdefault(ev.order_id, []).append(i)
+            slots.setdefault((ev.order_id, runs.get(ev.order_id, 0)), []).append(i)
+        elif ev.event in REVISION_EVENTS:
+            runs[ev.order_id] = runs.get(ev.order_id, 0) + 1
     if all(len(s) == 1 for s in slots.values()):
         return list(events)
     out = list(events)
@@ -170,7 +176,9 @@ def apply_events(
             continue
         if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:
             continue  # an unknown event type about an order we never saw invents no order
-        outcome = apply_order_event(order_state.get(ev.order_id), ev)
+        revision = ev.event in REVISION_EVENTS
+        outcome = (apply_revision if revision else apply_order_event)(
+            order_state.get(ev.order_id), ev)
         order_state[ev.order_id] = outcome.state
         result.orders[ev.order_id] = outcome.state
         if outcome.stale:
@@ -182,7 +190,9 @@ def apply_events(
         if not delta.exact:
             result.inexact_fills += 1
         held = current.get(ev.symbol)
-        if held is None or held.qty == 0:
+        if revision:
+            step = revise_position(held, account_id, delta, ev.side)
+        elif held is None or held.qty == 0:
             cls, mult = contract_terms(ev.symbol, ev.asset_class)
             step = apply_fill(held, account_id, delta, mult, cls)
         else:

@@ -65,6 +65,9 @@ class OrderState(msgspec.Struct, frozen=True, gc=False):
     asset_class: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Time of the latest bust or correction applied (revisions.py): a fill stamped no
+    #: later than it was already counted in the revision's cumulative figures.
+    revised_at: datetime | None = None
     order_class: str | None = None  # `mleg` for a multi-leg parent (section 10)
     parent_order_id: str | None = None  # a leg's parent
 
@@ -154,7 +157,8 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         # An event type we do not know yet: keep it (the dedupe row), change nothing.
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, state.status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, state.updated_at, ocls, parent),
+                       order_qty, order_type, asset_class, created_at, state.updated_at,
+                       state.revised_at, ocls, parent),
             None, False)
     status = merge_status(state.status, event.status)
     updated_at = (
@@ -172,8 +176,8 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, status, max(cum, c0),
                        avg_parent, cid,
-                       order_qty, order_type, asset_class, created_at, updated_at, ocls,
-                       parent),
+                       order_qty, order_type, asset_class, created_at, updated_at,
+                       state.revised_at, ocls, parent),
             None, False)
     implied_fill = (
         event.source == "stream" and cum > c0 and event.cum_avg_price is not None
@@ -186,10 +190,14 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     # A fill whose cumulative quantity is not above ours was already counted (a duplicate
     # through another path, or an out-of-order late fill whose quantity a later
     # cumulative update already carried): stale.
-    if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0:
+    # A fill stamped no later than a bust or correction we applied is in the revision's
+    # cumulative figures already (docs/design.md, section 11): stale too.
+    revised = state.revised_at is not None and event.timestamp <= state.revised_at
+    if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0 or revised:
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, updated_at, ocls, parent),
+                       order_qty, order_type, asset_class, created_at, updated_at,
+                       state.revised_at, ocls, parent),
             None, event.event in FILL_EVENTS or implied_fill)
 
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
@@ -201,8 +209,8 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     if event.order_qty is not None and cum >= event.order_qty:
         status = merge_status(status, "filled")
     new_state = OrderState(state.order_id, state.symbol, state.side, status, cum, avg, cid,
-                           order_qty, order_type, asset_class, created_at, updated_at, ocls,
-                           parent)
+                           order_qty, order_type, asset_class, created_at, updated_at,
+                           state.revised_at, ocls, parent)
     delta = FillDelta(
         order_id=event.order_id,
         client_order_id=cid,

@@ -97,8 +97,8 @@ RETURNING event_key
 """
 
 _ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_avg_price,
-    client_order_id, qty, order_type, asset_class, created_at, updated_at, order_class,
-    parent_order_id"""
+    client_order_id, qty, order_type, asset_class, created_at, updated_at, revised_at,
+    order_class, parent_order_id"""
 
 _LOCK_ORDERS = f"""
 SELECT {_ORDER_COLUMNS} FROM broker_orders
@@ -119,17 +119,25 @@ FOR UPDATE
 """
 
 _LOAD_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %(acct)s"
+#: A Broker API events stream's position (docs/design.md, section 11): only forward.
+_ADVANCE_STREAM_POSITION = """
+INSERT INTO event_stream_positions AS p (stream, event_id) VALUES (%(stream)s, %(event_id)s)
+ON CONFLICT (stream) DO UPDATE SET event_id = GREATEST(p.event_id, EXCLUDED.event_id),
+    updated_at = now()
+"""
+_LOAD_STREAM_POSITION = "SELECT event_id FROM event_stream_positions WHERE stream = %s"
 
 _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
     order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
-    order_class, parent_order_id)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ocls, par
+    revised_at, order_class, parent_order_id)
+SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par
 FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
             %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
             %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[], %(oclasses)b::text[], %(parents)b::text[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ocls, par)
+            %(uas)b::timestamptz[], %(ras)b::timestamptz[], %(oclasses)b::text[],
+            %(parents)b::text[])
+    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     order_class = EXCLUDED.order_class,
     parent_order_id = EXCLUDED.parent_order_id,
@@ -142,6 +150,7 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
     status = EXCLUDED.status,
     created_at = EXCLUDED.created_at,
     updated_at = EXCLUDED.updated_at,
+    revised_at = EXCLUDED.revised_at,
     last_stored_at = now()
 """
 
@@ -324,8 +333,9 @@ def _order(row: Sequence[Any]) -> OrderState:
         asset_class=row[9],
         created_at=row[10],
         updated_at=row[11],
-        order_class=row[12],
-        parent_order_id=row[13],
+        revised_at=row[12],
+        order_class=row[13],
+        parent_order_id=row[14],
     )
 
 
@@ -379,6 +389,7 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
         "sts": [_text(o.status) for o in rows],
         "cas": [o.created_at for o in rows],
         "uas": [o.updated_at for o in rows],
+        "ras": [o.revised_at for o in rows],
         "oclasses": [_opt_text(o.order_class) for o in rows],
         "parents": [_opt_text(o.parent_order_id) for o in rows],
     }
@@ -635,6 +646,13 @@ class PgStore:
 
         return await self._run(lambda: self._guarded("load_activity_cursor", op))
 
+    async def load_stream_position(self, stream: str) -> str | None:
+        def op(conn: psycopg.Connection[Any]) -> str | None:
+            row = conn.execute(_LOAD_STREAM_POSITION, [stream]).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(lambda: self._guarded("load_stream_position", op))
+
     async def open_order_ids(self, account_id: str) -> list[str]:
         def op(conn: psycopg.Connection[Any]) -> list[str]:
             return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
@@ -723,6 +741,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
     symbols = {_text(sym): sym for sym in touched_symbols}
 
     with conn.pipeline(), conn.transaction():
+        if not batch.durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
         claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
         if keys:
@@ -769,6 +789,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
             conn.execute(_MARK_REPLAYED, _replay_params(acct, batch.replays, new_keys))
+        if batch.stream_position is not None:
+            conn.execute(_ADVANCE_STREAM_POSITION,
+                         {"stream": _text(batch.stream_position.stream),
+                          "event_id": _text(batch.stream_position.event_id)})
     # Committed (the transaction block exited cleanly): read what the cursor upsert said,
     # which also covers a concurrent writer having moved it further.
     if cursor != stored_cursor:

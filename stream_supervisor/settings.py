@@ -102,6 +102,11 @@ class Settings:
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
     strategy_pattern: str = DEFAULT_STRATEGY_PATTERN  # `stats`: client_order_id -> strategy
     stats_lookback_days: int = DEFAULT_STATS_LOOKBACK_DAYS
+    #: Several accounts in one process (docs/design.md, section 11); None: the one
+    #: account of APCA_API_KEY_ID / APCA_API_SECRET_KEY.
+    accounts_file: str | None = None
+    #: Serve only this account of the file (the systemd template unit's instance name).
+    account_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
@@ -147,12 +152,13 @@ class Settings:
         return out
 
     def require_run(self) -> None:
-        """`run` refuses to start without credentials and a database, naming each gap."""
+        """`run` refuses to start without credentials and a database, naming each gap.
+        With an accounts file, the credentials come from it instead."""
         missing = [
             name
             for name, value in (
-                ("APCA_API_KEY_ID", self.key_id),
-                ("APCA_API_SECRET_KEY", self.secret_key),
+                ("APCA_API_KEY_ID", self.key_id or self.accounts_file),
+                ("APCA_API_SECRET_KEY", self.secret_key or self.accounts_file),
                 ("DATABASE_URL", self.database_url),
             )
             if not value
@@ -210,6 +216,8 @@ _PREFIXED: Final[dict[str, str]] = {
     "HTTP_ADDR": "http_addr",
     "STRATEGY_PATTERN": "strategy_pattern",
     "STATS_LOOKBACK_DAYS": "stats_lookback_days",
+    "ACCOUNTS_FILE": "accounts_file",
+    "ACCOUNT_NAME": "account_name",
 }
 _BACKOFF: Final[dict[str, str]] = {
     "BACKOFF_INITIAL": "initial",

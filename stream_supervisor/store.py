@@ -50,11 +50,26 @@ def replay_outcome(mark: ReplayMark, new_keys: set[str] | frozenset[str]) -> str
 
 
 @dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """How far a Broker API events stream is durably applied (docs/design.md, section
+    11): the `event_id` (a ULID) of the newest event of a fully committed batch."""
+
+    stream: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     account_id: str
     events: Sequence[Event]
     dead_letters: Sequence[DeadLetter] = ()
     replays: Sequence[ReplayMark] = ()
+    #: Moved (only forward) in this batch's transaction, when set.
+    stream_position: StreamPosition | None = None
+    #: False: the commit need not wait for its WAL flush (`synchronous_commit = off`).
+    #: Only for a part of an events-stream batch followed by a durable part: that later
+    #: commit flushes the WAL, and this one with it, before anything is acknowledged.
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +166,10 @@ class Store(Protocol):
         ...
 
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
+
+    async def load_stream_position(self, stream: str) -> str | None:
+        """The newest `event_id` of `stream` committed (section 11), None before any."""
+        ...
 
     async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
         """Dead letters an operator asked to replay (`dead-letters --replay` while a

@@ -604,3 +604,31 @@ async def test_replay_marks_record_the_outcome_in_the_batch(backend: Backend) ->
     outcomes = {d.id: d.replay_result for d in backend.stored_letters(ACCOUNT)}
     assert outcomes == {ids[0]: "stored", ids[1]: "already stored",
                         ids[2]: "still refused: out of bounds"}
+
+
+async def test_a_bust_is_kept_across_batches_and_a_late_fill_stays_stale(
+        backend: Backend) -> None:
+    """Busts (docs/design.md, section 11): the revision's time is stored with the order,
+    so a fill stamped before it and arriving in a later batch changes nothing."""
+    from stream_supervisor.events import broker_event_key
+
+    def broker_event(base: Event, event_id: str, **changes: Any) -> Event:
+        return msgspec.structs.replace(base, key=broker_event_key(event_id), **changes)
+
+    first = broker_event(fill("r1", "buy", "4", "4", "10", 1), "e1", event="partial_fill",
+                         status="partially_filled", order_qty=Decimal(10))
+    late = broker_event(fill("r1", "buy", "10", "6", "12", 2), "e2",
+                        cum_avg_price=Decimal("11.2"), order_qty=Decimal(10))
+    bust = broker_event(fill("r1", "buy", "4", "-6", "12", 3), "e3", event="trade_bust",
+                        status="partially_filled", cum_avg_price=Decimal(10),
+                        order_qty=Decimal(10))
+    store = await backend.make()
+    await store.commit_batch(Batch("acct-bust", [first]))
+    await store.commit_batch(Batch("acct-bust", [bust]))
+    result = await store.commit_batch(Batch("acct-bust", [late]))
+    snap = await store.snapshot("acct-bust")
+    assert result.stale_fills == 1 and result.fills_applied == 0
+    order = snap.orders["r1"]
+    assert (order.filled_qty, order.filled_avg_price) == (Decimal(4), Decimal(10))
+    assert order.revised_at == bust.timestamp
+    assert snap.net_position("XYZ") == 4

@@ -119,6 +119,7 @@ class MemoryDatabase:
         self.next_dead_letter_id = 1
         self.available = True
         self.commits = 0
+        self.stream_positions: dict[str, str] = {}  # events stream -> newest event_id
         self.clock = clock  # the database's now(): receipt and replay times
 
     def account(self, account_id: str) -> _Account:
@@ -256,6 +257,10 @@ class MemoryStore:
             acct.activities.setdefault(record.activity_id, record)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)
+        if batch.stream_position is not None:
+            stream, event_id = batch.stream_position.stream, batch.stream_position.event_id
+            held = self.db.stream_positions.get(stream)
+            self.db.stream_positions[stream] = event_id if held is None else max(held, event_id)
         now = self.db.clock()
         known = {row.letter.key for row in acct.dead_letters}
         for letter in batch.dead_letters:
@@ -284,6 +289,10 @@ class MemoryStore:
             cursor=acct.cursor,
             dead_letters=len(batch.dead_letters),
         )
+
+    async def load_stream_position(self, stream: str) -> str | None:
+        self._check()
+        return self.db.stream_positions.get(stream)
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         acct = self.db.account(account_id)
