@@ -143,3 +143,34 @@ def test_the_first_fill_fixes_the_multiplier_and_a_flip_keeps_it() -> None:
     assert all(r.outcome == APPLIED for r in apply_events("a", {}, {}, [
         fill(1, call, "buy", Decimal(2), Decimal("1.00"), "us_option"),
         activity(2, "OPEXP", call, "-2")]).activities)
+
+
+@given(st.permutations(range(8)), st.lists(st.integers(0, 7), max_size=6))
+def test_any_order_of_duplicated_multi_leg_updates_gives_each_leg_the_brokers_position(
+        order: list[int], repeats: list[int]) -> None:
+    """Multi-leg parent updates (legs inside) and the legs' FILL activities, in any order,
+    some twice: each leg's symbol ends at the broker's quantity, the parent at its own."""
+    from stream_supervisor.protocol import WireActivity, activity_to_event
+
+    from .test_asset_classes import CALL, MLEG_UPDATES
+
+    leg_fills = [activity_to_event(WireActivity(
+        id=f"2024011915000{i}::leg", order_id=oid, symbol=sym, side=side, price=Decimal(p),
+        qty=Decimal(1), cum_qty=Decimal(c), transaction_time="2024-01-19T15:00:00Z"))
+        for i, (oid, sym, side, p, c) in enumerate([
+            ("leg-1", CALL, "buy", "2.10", "1"), ("leg-2", "AAPL240119C00200000", "sell",
+                                                  "1.30", "1"),
+            ("leg-1", CALL, "buy", "2.00", "2"), ("leg-2", "AAPL240119C00200000", "sell",
+                                                  "1.20", "2")])]
+    pool = [*MLEG_UPDATES, *leg_fills]
+    seen: set[str] = set()
+    events = []
+    for i in [*order, *repeats]:
+        if pool[i].key not in seen:  # the dedupe table: a key once
+            seen.add(pool[i].key)
+            events.append(pool[i])
+    result = apply_events("a", {}, {}, events)
+    held = {p.symbol: p.qty for p in result.positions if p.is_open}
+    assert held == {CALL: 2, "AAPL240119C00200000": -2}
+    assert result.orders["mleg-1"].filled_qty == 2
+    assert {result.orders[leg].parent_order_id for leg in ("leg-1", "leg-2")} == {"mleg-1"}
