@@ -140,18 +140,26 @@ _CHECKS: Final = (
                    sum(CASE side WHEN 'long' THEN qty ELSE -qty END) AS qty
             FROM active_positions WHERE {_ACCT} AND status = 'open'
             GROUP BY account_id, symbol
-        ), moves AS (
-            SELECT account_id, symbol,
-                   sum(CASE side WHEN 'buy' THEN filled_qty WHEN 'sell' THEN -filled_qty
-                       ELSE 0 END) AS qty
-            FROM broker_orders WHERE {_ACCT} {_NOT_MLEG}
-            GROUP BY account_id, symbol
-            UNION ALL
-            SELECT account_id, e.key, sum(e.value::numeric)
-            FROM account_activities, jsonb_each_text(effects) AS e
-            WHERE {_ACCT} GROUP BY account_id, e.key
         ), traded AS (
-            SELECT account_id, symbol, sum(qty) AS qty FROM moves GROUP BY account_id, symbol
+            -- Fills count beyond each order's baseline; adjustments (section 9) carry the
+            -- rest: a baseline, a rebaseline or a reconcile moved the net by after - before;
+            -- non-trade activities (section 10) by their effects. A multi-leg parent
+            -- trades through its legs.
+            SELECT account_id, symbol, sum(qty) AS qty FROM (
+                SELECT account_id, symbol,
+                       CASE side WHEN 'buy' THEN filled_qty - baseline_qty
+                                 WHEN 'sell' THEN baseline_qty - filled_qty
+                                 ELSE 0 END AS qty
+                FROM broker_orders WHERE {_ACCT} {_NOT_MLEG}
+                UNION ALL
+                SELECT account_id, symbol, qty_after - qty_before
+                FROM position_adjustments WHERE {_ACCT}
+                UNION ALL
+                SELECT account_id, e.key, e.value::numeric
+                FROM account_activities, jsonb_each_text(effects) AS e
+                WHERE {_ACCT}
+            ) moves
+            GROUP BY account_id, symbol
         )
         SELECT account_id, symbol, coalesce(h.qty, 0), coalesce(t.qty, 0)
         FROM held h FULL JOIN traded t USING (account_id, symbol)
@@ -159,7 +167,7 @@ _CHECKS: Final = (
         ORDER BY account_id, symbol
         """,
         lambda r: f"account {r[0]} {r[1]}: open positions net {r[2]}, "
-        f"orders' signed filled_qty sum {r[3]}",
+        f"orders' signed filled_qty beyond their baselines plus adjustments {r[3]}",
     ),
     _Check(
         "position",

@@ -157,6 +157,10 @@ async def run_pipeline_against_sim(
             stream_url=server.ws_url,
             account_id=None,
             first_start_lookback=3600.0,
+            # The simulated account starts empty, with its session, which the lookback
+            # covers whole; a baseline taken while the market already runs would rightly
+            # give up the P&L realized before it (docs/design.md, section 9).
+            baseline=False,
             # A session with the asset mix posts its end-of-day activities seconds after it
             # ends: look often then.
             activity_interval=(min(settings.activity_interval, 1.0) if sim_config.asset_mix

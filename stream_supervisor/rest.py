@@ -48,4 +48,7 @@ class BrokerRest(Protocol):
 
     async def asset(self, symbol: str) -> dict[str, Any] | None:
         """`GET /v2/assets/{symbol}`: the broker's record of an asset (None if unknown)."""
+    async def clock(self) -> dict[str, Any]:
+        """`GET /v2/clock`: `timestamp`, `is_open`, `next_open`, `next_close` (the
+        scheduled reconcile runs while the market is open, docs/design.md, section 9)."""
         ...

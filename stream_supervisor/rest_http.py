@@ -223,6 +223,11 @@ class HttpBrokerRest:
             return None
         found = msgspec.json.decode(body)
         return found if isinstance(found, dict) else None
+    async def clock(self) -> dict[str, Any]:
+        body = await self._get("/v2/clock")
+        if body is None:
+            raise BrokerUnavailable("GET /v2/clock returned 404")
+        return dict(msgspec.json.decode(body))
 
 
 def endpoint_label(path: str) -> str:

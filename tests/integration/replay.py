@@ -157,3 +157,5 @@ class FixtureRest:
 
     async def asset(self, symbol: str) -> dict[str, Any] | None:
         return None
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": False}
