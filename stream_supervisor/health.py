@@ -193,6 +193,9 @@ def readiness(state: SupervisorState) -> dict[str, Any]:
         "db_writable": state.db_writable,
         "draining": state.draining,
         "leader": state.leader,
+        # Drift does not make the service unready (it is still the best record of fills);
+        # it is shown so that an operator sees it next to the verdict.
+        "drifted_symbols": state.drifted_symbols,
     }
 
 

@@ -3,7 +3,8 @@
 An order's stored cumulative `filled_qty` is a high-water mark: an update whose
 cumulative quantity is not above it changes nothing, and the quantity that reaches
 positions is always `C - c0`, priced so that a missed intermediate update still lands
-right. Status never regresses.
+right. Status follows the broker's latest word and never leaves a final status
+(docs/design.md, section 9, "Status").
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import msgspec
 from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 
 TERMINAL_STATUSES: Final = frozenset({"filled", "canceled", "expired", "replaced", "rejected"})
+#: A refused cancel or replace: the order goes back to the status its update carries.
+REFUSAL_EVENTS: Final = frozenset({"order_cancel_rejected", "order_replace_rejected"})
 
 # Progress of an order through its life; a status of lower rank never overwrites one of
 # higher rank, and nothing leaves a terminal status (a late `new` cannot undo `filled`).
@@ -43,10 +46,29 @@ def status_rank(status: str) -> int:
     return _STATUS_RANK.get(status, 1)
 
 
-def merge_status(old: str, new: str) -> str:
-    """The status after `new` is reported for an order that had `old`."""
+def merge_status(
+    old: str,
+    new: str,
+    *,
+    old_at: datetime | None = None,
+    new_at: datetime | None = None,
+    authoritative: bool = False,
+) -> str:
+    """The status after `new` (stamped `new_at` by the broker) is reported for an order
+    that had `old` (stamped `old_at`).
+
+    A final status never changes, and a final status reported wins. Between statuses
+    that are not final, the broker's later stamp wins: a `new` the morning after
+    `done_for_day`, a `partially_filled` after a refused cancel. `authoritative` (a
+    refused cancel or replace, which names the status the order went back to) wins
+    outright. Only without stamps, or on a tie, does the order of progress decide.
+    """
     if old in TERMINAL_STATUSES:
         return old
+    if new in TERMINAL_STATUSES or authoritative:
+        return new
+    if old_at is not None and new_at is not None and new_at != old_at:
+        return new if new_at > old_at else old
     return new if status_rank(new) >= status_rank(old) else old
 
 
@@ -153,7 +175,14 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
                        order_qty, order_type, asset_class, created_at, state.updated_at,
                        state.revised_at),
             None, False)
-    status = merge_status(state.status, event.status)
+    # A REST snapshot is the broker's word now: at a stamp not older than ours it repairs
+    # whatever the stream left (a refused cancel whose update we never saw, say).
+    status = merge_status(
+        state.status, event.status, old_at=state.updated_at, new_at=event.timestamp,
+        authoritative=event.event in REFUSAL_EVENTS or (
+            event.event == "refresh" and (
+                state.updated_at is None or event.timestamp >= state.updated_at)),
+    )
     updated_at = (
         event.timestamp
         if state.updated_at is None or event.timestamp > state.updated_at

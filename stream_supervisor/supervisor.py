@@ -23,6 +23,7 @@ import trio
 
 from .admission import Admission
 from .backoff import Backoff, BackoffPolicy
+from .baseline import needs_baseline, take_baseline
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
 from .dedupe import KeyCache, dedupe_actor
@@ -35,9 +36,11 @@ from .errors import (
     StoreUnavailable,
     collapse,
 )
+from .ledger import Cursor
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
+from .reconciler import ScheduledReconcile
 from .recovery import GapRecovery, RecoverySettings
 from .replay import replay_with
 from .rest import BrokerRest
@@ -259,6 +262,8 @@ class Supervisor:
             if not await self._lead(store, account_id):
                 return
             cursor = await store.load_cursor(account_id)
+            if s.baseline:
+                cursor = await self._baseline_if_needed(store, account_id, cursor)
             last = self._cache.last_committed if self._cache is not None else None
             if last is not None and not await store.has_key(last):
                 # An acknowledged commit is gone: the database failed over to a replica
@@ -313,6 +318,9 @@ class Supervisor:
                         recv_acks, self.metrics, self.state,
                     )
                     nursery.start_soon(self._replay_requested, store, account_id)
+                    nursery.start_soon(ScheduledReconcile(
+                        s, self.deps.rest, store, account_id, self.metrics, self.state,
+                        wallclock=self.deps.wallclock).run)
                     if self.deps.admission is not None:
                         nursery.start_soon(self._watch_admission, self.deps.admission,
                                            account_id)
@@ -342,6 +350,26 @@ class Supervisor:
             with trio.move_on_after(STORE_CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await store.aclose()
+
+    async def _baseline_if_needed(
+        self, store: Store, account_id: str, cursor: Cursor | None
+    ) -> Cursor | None:
+        """A first start, or a cursor older than the broker keeps activities: take the
+        broker's word as the starting state (docs/design.md, section 9)."""
+        now = self.deps.wallclock()
+        reason = needs_baseline(cursor, now, self.settings.activities_window)
+        if reason is None:
+            return cursor
+        snapshot, made = await take_baseline(
+            store, self.deps.rest, account_id, reason=reason, now=now,
+            window=2 * self.settings.backfill_overlap)
+        self.state.baseline = reason
+        log.info("baseline_taken", reason=reason, positions=len(snapshot.positions),
+                 orders=len(snapshot.orders), adjustments=len(made),
+                 attempts=snapshot.attempts)
+        for note in snapshot.notes:
+            log.warning("baseline_inexact", detail=note)
+        return await store.load_cursor(account_id)
 
     async def _lead(self, store: Store, account_id: str) -> bool:
         """Wait (as a standby) until this process holds the account's writer lock.
