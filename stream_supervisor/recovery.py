@@ -36,6 +36,7 @@ from .ledger import Cursor, order_fills_by_cum_qty
 from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
+from .nontrade import ActivityRecovery, AssetBook
 from .orders import TERMINAL_STATUSES, merge_status
 from .protocol import WireActivity, WireOrder, activity_json, activity_to_event, snapshot_to_event
 from .rest import MAX_ORDERS_PAGE, MAX_PAGE_SIZE, BrokerRest
@@ -164,6 +165,8 @@ class GapRecovery:
         *,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         open_order_ids: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        activities: ActivityRecovery | None = None,
+        assets: AssetBook | None = None,
     ) -> None:
         self.settings = settings
         self.rest = rest
@@ -172,6 +175,9 @@ class GapRecovery:
         self.state = state
         self.wallclock = wallclock
         self.open_order_ids = open_order_ids
+        #: Non-trade activities and crypto spellings (docs/design.md, section 10).
+        self.activities = activities
+        self.assets = assets
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
         #: Pages read and activities they held, new and re-read, over this life (tests
@@ -223,6 +229,8 @@ class GapRecovery:
             async for page in paged:
                 pages += 1
                 events = await self._decode(page)
+                if self.assets is not None:
+                    events = await self.assets.spelled(events)
                 if not events:
                     continue
                 priced = await self._price_gaps(sort_backfill(events), book)
@@ -244,6 +252,12 @@ class GapRecovery:
         # The refresh lists afresh: the list that priced the pages is as old as they.
         listed = self.order_list_requests
         refreshed = await self.refresh_orders(book.since)
+        if self.activities is not None:
+            # After every fill before them: when the live socket holds fills this
+            # backfill left to it, the next scheduled pass brings the activities instead.
+            self.activities.note_start(start)
+            if live_from_ns() is None:
+                await self.activities.backfill(start)
         log.info("backfill_done", fills=fills, pages=pages, orders_refreshed=refreshed,
                  order_requests=book.requests + self.order_list_requests - listed,
                  connection_id=self.state.connection_id)
