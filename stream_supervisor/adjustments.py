@@ -30,6 +30,12 @@ REBASELINE: Final = "rebaseline"
 RECONCILE: Final = "reconcile"
 
 
+def origin_of(reason: str) -> str:
+    """`active_positions.origin` of a row an adjustment opens: a rebaseline is a baseline
+    (statistics put both under the strategy "baseline"); a reconcile says so."""
+    return BASELINE if reason in (BASELINE, REBASELINE) else reason
+
+
 class BrokerPosition(msgspec.Struct, frozen=True, gc=False):
     """One row of `GET /v2/positions`: canonical symbol, signed quantity (shorts negative)."""
 

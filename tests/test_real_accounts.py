@@ -335,6 +335,10 @@ async def test_rebaseline_keeps_history_and_counts_nothing_twice(
     snap = await store.snapshot(ACCOUNT)
     assert (snap.orders["x9"].filled_qty, snap.orders["x9"].status) == (D(10), "filled")
     assert snap.baseline_qty == {"g2": D(20), "x9": D(8)}
+    with psycopg.connect(database_url) as conn:
+        origins = conn.execute("SELECT symbol, origin, alpaca_order_id FROM active_positions "
+                               "WHERE status = 'open' ORDER BY symbol").fetchall()
+    assert origins == [("AAPL", "baseline", "rebaseline"), ("NVDA", "baseline", "rebaseline")]
     await assert_as_the_broker(store, broker, database_url)
     # The order's fill at 25 (already in 125) arrives late: nothing; at 30, 5 more.
     await commit(store, fill("g2", "buy", "25", "20", "157.5", "158", at(20), order_qty="50"),
