@@ -224,6 +224,38 @@ async def test_the_snapshot_is_read_again_until_no_fill_lands_in_between() -> No
     assert [o.filled_qty for o in snapshot.orders] == [D(1)]
 
 
+async def test_each_symbol_settles_in_a_round_of_its_own_while_others_fill() -> None:
+    # MSFT and TSLA take turns filling during every read, so no round is quiet for the
+    # whole account; each symbol is quiet in every other round, which is enough.
+    broker = Broker()
+    cum = {"MSFT": 0, "TSLA": 0}
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        answer = await real_positions()
+        symbol = "TSLA" if reads % 2 else "MSFT"
+        cum[symbol] += 1
+        broker.activities.append(WireActivity(
+            id=f"{reads:03d}::{symbol}", order_id=symbol.lower(), symbol=symbol, side="buy",
+            price=D(100), qty=D(1), cum_qty=D(cum[symbol]),
+            transaction_time=format_timestamp(at(-30 + reads))))
+        broker.held = [position(sym, str(q), "100") for sym, q in cum.items() if q]
+        return answer
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    # Round 1: TSLA fills. Round 2: MSFT fills, TSLA settles at 1. Round 3: TSLA fills
+    # again, MSFT settles at 1. Each with its order's mark as of its own round.
+    assert snapshot.attempts == 3
+    assert sorted((p.symbol, p.qty) for p in snapshot.positions) == [
+        ("MSFT", D(1)), ("TSLA", D(1))]
+    assert sorted((o.order_id, o.filled_qty) for o in snapshot.orders) == [
+        ("msft", D(1)), ("tsla", D(1))]
+
+
 async def test_a_refused_cancel_or_replace_and_a_new_day_leave_no_stuck_status(
         store: PgStore, database_url: str) -> None:
     # Reproduction 3.
