@@ -1,10 +1,11 @@
 """The broker's word as a starting state (docs/design.md, section 9).
 
 A baseline reads `GET /v2/positions`, the open orders and the FILL activities of a recent
-window, again and again until two reads of the activities around them agree (nothing
-filled meanwhile), and stores that one moment as where positions start: each position
-the broker holds, opened before the service knew it, at the broker's average entry; each
-order's `filled_qty` then as its high-water mark, so only fills beyond it count. Used on
+window, again and again until each symbol has had a round with no new activity around
+its reads (nothing filled meanwhile), and stores that moment of each symbol as where
+positions start: each position the broker holds, opened before the service knew it, at
+the broker's average entry; each order's `filled_qty` then as its high-water mark, so
+only fills beyond it count. Used on
 a first start (no cursor), on a restart whose cursor is older than the broker keeps
 activities, and by `stream-supervisor rebaseline`.
 """
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Final
 
-from .adjustments import BASELINE, Adjustment, BrokerPosition, broker_position
+from .adjustments import BASELINE, REBASELINE, Adjustment, BrokerPosition, broker_position
 from .errors import BrokerUnavailable
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
@@ -27,7 +28,7 @@ from .rest import BrokerRest
 from .store import BrokerWord, Store
 from .symbols import canonical_symbol
 
-#: Reads of the snapshot before giving up on a moment with no fill in it.
+#: Rounds of reads before giving up on a symbol that never had a quiet one.
 MAX_ATTEMPTS: Final = 10
 #: The window of activities a baseline reads reaches back at least this far (seconds),
 #: whatever the backfill overlap: it must hold every fill the first backfill re-reads
@@ -57,7 +58,7 @@ def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: floa
     if cursor is None or cursor.fill_time is None:
         return BASELINE
     if activities_window > 0 and cursor.fill_time < now - timedelta(seconds=activities_window):
-        return "rebaseline"
+        return REBASELINE
     return None
 
 

@@ -6,10 +6,9 @@ position to the broker's, after which reconcile exits 0 and `check` passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from .adjustments import (
     REBASELINE,
@@ -24,25 +23,10 @@ from .errors import ConfigError
 from .logs import get_logger
 from .settings import Settings
 from .store import BrokerWord, Store, StoreSnapshot
-from .symbols import canonical_symbol
 from .wiring import http_rest, pg_store
 
 log = get_logger("stream_supervisor.reconcile")
 ZERO = Decimal(0)
-
-
-def compare_positions(
-    stored: Mapping[str, Decimal], broker: list[dict[str, Any]]
-) -> list[tuple[str, Decimal, Decimal]]:
-    """(symbol, ours, broker's) for every canonical symbol whose signed net differs."""
-    ours: dict[str, Decimal] = {}
-    for symbol, qty in stored.items():
-        key = canonical_symbol(symbol)
-        ours[key] = ours.get(key, ZERO) + qty
-    theirs = {b.symbol: b.qty for b in map(broker_position, broker)}
-    return [(s, ours.get(s, ZERO), theirs.get(s, ZERO))
-            for s in sorted(set(ours) | set(theirs))
-            if ours.get(s, ZERO) != theirs.get(s, ZERO)]
 
 
 def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
