@@ -87,6 +87,21 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
 
 
+async def _broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
+    """`GET /v2/clock`'s timestamp; our own clock if the broker has none to give (a
+    broker that keeps retrying errors fails the baseline, as any read does)."""
+    try:
+        stamp = (await rest.clock()).get("timestamp")
+    except BrokerUnavailable:
+        return fallback
+    if not isinstance(stamp, str):
+        return fallback
+    try:
+        return parse_timestamp(stamp)[0]
+    except ValueError:
+        return fallback
+
+
 async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
@@ -98,6 +113,9 @@ async def take_snapshot(
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by
     now) becomes its mark, so its row is right again and nothing of it counts twice."""
+    # The moment is stamped by the broker's clock, read first: the cursor it becomes is
+    # compared with fill times, which the broker stamps; ours may run ahead of its.
+    now = await _broker_now(rest, now)
     start = now - timedelta(seconds=max(window, MIN_WINDOW))
     acts = await _activities(rest, format_timestamp(start))
     # Per symbol, the round it settled in: its position, its open orders and the
