@@ -6,10 +6,12 @@ position to the broker's, after which reconcile exits 0 and `check` passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
+from .activities import APPLIED, ActivityRecord
 from .adjustments import (
     REBASELINE,
     RECONCILE,
@@ -23,10 +25,25 @@ from .errors import ConfigError
 from .logs import get_logger
 from .settings import Settings
 from .store import BrokerWord, Store, StoreSnapshot
+from .symbols import canonical_symbol
 from .wiring import http_rest, pg_store
 
 log = get_logger("stream_supervisor.reconcile")
 ZERO = Decimal(0)
+
+
+def compare_positions(
+    stored: Mapping[str, Decimal], broker: list[dict[str, Any]]
+) -> list[tuple[str, Decimal, Decimal]]:
+    """(symbol, ours, broker's) for every canonical symbol whose signed net differs."""
+    ours: dict[str, Decimal] = {}
+    for symbol, qty in stored.items():
+        key = canonical_symbol(symbol)
+        ours[key] = ours.get(key, ZERO) + qty
+    theirs = {b.symbol: b.qty for b in map(broker_position, broker)}
+    return [(s, ours.get(s, ZERO), theirs.get(s, ZERO))
+            for s in sorted(set(ours) | set(theirs))
+            if ours.get(s, ZERO) != theirs.get(s, ZERO)]
 
 
 def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
@@ -47,6 +64,16 @@ async def apply_differences(
     ))
 
 
+def unapplied_activities(activities: Sequence[ActivityRecord]) -> list[str]:
+    """One line per stored non-trade activity that changed nothing: a type the service
+    does not understand, or one that found no position to change. Never guessed at;
+    an operator decides (docs/design.md, section 10)."""
+    return [
+        f"activity {a.activity_id} {a.activity_type} {a.symbol or '-'} qty {a.qty}: {a.outcome}"
+        for a in activities if a.outcome != APPLIED
+    ]
+
+
 async def reconcile(settings: Settings, *, apply: bool = False) -> int:
     async with http_rest(settings) as rest:
         account_id = settings.account_id or await rest.account_id()
@@ -65,6 +92,9 @@ async def reconcile(settings: Settings, *, apply: bool = False) -> int:
             log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
                         broker=str(d.broker))
             print(f"{d.symbol}: stored {d.ours}, broker {d.broker}")
+        for line in unapplied_activities(snapshot.activities):
+            log.warning("reconcile_unapplied_activity", detail=line)
+            print(line)
         print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
         if apply and diffs:
             made = await apply_differences(store, account_id, diffs, taken_at=taken_at)
