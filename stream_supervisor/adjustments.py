@@ -23,11 +23,19 @@ from .positions import Position
 from .symbols import canonical_symbol
 
 ZERO: Final = Decimal(0)
+#: Averages closer than this are the same (the broker rounds its to 12 places).
+PRICE_TOLERANCE: Final = Decimal("1e-9")
 #: Why a position was set to the broker's word (`position_adjustments.reason`,
 #: `active_positions.origin` of the row opened, `close_reason` of the row closed).
 BASELINE: Final = "baseline"
 REBASELINE: Final = "rebaseline"
 RECONCILE: Final = "reconcile"
+
+
+def origin_of(reason: str) -> str:
+    """`active_positions.origin` of a row an adjustment opens: a rebaseline is a baseline
+    (statistics put both under the strategy "baseline"); a reconcile says so."""
+    return BASELINE if reason in (BASELINE, REBASELINE) else reason
 
 
 class BrokerPosition(msgspec.Struct, frozen=True, gc=False):
@@ -97,7 +105,11 @@ def plan_adjustments(
         target = theirs.get(symbol)
         before = row.qty if row is not None else ZERO
         after = target.qty if target is not None else ZERO
-        if before == after:
+        # A baseline takes the broker's average too: fills we never saw (while away past
+        # the activities window) can leave the quantity as it was and move the average.
+        same_price = (reason == RECONCILE or row is None or target is None
+                      or abs(row.avg_entry_price - target.avg_entry_price) <= PRICE_TOLERANCE)
+        if before == after and same_price:
             continue
         closed = None
         if row is not None:

@@ -1,10 +1,11 @@
 """The broker's word as a starting state (docs/design.md, section 9).
 
 A baseline reads `GET /v2/positions`, the open orders and the FILL activities of a recent
-window, again and again until two reads of the activities around them agree (nothing
-filled meanwhile), and stores that one moment as where positions start: each position
-the broker holds, opened before the service knew it, at the broker's average entry; each
-order's `filled_qty` then as its high-water mark, so only fills beyond it count. Used on
+window, again and again until each symbol has had a round with no new activity around
+its reads (nothing filled meanwhile), and stores that moment of each symbol as where
+positions start: each position the broker holds, opened before the service knew it, at
+the broker's average entry; each order's `filled_qty` then as its high-water mark, so
+only fills beyond it count. Used on
 a first start (no cursor), on a restart whose cursor is older than the broker keeps
 activities, and by `stream-supervisor rebaseline`.
 """
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Final
 
-from .adjustments import BASELINE, Adjustment, BrokerPosition, broker_position
+from .adjustments import BASELINE, REBASELINE, Adjustment, BrokerPosition, broker_position
 from .errors import BrokerUnavailable
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
@@ -25,8 +26,9 @@ from .orders import OrderState
 from .protocol import WireActivity, WireOrder
 from .rest import BrokerRest
 from .store import BrokerWord, Store
+from .symbols import canonical_symbol
 
-#: Reads of the snapshot before giving up on a moment with no fill in it.
+#: Rounds of reads before giving up on a symbol that never had a quiet one.
 MAX_ATTEMPTS: Final = 10
 #: The window of activities a baseline reads reaches back at least this far (seconds),
 #: whatever the backfill overlap: it must hold every fill the first backfill re-reads
@@ -56,7 +58,7 @@ def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: floa
     if cursor is None or cursor.fill_time is None:
         return BASELINE
     if activities_window > 0 and cursor.fill_time < now - timedelta(seconds=activities_window):
-        return "rebaseline"
+        return REBASELINE
     return None
 
 
@@ -99,47 +101,88 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
 
 
+async def _broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
+    """`GET /v2/clock`'s timestamp; our own clock if the broker has none to give (a
+    broker that keeps retrying errors fails the baseline, as any read does)."""
+    try:
+        stamp = (await rest.clock()).get("timestamp")
+    except BrokerUnavailable:
+        return fallback
+    if not isinstance(stamp, str):
+        return fallback
+    try:
+        return parse_timestamp(stamp)[0]
+    except ValueError:
+        return fallback
+
+
 async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
-    """One consistent moment of the account: the activities of the window are read
-    before and after the positions and open orders, until the second read finds
-    nothing new.
+    """A consistent moment of each symbol: the activities of the window are read before
+    and after the positions and open orders; a symbol no new activity touched is settled
+    in that round (its position, open orders and fills then), the others are read again
+    until each has had a quiet round.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by
     now) becomes its mark, so its row is right again and nothing of it counts twice."""
+    # The moment is stamped by the broker's clock, read first: the cursor it becomes is
+    # compared with fill times, which the broker stamps; ours may run ahead of its.
+    now = await _broker_now(rest, now)
     start = now - timedelta(seconds=max(window, MIN_WINDOW))
-    again = await _activities(rest, format_timestamp(start))
+    acts = await _activities(rest, format_timestamp(start))
+    # Per symbol, the round it settled in: its position, its open orders and the
+    # activities known then. A symbol no fill touched while a round read it is
+    # consistent in that round, whatever its neighbours did meanwhile.
+    held: dict[str, BrokerPosition] = {}
+    working: dict[str, list[WireOrder]] = {}
+    known_acts: dict[str, list[WireActivity]] = {}
+    settled: set[str] = set()
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        positions = await rest.positions()
+        positions = {b.symbol: b for b in map(broker_position, await rest.positions())}
         open_orders = await rest.open_orders()
         # The second read only needs what is new since the first (from a second before
         # its newest fill: one stored late within its millisecond is seen too), so a
-        # busy account pays one page for it, not the window again.
-        seen = {a.id for a in again}
-        newest = max((parse_timestamp(a.transaction_time)[0] for a in again), default=start)
+        # busy account pays a page or two for it, not the window again.
+        seen = {a.id for a in acts}
+        newest = max((parse_timestamp(a.transaction_time)[0] for a in acts), default=start)
         fresh = [a for a in await _activities(
             rest, format_timestamp(max(start, newest - RE_READ_MARGIN))) if a.id not in seen]
-        if fresh:
-            again = again + fresh  # a fill landed meanwhile: read the moment again
-            continue
-        orders = _with_legs(open_orders)
+        acts = acts + fresh
+        touched = {canonical_symbol(a.symbol) for a in fresh}
+        symbols = (set(positions) | {canonical_symbol(o.symbol) for o in open_orders}
+                   | {canonical_symbol(a.symbol) for a in acts})
+        for symbol in symbols - touched - settled:
+            settled.add(symbol)
+            if symbol in positions:
+                held[symbol] = positions[symbol]
+            working[symbol] = [o for o in open_orders if canonical_symbol(o.symbol) == symbol]
+            known_acts[symbol] = [a for a in acts if canonical_symbol(a.symbol) == symbol]
+        if symbols <= settled:
+            break
+    else:
+        raise BrokerUnavailable(
+            f"the account kept filling: {len(symbols - settled)} symbol(s) had no quiet "
+            f"moment in {MAX_ATTEMPTS} reads of its positions")
+    # An open multi-leg order's legs are orders of their own (_with_legs).
+    orders = _with_legs([o for group in working.values() for o in group])
+    notes = []
+    for settled_acts in known_acts.values():
         reached: dict[str, WireActivity] = {}
-        for act in again:
+        for act in settled_acts:
             if act.order_id not in reached or act.cum_qty > reached[act.order_id].cum_qty:
                 reached[act.order_id] = act
-        notes = []
         for order_id, act in sorted(reached.items()):
             if order_id in orders:
                 continue
-            # Filled inside the window but no longer open: backfill will re-read those
-            # fills, so the order needs its mark too.
+            # Filled inside the window but not open when its symbol settled: finished,
+            # and backfill will re-read those fills, so the order needs its mark too.
             full = await rest.order(order_id)
             if full is not None and full.filled_qty == act.cum_qty:
                 orders[order_id] = _order_state(full)
                 continue
-            fills = [a for a in again if a.order_id == order_id]
+            fills = [a for a in settled_acts if a.order_id == order_id]
             covered = sum((a.qty for a in fills), Decimal(0)) == act.cum_qty
             avg = (sum((a.qty * a.price for a in fills), Decimal(0)) / act.cum_qty
                    if covered else act.price)
@@ -150,19 +193,16 @@ async def take_snapshot(
                 order_id=order_id, symbol=act.symbol, side=act.side,
                 status=act.order_status or "partially_filled", filled_qty=act.cum_qty,
                 filled_avg_price=avg, updated_at=stamp)
-        for order_id in known:
-            if order_id not in orders:
-                # Not open at the snapshot, so finished: its filled_qty is final.
-                final = await rest.order(order_id)
-                if final is not None:
-                    orders[order_id] = _order_state(final)
-        return BrokerSnapshot(
-            taken_at=now, positions=[broker_position(p) for p in positions],
-            orders=list(orders.values()),
-            newest_activity=max((a.id for a in again), default=None),
-            attempts=attempt, notes=notes)
-    raise BrokerUnavailable(
-        f"the account kept filling: no quiet moment in {MAX_ATTEMPTS} reads of its positions")
+    for order_id in known:
+        if order_id not in orders:
+            # Not open at the snapshot, so finished: its filled_qty is final.
+            final = await rest.order(order_id)
+            if final is not None:
+                orders[order_id] = _order_state(final)
+    return BrokerSnapshot(
+        taken_at=now, positions=list(held.values()), orders=list(orders.values()),
+        newest_activity=max((a.id for a in acts), default=None),
+        attempts=attempt, notes=notes)
 
 
 def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from . import pgconn
 from .activities import ActivityRecord
-from .adjustments import Adjustment, baseline_order, plan_adjustments
+from .adjustments import Adjustment, baseline_order, origin_of, plan_adjustments
 from .errors import (
     LostLeadership,
     SchemaNotMigrated,
@@ -345,7 +345,7 @@ _OPEN_FROM_BROKER = """
 INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,
     alpaca_order_id, status, realized_pnl, opened_at, peak_qty, origin, asset_id)
 VALUES (%(acct)s, %(sym)s, %(side)s, %(qty)s, %(avg)s, %(reason)s, 'open', 0, %(at)s,
-    %(qty)s, %(reason)s, %(asset)s)
+    %(qty)s, %(origin)s, %(asset)s)
 RETURNING id
 """
 _INSERT_ADJUSTMENT = """
@@ -949,6 +949,7 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
                     "acct": acct, "sym": _text(adj.symbol), "side": change.opened.side,
                     "qty": abs(adj.qty_after), "avg": adj.avg_entry_price,
                     "reason": word.reason, "at": word.taken_at, "asset": adj.asset_id,
+                    "origin": origin_of(word.reason),
                 }).fetchone()
                 opened_id = row[0] if row else None
             conn.execute(_INSERT_ADJUSTMENT, {

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from stream_supervisor.adjustments import (
     BASELINE,
+    RECONCILE,
     BrokerPosition,
     baseline_order,
     broker_position,
@@ -94,8 +95,16 @@ def test_any_snapshot_moment_ends_at_the_broker_position(
 
 def test_a_symbol_already_equal_is_not_adjusted() -> None:
     row = Position(ACCOUNT, "AAPL", D(5), D(10), "o1", None, T0, peak_qty=D(5), position_id=1)
-    assert plan_adjustments(ACCOUNT, {"AAPL": row}, [BrokerPosition("AAPL", D(5), D(11))],
-                            reason=BASELINE, taken_at=T0) == []
+    same = [BrokerPosition("AAPL", D(5), D("10.0000000000004"))]
+    assert plan_adjustments(ACCOUNT, {"AAPL": row}, same, reason=BASELINE, taken_at=T0) == []
+    # reconcile compares quantities; a baseline takes the broker's average too (fills we
+    # never saw can move it and leave the quantity as it was).
+    moved = [BrokerPosition("AAPL", D(5), D(11))]
+    assert plan_adjustments(ACCOUNT, {"AAPL": row}, moved, reason=RECONCILE,
+                            taken_at=T0) == []
+    (change,) = plan_adjustments(ACCOUNT, {"AAPL": row}, moved, reason=BASELINE, taken_at=T0)
+    assert (change.adjustment.qty_before, change.adjustment.qty_after) == (D(5), D(5))
+    assert change.opened is not None and change.opened.avg_entry_price == D(11)
 
 
 def test_a_known_order_raises_mark_and_filled_by_the_same_amount() -> None:

@@ -231,6 +231,38 @@ async def test_the_snapshot_is_read_again_until_no_fill_lands_in_between() -> No
     assert [o.filled_qty for o in snapshot.orders] == [D(1)]
 
 
+async def test_each_symbol_settles_in_a_round_of_its_own_while_others_fill() -> None:
+    # MSFT and TSLA take turns filling during every read, so no round is quiet for the
+    # whole account; each symbol is quiet in every other round, which is enough.
+    broker = Broker()
+    cum = {"MSFT": 0, "TSLA": 0}
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        answer = await real_positions()
+        symbol = "TSLA" if reads % 2 else "MSFT"
+        cum[symbol] += 1
+        broker.activities.append(WireActivity(
+            id=f"{reads:03d}::{symbol}", order_id=symbol.lower(), symbol=symbol, side="buy",
+            price=D(100), qty=D(1), cum_qty=D(cum[symbol]),
+            transaction_time=format_timestamp(at(-30 + reads))))
+        broker.held = [position(sym, str(q), "100") for sym, q in cum.items() if q]
+        return answer
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    # Round 1: TSLA fills. Round 2: MSFT fills, TSLA settles at 1. Round 3: TSLA fills
+    # again, MSFT settles at 1. Each with its order's mark as of its own round.
+    assert snapshot.attempts == 3
+    assert sorted((p.symbol, p.qty) for p in snapshot.positions) == [
+        ("MSFT", D(1)), ("TSLA", D(1))]
+    assert sorted((o.order_id, o.filled_qty) for o in snapshot.orders) == [
+        ("msft", D(1)), ("tsla", D(1))]
+
+
 async def test_a_refused_cancel_or_replace_and_a_new_day_leave_no_stuck_status(
         store: PgStore, database_url: str) -> None:
     # Reproduction 3.
@@ -342,6 +374,10 @@ async def test_rebaseline_keeps_history_and_counts_nothing_twice(
     snap = await store.snapshot(ACCOUNT)
     assert (snap.orders["x9"].filled_qty, snap.orders["x9"].status) == (D(10), "filled")
     assert snap.baseline_qty == {"g2": D(20), "x9": D(8)}
+    with psycopg.connect(database_url) as conn:
+        origins = conn.execute("SELECT symbol, origin, alpaca_order_id FROM active_positions "
+                               "WHERE status = 'open' ORDER BY symbol").fetchall()
+    assert origins == [("AAPL", "baseline", "rebaseline"), ("NVDA", "baseline", "rebaseline")]
     await assert_as_the_broker(store, broker, database_url)
     # The order's fill at 25 (already in 125) arrives late: nothing; at 30, 5 more.
     await commit(store, fill("g2", "buy", "25", "20", "157.5", "158", at(20), order_qty="50"),

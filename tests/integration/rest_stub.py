@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -62,6 +63,9 @@ class RestStub:
             return 200, json.dumps(items[:size]).encode()
         if path == "/v2/positions":
             return 200, json.dumps(self.positions).encode()
+        if path == "/v2/clock":
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            return 200, json.dumps({"timestamp": now, "is_open": True}).encode()
         if path == "/v2/orders":
             return 200, json.dumps(self.orders).encode()
         if path.startswith("/v2/orders/"):

@@ -191,12 +191,13 @@ def test_worlds_with_replaced_orders_hold_every_invariant() -> None:
 
 def outage_schedule(seed: int) -> Schedule:
     """A world whose service is down past the broker's activities window: a calm broker
-    that keeps activities 4 s, a slow market (the baseline's reads are paced by the REST
-    budget and need a quiet moment), a crash at 20 s and 6 s of downtime while the market
-    trades on (docs/design.md, section 9)."""
+    that keeps activities 60 s (longer than a baseline of ten rounds and the backfill
+    after it take at the REST budget's pace: fills meanwhile are the backfill's), a slow
+    market, a crash at 30 s and 80 s of downtime while the market trades on
+    (docs/design.md, section 9)."""
     s = schedule_for_seed(seed)
-    return replace(s, chaos=ChaosConfig(), rate=0.5, crashes=(20.0,), downtime=6.0,
-                   activities_window=4.0, start_delay=0.0)
+    return replace(s, chaos=ChaosConfig(), rate=0.5, crashes=(30.0,), downtime=80.0,
+                   activities_window=60.0, start_delay=0.0)
 
 
 def _outage_worlds() -> tuple[range, list[tuple[int, list[str]]], int]:
