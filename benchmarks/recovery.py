@@ -137,9 +137,13 @@ async def run_case(admin_uri: str, *, rate: float, seconds: float, chaos: ChaosC
                         done.set()
 
                 nursery.start_soon(supervise)
-                # The market's clock starts with it, so its times are the wall clock's,
-                # as the broker's are; the first start's backfill reads what it made
-                # before the service was listening.
+                # The market trades once the service streams (its first start's baseline
+                # and backfill are not what is measured), its clock starting then, so
+                # its times are the wall clock's, as the broker's are.
+                with trio.fail_after(300):
+                    while state.connection != "streaming":
+                        await trio.sleep(POLL)
+                broker.market.start_clock(datetime.now(UTC))
                 start = trio.current_time()
                 await nursery.start(broker.run_market)
                 reconnected_at = caught_at = None

@@ -172,6 +172,17 @@ class Market:
     async def wait_finished(self) -> None:
         await self._finished_event.wait()
 
+    def start_clock(self, moment: datetime) -> None:
+        """Before the first update: the market's clock starts at `moment` (the wall clock
+        when it starts trading, say, so its times are the wall clock's as a broker's are)."""
+        if self.updates:
+            raise RuntimeError("the market's clock can only be set before it trades")
+        if moment.tzinfo is None:
+            raise ValueError("start_clock needs a timezone-aware moment")
+        epoch = moment.astimezone(UTC)
+        self.epoch_ns = self.now_ns = int(epoch.replace(microsecond=0).timestamp()) * NS + (
+            epoch.microsecond * 1000)
+
     def step(self) -> list[int] | None:
         """Make and record the next batch of updates; their indices, or None once finished."""
         if self.finished:
