@@ -43,7 +43,11 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
     "socket_only": [("events/s", ("events_per_s",), True)],
     "pipeline_no_db": [("events/s", ("events_per_s",), True),
                        ("CPU us/event", ("cpu_us_per_event",), False)],
+    "dup_only": [("duplicates/s", ("duplicates_per_s",), True),
+                 ("CPU us/frame", ("cpu_seconds",), False)],
     "dup_heavy": [("frames/s", ("frames_per_s",), True),
+                  ("fresh events/s", ("events_per_s",), True),
+                  ("duplicates/s", ("duplicates_per_s",), True),
                   ("CPU us/event", ("cpu_us_per_event",), False)],
     "naive": [("events/s", ("events_per_s",), True)],
     "latency_1k": [("p50 ms", ("latency", "p50_ms"), False),
@@ -82,6 +86,7 @@ async def main_async(params: Params, a: Path, b: Path, rounds: int, scenarios: l
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             bench = Bench(params, workload, dbs, server, logs, None)
+            bench.trace_latency = False  # the same, untraced code path on both sides
             for r in range(rounds):
                 order = [("A", a), ("B", b)] if r % 2 == 0 else [("B", b), ("A", a)]
                 for scenario in scenarios:

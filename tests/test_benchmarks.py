@@ -43,8 +43,25 @@ def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
         assert isinstance(results[key], int | float) and results[key] > 0, key
     assert all(v["verified"] for v in results["verification"].values())
     assert set(results["verification"]) == {
-        "socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_heavy", "naive",
-        "latency_1k", "latency_5k"}
+        "socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_only", "dup_heavy",
+        "naive", "latency_1k", "latency_5k", "pipeline_traced"}
+    # Every figure is a median over the repetitions, with its spread, and the load the
+    # machine was under is part of the report.
+    assert results["reps"] == 1 and results["spread"]["pipeline_events_per_s"]
+    assert results["machine"]["uptime_start"] and "busy" in results["machine"]
+    assert all(isinstance(s["cpu"]["others_cores"], float)
+               for s in results["scenarios"].values() if "cpu" in s)
+    # Duplicates the LRU knows never reach the writer: none committed, all dropped there.
+    only = results["scenarios"]["dup_only"]
+    assert only["events"] == 0 and only["duplicates"]["lru"] == only["frames"] > 0
+    assert results["dup_heavy_duplicates_per_s"] > 0 and results["dup_heavy_fresh_per_s"] > 0
+    # The traced runs say where the time of each sampled update went, phase by phase.
+    for name in ("latency_1k", "pipeline_traced"):
+        trace = results["scenarios"][name]["trace"]
+        assert trace["sampled_updates"] > 0 and trace["batches"] > 0
+        assert set(trace["phases"]) == {"decode", "to_dedupe", "queue", "commit"}
+        assert all(v["n"] > 0 for v in trace["batch_parts"].values())
+        assert "collections" in trace["gc"] and "count" in trace["loop_stalls"]
     params = results["parameters"]
     assert params["stream_updates"] >= 1500 and params["naive_updates_replayed"] >= 150
     # Every duplicate frame was dropped, none applied twice.
