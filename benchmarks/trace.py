@@ -5,7 +5,7 @@ before fixing anything).
 
 Measurement only, and only in the benchmark's child: `Tracer.install` wraps a few
 module-level names the actors look up at call time (the connection's decoder, the
-dedupe actor's hand-off, the writer's batch take and ack, the store's batch transaction
+dedupe actor's outbox, the writer's batch take and ack, the store's batch transaction
 and the pure core inside it), so the service itself carries no tracing code and pays
 nothing for it. Clocks: `time.perf_counter` everywhere (worker threads and GC callbacks
 have no Trio clock); an update's `received_at` (Trio's clock, which is perf_counter plus
@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 import trio
 
@@ -95,6 +95,37 @@ class _BatchTrace:
         }
 
 
+class _Stamping:
+    """The dedupe actor's outbox, stamping a sampled update once it is handed on."""
+
+    def __init__(self, inner: Any, marks: dict[str, list[float]]) -> None:
+        self._inner = inner
+        self._marks = marks
+
+    def _stamp(self, item: Any) -> None:
+        m = self._marks.get(getattr(item, "key", ""))
+        if m is not None and math.isnan(m[2]):
+            m[2] = time.perf_counter()
+
+    def send_nowait(self, item: Any) -> None:
+        self._inner.send_nowait(item)
+        self._stamp(item)
+
+    async def send(self, item: Any) -> None:
+        await self._inner.send(item)
+        self._stamp(item)
+
+    async def __aenter__(self) -> Self:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class Tracer:
     """Samples every `every`-th decoded update; records every batch, GC pause and stall."""
 
@@ -118,14 +149,14 @@ class Tracer:
     def install(self) -> None:
         """Call inside `trio.run`, before the supervisor starts."""
         import stream_supervisor.connection
-        import stream_supervisor.dedupe
         import stream_supervisor.pgstore
+        import stream_supervisor.supervisor
         import stream_supervisor.writer
 
         # Typed loosely on purpose: these are the modules' private names, looked up at
         # call time by the actors, which is what lets a benchmark probe them.
         connection: Any = stream_supervisor.connection
-        dedupe: Any = stream_supervisor.dedupe
+        supervisor: Any = stream_supervisor.supervisor
         pgstore: Any = stream_supervisor.pgstore
         writer: Any = stream_supervisor.writer
         self.offset = trio.current_time() - time.perf_counter()
@@ -145,13 +176,11 @@ class Tracer:
                                                  NAN])
             return frame
 
-        real_send = dedupe.send_soon
+        real_dedupe = supervisor.dedupe_actor
 
-        async def send_soon(channel: Any, item: Any) -> None:
-            m = marks.get(getattr(item, "key", ""))
-            if m is not None and math.isnan(m[2]):
-                m[2] = perf()
-            await real_send(channel, item)
+        async def dedupe_actor(cache: Any, inbox: Any, outbox: Any, *args: Any,
+                               **kw: Any) -> None:
+            await real_dedupe(cache, inbox, _Stamping(outbox, marks), *args, **kw)
 
         real_take = writer.take_batch
 
@@ -200,7 +229,7 @@ class Tracer:
             return result
 
         patches: list[tuple[Any, str, Any]] = [
-            (connection, "decode_frame", decode), (dedupe, "send_soon", send_soon),
+            (connection, "decode_frame", decode), (supervisor, "dedupe_actor", dedupe_actor),
             (writer, "take_batch", take_batch), (writer, "_ack", ack),
             (pgstore, "_commit", commit), (pgstore, "apply_events", core)]
         for module, name, replacement in patches:
