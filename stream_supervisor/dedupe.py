@@ -46,11 +46,6 @@ class KeyCache:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def lookups(self) -> tuple[OrderedDict[str, None], set[str]]:
-        """The committed LRU and the in-flight set, for a caller that does what `check`
-        does inline (the dedupe actor's hot loop); they stay owned by this cache."""
-        return self._committed, self._in_flight
-
     def check(self, key: str) -> str | None:
         """`lru` or `inflight` if the key is a known duplicate, else None (and the key is
         now in flight)."""
@@ -122,21 +117,19 @@ async def dedupe_actor(
                 # Everything already queued is handled in one go (no checkpoint per item),
                 # which is what makes a duplicate nearly free under load.
                 lru = inflight = 0
-                committed, in_flight = cache.lookups()
+                check = cache.check
                 try:
                     for item in drain(first, inbox):
                         if isinstance(item, Event):
-                            # `KeyCache.check` inlined: a duplicate costs two lookups here
-                            # and nothing else (no call, no hand-off, counted per turn).
-                            key = item.key
-                            if key in committed:
-                                committed.move_to_end(key)
+                            # A duplicate costs the lookup and nothing else: no hand-off,
+                            # no per-item counter (counted once per turn, below).
+                            layer = check(item.key)
+                            if layer == "lru":
                                 lru += 1
                                 continue
-                            if key in in_flight:
+                            if layer is not None:
                                 inflight += 1
                                 continue
-                            in_flight.add(key)
                         try:
                             outbox.send_nowait(item)  # `send_soon`, without a coroutine
                         except trio.WouldBlock:
