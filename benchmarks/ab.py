@@ -53,9 +53,13 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
     "naive": [("events/s", ("events_per_s",), True)],
     "latency_1k": [("p50 ms", ("latency", "p50_ms"), False),
                    ("p99 ms", ("latency", "p99_ms"), False),
+                   ("max ms", ("latency", "max_ms"), False),
+                   ("gen-2 collections", ("gc_collections", "2"), False),
                    ("commit p50 ms", ("commit", "p50_ms"), False)],
     "latency_5k": [("p50 ms", ("latency", "p50_ms"), False),
                    ("p99 ms", ("latency", "p99_ms"), False),
+                   ("max ms", ("latency", "max_ms"), False),
+                   ("gen-2 collections", ("gc_collections", "2"), False),
                    ("commit p50 ms", ("commit", "p50_ms"), False)],
 }
 
@@ -63,7 +67,10 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
 def _dig(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
     value: Any = result
     for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list) and key.isdigit():  # gc_collections[generation]
+            value = value[int(key)] if int(key) < len(value) else None
+        else:
+            value = value.get(key) if isinstance(value, dict) else None
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -496,6 +496,9 @@ def combine(reps: list[tuple[Bench, dict[str, Any], dict[str, Any]]], params: Pa
                     key=lambda i: figures[i].get("pipeline_events_per_s") or 0.0)
     middle = reps[ranked[len(ranked) // 2]][0]
     o = {name: out.result for name, out in middle.outcomes.items()}
+    for bench, _f, _l in reps:  # the diagnostics that run once, in the first repetition
+        for name, out in bench.outcomes.items():
+            o.setdefault(name, out.result)
     summary["parameters"] = {
         **asdict(params),
         "stream_updates": len(middle.w.frames),
