@@ -32,6 +32,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -95,17 +96,48 @@ class _BatchTrace:
         }
 
 
+class _Marks:
+    """Each sampled update's five timestamps, in a flat array of floats, found through a
+    dict of key -> slot: neither holds an object the cyclic garbage collector tracks, so
+    tracing every update of a run does not bring on the collections it reports."""
+
+    WIDTH = 5  # received, decoded, past dedupe, taken by the writer, committed
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.times = array("d")
+
+    def add(self, key: str, received: float, decoded: float) -> None:
+        if key not in self.slots:
+            self.slots[key] = len(self.times) // self.WIDTH
+            self.times.extend((received, decoded, NAN, NAN, NAN))
+
+    def stamp(self, key: str, index: int, now: float) -> bool:
+        """Set mark `index` of `key` once; True if `key` is sampled."""
+        slot = self.slots.get(key)
+        if slot is None:
+            return False
+        at = slot * self.WIDTH + index
+        if math.isnan(self.times[at]):
+            self.times[at] = now
+        return True
+
+    def rows(self) -> list[list[float]]:
+        w = self.WIDTH
+        return [list(self.times[i * w:(i + 1) * w]) for i in range(len(self.times) // w)]
+
+
 class _Stamping:
     """The dedupe actor's outbox, stamping a sampled update once it is handed on."""
 
-    def __init__(self, inner: Any, marks: dict[str, list[float]]) -> None:
+    def __init__(self, inner: Any, marks: _Marks) -> None:
         self._inner = inner
         self._marks = marks
 
     def _stamp(self, item: Any) -> None:
-        m = self._marks.get(getattr(item, "key", ""))
-        if m is not None and math.isnan(m[2]):
-            m[2] = time.perf_counter()
+        key = getattr(item, "key", None)
+        if key is not None:
+            self._marks.stamp(key, 2, time.perf_counter())
 
     def send_nowait(self, item: Any) -> None:
         self._inner.send_nowait(item)
@@ -134,7 +166,7 @@ class Tracer:
         self._n = 0
         self.offset = 0.0  # trio.current_time() - perf_counter()
         # key -> [received, decoded, deduped, taken, committed(back in the loop)]
-        self.marks: dict[str, list[float]] = {}
+        self.marks = _Marks()
         self.batches: list[_BatchTrace] = []
         self._current: _BatchTrace | None = None
         self.gc_counts: Counter[int] = Counter()
@@ -172,8 +204,7 @@ class Tracer:
             if received and hasattr(frame, "cum_qty"):
                 tracer._n += 1
                 if tracer._n % tracer.every == 0:
-                    marks.setdefault(frame.key, [received - tracer.offset, perf(), NAN, NAN,
-                                                 NAN])
+                    marks.add(frame.key, received - tracer.offset, perf())
             return frame
 
         real_dedupe = supervisor.dedupe_actor
@@ -190,9 +221,7 @@ class Tracer:
             batch = _BatchTrace(now, len(items))
             for item in items:
                 key = getattr(item, "key", "")
-                m = marks.get(key)
-                if m is not None and math.isnan(m[3]):
-                    m[3] = now
+                if key and marks.stamp(key, 3, now):
                     batch.keys.append(key)
             tracer._current = batch
             tracer.batches.append(batch)
@@ -265,7 +294,7 @@ class Tracer:
             return
         b.back = now = time.perf_counter()
         for key in b.keys:
-            self.marks[key][4] = now
+            self.marks.stamp(key, 4, now)
 
     async def watch_loop(self) -> None:
         """Sleep 1 ms at a time and note each wake-up more than `STALL_S` late: the
@@ -282,7 +311,7 @@ class Tracer:
     # -- the report -----------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        done = [m for m in self.marks.values() if not math.isnan(m[4])]
+        done = [m for m in self.marks.rows() if not math.isnan(m[4])]
         phases = {name: [m[i + 1] - m[i] for m in done] for i, name in enumerate(PHASES)}
         totals = [m[4] - m[0] for m in done]
         batches = [b for b in self.batches if not math.isnan(b.back)]
