@@ -274,6 +274,9 @@ class NoNewsRest:
         self.calls += 1
         return []
 
+    async def orders_since(self, *, after: str, limit: int = 500) -> list[WireOrder]:
+        return []
+
     async def order(self, order_id: str) -> WireOrder | None:
         self.calls += 1
         return None

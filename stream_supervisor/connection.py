@@ -43,14 +43,17 @@ from .protocol import (
     listen_message,
 )
 from .recovery import GapRecovery
-from .settings import Settings
+from .settings import DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
 
 log = get_logger("stream_supervisor.connection")
 
-#: Live frames held while recovery runs; beyond this the socket itself applies backpressure.
-LIVE_BUFFER = 10_000
+#: Live frames held while recovery runs, by default (`Settings.live_buffer`). If
+#: recovery is still running when it is full, the connection is dropped on purpose and
+#: REST covers the range on the next one (docs/design.md, section 12); while streaming,
+#: a full buffer is backpressure.
+LIVE_BUFFER = DEFAULT_LIVE_BUFFER
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class ConnectionSettings:
     max_frame_bytes: int
     #: Updates stamped more than this ahead of the wall clock are dead-lettered.
     future_tolerance: float
+    live_buffer: int = LIVE_BUFFER
 
     @classmethod
     def from_settings(cls, s: Settings) -> ConnectionSettings:
@@ -78,6 +82,7 @@ class ConnectionSettings:
             backoff=s.backoff,
             max_frame_bytes=s.max_frame_bytes,
             future_tolerance=s.future_tolerance,
+            live_buffer=s.live_buffer,
         )
 
 
@@ -106,6 +111,9 @@ class ConnectionActor:
         self.backoff = Backoff(settings.backoff, rng)
         self._end_reason: str | None = None  # why the current connection ended
         self._recv_scope: trio.CancelScope | None = None
+        self._recovery_scope: trio.CancelScope | None = None
+        self._listening_ns = 0  # wall clock at `listening`, epoch ns
+        self._live_from_ns: int | None = None  # broker time of the first live fill
         self._received: dict[str, Counter] = {}  # label children, looked up once
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -197,16 +205,22 @@ class ConnectionActor:
                     # An update racing the listen reply: real data, keep it.
                     await self._forward(reply)
         self.state.connection = "listening"
+        self._listening_ns = int(self.wallclock().timestamp() * 1e9)
+        self._live_from_ns = None
         log.info("listening", connection_id=self.state.connection_id)
 
     async def _session(self, ws: WebSocket) -> None:
         """Read, ping and recover until the connection fails.
 
-        Frames already read are never dropped: when the socket fails, the reader stops
-        and closes the live buffer, and everything in it is still forwarded before the
-        session ends.
+        Frames already read are never dropped once recovery is done: when the socket
+        fails, the reader stops and closes the live buffer, and everything in it is still
+        forwarded before the session ends. If the socket fails (or the buffer overflows)
+        while recovery runs, recovery stops at once with what it committed so far, and
+        buffered updates are let go: forwarding them would move the cursor past fills REST
+        has not brought back yet, and the next recovery reads them (docs/design.md,
+        section 12).
         """
-        send_live, receive_live = trio.open_memory_channel[Item](LIVE_BUFFER)
+        send_live, receive_live = trio.open_memory_channel[Item](self.settings.live_buffer)
         self._end_reason = None
         self._recv_scope = None
         async with trio.open_nursery() as nursery:
@@ -214,21 +228,61 @@ class ConnectionActor:
             nursery.start_soon(self._ping, ws)
             async with receive_live:
                 self.state.connection = "backfilling"
-                await self.recovery.backfill()
-                self.state.caught_up = True
-                self.state.connection = "streaming"
-                if self.recovery.settings.order_refresh_interval > 0:
-                    nursery.start_soon(self.recovery.refresh_periodically)
-                async for first in receive_live:
-                    # Whatever else is already buffered goes in the same turn.
-                    for item in drain(first, receive_live):
-                        await self._forward(item)
+                recovered = False
+                with trio.CancelScope() as scope:
+                    self._recovery_scope = scope
+                    try:
+                        if self._end_reason is None:
+                            await self.recovery.backfill(lambda: self._live_from_ns)
+                            recovered = True
+                    finally:
+                        self._recovery_scope = None
+                if not recovered:
+                    await self._let_go_of_updates(receive_live)
+                else:
+                    self.state.caught_up = True
+                    self.state.connection = "streaming"
+                    if self.recovery.settings.order_refresh_interval > 0:
+                        nursery.start_soon(self.recovery.refresh_periodically)
+                    async for first in receive_live:
+                        # Whatever else is already buffered goes in the same turn.
+                        for item in drain(first, receive_live):
+                            await self._forward(item)
             # The reader closed the live channel: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
 
+    async def _let_go_of_updates(self, live: trio.MemoryReceiveChannel[Item]) -> None:
+        """Recovery was cut short: keep the dead letters, let the updates go. Not only
+        fills: a `canceled` carrying a cumulative quantity above ours applies the fills it
+        implies, and applied ahead of the fills REST has yet to bring back for the same
+        symbol it would reorder the position's history."""
+        dropped = 0
+        async for item in live:
+            if isinstance(item, Event):
+                dropped += 1
+                continue
+            await self._forward(item)
+        log.warning("recovery_interrupted", reason=self._end_reason,
+                    live_updates_left_to_rest=dropped, connection_id=self.state.connection_id)
+
+    def _end(self, reason: str) -> None:
+        """The connection is over: say why, and stop a recovery in progress at once."""
+        if self._end_reason is None:
+            self._end_reason = reason
+        if self._recovery_scope is not None:
+            self._recovery_scope.cancel()
+
     async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item]) -> None:
         max_bytes = self.settings.max_frame_bytes
+        try:
+            await self._read_into(ws, live, max_bytes)
+        finally:
+            # Closure noticed at once, also by a recovery in progress.
+            self._end(self._end_reason or "closed by server")
+
+    async def _read_into(self, ws: WebSocket, live: trio.MemorySendChannel[Item],
+                         max_bytes: int) -> None:
         async with live:
             while self._end_reason is None:
                 # Only the wait for the next read is cancellable (by the pinger giving
@@ -251,11 +305,17 @@ class ConnectionActor:
                                              not_after_ns=latest)
                         if isinstance(frame, Event):
                             received[frame.event] = received.get(frame.event, 0) + 1
-                            await send_soon(live, frame)
+                            if self._live_from_ns is None and frame.is_fill:
+                                # Never before `listening`: the first fill may be a
+                                # replay of an older one.
+                                self._live_from_ns = max(frame.ts_ns, self._listening_ns)
+                            if not await self._buffer(live, frame):
+                                return
                         elif isinstance(frame, DeadLetter):
                             log.warning("frame_dead_lettered", reason=frame.reason,
                                         bytes=len(frame.payload))
-                            await send_soon(live, frame)
+                            if not await self._buffer(live, frame):
+                                return
                         elif isinstance(frame, Authorization) and not frame.authorized:
                             raise Unauthorized(
                                 "the broker revoked the stream's authorization")
@@ -263,6 +323,20 @@ class ConnectionActor:
                         # are ignored.
                 finally:
                     self._count_received(received)
+
+    async def _buffer(self, live: trio.MemorySendChannel[Item], item: Item) -> bool:
+        """Into the live buffer. While recovery runs a full buffer ends the connection on
+        purpose (False): waiting would stall the socket until the broker drops us anyway,
+        and REST covers the range next time. While streaming, it is backpressure."""
+        if self._recovery_scope is None:
+            await send_soon(live, item)
+            return True
+        try:
+            live.send_nowait(item)
+        except trio.WouldBlock:
+            self._end(f"live buffer full ({self.settings.live_buffer}) during recovery")
+            return False
+        return True
 
     async def _ping(self, ws: WebSocket) -> None:
         """Half-open detection: a quiet stream is fine, a peer that ignores pings is not."""

@@ -82,6 +82,27 @@ class Metrics:
         self.pipeline_restarts = Counter(p + "pipeline_restarts", "Pipeline restarts after a "
                                          "crash", registry=r)
 
+        # The REST budget (docs/design.md, section 12).
+        self.rest_requests = Counter(p + "rest_requests", "REST requests sent, by endpoint",
+                                     ["endpoint"], registry=r)
+        self.rest_rate_limited = Counter(p + "rest_rate_limited",
+                                         "REST answers that were 429", registry=r)
+        self.rest_budget_remaining = Gauge(
+            p + "rest_budget_remaining", "The account's REST requests left in the broker's "
+            "window, by the latest answer", registry=r)
+        self.rest_budget_per_window = Gauge(
+            p + "rest_budget_per_window", "REST requests per 60 s window the service allows "
+            "itself (its share of the limit, less a margin)", registry=r)
+        self.rest_budget_wait_seconds = Counter(
+            p + "rest_budget_wait_seconds", "Seconds REST requests waited for the budget",
+            registry=r)
+        self.recovery_behind = Gauge(
+            p + "recovery_behind", "1 while recovery reads fills more slowly than the "
+            "account makes them, within the REST budget", registry=r)
+        self.recovery_fill_rate = Gauge(
+            p + "recovery_fill_rate", "Fills a second the account made during the latest "
+            "backfill's range, by the broker's activity times", registry=r)
+
     def value(self, name: str, **labels: str) -> float:
         """Read samples back (tests, summaries), summed over the labels not given.
         Counters are read by their `_total` name."""

@@ -8,12 +8,19 @@ and refreshes orders that changed state while we were gone. While streaming, ord
 as not terminal are re-checked periodically. Everything found is forwarded into the same
 dedupe/writer path as live frames: event keys make overlap harmless (docs/design.md,
 section 4).
+
+Backfill is incremental: each page goes to the writer as soon as it is read, in time
+order, so the durable cursor advances page by page and a second disconnect or a kill
+mid-recovery loses no progress; it stops once it reaches what the live socket already
+holds. Orders come from the list endpoint, 500 a request (docs/design.md, section 12).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+import math
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -29,8 +36,8 @@ from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
 from .orders import TERMINAL_STATUSES, merge_status
-from .protocol import WireOrder, activity_json, activity_to_event, snapshot_to_event
-from .rest import MAX_PAGE_SIZE, BrokerRest
+from .protocol import WireActivity, WireOrder, activity_json, activity_to_event, snapshot_to_event
+from .rest import MAX_ORDERS_PAGE, MAX_PAGE_SIZE, BrokerRest
 from .settings import DEFAULT_FUTURE_TOLERANCE, Settings
 from .state import SupervisorState
 
@@ -42,8 +49,21 @@ EASTERN = ZoneInfo("America/New_York")
 MAX_BACKFILL_PAGES = 10_000
 #: Orders whose latest forwarded status is remembered for the reconnect refresh.
 SEEN_ORDERS = 50_000
-#: Each backfill page re-reads this much before the previous page's last activity.
-PAGE_REREAD = timedelta(milliseconds=50)
+#: Orders listed for a backfill start this long before its first fill: an order is
+#: submitted before it fills. Older orders with fills in the range are read one by one.
+ORDER_LOOKBACK = timedelta(seconds=120)
+#: Backfill stops once it has forwarded fills this far past where the live socket's
+#: range begins (its first fill, never before `listening` by our clock): the live buffer
+#: holds everything after that. The margin absorbs clock skew and late stores
+#: (docs/design.md, section 12).
+LIVE_OVERLAP_NS = 5 * 1_000_000_000
+NS_PER_MS = 1_000_000
+#: The refresh reads this many orders (or fewer) one by one rather than list them: a
+#: few orders a busy account has in flight cost less than its list of minutes.
+FEW_ORDERS = 10
+#: Seconds before an order list that reached its end is read on again for an order it
+#: did not hold.
+RELIST_AFTER = 1.0
 
 Forward = Callable[[Item], Awaitable[None]]
 
@@ -123,6 +143,13 @@ class GapRecovery:
         self.open_order_ids = open_order_ids
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
+        #: Pages read and activities they held, new and re-read, over this life (tests
+        #: and benchmarks read these).
+        self.pages_read = 0
+        self.activities_read = 0
+        self.activities_new = 0
+        #: (activities read, of which new) of the latest pages.
+        self.recent_pages: deque[tuple[int, int]] = deque(maxlen=1_000)
 
     def observe(self, event: Event) -> None:
         """Remember an update's order status (every forwarded update passes here)."""
@@ -137,8 +164,10 @@ class GapRecovery:
             self.observe(item)
         await self._send(item)
 
-    async def backfill(self) -> None:
-        """Fills since the durable cursor (minus the overlap), then the order refresh."""
+    async def backfill(self, live_from_ns: Callable[[], int | None] = lambda: None) -> None:
+        """Fills since the durable cursor (minus the overlap), page by page, then the
+        order refresh. `live_from_ns` gives the broker time of the first fill the live
+        socket holds (None while it holds none): backfill stops once past it."""
         s = self.settings
         start = backfill_start(
             self.state.committed_cursor, self.wallclock(), s.backfill_overlap,
@@ -146,71 +175,127 @@ class GapRecovery:
         )
         log.info("backfill_started", after=format_timestamp(start),
                  connection_id=self.state.connection_id)
-        events, pages = await self._fill_events(start)
-        fills = await self._price_gaps(sort_backfill(events))
-        self.metrics.backfill_fills.inc(len(fills))
-        received: dict[str, int] = {}
-        for ev in fills:
-            received[ev.event] = received.get(ev.event, 0) + 1
-            await self._forward(ev)
-        for event, amount in received.items():
-            self.metrics.events_received.labels(event, "rest").inc(amount)
-        refreshed = await self.refresh_orders()
-        log.info("backfill_done", fills=len(fills), pages=pages, orders_refreshed=refreshed,
+        book = OrderBook(self.rest, start - ORDER_LOOKBACK)
+        began = trio.current_time()
+        fills = pages = 0
+        first_ns = last_ns = None
+        # Closed on the way out, also when a closed socket cancels the recovery.
+        async with aclosing(self._pages(start, live_from_ns)) as paged:
+            async for page in paged:
+                pages += 1
+                events = await self._decode(page)
+                if not events:
+                    continue
+                priced = await self._price_gaps(sort_backfill(events), book)
+                received: dict[str, int] = {}
+                for ev in priced:
+                    received[ev.event] = received.get(ev.event, 0) + 1
+                    await self._forward(ev)
+                for event, amount in received.items():
+                    self.metrics.events_received.labels(event, "rest").inc(amount)
+                self.metrics.backfill_fills.inc(len(priced))
+                fills += len(priced)
+                first_ns = priced[0].ts_ns if first_ns is None else first_ns
+                last_ns = priced[-1].ts_ns
+        self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
+        # A fresh list for the refresh: the one that priced the pages is as old as they.
+        fresh = OrderBook(self.rest, book.since)
+        refreshed = await self.refresh_orders(fresh)
+        log.info("backfill_done", fills=fills, pages=pages, orders_refreshed=refreshed,
+                 order_requests=book.requests + fresh.requests,
                  connection_id=self.state.connection_id)
 
-    async def _fill_events(self, start: datetime) -> tuple[list[Event], int]:
-        """Every FILL activity after `start`, as events; undecodable ones dead-lettered."""
-        events: list[Event] = []
-        page_token: str | None = None
-        pages = 0
-        after = format_timestamp(start)
-        seen: set[str] = set()
-        while pages < MAX_BACKFILL_PAGES:
-            page = await self.rest.fill_activities(
-                after=after, page_token=page_token, page_size=MAX_PAGE_SIZE
-            )
-            pages += 1
-            if not page:
-                break
-            fresh = [a for a in page if a.id not in seen]
-            if not fresh:
-                # Everything here was read already (the re-read window, or a short page):
-                # step forward by id until something new or the end.
-                page_token = page[-1].id
-                continue
-            latest = not_after_ns(self.wallclock(), self.settings.future_tolerance)
-            for activity in fresh:
-                seen.add(activity.id)
-                try:
-                    events.append(activity_to_event(activity, not_after_ns=latest))
-                except (DecodeError, ValueError) as exc:
-                    # Its JSON, which `dead-letters --replay` decodes again.
-                    await self._forward(DeadLetter(
-                        reason=f"invalid FILL activity {activity.id[:128]}: {exc}"[:500],
-                        payload=activity_json(activity)[:64_000], source="rest"))
-            # The next page starts a little before the last activity's time rather than
-            # at its id: an activity the broker stores late within that millisecond gets
-            # an id that can sort before the token (ids are time + random uuid) and would
-            # be skipped for good. Re-read activities are recognised by id.
-            last = page[-1]
-            try:
-                last_time = parse_timestamp(last.transaction_time)[0]
-            except ValueError:
-                page_token = last.id
-            else:
-                after = format_timestamp(last_time - PAGE_REREAD)
-                page_token = None
-        return events, pages
+    def _judge_pace(self, fills: int, first_ns: int | None, last_ns: int | None,
+                    took: float) -> None:
+        """Say so when the account makes fills faster than the REST share can read them:
+        recovery then falls behind after every disconnect (docs/design.md, section 12)."""
+        budget = getattr(self.rest, "budget", None)
+        if first_ns is None or last_ns is None or last_ns <= first_ns or budget is None:
+            return
+        rate = fills / ((last_ns - first_ns) / 1e9)
+        sustainable = float(budget.sustainable_fills_per_second(MAX_PAGE_SIZE))
+        self.metrics.recovery_fill_rate.set(rate)
+        behind = rate > sustainable
+        self.metrics.recovery_behind.set(1 if behind else 0)
+        if behind:
+            log.warning("recovery_over_budget", fills_per_s=round(rate, 1),
+                        sustainable_fills_per_s=round(sustainable, 1),
+                        requests_per_window=budget.per_window, fills=fills,
+                        took_s=round(took, 1))
 
-    async def _price_gaps(self, fills: list[Event]) -> list[Event]:
-        """Give each order's last backfilled fill the order's cumulative average price.
+    async def _decode(self, page: Sequence[WireActivity]) -> list[Event]:
+        latest = not_after_ns(self.wallclock(), self.settings.future_tolerance)
+        events: list[Event] = []
+        for activity in page:
+            try:
+                events.append(activity_to_event(activity, not_after_ns=latest))
+            except (DecodeError, ValueError) as exc:
+                # Its JSON, which `dead-letters --replay` decodes again.
+                await self._forward(DeadLetter(
+                    reason=f"invalid FILL activity {activity.id[:128]}: {exc}"[:500],
+                    payload=activity_json(activity)[:64_000], source="rest"))
+        return events
+
+    async def _pages(
+        self, start: datetime, live_from_ns: Callable[[], int | None]
+    ) -> AsyncGenerator[list[WireActivity], None]:
+        """FILL activities after `start`, in id order, each exactly once, a page at a time.
+
+        Each request starts at the first instant of the millisecond of the previous
+        page's last activity, and the activities of that millisecond wait for the next
+        page: an activity the broker stores late within a millisecond gets an id that can
+        sort before one already read (ids are time + random uuid), and would be skipped
+        for good by a page token; re-reading one millisecond finds it, at the cost of a
+        few activities a page, not a window of them. Only a page that lies wholly in one
+        millisecond pages on by id.
+        """
+        after_ns = _ns(start)
+        token: str | None = None
+        done: set[str] = set()  # handed out from the millisecond `after_ns` begins
+        held: set[str] = set()  # read, and held back for the next page
+        for _ in range(MAX_BACKFILL_PAGES):
+            page = await self.rest.fill_activities(
+                after=_format_ns(after_ns), page_token=token, page_size=MAX_PAGE_SIZE)
+            self.pages_read += 1
+            self.activities_read += len(page)
+            fresh = [a for a in page if a.id not in done]
+            new = sum(1 for a in fresh if a.id not in held)
+            self.activities_new += new
+            self.recent_pages.append((len(page), new))
+            if not page:
+                return
+            last_ms = _ms(page[-1])
+            ready = [a for a in fresh if last_ms is None or (_ms(a) or 0) < last_ms]
+            live = live_from_ns()
+            if last_ms is None or not ready or (
+                    live is not None and last_ms * NS_PER_MS > live + LIVE_OVERLAP_NS):
+                # One millisecond fills the page (or a time we cannot read), or the live
+                # socket holds the rest: hand out everything and page on by id.
+                done.update(a.id for a in fresh)
+                held = set()
+                yield fresh
+                if live is not None and last_ms is not None and (
+                        last_ms * NS_PER_MS > live + LIVE_OVERLAP_NS):
+                    log.info("backfill_reached_live", pages=self.pages_read)
+                    return
+                token = page[-1].id
+                continue
+            yield ready
+            held = {a.id for a in fresh if _ms(a) == last_ms}
+            after_ns = last_ms * NS_PER_MS - 1
+            token = None
+            done = {i for i in done if i[:17] >= page[-1].id[:17]}
+
+    async def _price_gaps(self, fills: list[Event], book: OrderBook) -> list[Event]:
+        """Give a backfilled fill the order's cumulative average price when it is the
+        order's latest fill.
 
         A FILL activity carries its own price but not the order's average; if an earlier
         fill of the order is missing (it fell before the backfill window, say), the
         quantity still lands through the cumulative guard but could only be priced at this
         fill's price. The order snapshot's `filled_avg_price` prices the gap exactly when
-        its `filled_qty` is this fill's cumulative quantity.
+        its `filled_qty` is this fill's cumulative quantity. Snapshots come from the
+        order list, 500 a request (`OrderBook`).
         """
         last: dict[str, int] = {}
         for i, ev in enumerate(fills):
@@ -221,7 +306,7 @@ class GapRecovery:
             ev = fills[i]
             if ev.fill_qty is not None and ev.fill_qty == ev.cum_qty:
                 continue  # the order's first fill: no earlier quantity to price
-            order = await self.rest.order(order_id)
+            order = await book.get(order_id, ev.ts_ns)
             if (order is not None and order.filled_avg_price is not None
                     and order.filled_qty == ev.cum_qty):
                 out[i] = msgspec.structs.replace(ev, cum_avg_price=order.filled_avg_price)
@@ -231,17 +316,22 @@ class GapRecovery:
         """While streaming: re-check the orders held as not terminal, every interval."""
         while True:
             await trio.sleep(self.settings.order_refresh_interval)
+            since = self.wallclock() - timedelta(
+                seconds=self.settings.order_refresh_interval) - ORDER_LOOKBACK
             try:
-                refreshed = await self.refresh_orders()
+                refreshed = await self.refresh_orders(OrderBook(self.rest, since))
             except (BrokerUnavailable, DecodeError) as exc:
                 log.warning("order_refresh_failed", error=str(exc)[:300])
                 continue
             log.debug("orders_refreshed", orders=refreshed)
 
-    async def refresh_orders(self) -> int:
+    async def refresh_orders(self, book: OrderBook) -> int:
         """Order state that changed while away: open orders, and every order we hold or
         just forwarded as not terminal that is no longer open (canceled or expired while
-        we were gone, or filled with its last fill only on REST)."""
+        we were gone, or filled with its last fill only on REST). Orders submitted since
+        `book` begins come from the list endpoint in bulk; older ones one by one, all of
+        them (each is an order we hold as live that is no longer open); a few
+        (`FEW_ORDERS`) are read one by one without listing."""
         count = 0
         open_ids: set[str] = set()
         for order in await self.rest.open_orders():
@@ -249,12 +339,20 @@ class GapRecovery:
             count += await self._forward_snapshot(order)
         stored = await self.open_order_ids() if self.open_order_ids is not None else ()
         recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
-        for order_id in dict.fromkeys([*stored, *recent]):
-            if order_id in open_ids:
-                continue
-            found = await self.rest.order(order_id)
+        wanted = [oid for oid in dict.fromkeys([*stored, *recent]) if oid not in open_ids]
+        if len(wanted) > FEW_ORDERS:
+            await book.load_all()
+        singles = 0
+        for order_id in wanted:
+            found = book.known(order_id)
+            if found is None:
+                singles += 1
+                found = await self.rest.order(order_id)
             if found is not None:
                 count += await self._forward_snapshot(found)
+        if singles:
+            log.info("orders_refreshed_one_by_one", orders=singles,
+                     listed_since=format_timestamp(book.since))
         return count
 
     async def _forward_snapshot(self, order: WireOrder) -> int:
@@ -264,3 +362,89 @@ class GapRecovery:
             return 0
         await self._forward(ev)
         return 1
+
+
+class OrderBook:
+    """Order snapshots from `GET /v2/orders?status=all&after=…&direction=asc`, read a
+    page of 500 at a time as far as needed (an order is submitted before it fills), kept
+    for one recovery. An order submitted before `since` is read on its own."""
+
+    def __init__(self, rest: BrokerRest, since: datetime) -> None:
+        self.rest = rest
+        self.since = since
+        self._after = since
+        self._loaded_to_ns = _ns(since)
+        self._complete = False
+        self._listed_at = -math.inf
+        self._orders: dict[str, WireOrder] = {}
+        self.requests = 0
+
+    def known(self, order_id: str) -> WireOrder | None:
+        return self._orders.get(order_id)
+
+    async def get(self, order_id: str, filled_ns: int) -> WireOrder | None:
+        if (order_id not in self._orders and self._complete
+                and trio.current_time() - self._listed_at >= RELIST_AFTER):
+            # Orders submitted since the list ended (the market goes on during
+            # recovery): list on from where it ended, at most once a second.
+            self._complete = False
+        while (order_id not in self._orders and not self._complete
+               and self._loaded_to_ns <= filled_ns):
+            await self._next_page()
+        found = self._orders.get(order_id)
+        if found is None:
+            self.requests += 1
+            found = await self.rest.order(order_id)
+            if found is not None:
+                self._orders[order_id] = found
+        return found
+
+    async def load_all(self) -> None:
+        if self._complete and trio.current_time() - self._listed_at >= RELIST_AFTER:
+            self._complete = False
+        while not self._complete:
+            await self._next_page()
+
+    async def _next_page(self) -> None:
+        self.requests += 1
+        self._listed_at = trio.current_time()
+        page = await self.rest.orders_since(after=format_timestamp(self._after),
+                                            limit=MAX_ORDERS_PAGE)
+        new = [o for o in page if o.id not in self._orders]
+        for order in page:
+            self._orders[order.id] = order
+        if not new:
+            self._complete = True
+            return
+        last = page[-1].created_at
+        try:
+            last_dt, last_ns = parse_timestamp(last) if last else (None, None)
+        except ValueError:
+            last_dt = last_ns = None
+        if last_dt is None or last_ns is None:
+            self._complete = True
+            return
+        # Orders submitted in the same instant as the page's last come back again; ids
+        # already held are kept once.
+        self._after = last_dt - timedelta(microseconds=1)
+        self._loaded_to_ns = last_ns
+        if len(page) < MAX_ORDERS_PAGE:
+            self._complete = True
+
+
+def _ns(moment: datetime) -> int:
+    return parse_timestamp(format_timestamp(moment))[1]
+
+
+def _format_ns(ns: int) -> str:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{rest:09d}Z"
+
+
+def _ms(activity: WireActivity) -> int | None:
+    """The activity's millisecond (epoch), from its transaction time."""
+    try:
+        return parse_timestamp(activity.transaction_time)[1] // NS_PER_MS
+    except ValueError:
+        return None

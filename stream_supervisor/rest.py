@@ -14,6 +14,8 @@ from .protocol import WireActivity, WireOrder
 
 #: The most FILL activities the broker returns per page.
 MAX_PAGE_SIZE: Final = 100
+#: The most orders `GET /v2/orders` returns per request.
+MAX_ORDERS_PAGE: Final = 500
 
 
 class BrokerRest(Protocol):
@@ -28,5 +30,9 @@ class BrokerRest(Protocol):
     async def open_orders(self) -> list[WireOrder]: ...
 
     async def order(self, order_id: str) -> WireOrder | None: ...
+
+    async def orders_since(self, *, after: str, limit: int = MAX_ORDERS_PAGE) -> list[WireOrder]:
+        """Orders of any status submitted after `after`, oldest first, legs nested."""
+        ...
 
     async def positions(self) -> list[dict[str, Any]]: ...

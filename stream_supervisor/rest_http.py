@@ -1,11 +1,14 @@
 """`BrokerRest` over HTTP: httpx on Trio (through anyio). Timeouts on every call,
 retries with backoff on 5xx, 429 honouring `Retry-After`, and no retry on 401/403,
-which is a configuration error.
+which is a configuration error. Every request, whatever its endpoint, goes through the
+REST budget (`budget.py`): paced within the service's share of the account's limit
+(docs/design.md, section 12).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -14,10 +17,12 @@ import msgspec
 import trio
 
 from .backoff import Backoff, BackoffPolicy
+from .budget import DEFAULT_SHARE, RateHeaders, RestBudget
 from .errors import BrokerAuthError, BrokerUnavailable
 from .logs import get_logger
+from .metrics import Metrics
 from .protocol import WireActivity, WireOrder, decode_activities, decode_order, decode_orders
-from .rest import MAX_PAGE_SIZE
+from .rest import MAX_ORDERS_PAGE, MAX_PAGE_SIZE
 from .settings import DEFAULT_REST_RETRIES, DEFAULT_REST_TIMEOUT, Settings
 
 log = get_logger("stream_supervisor.rest_http")
@@ -32,11 +37,13 @@ class RestSettings:
     secret_key: str
     timeout: float = DEFAULT_REST_TIMEOUT
     retries: int = DEFAULT_REST_RETRIES
+    budget_share: float = DEFAULT_SHARE
 
     @classmethod
     def from_settings(cls, s: Settings) -> RestSettings:
         return cls(base_url=s.base_url, key_id=s.key_id, secret_key=s.secret_key,
-                   timeout=s.rest_timeout, retries=s.rest_retries)
+                   timeout=s.rest_timeout, retries=s.rest_retries,
+                   budget_share=s.rest_budget_share)
 
 
 class HttpBrokerRest:
@@ -48,9 +55,15 @@ class HttpBrokerRest:
         *,
         rng: random.Random | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._rng = rng if rng is not None else random.Random()
+        self.budget = RestBudget(settings.budget_share)
+        self._metrics = metrics
+        self._pace = trio.Lock()
+        if metrics is not None:
+            metrics.rest_budget_per_window.set(self.budget.per_window)
         # `transport` lets the deterministic simulation answer in memory while every
         # retry, timeout and status rule here still runs for real.
         self._client = httpx.AsyncClient(
@@ -83,9 +96,11 @@ class HttpBrokerRest:
         last = ""
         for attempt in range(attempts):
             try:
+                await self._wait_for_budget(path)
                 # The client has its own timeouts; this bounds the whole exchange too.
                 with trio.fail_after(self._settings.timeout * 2):
                     resp = await self._client.get(path, params=params)
+                self._learn(path, resp)
             except (httpx.TransportError, trio.TooSlowError) as exc:
                 last = f"{type(exc).__name__}"
                 delay = backoff.next_delay()
@@ -100,7 +115,11 @@ class HttpBrokerRest:
                         f"broker REST refused the credentials (HTTP {status} on {path}): "
                         "check APCA_API_KEY_ID, APCA_API_SECRET_KEY and APCA_API_BASE_URL"
                     )
-                if status == 429 or status >= 500:
+                if status == 429:
+                    # The budget now holds every request until Retry-After has passed.
+                    last = "HTTP 429"
+                    delay = 0.0
+                elif status >= 500:
                     last = f"HTTP {status}"
                     delay = backoff.next_delay()
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -111,8 +130,39 @@ class HttpBrokerRest:
             if attempt + 1 < attempts:
                 log.warning("rest_retry", path=path, reason=last, attempt=attempt + 1,
                             delay=round(delay, 3))
-                await trio.sleep(delay)
+                if delay > 0:
+                    await trio.sleep(delay)
         raise BrokerUnavailable(f"broker REST {path} failed after {attempts} attempts: {last}")
+
+    async def _wait_for_budget(self, path: str) -> None:
+        """Hold this request until the budget lets it go (one at a time, evenly spaced)."""
+        async with self._pace:
+            now = trio.current_time()
+            at = self.budget.next_send_at(now)
+            if at > now:
+                if self._metrics is not None:
+                    self._metrics.rest_budget_wait_seconds.inc(at - now)
+                await trio.sleep_until(at)
+            self.budget.sent(trio.current_time())
+        if self._metrics is not None:
+            self._metrics.rest_requests.labels(endpoint_label(path)).inc()
+
+    def _learn(self, path: str, resp: httpx.Response) -> None:
+        headers = RateHeaders.parse(resp.headers, time.time())
+        held = self.budget.answered(trio.current_time(), headers, resp.status_code)
+        m = self._metrics
+        if m is not None:
+            m.rest_budget_per_window.set(self.budget.per_window)
+            if headers.remaining is not None:
+                m.rest_budget_remaining.set(headers.remaining)
+        if resp.status_code == 429:
+            if m is not None:
+                m.rest_rate_limited.inc()
+            log.warning("rest_rate_limited", path=path, retry_after=headers.retry_after,
+                        limit=self.budget.limit, held_s=round(held, 3))
+        elif held > 0:
+            log.info("rest_budget_low", remaining=headers.remaining, limit=self.budget.limit,
+                     held_s=round(held, 3))
 
     async def account_id(self) -> str:
         body = await self._get("/v2/account")
@@ -136,6 +186,12 @@ class HttpBrokerRest:
         body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "false"})
         return decode_orders(body) if body else []
 
+    async def orders_since(self, *, after: str, limit: int = MAX_ORDERS_PAGE) -> list[WireOrder]:
+        body = await self._get("/v2/orders", {
+            "status": "all", "after": after, "direction": "asc",
+            "limit": min(limit, MAX_ORDERS_PAGE), "nested": "true"})
+        return decode_orders(body) if body else []
+
     async def order(self, order_id: str) -> WireOrder | None:
         body = await self._get(f"/v2/orders/{order_id}")
         return decode_order(body) if body else None
@@ -143,6 +199,14 @@ class HttpBrokerRest:
     async def positions(self) -> list[dict[str, Any]]:
         body = await self._get("/v2/positions")
         return list(msgspec.json.decode(body)) if body else []
+
+
+def endpoint_label(path: str) -> str:
+    """A low-cardinality name for a REST path: ids become `:id`."""
+    parts = [p for p in path.split("/") if p and p != "v2"]
+    if len(parts) >= 2 and parts[0] in ("orders", "assets", "positions"):
+        return f"{parts[0]}/:id"
+    return "/".join(parts[:3]) or "/"
 
 
 def _retry_after(value: str | None) -> float | None:

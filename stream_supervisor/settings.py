@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import BackoffPolicy
 from .bounds import DEFAULT_MAX_FRAME_BYTES, TRANSPORT_MAX_MESSAGE
+from .budget import DEFAULT_SHARE as DEFAULT_REST_BUDGET_SHARE
+from .budget import check_share
 from .errors import ConfigError
 from .strategy import DEFAULT_STRATEGY_PATTERN, PATTERN_VARIABLE, PatternError, StrategyPattern
 
@@ -40,6 +42,12 @@ DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
 #: fill from hiding the fills before it (docs/design.md, section 4, step 5).
 DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
+#: Live updates held while recovery runs (about 1.4 KB each, so at most ~140 MB). It
+#: must hold the stream for as long as REST takes to read the outage within the budget:
+#: at 500 updates/s a 60 s outage is ~19,000 fills, 190 pages, over two minutes at 90
+#: requests a minute (docs/design.md, section 12). Full during recovery: the connection
+#: is dropped on purpose and REST covers the range.
+DEFAULT_LIVE_BUFFER: Final = 100_000
 DEFAULT_REST_RETRIES: Final = 8
 #: `stats` recomputes yesterday and this many days before it (closes can land late).
 DEFAULT_STATS_LOOKBACK_DAYS: Final = 3
@@ -82,6 +90,10 @@ class Settings:
     future_tolerance: float = DEFAULT_FUTURE_TOLERANCE
     rest_timeout: float = DEFAULT_REST_TIMEOUT
     rest_retries: int = DEFAULT_REST_RETRIES
+    #: Of the account's REST limit (Alpaca: 200 a minute), the most the service spends;
+    #: the rest is the user's own trading (docs/design.md, section 12).
+    rest_budget_share: float = DEFAULT_REST_BUDGET_SHARE
+    live_buffer: int = DEFAULT_LIVE_BUFFER
     log_format: str = "auto"
     log_level: str = "info"
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
@@ -102,6 +114,13 @@ class Settings:
             # limit could not be honoured (docs/design.md, section 8, malformed frame).
             raise ConfigError(f"{ENV_PREFIX}MAX_FRAME_BYTES must be between 1 and "
                               f"{TRANSPORT_MAX_MESSAGE} (16 MiB), got {self.max_frame_bytes}")
+        if self.live_buffer < 1:
+            raise ConfigError(f"{ENV_PREFIX}LIVE_BUFFER must be at least 1")
+        try:
+            check_share(self.rest_budget_share)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}REST_BUDGET_SHARE {exc} (the fraction of the "
+                              "account's REST limit the service may use, e.g. 0.5)") from None
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
 
@@ -180,6 +199,8 @@ _PREFIXED: Final[dict[str, str]] = {
     "FUTURE_TOLERANCE": "future_tolerance",
     "REST_TIMEOUT": "rest_timeout",
     "REST_RETRIES": "rest_retries",
+    "REST_BUDGET_SHARE": "rest_budget_share",
+    "LIVE_BUFFER": "live_buffer",
     "LOG_FORMAT": "log_format",
     "LOG_LEVEL": "log_level",
     "HTTP_ADDR": "http_addr",

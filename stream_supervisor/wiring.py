@@ -40,10 +40,12 @@ def http_rest(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
+    metrics: Metrics | None = None,
 ) -> HttpBrokerRest:
     """The broker's REST API over HTTP (`transport` answers in memory for the simulation).
     The caller closes it (`async with`)."""
-    return HttpBrokerRest(RestSettings.from_settings(settings), rng=rng, transport=transport)
+    return HttpBrokerRest(RestSettings.from_settings(settings), rng=rng, transport=transport,
+                          metrics=metrics)
 
 
 @asynccontextmanager
@@ -66,9 +68,11 @@ async def open_supervisor(
     closed on leaving), PostgreSQL. A caller-supplied `rest` is the caller's to close.
     """
     rng = rng if rng is not None else random.Random()
+    metrics = metrics if metrics is not None else Metrics()
     own_rest: HttpBrokerRest | None = None
     if rest is None:
-        rest = own_rest = http_rest(settings, transport=rest_transport, rng=rng)
+        rest = own_rest = http_rest(settings, transport=rest_transport, rng=rng,
+                                    metrics=metrics)
     deps = Dependencies(
         connector=connector or websocket_connector(connect_timeout=settings.connect_timeout,
                                                    max_message_size=settings.max_frame_bytes),

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 
 #: The pure domain core: values, decoding, order and position math. No I/O.
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
-        "strategy", "errors", "messages", "symbols"}
+        "strategy", "errors", "messages", "symbols", "budget"}
 #: The actors and their supervisor: written against interfaces only.
 ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor"}
 #: Implementations of the interfaces, and what wires them together.

@@ -142,6 +142,9 @@ class FixtureRest:
     async def open_orders(self) -> list[WireOrder]:
         return []
 
+    async def orders_since(self, *, after: str, limit: int = 500) -> list[WireOrder]:
+        return []
+
     async def order(self, order_id: str) -> WireOrder | None:
         return None
 

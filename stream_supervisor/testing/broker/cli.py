@@ -18,8 +18,10 @@ import trio
 
 from .chaos import ChaosConfig
 from .market import SimConfig
+from .ratelimit import DEFAULT_RATE_LIMIT
 from .server import SimServer, serve
 from .simulated import SimulatedBroker
+from .userbot import run_user_bot
 
 #: Help for each chaos knob; `simulate --help` lists them all.
 KNOB_HELP: dict[str, str] = {
@@ -62,6 +64,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="order-flow and chaos seed")
     p.add_argument("--orders", type=int, default=200, help="orders to trade, then finish")
     p.add_argument("--rate", type=float, default=200.0, help="updates per second")
+    p.add_argument("--rest-rate-limit", type=int, default=DEFAULT_RATE_LIMIT,
+                   help="REST requests per 60 s window for the account, as Alpaca limits "
+                        f"them (0: no limit; default {DEFAULT_RATE_LIMIT})")
+    p.add_argument("--user-bot-rate", type=float, default=0.0,
+                   help="REST requests per minute the account's own trading bot spends "
+                        "(default 0: no bot)")
     p.add_argument("--account-id", default=None, help="account id (default: from the seed)")
     p.add_argument("--key-id", default="SIMKEY", help="key the broker accepts")
     p.add_argument("--secret-key", default="SIMSECRET", help="secret the broker accepts")
@@ -98,11 +106,12 @@ async def _serve(args: argparse.Namespace) -> None:
     broker = SimulatedBroker(SimConfig(
         seed=args.seed, account_id=args.account_id, key_id=args.key_id,
         secret_key=args.secret_key, orders=args.orders, rate=args.rate,
-        chaos=chaos_from_args(args),
+        chaos=chaos_from_args(args), rest_rate_limit=args.rest_rate_limit,
     ))
     async with trio.open_nursery() as nursery:
         server: SimServer = await nursery.start(partial(
             serve, broker, host=args.host, ws_port=args.ws_port, rest_port=args.rest_port))
+        await nursery.start(run_user_bot, broker, args.user_bot_rate)
         print(json.dumps({
             "stream_url": server.ws_url, "base_url": server.rest_url,
             "account_id": broker.account()["id"], "key_id": args.key_id,
@@ -110,7 +119,11 @@ async def _serve(args: argparse.Namespace) -> None:
         await broker.run_market()
         if args.ground_truth is not None:
             args.ground_truth.write_text(json.dumps(broker.ground_truth(), indent=1))
-        print(json.dumps({"market": "finished", "fills": broker.ground_truth()["fills_total"]}),
+        limiter = broker.rate_limiter
+        print(json.dumps({"market": "finished", "fills": broker.ground_truth()["fills_total"],
+                          "rest": {"requests": limiter.requests, "by_caller": limiter.by_caller,
+                                   "refused": limiter.refused,
+                                   "peak_in_window": limiter.peak_in_window}}),
               flush=True)
         if args.linger is not None:
             await trio.sleep(args.linger)

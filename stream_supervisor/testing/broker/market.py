@@ -18,6 +18,7 @@ from typing import Any, Final
 import trio
 
 from .chaos import ChaosConfig
+from .ratelimit import DEFAULT_RATE_LIMIT
 from .records import Fill, Order, Position, Step, Symbol
 from .wire import (
     CENT,
@@ -69,6 +70,8 @@ class SimConfig:
     burst: tuple[int, int] = (0, 0)
     """(after this many updates, this many more): a burst the market plays as fast as it
     can, without pacing, before going back to `rate`."""
+    rest_rate_limit: int = DEFAULT_RATE_LIMIT
+    """REST requests per 60 s window for the account, Alpaca's limit (0: no limit)."""
 
 
 class Market:

@@ -10,6 +10,7 @@ import decimal
 import hmac
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from ...errors import TimestampError
 from ...events import parse_timestamp
 from .chaos import ChaosDecider
 from .market import STARTING_CASH, Market
+from .ratelimit import RateLimiter
 from .wire import CENT, CTX, NS, TWELVE, ZERO, decimal_text, dumps, money_text, utc_us
 
 ACTIVITY_PAGE_MAX: Final = 100
@@ -49,10 +51,18 @@ class RestResponse:
 class RestApi:
     """`GET` endpoints of one simulated account, answered from its market."""
 
-    def __init__(self, market: Market, chaos: ChaosDecider, stats: dict[str, int]) -> None:
+    def __init__(
+        self,
+        market: Market,
+        chaos: ChaosDecider,
+        stats: dict[str, int],
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.market = market
         self.chaos = chaos
         self.stats = stats
+        self.limiter = limiter if limiter is not None else RateLimiter(
+            market.config.rest_rate_limit)
 
     def account(self) -> dict[str, Any]:
         market = self.market
@@ -217,24 +227,33 @@ class RestApi:
             return _error(401, 40110000, "request is not authorized")
         if route == "activities":
             self.stats["activity_requests"] += 1
+        # Alpaca's limit, per account, counted on arrival; every answer says where the
+        # window stands (docs/design.md, section 12).
+        rate = self.limiter.admit(route, headers.get("user-agent", ""))
+        limits = rate.headers(time.time())
+        if not rate.allowed:
+            self.stats["rest_429"] += 1
+            return _error(429, 42910000, "rate limit exceeded", headers=limits)
         delay = self.chaos.rest_delay()
         fault = self.chaos.rest_fault()
         if fault == "error":
             self.stats["rest_faults"] += 1
-            return _error(500, 50010000, "internal server error", delay=delay)
+            return _error(500, 50010000, "internal server error", delay=delay, headers=limits)
         if fault == "rate_limited":
             self.stats["rest_faults"] += 1
             retry = str(math.ceil(self.chaos.config.rest_retry_after))
             return _error(
-                429, 42910000, "rate limit exceeded", delay=delay, headers=(("Retry-After", retry),)
+                429, 42910000, "rate limit exceeded", delay=delay,
+                headers=(*limits, ("Retry-After", retry)),
             )
         try:
             body = self._answer(route, path, query)
         except ValueError as exc:
-            return _error(422, 42210000, str(exc), delay=delay)
+            return _error(422, 42210000, str(exc), delay=delay, headers=limits)
         if body is None:
-            return _error(404, 40410000, "order not found", delay=delay)
-        return RestResponse(200, dumps(body), (("Content-Type", "application/json"),), delay)
+            return _error(404, 40410000, "order not found", delay=delay, headers=limits)
+        return RestResponse(
+            200, dumps(body), (("Content-Type", "application/json"), *limits), delay)
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         key = headers.get("apca-api-key-id", "")

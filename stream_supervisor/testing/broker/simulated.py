@@ -14,6 +14,7 @@ import trio
 from .chaos import INJECTED_KINDS, ChaosDecider
 from .feeds import Feeds
 from .market import Market, SimConfig
+from .ratelimit import RateLimiter
 from .rest import ACTIVITY_PAGE_MAX, ORDERS_LIMIT_MAX, RestApi, RestResponse
 from .sessions import SessionTransport, handle_session
 from .truth import ground_truth
@@ -45,6 +46,7 @@ STAT_KEYS: Final = (
     "rest_faults",
     "activity_requests",
     "upgrade_attempts",
+    "rest_429",
 )
 """The broker's counters, in the order `ground_truth()["stats"]` lists them."""
 
@@ -158,6 +160,11 @@ class SimulatedBroker:
         )
 
     # --- REST
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The account's REST limit: requests per endpoint and per caller, 429s."""
+        return self._rest.limiter
 
     def rest(self, method: str, target: str, headers: Mapping[str, str]) -> RestResponse:
         """Answer one REST request, chaos included. `headers` keys are lower-case.

@@ -1,0 +1,227 @@
+"""Recovery that keeps up, within the broker's REST limit (docs/design.md, section 12),
+against the simulated broker enforcing Alpaca's 200 requests a minute on loopback and a
+real PostgreSQL: a socket closed mid-recovery is noticed at once with the pages read so
+far committed; a process killed with SIGKILL mid-recovery restarts from them; and a
+two-minute soak with disconnects never meets a 429, never takes more than its share,
+leaves the user's bot its own, and ends with the database equal to the ground truth."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from stream_supervisor.metrics import Metrics
+from stream_supervisor.state import SupervisorState
+from stream_supervisor.testing.broker import (
+    USER_BOT_AGENT,
+    ChaosConfig,
+    SimConfig,
+    SimServer,
+    SimulatedBroker,
+    run_user_bot,
+    serve,
+)
+from stream_supervisor.testing.verify import summarize
+from stream_supervisor.wiring import open_supervisor, pg_store
+from stream_supervisor.wsclient import websocket_connector
+
+from .harness import (
+    DISCONNECT_TIMEOUT,
+    SupervisorProcess,
+    chaos_settings,
+    committed_rows,
+    final_verify,
+    process_env,
+    wait_until_matches,
+)
+
+pytestmark = pytest.mark.chaos
+
+SERVICE = "stream-supervisor"
+START_TIMEOUT = 60.0
+LIMIT = 200  # Alpaca's
+SHARE = 0.5  # the default
+
+
+def backlog(config: SimConfig, fills: int) -> SimulatedBroker:
+    """A broker whose account made `fills` fills nobody streamed (REST only) in the
+    minutes up to now, then trades on from now."""
+    probe = SimulatedBroker(config)
+    while probe.fills_total < fills and probe.step() is not None:
+        pass
+    took = timedelta(seconds=probe.updates_total / config.rate)
+    broker = SimulatedBroker(replace(config, start_time=datetime.now(UTC) - took))
+    while broker.fills_total < fills and broker.step() is not None:
+        pass
+    return broker
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run_in_process(database_url: str, broker: SimulatedBroker, body: Any,
+                         **overrides: Any) -> tuple[Metrics, SupervisorState]:
+    """The supervisor against `broker` served on loopback while `body(state, metrics)`
+    runs; drained afterwards."""
+    metrics, state = Metrics(), SupervisorState()
+    async with trio.open_nursery() as nursery:
+        server: SimServer = await nursery.start(serve, broker)
+        settings = replace(chaos_settings(database_url, **overrides),
+                           key_id=broker.config.key_id, secret_key=broker.config.secret_key,
+                           base_url=server.rest_url, stream_url=server.ws_url)
+        async with open_supervisor(
+                settings, metrics=metrics, state=state,
+                connector=websocket_connector(connect_timeout=settings.connect_timeout,
+                                              disconnect_timeout=DISCONNECT_TIMEOUT),
+                store_factory=lambda: pg_store(settings), rng=random.Random(7),
+                install_signal_handlers=False) as sup:
+            done = trio.Event()
+
+            async def supervise() -> None:
+                try:
+                    await sup.run()
+                finally:
+                    done.set()
+
+            nursery.start_soon(supervise)
+            await body(nursery, state, metrics)
+            sup.request_drain("test done")
+            with trio.fail_after(settings.drain_timeout + 10):
+                await done.wait()
+        nursery.cancel_scope.cancel()
+    return metrics, state
+
+
+async def test_a_socket_closed_mid_recovery_is_noticed_at_once_and_pages_stay_committed(
+        database_url: str) -> None:
+    # 2,000 fills before the service starts: 20 pages, half a minute at its 90 a minute.
+    # The broker drops the socket 150 updates into the backfill.
+    config = SimConfig(seed=1901, orders=900, rate=60.0, scenario="closure-mid-recovery",
+                       chaos=ChaosConfig(disconnect_at=(150,)))  # the 150th frame streamed
+    broker = backlog(config, 2_000)
+    pages_needed = math.ceil(broker.fills_total / 100)
+    seen: dict[str, Any] = {}
+
+    async def body(nursery: trio.Nursery, state: SupervisorState, metrics: Metrics) -> None:
+        with trio.fail_after(30):
+            while state.connection != "backfilling":
+                await trio.sleep(0.02)
+        await nursery.start(broker.run_market)
+        with trio.fail_after(60):
+            while broker.stats["disconnects"] == 0:
+                await trio.sleep(0.02)
+            # The next connection begins while the first backfill had pages to go.
+            while broker.stats["connections"] < 2:
+                await trio.sleep(0.02)
+        seen["activity_requests"] = broker.rate_limiter.requests.get("activities", 0)
+        seen["rows"] = await trio.to_thread.run_sync(committed_rows, database_url,
+                                                     broker.account_id)
+        mismatches = await wait_until_matches(database_url, broker, timeout=150)
+        seen["mismatches"] = mismatches
+
+    with trio.fail_after(240):
+        await run_in_process(database_url, broker, body)
+    assert seen["activity_requests"] < pages_needed, seen
+    assert seen["rows"] > 0, "pages read before the closure were not committed"
+    assert seen["mismatches"] == [], summarize(seen["mismatches"])
+    assert broker.rate_limiter.refused == {}
+    assert broker.rate_limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
+
+
+async def test_sigkill_mid_recovery_keeps_the_committed_pages_and_a_restart_matches(
+        database_url: str) -> None:
+    config = SimConfig(seed=1902, orders=900, rate=50.0, scenario="sigkill-mid-recovery")
+    broker = backlog(config, 2_000)
+    pages_needed = math.ceil(broker.fills_total / 100)
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            server: SimServer = await nursery.start(serve, broker)
+            # A short overlap, so the restart's start shows where the kill left the cursor.
+            env = process_env(database_url, server, config,
+                              STREAM_SUPERVISOR_BACKFILL_OVERLAP="5")
+            async with SupervisorProcess(env, nursery, name="first") as first:
+                await first.wait_for_event("backfill_started", timeout=START_TIMEOUT)
+                with trio.fail_after(60):
+                    while await trio.to_thread.run_sync(
+                            committed_rows, database_url, broker.account_id) < 300:
+                        await trio.sleep(0.1)
+                read_before_kill = broker.rate_limiter.requests.get("activities", 0)
+                first.kill()
+                code = await first.wait(timeout=10)
+                rows = await trio.to_thread.run_sync(committed_rows, database_url,
+                                                     broker.account_id)
+                assert code == -signal.SIGKILL, first.tail()
+            # Committed while pages were still to be read: progress a kill cannot undo.
+            assert read_before_kill < pages_needed, (read_before_kill, pages_needed)
+            assert 300 <= rows < broker.fills_total
+            async with SupervisorProcess(env, nursery, name="restart") as second:
+                await second.wait_for_event("listening", timeout=START_TIMEOUT)
+                await nursery.start(broker.run_market)
+                mismatches, code, tail = await second.match_then_drain(
+                    database_url, broker, timeout=180)
+                restart_from = next(e for e in second.events()
+                                    if e["event"] == "backfill_started")["after"]
+            nursery.cancel_scope.cancel()
+    mismatches = mismatches or await final_verify(database_url, broker)
+    assert mismatches == [], summarize(mismatches) + "\n" + tail
+    assert code == 0, tail
+    first_fill = broker.market.activities[0]["transaction_time"]
+    assert restart_from > first_fill, "the restart read the whole range again"
+    assert broker.rate_limiter.refused == {}
+    assert broker.rate_limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
+
+
+async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
+    """Two minutes at 200 updates/s, the broker dropping the stream every 20 s and
+    refusing it for 5 s after each (only REST covers those), the user's bot spending its
+    100 requests a minute throughout."""
+    rate, seconds = 200.0, 120.0
+    config = SimConfig(seed=1903, orders=int(rate * seconds / 5), rate=rate, scenario="soak",
+                       chaos=ChaosConfig(disconnect_every=int(rate * 20),
+                                         outage_after_disconnect=5.0))
+    broker = SimulatedBroker(config)
+    rss: list[float] = []
+    out: dict[str, Any] = {}
+
+    async def body(nursery: trio.Nursery, state: SupervisorState, metrics: Metrics) -> None:
+        await nursery.start(run_user_bot, broker, LIMIT * (1 - SHARE))
+        with trio.fail_after(60):
+            while state.connection != "streaming":
+                await trio.sleep(0.05)
+        await nursery.start(broker.run_market)
+
+        async def sample() -> None:
+            while True:
+                rss.append(rss_mb())
+                await trio.sleep(1.0)
+
+        nursery.start_soon(sample)
+        out["mismatches"] = await wait_until_matches(database_url, broker,
+                                                     timeout=seconds + 240)
+        out["rate_limited"] = metrics.value("stream_supervisor_rest_rate_limited_total")
+
+    with trio.fail_after(seconds + 360):
+        await run_in_process(database_url, broker, body, first_start_lookback=60.0)
+    limiter = broker.rate_limiter
+    assert broker.stats["disconnects"] >= 4
+    assert out["mismatches"] == [], summarize(out["mismatches"])
+    assert limiter.refused == {}, limiter.refused  # no 429, for us or the user's bot
+    assert out["rate_limited"] == 0
+    assert limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
+    assert limiter.by_caller[USER_BOT_AGENT] >= seconds / 60 * LIMIT * (1 - SHARE) * 0.9
+    # Memory stays bounded: after the first quarter, no more than 30% above it (the
+    # broker's books, which grow with the market, live in this process too).
+    warm = rss[len(rss) // 4]
+    assert max(rss[len(rss) // 4:]) <= warm * 1.3, (warm, max(rss))
