@@ -83,3 +83,15 @@ def test_the_poison_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str, tmp_pat
     # Binary splitting: one half refused and one committed per level, then the letter.
     assert 2 <= results["poisoned"]["commits_median"] <= 8
     assert isinstance(results["poison_cost_ms"], float)
+
+
+def test_a_busy_machine_is_refused_unless_told(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The load-average guard: past `--max-load` (here below any load) the default run
+    refuses before it starts anything, and says how to go ahead anyway."""
+    out = tmp_path / "never.json"
+    code = main(["--max-load", "-1", "--database-url", "postgresql://unused.invalid/x",
+                 "--json", str(out)])
+    assert code == 3 and not out.exists()
+    err = capsys.readouterr().err
+    assert "refusing to run" in err and "--busy-ok" in err and "load average" in err
