@@ -323,6 +323,9 @@ class Bench:
         into the pipeline's database (which holds them all; the supervisor warms its LRU
         from it at start). What a duplicate costs, against `socket_only` (decode only)."""
         source = self.pipeline_db
+        if not source:
+            raise RuntimeError("dup_only reads the pipeline scenario's database: "
+                               "run `pipeline` first (ab.py: --scenarios pipeline,dup_only)")
         n = min(len(self.w.frames), self.p.lru_size)
         frames = self.w.frames[len(self.w.frames) - n:]
         keys = self.distinct(len(self.w.frames))
