@@ -284,6 +284,9 @@ class NoNewsRest:
     async def positions(self) -> list[dict[str, Any]]:
         return []
 
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": False}
+
 
 async def _watch(tracer: Tracer, scope: trio.CancelScope) -> None:
     with scope:
@@ -305,6 +308,7 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         lru_size=args["lru_size"],
         order_refresh_interval=0.0,  # no REST polling mid-run: nothing changes off-stream
         first_start_lookback=3600.0,
+        baseline=False,  # an empty account whose session starts with the service
     )
     metrics = Metrics()
     metrics.duplicates_dropped = _CountingCounter(  # type: ignore[assignment]

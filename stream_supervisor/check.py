@@ -138,10 +138,18 @@ _CHECKS: Final = (
             FROM active_positions WHERE {_ACCT} AND status = 'open'
             GROUP BY account_id, symbol
         ), traded AS (
-            SELECT account_id, symbol,
-                   sum(CASE side WHEN 'buy' THEN filled_qty WHEN 'sell' THEN -filled_qty
-                       ELSE 0 END) AS qty
-            FROM broker_orders WHERE {_ACCT}
+            -- Fills count beyond each order's baseline; adjustments (section 9) carry the
+            -- rest: a baseline, a rebaseline or a reconcile moved the net by after - before.
+            SELECT account_id, symbol, sum(qty) AS qty FROM (
+                SELECT account_id, symbol,
+                       CASE side WHEN 'buy' THEN filled_qty - baseline_qty
+                                 WHEN 'sell' THEN baseline_qty - filled_qty
+                                 ELSE 0 END AS qty
+                FROM broker_orders WHERE {_ACCT}
+                UNION ALL
+                SELECT account_id, symbol, qty_after - qty_before
+                FROM position_adjustments WHERE {_ACCT}
+            ) moves
             GROUP BY account_id, symbol
         )
         SELECT account_id, symbol, coalesce(h.qty, 0), coalesce(t.qty, 0)
@@ -150,7 +158,7 @@ _CHECKS: Final = (
         ORDER BY account_id, symbol
         """,
         lambda r: f"account {r[0]} {r[1]}: open positions net {r[2]}, "
-        f"orders' signed filled_qty sum {r[3]}",
+        f"orders' signed filled_qty beyond their baselines plus adjustments {r[3]}",
     ),
     _Check(
         "position",

@@ -1,5 +1,5 @@
-"""`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, health,
-prune, dead-letters, stats.
+"""`stream-supervisor` command line: run, demo, simulate, migrate, check, reconcile, rebaseline,
+health, prune, dead-letters, stats.
 
 Flags override the environment; every command builds one `Settings` and passes it down.
 Exit codes: 0 ok, 1 failure or violation, 2 usage, 78 configuration error.
@@ -11,6 +11,7 @@ import argparse
 import http.client
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "GET /v2/positions")
     _common_flags(reconcile)
     _broker_flags(reconcile)
+    reconcile.add_argument("--apply", action="store_true",
+                           help="write an adjustment (position_adjustments) setting each "
+                                "differing position to the broker's; takes the writer lock")
+    rebaseline = sub.add_parser("rebaseline", help="start over from the broker's positions "
+                                "and open orders (history kept); takes the writer lock")
+    _common_flags(rebaseline)
+    _broker_flags(rebaseline)
     _health_flags(sub.add_parser("health", help="exit 0 if the running service's "
                                         "/healthz (--ready: /readyz) answers 200, else 1"))
     prune = sub.add_parser("prune", help="delete old dedupe keys, dead letters and closed "
@@ -229,7 +237,17 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("APCA_API_KEY_ID and APCA_API_SECRET_KEY are required for reconcile")
     from .reconcile import reconcile
 
-    return trio.run(reconcile, settings)
+    return trio.run(partial(reconcile, settings, apply=bool(getattr(args, "apply", False))))
+
+
+def cmd_rebaseline(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set (or pass --database-url)")
+    if not settings.key_id or not settings.secret_key:
+        raise ConfigError("APCA_API_KEY_ID and APCA_API_SECRET_KEY are required for rebaseline")
+    from .reconcile import rebaseline
+
+    return trio.run(rebaseline, settings)
 
 
 def _health_flags(p: argparse.ArgumentParser) -> None:
@@ -279,6 +297,7 @@ _COMMANDS: dict[str, Any] = {
     "migrate": cmd_migrate,
     "check": cmd_check,
     "reconcile": cmd_reconcile,
+    "rebaseline": cmd_rebaseline,
     "health": cmd_health,
     "prune": cmd_prune,
     "dead-letters": cmd_dead_letters,

@@ -152,6 +152,10 @@ async def run_pipeline_against_sim(
             stream_url=server.ws_url,
             account_id=None,
             first_start_lookback=3600.0,
+            # The simulated account starts empty, with its session, which the lookback
+            # covers whole; a baseline taken while the market already runs would rightly
+            # give up the P&L realized before it (docs/design.md, section 9).
+            baseline=False,
         )
         twin: SimulatedBroker | None = None
         if per_event:

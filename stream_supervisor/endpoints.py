@@ -8,15 +8,17 @@ orchestrator's probe, not a web server.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import h11
 import trio
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .errors import ConfigError
-from .health import HealthMonitor, readiness
+from .health import Assessor, readiness
 from .logs import get_logger
 from .metrics import Metrics
 from .settings import ENV_PREFIX
@@ -66,10 +68,15 @@ class _Response:
 class HealthServer:
     """`/healthz`, `/readyz` and `/metrics`: one request per connection, GET or HEAD."""
 
-    def __init__(self, state: SupervisorState, metrics: Metrics, monitor: HealthMonitor) -> None:
+    def __init__(self, state: SupervisorState, metrics: Metrics, monitor: Assessor, *,
+                 ready: Callable[[], dict[str, Any]] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.state = state
         self.metrics = metrics
         self.monitor = monitor
+        # Several accounts (fleet.py): their readiness by name, their metrics labelled.
+        self._ready = ready
+        self._registry = registry
         self._slots = trio.CapacityLimiter(HTTP_MAX_CONNECTIONS)
 
     def answer(self, method: str, target: str, accept: str = "") -> _Response:
@@ -81,13 +88,14 @@ class HealthServer:
             body = {"alive": health.alive, "problems": list(health.problems), **health.detail}
             return _Response(200 if health.alive else 503, _json(body))
         if path == "/readyz":
-            ready = readiness(self.state)
+            ready = self._ready() if self._ready is not None else readiness(self.state)
             return _Response(200 if ready["ready"] else 503, _json(ready))
         if path == "/metrics":
             # The library's own negotiation: classic text format (generate_latest) unless
             # the scraper asks for OpenMetrics.
             encode, content_type = choose_encoder(accept)
-            return _Response(200, encode(self.metrics.registry), content_type)
+            registry = self._registry if self._registry is not None else self.metrics.registry
+            return _Response(200, encode(registry), content_type)
         return _Response(404, b'{"error":"not found","paths":["/healthz","/readyz","/metrics"]}\n')
 
     async def __call__(self, stream: trio.SocketStream) -> None:
@@ -148,14 +156,17 @@ async def serve_health(
     listeners: list[trio.SocketListener],
     state: SupervisorState,
     metrics: Metrics,
-    monitor: HealthMonitor,
+    monitor: Assessor,
     *,
+    ready: Callable[[], dict[str, Any]] | None = None,
+    registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started` gets the bound port."""
     port = bound_port(listeners)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, HealthServer(state, metrics, monitor),
+        await nursery.start(trio.serve_listeners, HealthServer(state, metrics, monitor, ready=ready,
+                                                        registry=registry),
                             listeners)
         host = listeners[0].socket.getsockname()[0]
         log.info("health_listening", host=host, port=port)

@@ -41,8 +41,13 @@ KNOWN_EVENTS: Final = frozenset(
         "accepted",
         "restated",
         "held",
+        # Broker API events (docs/design.md, section 11): a fill taken back or changed.
+        "trade_bust",
+        "trade_correct",
     }
 )
+#: Revisions of fills already reported: applied by `revisions.py`, keyed by execution.
+REVISION_EVENTS: Final = frozenset({"trade_bust", "trade_correct"})
 
 Source = Literal["stream", "rest"]
 
@@ -79,6 +84,10 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     #: Kept (a reference, not a copy) so that an update the database refuses can still be
     #: dead-lettered verbatim, and replayed later through the decoder of the day.
     raw: bytes = b""
+    #: The Broker API's events stream (docs/design.md, section 11): the account the event
+    #: belongs to (one stream carries many), and its ULID, the stream's resume cursor.
+    account_id: str | None = None
+    event_id: str | None = None
 
     @property
     def is_fill(self) -> bool:
@@ -115,11 +124,23 @@ def fill_key(order_id: str, cum_qty: Decimal) -> str:
     return f"fill:{order_id}:{decimal_text(cum_qty)}"
 
 
-def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int) -> str:
-    """The dedupe key of an update (docs/design.md, section 4, layer 1)."""
+def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int,
+              execution_id: str | None = None) -> str:
+    """The dedupe key of an update (docs/design.md, section 4, layer 1). A bust or a
+    correction is one execution of the broker's: keyed by it when given (section 11)."""
     if event in FILL_EVENTS:
         return fill_key(order_id, cum_qty)
+    if event in REVISION_EVENTS and execution_id:
+        return f"{event}:{order_id}:{execution_id}"
     return f"{event}:{order_id}:{ts_ns}"
+
+
+def broker_event_key(event_id: str) -> str:
+    """The key of an event of the Broker API's events stream (docs/design.md, section
+    11): its `event_id`, a ULID the broker sends again unchanged when history is replayed.
+    Not the natural fill key: after a bust an order's cumulative quantity comes back down,
+    and the next fill reaches a cumulative quantity a busted fill had already reported."""
+    return f"event:{event_id}"
 
 
 _RFC3339: Final = re.compile(

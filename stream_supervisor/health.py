@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -63,6 +63,12 @@ class Health:
     alive: bool
     problems: tuple[str, ...]
     detail: dict[str, Any]
+
+
+class Assessor(Protocol):
+    """What `/healthz` and the watchdog ask: one `HealthMonitor`, or a fleet's."""
+
+    def assess(self, now: float | None = None) -> Health: ...
 
 
 class HealthMonitor:
@@ -187,7 +193,10 @@ def readiness(state: SupervisorState) -> dict[str, Any]:
         "db_writable": state.db_writable,
         "draining": state.draining,
         "leader": state.leader,
+        # Drift does not make the service unready (it is still the best record of fills);
+        # it is shown so that an operator sees it next to the verdict.
+        "drifted_symbols": state.drifted_symbols,
     }
 
 
-__all__ = ["Health", "HealthMonitor", "HealthPolicy", "readiness"]
+__all__ = ["Assessor", "Health", "HealthMonitor", "HealthPolicy", "readiness"]

@@ -16,9 +16,10 @@ from typing import TypeVar
 
 import msgspec
 
-from .events import FILL_EVENTS, KNOWN_EVENTS, Event
+from .events import FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, apply_fill
+from .revisions import apply_revision, revise_position
 
 
 class Cursor(msgspec.Struct, frozen=True, gc=False):
@@ -81,10 +82,15 @@ def order_fills_by_cum_qty(events: Sequence[Event]) -> list[Event]:
     fill's slot in the batch decides its place in the symbol's position history, so each
     order's fills are re-dealt, smallest cumulative first, into the slots they occupied.
     """
-    slots: dict[str, list[int]] = {}
+    # A bust or correction starts a new run of the order's fills: its cumulative figures
+    # come back down, so fills on either side of it must not be sorted together.
+    slots: dict[tuple[str, int], list[int]] = {}
+    runs: dict[str, int] = {}
     for i, ev in enumerate(events):
         if ev.event in FILL_EVENTS:
-            slots.setdefault(ev.order_id, []).append(i)
+            slots.setdefault((ev.order_id, runs.get(ev.order_id, 0)), []).append(i)
+        elif ev.event in REVISION_EVENTS:
+            runs[ev.order_id] = runs.get(ev.order_id, 0) + 1
     if all(len(s) == 1 for s in slots.values()):
         return list(events)
     out = list(events)
@@ -113,7 +119,9 @@ def apply_events(
     for ev in order_fills_by_cum_qty(events):
         if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:
             continue  # an unknown event type about an order we never saw invents no order
-        outcome = apply_order_event(order_state.get(ev.order_id), ev)
+        revision = ev.event in REVISION_EVENTS
+        outcome = (apply_revision if revision else apply_order_event)(
+            order_state.get(ev.order_id), ev)
         order_state[ev.order_id] = outcome.state
         result.orders[ev.order_id] = outcome.state
         if outcome.stale:
@@ -124,7 +132,8 @@ def apply_events(
         result.fills_applied += 1
         if not delta.exact:
             result.inexact_fills += 1
-        step = apply_fill(current.get(ev.symbol), account_id, delta)
+        step = (revise_position(current.get(ev.symbol), account_id, delta, ev.side)
+                if revision else apply_fill(current.get(ev.symbol), account_id, delta))
         if step.closed is not None:
             result.closed.append(step.closed)
             result.positions.append(step.closed)

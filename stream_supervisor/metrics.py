@@ -79,6 +79,9 @@ class Metrics:
                                   registry=r)
         self.leader = Gauge(p + "leader", "1 while this process holds the account's writer lock",
                             registry=r)
+        self.drifted_symbols = Gauge(
+            p + "drifted_symbols", "Symbols whose open position differed from the broker's "
+            "GET /v2/positions at the last scheduled reconcile", registry=r)
         self.pipeline_restarts = Counter(p + "pipeline_restarts", "Pipeline restarts after a "
                                          "crash", registry=r)
 

@@ -1,9 +1,12 @@
 """Schema migrations: `migrations/*.sql` applied in filename order, once each.
 
-Each file runs in its own transaction and is recorded in `schema_migrations` with the
-sha256 of its bytes; an applied file whose bytes changed is refused by name. The whole
-run holds a session advisory lock, so concurrent `migrate` runs serialise: the second
-waits, then finds nothing left to do.
+Each file runs in its own transaction and is recorded in `stream_supervisor_migrations`
+with the sha256 of its bytes; an applied file whose bytes changed is refused by name.
+The table is named for this project so a database other tools share (golang-migrate,
+dbmate and Rails all keep a `schema_migrations`) works; an install from before the rename
+has its records moved out of our old `schema_migrations` (docs/design.md, section 9).
+The whole run holds a session advisory lock, so concurrent `migrate` runs serialise: the
+second waits, then finds nothing left to do.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ MIGRATIONS_DIR_ENV: Final = "STREAM_SUPERVISOR_MIGRATIONS_DIR"
 #: How long a second `migrate` waits for the first before giving up.
 DEFAULT_LOCK_WAIT_S: Final = 300.0
 
-_CREATE_TABLE: Final = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
+#: Where applied migrations are recorded.
+MIGRATIONS_TABLE: Final = "stream_supervisor_migrations"
+#: Where they were recorded before it (a name other tools use too).
+OLD_MIGRATIONS_TABLE: Final = "schema_migrations"
+_CREATE_TABLE: Final = f"""
+CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
     version     text PRIMARY KEY,
     filename    text NOT NULL,
     checksum    text NOT NULL,
@@ -36,10 +43,25 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 _COMMENT: Final = (
-    "COMMENT ON TABLE schema_migrations IS "
+    f"COMMENT ON TABLE {MIGRATIONS_TABLE} IS "
     "'Migrations applied by stream-supervisor migrate: one row per migrations/*.sql file, "
     "with the sha256 of its bytes (a changed applied file is refused).'"
 )
+# Our old table is recognised by its exact columns (a foreign one has no checksum) and
+# by holding our first migration; anything else named schema_migrations is another
+# tool's and is never touched.
+_OLD_IS_OURS: Final = f"""
+SELECT to_regclass('{OLD_MIGRATIONS_TABLE}') IS NOT NULL AND (
+    SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute
+    WHERE attrelid = to_regclass('{OLD_MIGRATIONS_TABLE}') AND attnum > 0
+      AND NOT attisdropped
+) = ARRAY['applied_at', 'checksum', 'filename', 'version']
+"""
+_MOVE_OLD: Final = f"""
+INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum, applied_at)
+SELECT version, filename, checksum, applied_at FROM {OLD_MIGRATIONS_TABLE}
+ON CONFLICT (version) DO NOTHING
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +148,21 @@ def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
 
 def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo: str) -> list[str]:
     with conn.transaction():
-        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        exists = conn.execute(f"SELECT to_regclass('{MIGRATIONS_TABLE}') IS NOT NULL").fetchone()
         if not (exists and exists[0]):
             conn.execute(_CREATE_TABLE)
             conn.execute(_COMMENT)
+        old = conn.execute(_OLD_IS_OURS).fetchone()
+        if old and old[0]:
+            # An install from before the rename: its records move, in one transaction.
+            ours = conn.execute(
+                f"SELECT bool_or(version = '0001_initial') FROM {OLD_MIGRATIONS_TABLE}"
+            ).fetchone()
+            if ours and ours[0]:
+                conn.execute(_MOVE_OLD)
+                conn.execute(f"DROP TABLE {OLD_MIGRATIONS_TABLE}")
     applied = dict(
-        conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+        conn.execute(f"SELECT version, checksum FROM {MIGRATIONS_TABLE}").fetchall()
     )
     done: list[str] = []
     for m in migrations:
@@ -140,7 +171,7 @@ def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo:
             if stored != m.checksum:
                 raise MigrationError(
                     f"migration {m.path.name} was changed after it was applied "
-                    f"(checksum {stored[:12]}... in schema_migrations, {m.checksum[:12]}... "
+                    f"(checksum {stored[:12]}... in {MIGRATIONS_TABLE}, {m.checksum[:12]}... "
                     f"on disk): restore the file and put the change in a new migration"
                 )
             continue
@@ -148,7 +179,7 @@ def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo:
             with conn.transaction():
                 conn.execute(m.sql)
                 conn.execute(
-                    "INSERT INTO schema_migrations (version, filename, checksum) "
+                    f"INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum) "
                     "VALUES (%s, %s, %s)",
                     [m.version, m.path.name, m.checksum],
                 )

@@ -3,7 +3,8 @@
 An order's stored cumulative `filled_qty` is a high-water mark: an update whose
 cumulative quantity is not above it changes nothing, and the quantity that reaches
 positions is always `C - c0`, priced so that a missed intermediate update still lands
-right. Status never regresses.
+right. Status follows the broker's latest word and never leaves a final status
+(docs/design.md, section 9, "Status").
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import msgspec
 from .events import FILL_EVENTS, KNOWN_EVENTS, Event
 
 TERMINAL_STATUSES: Final = frozenset({"filled", "canceled", "expired", "replaced", "rejected"})
+#: A refused cancel or replace: the order goes back to the status its update carries.
+REFUSAL_EVENTS: Final = frozenset({"order_cancel_rejected", "order_replace_rejected"})
 
 # Progress of an order through its life; a status of lower rank never overwrites one of
 # higher rank, and nothing leaves a terminal status (a late `new` cannot undo `filled`).
@@ -43,10 +46,29 @@ def status_rank(status: str) -> int:
     return _STATUS_RANK.get(status, 1)
 
 
-def merge_status(old: str, new: str) -> str:
-    """The status after `new` is reported for an order that had `old`."""
+def merge_status(
+    old: str,
+    new: str,
+    *,
+    old_at: datetime | None = None,
+    new_at: datetime | None = None,
+    authoritative: bool = False,
+) -> str:
+    """The status after `new` (stamped `new_at` by the broker) is reported for an order
+    that had `old` (stamped `old_at`).
+
+    A final status never changes, and a final status reported wins. Between statuses
+    that are not final, the broker's later stamp wins: a `new` the morning after
+    `done_for_day`, a `partially_filled` after a refused cancel. `authoritative` (a
+    refused cancel or replace, which names the status the order went back to) wins
+    outright. Only without stamps, or on a tie, does the order of progress decide.
+    """
     if old in TERMINAL_STATUSES:
         return old
+    if new in TERMINAL_STATUSES or authoritative:
+        return new
+    if old_at is not None and new_at is not None and new_at != old_at:
+        return new if new_at > old_at else old
     return new if status_rank(new) >= status_rank(old) else old
 
 
@@ -65,6 +87,9 @@ class OrderState(msgspec.Struct, frozen=True, gc=False):
     asset_class: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Time of the latest bust or correction applied (revisions.py): a fill stamped no
+    #: later than it was already counted in the revision's cumulative figures.
+    revised_at: datetime | None = None
 
 
 class FillDelta(msgspec.Struct, frozen=True, gc=False):
@@ -147,9 +172,17 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         # An event type we do not know yet: keep it (the dedupe row), change nothing.
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, state.status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, state.updated_at),
+                       order_qty, order_type, asset_class, created_at, state.updated_at,
+                       state.revised_at),
             None, False)
-    status = merge_status(state.status, event.status)
+    # A REST snapshot is the broker's word now: at a stamp not older than ours it repairs
+    # whatever the stream left (a refused cancel whose update we never saw, say).
+    status = merge_status(
+        state.status, event.status, old_at=state.updated_at, new_at=event.timestamp,
+        authoritative=event.event in REFUSAL_EVENTS or (
+            event.event == "refresh" and (
+                state.updated_at is None or event.timestamp >= state.updated_at)),
+    )
     updated_at = (
         event.timestamp
         if state.updated_at is None or event.timestamp > state.updated_at
@@ -166,10 +199,14 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     # A fill whose cumulative quantity is not above ours was already counted (a duplicate
     # through another path, or an out-of-order late fill whose quantity a later
     # cumulative update already carried): stale.
-    if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0:
+    # A fill stamped no later than a bust or correction we applied is in the revision's
+    # cumulative figures already (docs/design.md, section 11): stale too.
+    revised = state.revised_at is not None and event.timestamp <= state.revised_at
+    if (event.event not in FILL_EVENTS and not implied_fill) or cum <= c0 or revised:
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, status, c0, p0, cid,
-                       order_qty, order_type, asset_class, created_at, updated_at),
+                       order_qty, order_type, asset_class, created_at, updated_at,
+                       state.revised_at),
             None, event.event in FILL_EVENTS or implied_fill)
 
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
@@ -181,7 +218,8 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     if event.order_qty is not None and cum >= event.order_qty:
         status = merge_status(status, "filled")
     new_state = OrderState(state.order_id, state.symbol, state.side, status, cum, avg, cid,
-                           order_qty, order_type, asset_class, created_at, updated_at)
+                           order_qty, order_type, asset_class, created_at, updated_at,
+                           state.revised_at)
     delta = FillDelta(
         order_id=event.order_id,
         client_order_id=cid,

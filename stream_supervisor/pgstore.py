@@ -13,6 +13,7 @@ code that binds each statement's parameters so a reader checks both in one place
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -20,6 +21,7 @@ import trio
 from psycopg import pq
 
 from . import pgconn
+from .adjustments import Adjustment, baseline_order, plan_adjustments
 from .errors import (
     LostLeadership,
     SchemaNotMigrated,
@@ -35,6 +37,7 @@ from .positions import Position
 from .store import (
     Batch,
     BatchResult,
+    BrokerWord,
     ReplayMark,
     StoredDeadLetter,
     StoreSnapshot,
@@ -51,11 +54,14 @@ TABLES: Final = (
     "position_history",
     "stream_cursors",
     "dead_letters",
+    "position_adjustments",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
-#: and `replay_result` and the leader reads `replay_requested_at` (0003).
-REQUIRED_MIGRATION: Final = "0003_dead_letter_replay"
+#: and `replay_result` and the leader reads `replay_requested_at` (0003); baselines and
+#: reconcile write `position_adjustments` and `broker_orders.baseline_qty` (0004, whose
+#: table is in TABLES too).
+REQUIRED_MIGRATION: Final = "0005_many_accounts"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -79,9 +85,11 @@ SELECT set_config('statement_timeout', %s, false),
 
 _SCHEMA_CHECK = """
 SELECT array(SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL),
-       to_regclass('schema_migrations') IS NOT NULL
+       to_regclass('stream_supervisor_migrations') IS NOT NULL
 """
-_MIGRATION_APPLIED = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = %s)"
+_MIGRATION_APPLIED = (
+    "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
+)
 
 _CLAIM_KEYS = """
 INSERT INTO alpaca_event_dedupe (event_key, account_id, event_type, source)
@@ -93,7 +101,7 @@ RETURNING event_key
 """
 
 _ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_avg_price,
-    client_order_id, qty, order_type, asset_class, created_at, updated_at"""
+    client_order_id, qty, order_type, asset_class, created_at, updated_at, revised_at"""
 
 _LOCK_ORDERS = f"""
 SELECT {_ORDER_COLUMNS} FROM broker_orders
@@ -113,16 +121,24 @@ FOR UPDATE
 """
 
 _LOAD_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %(acct)s"
+#: A Broker API events stream's position (docs/design.md, section 11): only forward.
+_ADVANCE_STREAM_POSITION = """
+INSERT INTO event_stream_positions AS p (stream, event_id) VALUES (%(stream)s, %(event_id)s)
+ON CONFLICT (stream) DO UPDATE SET event_id = GREATEST(p.event_id, EXCLUDED.event_id),
+    updated_at = now()
+"""
+_LOAD_STREAM_POSITION = "SELECT event_id FROM event_stream_positions WHERE stream = %s"
 
 _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
-    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua
+    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
+    revised_at)
+SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra
 FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
             %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
             %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua)
+            %(uas)b::timestamptz[], %(ras)b::timestamptz[])
+    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     client_order_id = EXCLUDED.client_order_id,
     order_type = EXCLUDED.order_type,
@@ -133,6 +149,7 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
     status = EXCLUDED.status,
     created_at = EXCLUDED.created_at,
     updated_at = EXCLUDED.updated_at,
+    revised_at = EXCLUDED.revised_at,
     last_stored_at = now()
 """
 
@@ -141,9 +158,10 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
 _HISTORY_INSERT = """
 INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty,
     avg_entry_price, realized_pnl, alpaca_order_id, client_order_id, opened_at, closed_at,
-    origin, fees)
+    origin, fees, asset_id, close_reason)
 SELECT id, account_id, symbol, side, qty, peak_qty, avg_entry_price, realized_pnl,
-    alpaca_order_id, client_order_id, opened_at, closed_at, origin, fees
+    alpaca_order_id, client_order_id, opened_at, closed_at, origin, fees, asset_id,
+    close_reason
 """
 
 # Closing rows first (its own statement, before the insert) keeps the partial unique index
@@ -255,6 +273,64 @@ SELECT position_id, account_id, symbol, side, qty, avg_entry_price, alpaca_order
 FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
 """
 _SNAPSHOT_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %s"
+_SNAPSHOT_ADJUSTMENTS = """
+SELECT symbol, reason, qty_before, qty_after, avg_entry_price, asset_id, taken_at
+FROM position_adjustments WHERE account_id = %s ORDER BY id
+"""
+_SNAPSHOT_BASELINES = """
+SELECT alpaca_order_id, baseline_qty FROM broker_orders
+WHERE account_id = %s AND baseline_qty > 0
+"""
+
+# --- the broker's word (docs/design.md, section 9): rare, so one row per statement ----
+
+_OPEN_POSITIONS = f"""
+SELECT {_POSITION_COLUMNS} FROM active_positions
+WHERE account_id = %s AND status = 'open' ORDER BY symbol
+"""
+_LOCK_ALL_OPEN = f"""
+SELECT {_POSITION_COLUMNS} FROM active_positions
+WHERE account_id = %s AND status = 'open' ORDER BY symbol FOR UPDATE
+"""
+_LOCK_BASELINE_ORDERS = f"""
+SELECT {_ORDER_COLUMNS}, baseline_qty FROM broker_orders
+WHERE alpaca_order_id = ANY(%s::text[]) ORDER BY alpaca_order_id FOR UPDATE
+"""
+_CLOSE_FOR_ADJUSTMENT = f"""
+WITH upd AS (
+    UPDATE active_positions SET qty = 0, status = 'closed', closed_at = %(at)s,
+        close_reason = %(reason)s, updated_at = now()
+    WHERE id = %(id)s AND status = 'open'
+    RETURNING *
+)
+{_HISTORY_INSERT} FROM upd
+"""
+_OPEN_FROM_BROKER = """
+INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,
+    alpaca_order_id, status, realized_pnl, opened_at, peak_qty, origin, asset_id)
+VALUES (%(acct)s, %(sym)s, %(side)s, %(qty)s, %(avg)s, %(reason)s, 'open', 0, %(at)s,
+    %(qty)s, %(reason)s, %(asset)s)
+RETURNING id
+"""
+_INSERT_ADJUSTMENT = """
+INSERT INTO position_adjustments (account_id, symbol, asset_id, reason, qty_before,
+    qty_after, avg_entry_price, taken_at, closed_position_id, opened_position_id)
+VALUES (%(acct)s, %(sym)s, %(asset)s, %(reason)s, %(before)s, %(after)s, %(avg)s, %(at)s,
+    %(closed)s, %(opened)s)
+"""
+_UPSERT_BASELINE_ORDER = """
+INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
+    order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at,
+    updated_at, baseline_qty)
+VALUES (%(id)s, %(acct)s, %(cid)s, %(sym)s, %(side)s, %(typ)s, %(cls)s, %(qty)s, %(fq)s,
+    %(fap)s, %(st)s, %(ca)s, %(ua)s, %(base)s)
+ON CONFLICT (alpaca_order_id) DO UPDATE SET
+    client_order_id = EXCLUDED.client_order_id, qty = EXCLUDED.qty,
+    asset_class = EXCLUDED.asset_class, filled_qty = EXCLUDED.filled_qty,
+    filled_avg_price = EXCLUDED.filled_avg_price, status = EXCLUDED.status,
+    updated_at = EXCLUDED.updated_at, baseline_qty = EXCLUDED.baseline_qty,
+    last_stored_at = now()
+"""
 _SNAPSHOT_DEAD_LETTERS = """
 SELECT reason, payload, source, letter_key FROM dead_letters WHERE account_id = %s ORDER BY id
 """
@@ -287,6 +363,7 @@ def _order(row: Sequence[Any]) -> OrderState:
         asset_class=row[9],
         created_at=row[10],
         updated_at=row[11],
+        revised_at=row[12],
     )
 
 
@@ -337,6 +414,7 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
         "sts": [_text(o.status) for o in rows],
         "cas": [o.created_at for o in rows],
         "uas": [o.updated_at for o in rows],
+        "ras": [o.revised_at for o in rows],
     }
 
 
@@ -556,6 +634,13 @@ class PgStore:
 
         return await self._run(lambda: self._guarded("load_cursor", op))
 
+    async def load_stream_position(self, stream: str) -> str | None:
+        def op(conn: psycopg.Connection[Any]) -> str | None:
+            row = conn.execute(_LOAD_STREAM_POSITION, [stream]).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(lambda: self._guarded("load_stream_position", op))
+
     async def open_order_ids(self, account_id: str) -> list[str]:
         def op(conn: psycopg.Connection[Any]) -> list[str]:
             return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
@@ -567,6 +652,16 @@ class PgStore:
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
+
+    async def open_positions(self, account_id: str) -> list[Position]:
+        def op(conn: psycopg.Connection[Any]) -> list[Position]:
+            return [_position(r) for r in conn.execute(_OPEN_POSITIONS, [account_id])]
+
+        return await self._run(lambda: self._guarded("open_positions", op))
+
+    async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
+        return await self._run(
+            lambda: self._guarded("apply_broker_word", lambda c: _broker_word(c, word)))
 
     async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
         def op(conn: psycopg.Connection[Any]) -> list[StoredDeadLetter]:
@@ -643,6 +738,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
     symbols = {_text(ev.symbol): ev.symbol for ev in first.values()}
 
     with conn.pipeline(), conn.transaction():
+        if not batch.durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
         claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
         if keys:
@@ -687,6 +784,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
             conn.execute(_MARK_REPLAYED, _replay_params(acct, batch.replays, new_keys))
+        if batch.stream_position is not None:
+            conn.execute(_ADVANCE_STREAM_POSITION,
+                         {"stream": _text(batch.stream_position.stream),
+                          "event_id": _text(batch.stream_position.event_id)})
     # Committed (the transaction block exited cleanly): read what the cursor upsert said,
     # which also covers a concurrent writer having moved it further.
     if cursor != stored_cursor:
@@ -708,7 +809,7 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
 def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
     queries = (
         _SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
-        _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR,
+        _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR, _SNAPSHOT_ADJUSTMENTS, _SNAPSHOT_BASELINES,
     )
     # One consistent view, in one round trip.
     with conn.pipeline(), conn.transaction():
@@ -716,7 +817,8 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         curs = [conn.cursor() for _ in queries]
         for cur, query in zip(curs, queries, strict=True):
             cur.execute(query, [account_id])
-        keys, orders, positions, history, letters, cursor = (c.fetchall() for c in curs)
+        keys, orders, positions, history, letters, cursor, adjusted, baselines = (
+            c.fetchall() for c in curs)
     return StoreSnapshot(
         event_keys=frozenset(r[0] for r in keys),
         orders={r[0]: _order(r) for r in orders},
@@ -726,4 +828,53 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         dead_letters=[DeadLetter(reason=r[0], payload=bytes(r[1]), source=r[2],
                                  **({"key": r[3]} if r[3] is not None else {}))
                       for r in letters],
+        adjustments=[Adjustment(*r) for r in adjusted],
+        baseline_qty={r[0]: r[1] for r in baselines},
     )
+
+
+def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjustment]:
+    acct = word.account_id
+    with conn.transaction():
+        open_rows = {p.symbol: p for p in map(
+            _position, conn.execute(_LOCK_ALL_OPEN, [acct]).fetchall())}
+        stored = {r[0]: (_order(r), r[-1]) for r in conn.execute(
+            _LOCK_BASELINE_ORDERS, [sorted(o.order_id for o in word.orders)]).fetchall()}
+        changes = plan_adjustments(acct, open_rows, word.positions, reason=word.reason,
+                                   taken_at=word.taken_at, symbols=word.symbols)
+        for broker in word.orders:
+            prev, base = stored.get(broker.order_id, (None, Decimal(0)))
+            state, new_base = baseline_order(prev, base, broker)
+            conn.execute(_UPSERT_BASELINE_ORDER, {
+                "id": _text(state.order_id), "acct": acct,
+                "cid": _opt_text(state.client_order_id), "sym": _text(state.symbol),
+                "side": _text(state.side), "typ": _opt_text(state.order_type),
+                "cls": _opt_text(state.asset_class), "qty": state.order_qty,
+                "fq": state.filled_qty, "fap": state.filled_avg_price,
+                "st": _text(state.status), "ca": state.created_at, "ua": state.updated_at,
+                "base": new_base,
+            })
+        for change in changes:
+            adj = change.adjustment
+            closed_id = opened_id = None
+            if change.closed is not None:
+                closed_id = change.closed.position_id
+                conn.execute(_CLOSE_FOR_ADJUSTMENT,
+                             {"at": word.taken_at, "reason": word.reason, "id": closed_id})
+            if change.opened is not None:
+                row = conn.execute(_OPEN_FROM_BROKER, {
+                    "acct": acct, "sym": _text(adj.symbol), "side": change.opened.side,
+                    "qty": abs(adj.qty_after), "avg": adj.avg_entry_price,
+                    "reason": word.reason, "at": word.taken_at, "asset": adj.asset_id,
+                }).fetchone()
+                opened_id = row[0] if row else None
+            conn.execute(_INSERT_ADJUSTMENT, {
+                "acct": acct, "sym": _text(adj.symbol), "asset": adj.asset_id,
+                "reason": adj.reason, "before": adj.qty_before, "after": adj.qty_after,
+                "avg": adj.avg_entry_price, "at": adj.taken_at, "closed": closed_id,
+                "opened": opened_id,
+            })
+        if word.cursor is not None:
+            conn.execute(_ADVANCE_CURSOR, {"acct": acct, "fill_time": word.cursor.fill_time,
+                                           "activity_id": word.cursor.activity_id})
+    return [c.adjustment for c in changes]

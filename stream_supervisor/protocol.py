@@ -34,7 +34,14 @@ from .bounds import (
     qty_ok,
 )
 from .errors import DecodeError, OutOfBounds, TimestampError
-from .events import FILL_EVENTS, DeadLetter, Event, event_key, parse_timestamp
+from .events import (
+    FILL_EVENTS,
+    DeadLetter,
+    Event,
+    broker_event_key,
+    event_key,
+    parse_timestamp,
+)
 
 
 def authenticate_message(key_id: str, secret_key: str) -> bytes:
@@ -321,7 +328,7 @@ def update_to_event(
         if update.qty <= 0 or update.price < 0 or order.filled_qty <= 0:
             raise DecodeError(f"{update.event} with non-positive quantity")
     return Event(
-        key=event_key(update.event, order.id, order.filled_qty, ts_ns),
+        key=event_key(update.event, order.id, order.filled_qty, ts_ns, update.execution_id),
         event=update.event,
         source="stream",
         order_id=order.id,
@@ -529,3 +536,45 @@ def decode_stored(
 
 def encode_json(value: Any) -> bytes:
     return msgspec.json.encode(value)
+
+
+# --- the Broker API's events stream (docs/design.md, section 11) -------------------------
+
+
+class _BrokerEventIds(msgspec.Struct, gc=False):
+    account_id: str
+    event_id: str
+
+
+_broker_ids_decoder = msgspec.json.Decoder(_BrokerEventIds)
+
+
+def decode_broker_event(
+    data: bytes,
+    *,
+    received_at: float = 0.0,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    not_after_ns: int | None = None,
+) -> tuple[str | None, Event | DeadLetter]:
+    """One `data:` payload of `GET /v2/events/trades`: a trade update like the stream's,
+    plus `account_id` and `event_id` (a ULID). Returns the account (None if unreadable)
+    and the update keyed by its event id, or a dead letter. Never raises."""
+    try:
+        ids = _broker_ids_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return None, DeadLetter(f"broker event without account_id and event_id: {exc}"[:300],
+                                data, received_at=received_at)
+    if len(ids.account_id) > MAX_ID_CHARS or len(ids.event_id) > MAX_ID_CHARS:
+        return None, DeadLetter("out of bounds: account_id or event_id over "
+                                f"{MAX_ID_CHARS} characters", data, received_at=received_at)
+    frame = decode_frame(b'{"stream":"trade_updates","data":' + data + b"}",
+                         received_at=received_at, max_bytes=max_bytes + 34,
+                         not_after_ns=not_after_ns)
+    if isinstance(frame, Event):
+        return ids.account_id, msgspec.structs.replace(
+            frame, key=broker_event_key(ids.event_id), account_id=ids.account_id,
+            event_id=ids.event_id, raw=data)
+    if isinstance(frame, DeadLetter):
+        return ids.account_id, DeadLetter(frame.reason, data, received_at=received_at)
+    return ids.account_id, DeadLetter("broker event that is not a trade update", data,
+                                      received_at=received_at)

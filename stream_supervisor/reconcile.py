@@ -1,53 +1,118 @@
 """`stream-supervisor reconcile`: stored open positions against the broker's
-`GET /v2/positions`, symbol by symbol. Exit 1 on any difference."""
+`GET /v2/positions`, symbol by symbol (docs/design.md, section 9). Exit 1 on any
+difference; with `--apply`, each difference becomes an adjustment row setting the
+position to the broker's, after which reconcile exits 0 and `check` passes.
+`stream-supervisor rebaseline` starts over from the broker's word (history kept)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from .adjustments import (
+    REBASELINE,
+    RECONCILE,
+    Adjustment,
+    Difference,
+    broker_position,
+    compare,
+)
+from .baseline import take_baseline
+from .errors import ConfigError
 from .logs import get_logger
 from .settings import Settings
+from .store import BrokerWord, Store, StoreSnapshot
+from .symbols import canonical_symbol
 from .wiring import http_rest, pg_store
 
 log = get_logger("stream_supervisor.reconcile")
+ZERO = Decimal(0)
 
 
 def compare_positions(
-    stored: dict[str, Decimal], broker: list[dict[str, Any]]
+    stored: Mapping[str, Decimal], broker: list[dict[str, Any]]
 ) -> list[tuple[str, Decimal, Decimal]]:
-    """(symbol, ours, broker's) for every symbol whose signed net quantity differs."""
-    theirs: dict[str, Decimal] = {}
-    for row in broker:
-        qty = Decimal(str(row["qty"]))
-        if str(row.get("side", "long")) == "short" and qty > 0:
-            qty = -qty  # Alpaca reports short quantities negative; be lenient if not
-        theirs[str(row["symbol"])] = qty
-    out = []
-    for symbol in sorted(set(stored) | set(theirs)):
-        ours, broker_qty = stored.get(symbol, Decimal(0)), theirs.get(symbol, Decimal(0))
-        if ours != broker_qty:
-            out.append((symbol, ours, broker_qty))
-    return out
+    """(symbol, ours, broker's) for every canonical symbol whose signed net differs."""
+    ours: dict[str, Decimal] = {}
+    for symbol, qty in stored.items():
+        key = canonical_symbol(symbol)
+        ours[key] = ours.get(key, ZERO) + qty
+    theirs = {b.symbol: b.qty for b in map(broker_position, broker)}
+    return [(s, ours.get(s, ZERO), theirs.get(s, ZERO))
+            for s in sorted(set(ours) | set(theirs))
+            if ours.get(s, ZERO) != theirs.get(s, ZERO)]
 
 
-async def reconcile(settings: Settings) -> int:
+def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
+    """Asset id -> our symbol, from the adjustments that stored the broker's asset ids."""
+    return {a.asset_id: a.symbol for a in snapshot.adjustments if a.asset_id}
+
+
+async def apply_differences(
+    store: Store, account_id: str, diffs: Sequence[Difference], *, taken_at: datetime
+) -> list[Adjustment]:
+    """One adjustment per difference, setting the position to the broker's."""
+    if not diffs:
+        return []
+    return await store.apply_broker_word(BrokerWord(
+        account_id=account_id, reason=RECONCILE, taken_at=taken_at,
+        positions=[d.broker_position for d in diffs if d.broker_position is not None],
+        symbols=[d.symbol for d in diffs],
+    ))
+
+
+async def reconcile(settings: Settings, *, apply: bool = False) -> int:
     async with http_rest(settings) as rest:
         account_id = settings.account_id or await rest.account_id()
-        broker = await rest.positions()
+        broker = [broker_position(p) for p in await rest.positions()]
+    taken_at = datetime.now(UTC)
     store = pg_store(settings)
     await store.open()
     try:
+        if apply and not await store.try_leadership(account_id):
+            raise ConfigError(
+                f"a running service holds the writer lock of account {account_id}: "
+                "stop it (or let its scheduled reconcile apply) before reconcile --apply")
         snapshot = await store.snapshot(account_id)
+        compared, diffs = compare(snapshot.positions, broker, known_assets(snapshot))
+        for d in diffs:
+            log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
+                        broker=str(d.broker))
+            print(f"{d.symbol}: stored {d.ours}, broker {d.broker}")
+        print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
+        if apply and diffs:
+            made = await apply_differences(store, account_id, diffs, taken_at=taken_at)
+            for adj in made:
+                log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
+                         before=str(adj.qty_before), after=str(adj.qty_after))
+            print(f"reconcile: {len(made)} adjustment(s) written to position_adjustments")
+            return 0
     finally:
         await store.aclose()
-    stored: dict[str, Decimal] = {}
-    for pos in snapshot.positions:
-        if pos.is_open:
-            stored[pos.symbol] = stored.get(pos.symbol, Decimal(0)) + pos.qty
-    diffs = compare_positions(stored, broker)
-    for symbol, ours, theirs in diffs:
-        log.warning("reconcile_difference", symbol=symbol, ours=str(ours), broker=str(theirs))
-        print(f"{symbol}: stored {ours}, broker {theirs}")
-    print(f"reconcile: {len(stored) + len(broker)} positions compared, {len(diffs)} differ")
     return 1 if diffs else 0
+
+
+async def rebaseline(settings: Settings) -> int:
+    """Start over from the broker's word: every position set to the broker's (rows we
+    held closed with close_reason rebaseline, kept in history), orders' marks raised."""
+    store = pg_store(settings)
+    await store.open()
+    try:
+        async with http_rest(settings) as rest:
+            account_id = settings.account_id or await rest.account_id()
+            if not await store.try_leadership(account_id):
+                raise ConfigError(
+                    f"a running service holds the writer lock of account {account_id}: "
+                    "stop it before rebaseline")
+            snapshot, made = await take_baseline(
+                store, rest, account_id, reason=REBASELINE, now=datetime.now(UTC),
+                window=2 * settings.backfill_overlap)
+    finally:
+        await store.aclose()
+    for adj in made:
+        print(f"{adj.symbol}: {adj.qty_before} -> {adj.qty_after}")
+    print(f"rebaseline: {len(snapshot.positions)} broker positions, "
+          f"{len(snapshot.orders)} orders marked, {len(made)} adjustment(s)")
+    return 0

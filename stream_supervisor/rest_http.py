@@ -200,6 +200,12 @@ class HttpBrokerRest:
         body = await self._get("/v2/positions")
         return list(msgspec.json.decode(body)) if body else []
 
+    async def clock(self) -> dict[str, Any]:
+        body = await self._get("/v2/clock")
+        if body is None:
+            raise BrokerUnavailable("GET /v2/clock returned 404")
+        return dict(msgspec.json.decode(body))
+
 
 def endpoint_label(path: str) -> str:
     """A low-cardinality name for a REST path: ids become `:id`."""

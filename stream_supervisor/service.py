@@ -54,6 +54,10 @@ async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None)
     `environ` carries systemd's protocol variables (`NOTIFY_SOCKET`, `WATCHDOG_USEC`);
     they are not settings: systemd sets them per start, not the operator."""
     env = os.environ if environ is None else environ
+    if settings.accounts_file:
+        from .fleet_service import serve_fleet  # several accounts (design.md, section 11)
+
+        return await serve_fleet(settings, environ=env)
     metrics = Metrics()
     state = SupervisorState()
     monitor = HealthMonitor(state, HealthPolicy.from_settings(settings), metrics)

@@ -51,6 +51,12 @@ DEFAULT_LIVE_BUFFER: Final = 100_000
 DEFAULT_REST_RETRIES: Final = 8
 #: `stats` recomputes yesterday and this many days before it (closes can land late).
 DEFAULT_STATS_LOOKBACK_DAYS: Final = 3
+#: A start whose cursor is older than this takes a new baseline (docs/design.md,
+#: section 9): the broker's activities may no longer reach back to it. 0 = never.
+DEFAULT_ACTIVITIES_WINDOW: Final = 30 * 86_400.0
+#: How often the running service compares positions with the broker while the market
+#: is open (GET /v2/clock); 0 = never.
+DEFAULT_RECONCILE_INTERVAL: Final = 300.0
 
 
 def derive_stream_url(base_url: str) -> str:
@@ -99,6 +105,18 @@ class Settings:
     http_addr: str | None = None  # health/metrics listener, e.g. 127.0.0.1:9108; None = off
     strategy_pattern: str = DEFAULT_STRATEGY_PATTERN  # `stats`: client_order_id -> strategy
     stats_lookback_days: int = DEFAULT_STATS_LOOKBACK_DAYS
+    #: Take the broker's positions and open orders as the starting state on a first
+    #: start and after the activities window (docs/design.md, section 9).
+    baseline: bool = True
+    activities_window: float = DEFAULT_ACTIVITIES_WINDOW
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    #: The scheduled reconcile writes adjustments itself (otherwise it only reports).
+    reconcile_apply: bool = False
+    #: Several accounts in one process (docs/design.md, section 11); None: the one
+    #: account of APCA_API_KEY_ID / APCA_API_SECRET_KEY.
+    accounts_file: str | None = None
+    #: Serve only this account of the file (the systemd template unit's instance name).
+    account_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
@@ -144,12 +162,13 @@ class Settings:
         return out
 
     def require_run(self) -> None:
-        """`run` refuses to start without credentials and a database, naming each gap."""
+        """`run` refuses to start without credentials and a database, naming each gap.
+        With an accounts file, the credentials come from it instead."""
         missing = [
             name
             for name, value in (
-                ("APCA_API_KEY_ID", self.key_id),
-                ("APCA_API_SECRET_KEY", self.secret_key),
+                ("APCA_API_KEY_ID", self.key_id or self.accounts_file),
+                ("APCA_API_SECRET_KEY", self.secret_key or self.accounts_file),
                 ("DATABASE_URL", self.database_url),
             )
             if not value
@@ -206,6 +225,12 @@ _PREFIXED: Final[dict[str, str]] = {
     "HTTP_ADDR": "http_addr",
     "STRATEGY_PATTERN": "strategy_pattern",
     "STATS_LOOKBACK_DAYS": "stats_lookback_days",
+    "BASELINE": "baseline",
+    "ACTIVITIES_WINDOW": "activities_window",
+    "RECONCILE_INTERVAL": "reconcile_interval",
+    "RECONCILE_APPLY": "reconcile_apply",
+    "ACCOUNTS_FILE": "accounts_file",
+    "ACCOUNT_NAME": "account_name",
 }
 _BACKOFF: Final[dict[str, str]] = {
     "BACKOFF_INITIAL": "initial",
@@ -221,6 +246,12 @@ _TYPES: Final = {f.name: f.type for f in fields(Settings)}
 def _parse(var: str, raw: str, kind: object) -> Any:
     text = raw.strip()
     try:
+        if kind in ("bool", bool):
+            words = {"1": True, "true": True, "on": True, "yes": True,
+                     "0": False, "false": False, "off": False, "no": False}
+            if text.lower() not in words:
+                raise ValueError("must be on or off (true/false, 1/0, yes/no)")
+            return words[text.lower()]
         if kind in ("int", int):
             number = int(text)
             if number < 0:

@@ -28,6 +28,10 @@ class SupervisorState:
     draining: bool = False
     pipeline_running: bool = False
     restarts: int = 0
+    # scheduled reconcile: symbols that differed from the broker's at its last run
+    drifted_symbols: int | None = None
+    # supervisor: the reason of the baseline this life took (baseline, rebaseline), if any
+    baseline: str | None = None
     # every actor: trio.current_time() of its last sign of life (watchdog)
     heartbeats: dict[str, float] = field(default_factory=dict)
 

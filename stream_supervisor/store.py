@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
+from .adjustments import Adjustment, BrokerPosition
 from .events import DeadLetter, Event
 from .ledger import Cursor, Drift
 from .orders import OrderState
@@ -49,11 +50,26 @@ def replay_outcome(mark: ReplayMark, new_keys: set[str] | frozenset[str]) -> str
 
 
 @dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """How far a Broker API events stream is durably applied (docs/design.md, section
+    11): the `event_id` (a ULID) of the newest event of a fully committed batch."""
+
+    stream: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     account_id: str
     events: Sequence[Event]
     dead_letters: Sequence[DeadLetter] = ()
     replays: Sequence[ReplayMark] = ()
+    #: Moved (only forward) in this batch's transaction, when set.
+    stream_position: StreamPosition | None = None
+    #: False: the commit need not wait for its WAL flush (`synchronous_commit = off`).
+    #: Only for a part of an events-stream batch followed by a durable part: that later
+    #: commit flushes the WAL, and this one with it, before anything is acknowledged.
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +115,9 @@ class StoreSnapshot:
     history: list[Position]
     cursor: Cursor | None
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    #: position_adjustments, oldest first, and each order's baseline_qty (0 if none).
+    adjustments: list[Adjustment] = field(default_factory=list)
+    baseline_qty: dict[str, Decimal] = field(default_factory=dict)
 
     def net_position(self, symbol: str) -> Decimal:
         return sum((p.qty for p in self.positions if p.symbol == symbol and p.is_open), Decimal(0))
@@ -107,6 +126,23 @@ class StoreSnapshot:
         return sum(
             (p.realized_pnl for p in self.positions if p.symbol == symbol), Decimal(0)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerWord:
+    """Positions (and orders) set to the broker's word in one transaction
+    (docs/design.md, section 9): a baseline, a rebaseline, or `reconcile --apply`."""
+
+    account_id: str
+    reason: str  # adjustments.BASELINE, REBASELINE or RECONCILE
+    taken_at: datetime  # the snapshot's moment
+    positions: Sequence[BrokerPosition]
+    #: The symbols to set; None: every symbol either side holds.
+    symbols: Sequence[str] | None = None
+    #: Orders at the snapshot: their filled_qty becomes a high-water mark (baseline_qty).
+    orders: Sequence[OrderState] = ()
+    #: Where fills start to count (the cursor moves only forward, as ever).
+    cursor: Cursor | None = None
 
 
 class Store(Protocol):
@@ -144,6 +180,20 @@ class Store(Protocol):
         ...
 
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
+
+    async def open_positions(self, account_id: str) -> list[Position]:
+        """The account's open position rows (the scheduled reconcile reads them)."""
+        ...
+
+    async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
+        """Set positions to the broker's, writing an adjustment per symbol changed, raise
+        the orders' high-water marks, move the cursor: one transaction. The caller holds
+        the account's writer lock."""
+        ...
+
+    async def load_stream_position(self, stream: str) -> str | None:
+        """The newest `event_id` of `stream` committed (section 11), None before any."""
+        ...
 
     async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
         """Dead letters an operator asked to replay (`dead-letters --replay` while a

@@ -21,7 +21,9 @@ from functools import partial
 import structlog
 import trio
 
+from .admission import Admission
 from .backoff import Backoff, BackoffPolicy
+from .baseline import needs_baseline, take_baseline
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
 from .dedupe import KeyCache, dedupe_actor
@@ -34,9 +36,11 @@ from .errors import (
     StoreUnavailable,
     collapse,
 )
+from .ledger import Cursor
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
+from .reconciler import ScheduledReconcile
 from .recovery import GapRecovery, RecoverySettings
 from .replay import replay_with
 from .rest import BrokerRest
@@ -60,6 +64,8 @@ LEADER_POLL = 1.0
 #: How often the leader looks for dead letters an operator asked to replay.
 REPLAY_POLL = 2.0
 REPLAYS_PER_POLL = 20
+#: How often a leader admitted by a replica set asks whether it should still lead.
+ADMISSION_POLL = 0.25
 
 
 @dataclass
@@ -73,6 +79,9 @@ class Dependencies:
     wallclock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rng: random.Random = field(default_factory=random.Random)
     install_signal_handlers: bool = True
+    #: Replicas sharing accounts out (docs/design.md, section 11); None: lead whenever
+    #: the writer lock is free.
+    admission: Admission | None = None
 
 
 class Supervisor:
@@ -94,6 +103,10 @@ class Supervisor:
         self._drain_timed_out = False
         self._cache: KeyCache | None = None
         self.exit_code: int | None = None
+        #: The configuration error that stopped this supervisor (exit 78), for the
+        #: accounts of a fleet to report by name.
+        self.fatal_error: str | None = None
+        self._stepping_down = False
 
     # --- public control ------------------------------------------------------------
 
@@ -125,7 +138,19 @@ class Supervisor:
 
     # --- internals -----------------------------------------------------------------
 
+    def step_down(self, why: str) -> None:
+        """Drain the pipeline as for a stop, then release the writer lock and wait for
+        the account's turn again (replicas moving an account, section 11)."""
+        if self.state.draining or self._stepping_down or self._conn_scope is None:
+            return
+        log.info("stepping_down", why=why)
+        self._stepping_down = True
+        self._conn_scope.cancel()
+        if self._pipeline_scope is not None:
+            self._pipeline_scope.deadline = trio.current_time() + self.settings.drain_timeout
+
     def _fatal(self, exc: BaseException) -> int:
+        self.fatal_error = str(exc)
         log.error("fatal_configuration_error", error=str(exc), kind=type(exc).__name__)
         return EXIT_CONFIG
 
@@ -198,6 +223,10 @@ class Supervisor:
                         return EXIT_FAILURE
             if self.state.draining:
                 break
+            if self._stepping_down:
+                # Released on purpose, not a failure: wait for the turn, not a backoff.
+                self._stepping_down = False
+                continue
             delay = restart.next_delay()
             log.info("pipeline_restarting", delay=round(delay, 3))
             with trio.move_on_after(delay):
@@ -223,6 +252,8 @@ class Supervisor:
 
     async def _run_pipeline(self, account_id: str, mark_started: Callable[[], None]) -> None:
         s = self.settings
+        if self.deps.admission is not None and not await self._wait_turn(account_id):
+            return
         try:
             store = await self._open_store()
         except _DrainBeforeStart:
@@ -231,6 +262,8 @@ class Supervisor:
             if not await self._lead(store, account_id):
                 return
             cursor = await store.load_cursor(account_id)
+            if s.baseline:
+                cursor = await self._baseline_if_needed(store, account_id, cursor)
             last = self._cache.last_committed if self._cache is not None else None
             if last is not None and not await store.has_key(last):
                 # An acknowledged commit is gone: the database failed over to a replica
@@ -285,6 +318,12 @@ class Supervisor:
                         recv_acks, self.metrics, self.state,
                     )
                     nursery.start_soon(self._replay_requested, store, account_id)
+                    nursery.start_soon(ScheduledReconcile(
+                        s, self.deps.rest, store, account_id, self.metrics, self.state,
+                        wallclock=self.deps.wallclock).run)
+                    if self.deps.admission is not None:
+                        nursery.start_soon(self._watch_admission, self.deps.admission,
+                                           account_id)
                     self._conn_scope = trio.CancelScope()
                     if self.state.draining:
                         self._conn_scope.cancel()
@@ -292,13 +331,18 @@ class Supervisor:
                     nursery.start_soon(self._export_fill_loop, recv_events, recv_new)
                     self.state.pipeline_running = True
                     mark_started()
-            if pipeline_scope.cancelled_caught:
+            if pipeline_scope.cancelled_caught and self._stepping_down and not self.state.draining:
+                # What the drain could not commit lies within the next leader's backfill.
+                log.warning("step_down_timeout", deadline_s=s.drain_timeout)
+            elif pipeline_scope.cancelled_caught:
                 self._drain_timed_out = True
                 log.error("drain_timeout", deadline_s=s.drain_timeout)
             elif self.state.draining:
                 log.info("drained", committed_events=self.state.committed_events)
         finally:
             self.state.pipeline_running = False
+            if self.state.leader and self.deps.admission is not None:
+                self.deps.admission.leading(account_id, False)
             self.state.leader = False
             self.metrics.leader.set(0)
             self._conn_scope = None
@@ -307,11 +351,36 @@ class Supervisor:
                 scope.shield = True
                 await store.aclose()
 
+    async def _baseline_if_needed(
+        self, store: Store, account_id: str, cursor: Cursor | None
+    ) -> Cursor | None:
+        """A first start, or a cursor older than the broker keeps activities: take the
+        broker's word as the starting state (docs/design.md, section 9)."""
+        now = self.deps.wallclock()
+        reason = needs_baseline(cursor, now, self.settings.activities_window)
+        if reason is None:
+            return cursor
+        snapshot, made = await take_baseline(
+            store, self.deps.rest, account_id, reason=reason, now=now,
+            window=2 * self.settings.backfill_overlap)
+        self.state.baseline = reason
+        log.info("baseline_taken", reason=reason, positions=len(snapshot.positions),
+                 orders=len(snapshot.orders), adjustments=len(made),
+                 attempts=snapshot.attempts)
+        for note in snapshot.notes:
+            log.warning("baseline_inexact", detail=note)
+        return await store.load_cursor(account_id)
+
     async def _lead(self, store: Store, account_id: str) -> bool:
         """Wait (as a standby) until this process holds the account's writer lock.
         False if a drain came first."""
         waiting = False
+        admission = self.deps.admission
         while not await store.try_leadership(account_id):
+            if admission is not None and not admission.may_lead(account_id):
+                # Not ours to lead any more: give the session back, wait for the turn.
+                self._stepping_down = True
+                return False
             if not waiting:
                 waiting = True
                 self.state.connection = "standby"
@@ -322,8 +391,36 @@ class Supervisor:
                 return False
         self.state.leader = True
         self.metrics.leader.set(1)
+        if admission is not None:
+            admission.leading(account_id, True)
         log.info("leader_elected", waited=waiting)
         return True
+
+    async def _wait_turn(self, account_id: str) -> bool:
+        """Wait until the replica set gives this process the account; False if a drain
+        came first. Holds no database session and no broker connection meanwhile."""
+        assert self.deps.admission is not None
+        if not self.deps.admission.may_lead(account_id):
+            self.state.connection = "standby"
+            log.info("standby", reason="another replica's share")
+        async with trio.open_nursery() as nursery:
+            async def turn() -> None:
+                assert self.deps.admission is not None
+                await self.deps.admission.wait_turn(account_id)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(turn)
+            await self._drain_requested.wait()
+            nursery.cancel_scope.cancel()
+        return not self.state.draining
+
+    async def _watch_admission(self, admission: Admission, account_id: str) -> None:
+        while not self.state.draining:
+            await trio.sleep(ADMISSION_POLL)
+            if not admission.may_lead(account_id):
+                self.step_down("another replica's share")
+                if self._stepping_down:
+                    return
 
     async def _run_writer(
         self,

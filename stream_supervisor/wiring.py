@@ -17,11 +17,17 @@ from functools import partial
 
 import httpx
 
+from .accounts import AccountSpec
+from .admission import Admission
+from .broker_events import EventsSettings, EventsSupervisor
+from .eventstream import EventStreamConnector
+from .fleet import OpenAccount, Runner
 from .metrics import Metrics
 from .pgstore import PgStore
 from .rest import BrokerRest
 from .rest_http import HttpBrokerRest, RestSettings
 from .settings import Settings
+from .sse_http import sse_connector
 from .state import SupervisorState
 from .store import Store
 from .supervisor import Dependencies, Supervisor
@@ -61,6 +67,7 @@ async def open_supervisor(
     wallclock: Callable[[], datetime] | None = None,
     rng: random.Random | None = None,
     install_signal_handlers: bool = True,
+    admission: Admission | None = None,
 ) -> AsyncIterator[Supervisor]:
     """A supervisor wired from `settings`; await its `run()` inside the block.
 
@@ -81,6 +88,7 @@ async def open_supervisor(
         wallclock=wallclock or (lambda: datetime.now(UTC)),
         rng=rng,
         install_signal_handlers=install_signal_handlers,
+        admission=admission,
     )
     try:
         yield Supervisor(settings, deps, metrics=metrics, state=state)
@@ -89,4 +97,47 @@ async def open_supervisor(
             await own_rest.aclose()
 
 
-__all__ = ["http_rest", "open_supervisor", "pg_store"]
+def events_connector(settings: Settings, spec: AccountSpec) -> EventStreamConnector:
+    """The Broker API events stream of an accounts-file entry (`source = "broker-events"`,
+    `base_url` the Broker API host)."""
+    return sse_connector(settings.base_url, settings.key_id, settings.secret_key,
+                         connect_timeout=settings.connect_timeout,
+                         read_timeout=settings.ping_interval + settings.ping_timeout,
+                         credentials_hint=spec.credentials_from or "the key and secret")
+
+
+def account_opener(
+    *,
+    connector: Connector | None = None,
+    store_factory: Callable[[Settings], Store] | None = None,
+    rng: random.Random | None = None,
+    events_connect: Callable[[Settings], EventStreamConnector] | None = None,
+) -> OpenAccount:
+    """How a `Fleet` (fleet.py) opens each account's supervisor: `open_supervisor` with
+    the account's settings, without signal handlers (the fleet owns them)."""
+
+    @asynccontextmanager
+    async def open_account(spec: AccountSpec, settings: Settings, metrics: Metrics,
+                           state: SupervisorState,
+                           admission: Admission | None) -> AsyncIterator[Runner]:
+        if spec.source == "broker-events":
+            # A partner's events stream: every account on it, in one pipeline (section 11).
+            events = EventsSupervisor(
+                EventsSettings.from_settings(settings, spec.name),
+                events_connector(settings, spec) if events_connect is None
+                else events_connect(settings),
+                partial(store_factory or pg_store, settings), metrics=metrics, state=state,
+                rng=rng, install_signal_handlers=False)
+            yield events
+            return
+        async with open_supervisor(
+            settings, metrics=metrics, state=state, connector=connector,
+            store_factory=partial(store_factory or pg_store, settings),
+            rng=rng, install_signal_handlers=False, admission=admission,
+        ) as supervisor:
+            yield supervisor
+
+    return open_account
+
+
+__all__ = ["account_opener", "events_connector", "http_rest", "open_supervisor", "pg_store"]

@@ -95,3 +95,18 @@ def test_a_busy_machine_is_refused_unless_told(tmp_path: Path,
     assert code == 3 and not out.exists()
     err = capsys.readouterr().err
     assert "refusing to run" in err and "--busy-ok" in err and "load average" in err
+
+
+def test_the_many_accounts_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str,
+                                                             tmp_path: Path) -> None:
+    from benchmarks.many_accounts import main as many_main
+
+    out = tmp_path / "many.json"
+    code = many_main(["--database-url", pg_admin_uri, "--sse-accounts", "6", "--ws-accounts",
+                      "3", "--replica-accounts", "6", "--orders", "3", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert code == 0, results
+    assert results["sse"]["verified"] and results["websockets"]["verified"], results
+    assert results["sse"]["updates"] > 0 and results["websockets"]["updates"] > 0
+    assert results["takeover"]["survivor_exit_codes"] == [0, 0]
+    assert isinstance(results["takeover"]["takeover_s"], float)

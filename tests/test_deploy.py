@@ -305,3 +305,51 @@ def test_logging_doc_lists_every_event() -> None:
     assert len(events) > 40
     missing = {name: where for name, where in events.items() if name not in documented}
     assert not missing, f"log events missing from docs/logging.md: {missing}"
+
+
+# --------------------------------------------------------------------- one unit per account
+
+TEMPLATE_UNIT = DEPLOY / "systemd" / "stream-supervisor@.service"
+
+
+def test_template_unit_runs_one_account_of_the_accounts_file(tmp_path: Path) -> None:
+    """`stream-supervisor@NAME` (docs/design.md, section 11): the instance name selects
+    the account's section; its keys come as systemd credentials the file names, never
+    through the environment."""
+    service = _unit(TEMPLATE_UNIT)["Service"]
+    assert _one(service, "Type") == "notify"
+    assert str(EXIT_CONFIG) in _one(service, "RestartPreventExitStatus").split()
+    exec_start = shlex.split(_one(service, "ExecStart"))
+    assert exec_start[0].endswith("/stream-supervisor") and exec_start[1] == "run"
+    env = dict(v.split("=", 1) for v in _values(service, "Environment"))
+    assert env["STREAM_SUPERVISOR_ACCOUNT_NAME"] == "%i"
+    assert env["STREAM_SUPERVISOR_ACCOUNTS_FILE"].endswith(".toml")
+    assert not set(env) & SECRET_VARS
+    credentials = [v.split(":", 1)[0] for v in _values(service, "LoadCredential")]
+    assert credentials == ["%i-key-id", "%i-secret-key"]
+    assert _seconds(_one(service, "TimeoutStopSec")) > float(
+        env["STREAM_SUPERVISOR_DRAIN_TIMEOUT"])
+    # The instance's credentials, as systemd would lay them out, read through a file
+    # written the way the unit's comment says.
+    from stream_supervisor.accounts import parse_accounts
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "momentum-key-id").write_text("PKMOMENTUM\n")
+    (creds / "momentum-secret-key").write_text("s3cret-momentum\n")
+    doc = {"accounts": {"momentum": {
+        "key_id_file": "${CREDENTIALS_DIRECTORY}/momentum-key-id",
+        "secret_key_file": "${CREDENTIALS_DIRECTORY}/momentum-secret-key"}}}
+    (spec,) = parse_accounts(doc, {"CREDENTIALS_DIRECTORY": str(creds)})
+    assert (spec.key_id, spec.secret_key, spec.problem) == ("PKMOMENTUM", "s3cret-momentum", None)
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        return
+    copy = tmp_path / "stream-supervisor@momentum.service"
+    copy.write_text(TEMPLATE_UNIT.read_text().replace(
+        "/opt/stream-supervisor/bin/stream-supervisor", sys.executable))
+    result = subprocess.run([tool, "verify", "--man=no", str(copy)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    output = result.stdout + result.stderr
+    ours = [line for line in output.splitlines() if "stream-supervisor" in line]
+    assert result.returncode == 0 and ours == [], output

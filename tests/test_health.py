@@ -170,7 +170,8 @@ async def test_readyz_is_not_ready_until_backfill_completes() -> None:
             assert r.status_code == 200
             assert r.json() == {"ready": True, "pipeline_running": True,
                                 "connection": "streaming", "caught_up": True,
-                                "db_writable": True, "draining": False, "leader": False}
+                                "db_writable": True, "draining": False, "leader": False,
+                                "drifted_symbols": None}
 
             state.db_writable = False  # a batch failed: retrying
             assert (await client.get("/readyz")).status_code == 503

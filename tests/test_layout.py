@@ -14,12 +14,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 
 #: The pure domain core: values, decoding, order and position math. No I/O.
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
-        "strategy", "errors", "messages", "symbols", "budget"}
+        "strategy", "errors", "messages", "symbols", "budget", "revisions", "adjustments"}
 #: The actors and their supervisor: written against interfaces only.
-ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor"}
+ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "fleet", "broker_events",
+          "reconciler"}
 #: Implementations of the interfaces, and what wires them together.
-IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify",
-                   "embedded", "wiring", "service", "cli", "demo", "testing"}
+IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify", "sse_http",
+                   "embedded", "wiring", "service", "cli", "demo", "testing",
+                   "pgfleet", "fleet_service"}
 #: The user-facing commands that run on the test kit.
 USES_TESTING = {"cli", "demo"}
 

@@ -50,7 +50,7 @@ def test_applies_each_file_once_and_nothing_the_second_time(empty_database_url: 
     assert "0001_initial" in first
     assert second == []
     recorded = rows(empty_database_url,
-                    "SELECT version, filename, checksum FROM schema_migrations ORDER BY version")
+                    "SELECT version, filename, checksum FROM stream_supervisor_migrations ORDER BY version")
     assert recorded == [
         (f.removesuffix(".sql"), f, hashlib.sha256((REPO_MIGRATIONS / f).read_bytes()).hexdigest())
         for f in files
@@ -87,7 +87,8 @@ def test_concurrent_runs_apply_once(empty_database_url: str, migrations: Path) -
 
     repo = sorted(p.stem for p in REPO_MIGRATIONS.glob("*.sql"))
     assert results == [[], [*repo, "9999_slow"]]
-    assert rows(empty_database_url, "SELECT count(*) FROM schema_migrations") == [(len(repo) + 1,)]
+    assert rows(empty_database_url, "SELECT count(*) FROM stream_supervisor_migrations") == [
+        (len(repo) + 1,)]
 
 
 def test_a_changed_applied_file_is_refused_by_name(
@@ -115,7 +116,8 @@ def test_a_failing_file_rolls_back_whole_and_is_named(
         apply_migrations(empty_database_url, migrations)
 
     assert rows(empty_database_url, "SELECT to_regclass('half_done')") == [(None,)]
-    assert rows(empty_database_url, "SELECT version FROM schema_migrations") == [("0001_initial",)]
+    assert rows(empty_database_url, "SELECT version FROM stream_supervisor_migrations") == [
+        ("0001_initial",)]
 
 
 def test_missing_directory_is_a_clear_error(empty_database_url: str, tmp_path: Path) -> None:
@@ -214,3 +216,61 @@ def test_every_table_and_column_is_commented(database_url: str) -> None:
         list(TABLES),
     )
     assert missing == []
+
+
+# Other tools' tables of the same name (docs/design.md, section 9): none has a checksum.
+FOREIGN_MIGRATION_TABLES = {
+    "golang-migrate": (
+        "CREATE TABLE schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL)",
+        "INSERT INTO schema_migrations VALUES (20240101120000, false)",
+    ),
+    "dbmate": (
+        "CREATE TABLE schema_migrations (version varchar(128) PRIMARY KEY)",
+        "INSERT INTO schema_migrations VALUES ('20240101120000')",
+    ),
+    "rails": (
+        "CREATE TABLE schema_migrations (version character varying NOT NULL PRIMARY KEY)",
+        "INSERT INTO schema_migrations VALUES ('20240101120000')",
+    ),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(FOREIGN_MIGRATION_TABLES))
+def test_a_database_another_tool_migrates_too(empty_database_url: str, tool: str) -> None:
+    create, insert = FOREIGN_MIGRATION_TABLES[tool]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(create)
+        conn.execute(insert)
+    before = rows(empty_database_url, "SELECT * FROM schema_migrations")
+
+    applied = apply_migrations(empty_database_url, REPO_MIGRATIONS)
+
+    assert applied == sorted(p.stem for p in REPO_MIGRATIONS.glob("*.sql"))
+    assert rows(empty_database_url, "SELECT * FROM schema_migrations") == before
+    assert apply_migrations(empty_database_url, REPO_MIGRATIONS) == []
+
+
+def test_an_install_from_before_the_rename_keeps_its_records(
+    empty_database_url: str, migrations: Path
+) -> None:
+    # What migrate did before: our records in schema_migrations, 0001 to 0003 applied.
+    for later in sorted(migrations.glob("*.sql"))[3:]:
+        later.unlink()
+    apply_migrations(empty_database_url, migrations)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE stream_supervisor_migrations RENAME TO schema_migrations")
+        conn.execute("UPDATE schema_migrations SET applied_at = '2025-01-02T03:04:05Z'")
+    old = rows(empty_database_url,
+               "SELECT version, filename, checksum, applied_at FROM schema_migrations "
+               "ORDER BY version")
+    assert [r[0] for r in old] == ["0001_initial", "0002_strategy_stats",
+                                   "0003_dead_letter_replay"]
+
+    applied = apply_migrations(empty_database_url, REPO_MIGRATIONS)
+
+    assert applied == [p.stem for p in sorted(REPO_MIGRATIONS.glob("*.sql"))[3:]]
+    moved = rows(empty_database_url,
+                 "SELECT version, filename, checksum, applied_at FROM "
+                 "stream_supervisor_migrations ORDER BY version")
+    assert moved[:3] == old
+    assert rows(empty_database_url, "SELECT to_regclass('schema_migrations')") == [(None,)]

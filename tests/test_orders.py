@@ -388,3 +388,75 @@ def test_everything_is_decimal() -> None:
         assert isinstance(o.state.filled_avg_price, Decimal)
         assert o.delta is not None
         assert isinstance(o.delta.qty, Decimal) and isinstance(o.delta.price, Decimal)
+
+
+# --- the status rule (docs/design.md, section 9, "Status") ------------------------------
+
+
+@pytest.mark.parametrize(("refused", "pending"), [
+    ("order_cancel_rejected", "pending_cancel"),
+    ("order_replace_rejected", "pending_replace"),
+])
+def test_a_refused_cancel_or_replace_returns_the_order_to_the_status_it_carries(
+        refused: str, pending: str) -> None:
+    outcomes = run(
+        ev("new", t=0),
+        ev("partial_fill", cum="4", avg="10", qty="4", price="10", t=1),
+        ev(pending, cum="4", avg="10", status=pending, t=2),
+        ev(refused, cum="4", avg="10", status="partially_filled", t=3),
+    )
+    assert [o.state.status for o in outcomes] == ["new", "partially_filled", pending,
+                                                  "partially_filled"]
+    # Refused even when the broker stamped it in the same instant as the request.
+    (same,) = run(ev(refused, status="new", t=2), prev=run(ev(pending, t=2))[0].state)
+    assert same.state.status == "new"
+
+
+def test_a_gtc_order_new_again_the_morning_after_done_for_day() -> None:
+    outcomes = run(ev("new", t=0), ev("done_for_day", t=10), ev("new", t=20))
+    assert [o.state.status for o in outcomes] == ["new", "done_for_day", "new"]
+
+
+def test_among_statuses_that_are_not_final_the_later_broker_stamp_wins() -> None:
+    # A `new` delivered late (stamped before the pending_cancel) does not undo it.
+    (late,) = run(ev("new", t=1), prev=run(ev("pending_cancel", t=5))[0].state)
+    assert late.state.status == "pending_cancel"
+
+
+def test_the_rest_refresh_repairs_a_stuck_status_by_the_same_rule() -> None:
+    stuck = run(ev("new", t=0), ev("pending_cancel", t=2))[-1].state
+    # The refusal never reached us; the broker's order says `new` again, stamped later.
+    (fixed,) = run(ev("refresh", status="new", source="rest", t=3), prev=stuck)
+    assert fixed.state.status == "new"
+    # Stamped at the very instant we have, the snapshot is still the broker's word now.
+    (tie,) = run(ev("refresh", status="new", source="rest", t=2), prev=stuck)
+    assert tie.state.status == "new"
+    # An older snapshot (taken before the pending_cancel) does not move it back.
+    (old,) = run(ev("refresh", status="new", source="rest", t=1), prev=stuck)
+    assert old.state.status == "pending_cancel"
+    # And nothing, refresh included, leaves a final status.
+    done = run(ev("canceled", t=4), prev=stuck)[0].state
+    (after,) = run(ev("refresh", status="new", source="rest", t=9), prev=done)
+    assert after.state.status == "canceled"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(
+    ["new", "partially_filled", "pending_cancel", "pending_replace", "done_for_day",
+     "filled", "canceled", "replaced"]), st.integers(0, 20)), min_size=1, max_size=10))
+def test_final_never_regresses_and_the_latest_stamp_wins_otherwise(
+        steps: list[tuple[str, int]]) -> None:
+    state: OrderState | None = None
+    final: str | None = None
+    for status, t in steps:
+        before = state
+        # `restated`: an update that carries a status and no fill.
+        state = apply_order_event(state, ev("restated", status=status, t=t)).state
+        if final is not None:
+            assert state.status == final
+        elif status in TERMINAL_STATUSES:
+            final = status
+            assert state.status == status
+        elif before is not None and before.updated_at is not None and (
+                T0 + timedelta(seconds=t) > before.updated_at):
+            assert state.status == status

@@ -20,15 +20,18 @@ import pytest
 import trio
 
 from stream_supervisor import bounds, protocol
+from stream_supervisor.adjustments import BASELINE, RECONCILE, BrokerPosition
 from stream_supervisor.deadletters import list_dead_letters
 from stream_supervisor.errors import StoreDataError, StoreError
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.ledger import Cursor
+from stream_supervisor.orders import OrderState
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
 from stream_supervisor.store import (
     Batch,
     BatchResult,
+    BrokerWord,
     ReplayMark,
     Store,
     StoredDeadLetter,
@@ -604,3 +607,79 @@ async def test_replay_marks_record_the_outcome_in_the_batch(backend: Backend) ->
     outcomes = {d.id: d.replay_result for d in backend.stored_letters(ACCOUNT)}
     assert outcomes == {ids[0]: "stored", ids[1]: "already stored",
                         ids[2]: "still refused: out of bounds"}
+
+
+async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:
+    """A baseline, later fills and a reconcile adjustment (docs/design.md, section 9):
+    the same rows, marks, adjustments and cursor in both stores."""
+    store = await backend.make()
+    acct = "acct-word"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    gtc = OrderState("gtc-1", "AAPL", "buy", "partially_filled", Decimal(10), Decimal(100),
+                     order_qty=Decimal(20), updated_at=t0 - timedelta(hours=20))
+    made = await store.apply_broker_word(BrokerWord(
+        acct, BASELINE, t0,
+        [BrokerPosition("AAPL", Decimal(10), Decimal(100)),
+         BrokerPosition("BTC/USD", Decimal("-0.5"), Decimal(60000), asset_id="btc-asset")],
+        orders=[gtc], cursor=Cursor(t0, None)))
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [
+        ("AAPL", Decimal(0), Decimal(10)), ("BTC/USD", Decimal(0), Decimal("-0.5"))]
+
+    def fill(cum: str, qty: str, price: str, avg: str, minutes: int) -> Event:
+        ts = t0 + timedelta(minutes=minutes)
+        ns = int(ts.timestamp()) * 10**9
+        return Event(key=fill_key("gtc-1", Decimal(cum)), event="partial_fill",
+                     source="stream", order_id="gtc-1", symbol="AAPL", side="buy",
+                     status="partially_filled", cum_qty=Decimal(cum), timestamp=ts, ts_ns=ns,
+                     order_qty=Decimal(20), cum_avg_price=Decimal(avg),
+                     fill_qty=Decimal(qty), fill_price=Decimal(price))
+
+    # The fill of yesterday (at the mark) is stale; today's 5 count.
+    await store.commit_batch(Batch(acct, [fill("10", "10", "100", "100", -1200),
+                                          fill("15", "5", "106", "102", 5)]))
+    await store.apply_broker_word(BrokerWord(
+        acct, RECONCILE, t0 + timedelta(minutes=10),
+        [BrokerPosition("AAPL", Decimal(30), Decimal(51))], symbols=["AAPL"]))
+    snap = await store.snapshot(acct)
+    assert sorted((p.symbol, p.qty, p.avg_entry_price, p.is_open, p.opened_by_order_id)
+                  for p in snap.positions) == [
+        ("AAPL", Decimal(0), Decimal(102), False, "baseline"),
+        ("AAPL", Decimal(30), Decimal(51), True, "reconcile"),
+        ("BTC/USD", Decimal("-0.5"), Decimal(60000), True, "baseline")]
+    assert [(p.symbol, p.peak_qty) for p in snap.history] == [("AAPL", Decimal(15))]
+    assert [(a.reason, a.symbol, a.qty_before, a.qty_after, a.asset_id)
+            for a in snap.adjustments] == [
+        ("baseline", "AAPL", Decimal(0), Decimal(10), None),
+        ("baseline", "BTC/USD", Decimal(0), Decimal("-0.5"), "btc-asset"),
+        ("reconcile", "AAPL", Decimal(15), Decimal(30), None)]
+    assert snap.baseline_qty == {"gtc-1": Decimal(10)}
+    assert snap.orders["gtc-1"].filled_qty == 15
+    assert snap.cursor == Cursor(t0 + timedelta(minutes=5), None)
+
+
+async def test_a_bust_is_kept_across_batches_and_a_late_fill_stays_stale(
+        backend: Backend) -> None:
+    """Busts (docs/design.md, section 11): the revision's time is stored with the order,
+    so a fill stamped before it and arriving in a later batch changes nothing."""
+    from stream_supervisor.events import broker_event_key
+
+    def broker_event(base: Event, event_id: str, **changes: Any) -> Event:
+        return msgspec.structs.replace(base, key=broker_event_key(event_id), **changes)
+
+    first = broker_event(fill("r1", "buy", "4", "4", "10", 1), "e1", event="partial_fill",
+                         status="partially_filled", order_qty=Decimal(10))
+    late = broker_event(fill("r1", "buy", "10", "6", "12", 2), "e2",
+                        cum_avg_price=Decimal("11.2"), order_qty=Decimal(10))
+    bust = broker_event(fill("r1", "buy", "4", "-6", "12", 3), "e3", event="trade_bust",
+                        status="partially_filled", cum_avg_price=Decimal(10),
+                        order_qty=Decimal(10))
+    store = await backend.make()
+    await store.commit_batch(Batch("acct-bust", [first]))
+    await store.commit_batch(Batch("acct-bust", [bust]))
+    result = await store.commit_batch(Batch("acct-bust", [late]))
+    snap = await store.snapshot("acct-bust")
+    assert result.stale_fills == 1 and result.fills_applied == 0
+    order = snap.orders["r1"]
+    assert (order.filled_qty, order.filled_avg_price) == (Decimal(4), Decimal(10))
+    assert order.revised_at == bust.timestamp
+    assert snap.net_position("XYZ") == 4

@@ -18,6 +18,7 @@ from decimal import Decimal
 
 import msgspec
 
+from ..adjustments import Adjustment, baseline_order, plan_adjustments
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
     POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
@@ -28,7 +29,14 @@ from ..events import DeadLetter, Event
 from ..ledger import Cursor, LedgerResult, apply_events, cursor_of
 from ..orders import TERMINAL_STATUSES, OrderState
 from ..positions import Position
-from ..store import Batch, BatchResult, StoredDeadLetter, StoreSnapshot, replay_outcome
+from ..store import (
+    Batch,
+    BatchResult,
+    BrokerWord,
+    StoredDeadLetter,
+    StoreSnapshot,
+    replay_outcome,
+)
 
 #: Bytes of an index entry's own header and alignment, beyond the indexed text.
 _INDEX_OVERHEAD = 16
@@ -106,6 +114,8 @@ class _Account:
     history: list[Position] = field(default_factory=list)
     cursor: Cursor | None = None
     dead_letters: list[_StoredLetter] = field(default_factory=list)
+    adjustments: list[Adjustment] = field(default_factory=list)
+    baseline_qty: dict[str, Decimal] = field(default_factory=dict)
 
 
 class MemoryDatabase:
@@ -117,6 +127,7 @@ class MemoryDatabase:
         self.next_dead_letter_id = 1
         self.available = True
         self.commits = 0
+        self.stream_positions: dict[str, str] = {}  # events stream -> newest event_id
         self.clock = clock  # the database's now(): receipt and replay times
 
     def account(self, account_id: str) -> _Account:
@@ -249,6 +260,10 @@ class MemoryStore:
         acct.orders.update(result.orders)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)
+        if batch.stream_position is not None:
+            stream, event_id = batch.stream_position.stream, batch.stream_position.event_id
+            held = self.db.stream_positions.get(stream)
+            self.db.stream_positions[stream] = event_id if held is None else max(held, event_id)
         now = self.db.clock()
         known = {row.letter.key for row in acct.dead_letters}
         for letter in batch.dead_letters:
@@ -278,6 +293,10 @@ class MemoryStore:
             dead_letters=len(batch.dead_letters),
         )
 
+    async def load_stream_position(self, stream: str) -> str | None:
+        self._check()
+        return self.db.stream_positions.get(stream)
+
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         acct = self.db.account(account_id)
         return StoreSnapshot(
@@ -287,7 +306,49 @@ class MemoryStore:
             history=list(acct.history),
             cursor=acct.cursor,
             dead_letters=[row.letter for row in acct.dead_letters],
+            adjustments=list(acct.adjustments),
+            baseline_qty={oid: q for oid, q in acct.baseline_qty.items() if q},
         )
+
+    async def open_positions(self, account_id: str) -> list[Position]:
+        self._check()
+        rows = [p for p in self.db.account(account_id).positions.values() if p.is_open]
+        return sorted(rows, key=lambda p: p.symbol)
+
+    async def apply_broker_word(self, word: BrokerWord) -> list[Adjustment]:
+        self._check()
+        acct = self.db.account(word.account_id)
+        open_rows = {p.symbol: p for p in acct.positions.values() if p.is_open}
+        changes = plan_adjustments(word.account_id, open_rows, word.positions,
+                                   reason=word.reason, taken_at=word.taken_at,
+                                   symbols=word.symbols)
+        orders = dict(acct.orders)
+        baselines = dict(acct.baseline_qty)
+        for broker in word.orders:
+            state, base = baseline_order(orders.get(broker.order_id),
+                                         baselines.get(broker.order_id, Decimal(0)), broker)
+            orders[broker.order_id] = state
+            baselines[broker.order_id] = base
+        positions = dict(acct.positions)
+        next_id = self.db.next_position_id
+        for change in changes:
+            if change.closed is not None:
+                assert change.closed.position_id is not None
+                positions[change.closed.position_id] = change.closed
+                acct.history.append(change.closed)
+            if change.opened is not None:
+                positions[next_id] = msgspec.structs.replace(change.opened, position_id=next_id)
+                next_id += 1
+        acct.positions = positions
+        self.db.next_position_id = next_id
+        acct.orders = orders
+        acct.baseline_qty = baselines
+        if word.cursor is not None:
+            acct.cursor = word.cursor if acct.cursor is None else acct.cursor.advanced(word.cursor)
+        made = [c.adjustment for c in changes]
+        acct.adjustments.extend(made)
+        self.db.commits += 1
+        return made
 
     async def pending_replays(self, account_id: str, limit: int) -> list[StoredDeadLetter]:
         self._check()

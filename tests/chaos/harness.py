@@ -72,6 +72,7 @@ def chaos_settings(database_url: str, **overrides: Any) -> Settings:
         "backoff": FAST_BACKOFF,
         "drain_timeout": 8.0,
         "first_start_lookback": 3600.0,
+        "baseline": False,  # an empty account whose session starts with the service
         "statement_timeout_ms": 5_000,
         "rest_timeout": 5.0,
         "restart_limit": 20,
@@ -412,6 +413,7 @@ def process_env(database_url: str, server: SimServer, config: SimConfig,
         "STREAM_SUPERVISOR_PING_TIMEOUT": "1",
         "STREAM_SUPERVISOR_DRAIN_TIMEOUT": str(PROCESS_DRAIN_TIMEOUT),
         "STREAM_SUPERVISOR_FIRST_START_LOOKBACK": "3600",
+        "STREAM_SUPERVISOR_BASELINE": "off",  # the session starts with the service
         "STREAM_SUPERVISOR_STATEMENT_TIMEOUT_MS": "5000",
     })
     env.update(extra)

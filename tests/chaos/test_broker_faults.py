@@ -311,7 +311,7 @@ async def test_unknown_event_about_an_unseen_order_invents_no_order(database_url
     server = ReplayServer(Script([frame]))
     settings = Settings(key_id=KEY_ID, secret_key=SECRET_KEY, base_url="http://127.0.0.1:9",
                         database_url=database_url, account_id=account,
-                        first_start_lookback=3600.0, drain_timeout=5.0)
+                        first_start_lookback=3600.0, drain_timeout=5.0, baseline=False)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)

@@ -150,3 +150,6 @@ class FixtureRest:
 
     async def positions(self) -> list[dict[str, Any]]:
         return []
+
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": False}

@@ -29,6 +29,9 @@ class RestStub:
     def __init__(self, account_id: str, activities: Sequence[dict[str, Any]] = ()) -> None:
         self.account_id = account_id
         self.activities = list(activities)
+        #: What GET /v2/positions and GET /v2/orders answer (JSON objects, verbatim).
+        self.positions: list[dict[str, Any]] = []
+        self.orders: list[dict[str, Any]] = []
         self.port = 0
         self.requests: list[str] = []
 
@@ -57,8 +60,10 @@ class RestStub:
             if token is not None:
                 items = [a for a in items if str(a.get("id", "")) > token]
             return 200, json.dumps(items[:size]).encode()
-        if path in ("/v2/orders", "/v2/positions"):
-            return 200, b"[]"
+        if path == "/v2/positions":
+            return 200, json.dumps(self.positions).encode()
+        if path == "/v2/orders":
+            return 200, json.dumps(self.orders).encode()
         if path.startswith("/v2/orders/"):
             return 404, b'{"message": "order not found"}'
         return 404, b"{}"

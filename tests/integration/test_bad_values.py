@@ -141,9 +141,11 @@ class Service:
 
 @asynccontextmanager
 async def service(database_url: str, frames: Sequence[bytes],
-                  activities: Sequence[dict[str, Any]] = (), **env: str) -> AsyncIterator[Service]:
+                  activities: Sequence[dict[str, Any]] = (), *,
+                  positions: Sequence[dict[str, Any]] = (), **env: str) -> AsyncIterator[Service]:
     server = ReplayServer(Script(frames))
     rest = RestStub(ACCOUNT, activities)
+    rest.positions = list(positions)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         await nursery.start(rest.serve)
@@ -161,6 +163,10 @@ async def service(database_url: str, frames: Sequence[bytes],
             "STREAM_SUPERVISOR_BACKOFF_INITIAL": "0.05", "STREAM_SUPERVISOR_BACKOFF_CAP": "0.5",
             "STREAM_SUPERVISOR_PING_INTERVAL": "2", "STREAM_SUPERVISOR_PING_TIMEOUT": "2",
             "STREAM_SUPERVISOR_DRAIN_TIMEOUT": "10",
+            # The stub's activities are fills of an account it says is flat: a baseline
+            # would rightly trust "flat" (tests/integration/test_real_accounts_service.py
+            # runs this harness with one, and positions to match).
+            "STREAM_SUPERVISOR_BASELINE": "off",
         })
         environment.update(env)
         async with SupervisorProcess(environment, nursery) as process:

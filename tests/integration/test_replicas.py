@@ -43,7 +43,7 @@ async def test_standby_takes_over_when_the_leader_dies(database_url: str) -> Non
         settings = Settings(
             key_id=sim.key_id, secret_key=sim.secret_key, base_url=server.rest_url,
             stream_url=server.ws_url, database_url=database_url,
-            account_id=broker.account()["id"], first_start_lookback=3600.0,
+            account_id=broker.account()["id"], first_start_lookback=3600.0, baseline=False,
             backoff=BackoffPolicy(initial=0.05, cap=0.5, rate_limited_floor=0.2),
             ping_interval=1.0, ping_timeout=1.0, drain_timeout=10.0,
         )

@@ -130,6 +130,7 @@ async def test_run_process_speaks_systemd_serves_health_and_drains(
                 "STREAM_SUPERVISOR_LOG_FORMAT": "json",
                 "STREAM_SUPERVISOR_LOG_LEVEL": "debug",
                 "STREAM_SUPERVISOR_FIRST_START_LOOKBACK": "3600",
+                "STREAM_SUPERVISOR_BASELINE": "off",  # the session starts with the service
                 "STREAM_SUPERVISOR_ORDER_REFRESH_INTERVAL": "0",
                 "STREAM_SUPERVISOR_PING_INTERVAL": "1",
                 "STREAM_SUPERVISOR_PING_TIMEOUT": "2",
@@ -259,7 +260,8 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
             settings = Settings(
                 key_id=broker.config.key_id, secret_key=broker.config.secret_key,
                 base_url=server.rest_url, stream_url=server.ws_url, database_url=database_url,
-                first_start_lookback=3600.0, statement_timeout_ms=120_000, ping_interval=1.0,
+                first_start_lookback=3600.0, baseline=False,
+                statement_timeout_ms=120_000, ping_interval=1.0,
                 ping_timeout=2.0, drain_timeout=10.0, order_refresh_interval=0.0,
             )
             rest = HttpBrokerRest(RestSettings(server.rest_url, settings.key_id,

@@ -78,6 +78,16 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linger", type=float, default=None,
                    help="keep serving this many seconds after the market finished "
                         "(default: until interrupted)")
+    history = p.add_argument_group("an account with history (docs/design.md, section 9)")
+    history.add_argument("--hold", action="append", default=[], metavar="SYMBOL:QTY:AVG",
+                         help="a position held before the session (QTY negative: short); "
+                              "repeat for several")
+    history.add_argument("--replace-prob", type=float, default=0.0,
+                         help="chance that an order filling in pieces is replaced part way "
+                              "(default 0)")
+    history.add_argument("--activities-retention", type=float, default=None,
+                         help="seconds of market time FILL activities are kept "
+                              "(default: all)")
     chaos = p.add_argument_group("chaos knobs (all off by default, all seeded)")
     for f in fields(ChaosConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -102,11 +112,23 @@ def chaos_from_args(args: argparse.Namespace) -> ChaosConfig:
     return ChaosConfig(**values)
 
 
+def held_from_args(args: argparse.Namespace) -> tuple[tuple[str, str, str], ...]:
+    out = []
+    for spec in args.hold:
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"--hold {spec!r}: expected SYMBOL:QTY:AVG, e.g. AAPL:-40:190.5")
+        out.append((parts[0], parts[1], parts[2]))
+    return tuple(out)
+
+
 async def _serve(args: argparse.Namespace) -> None:
     broker = SimulatedBroker(SimConfig(
         seed=args.seed, account_id=args.account_id, key_id=args.key_id,
         secret_key=args.secret_key, orders=args.orders, rate=args.rate,
         chaos=chaos_from_args(args), rest_rate_limit=args.rest_rate_limit,
+        preexisting=held_from_args(args), replace_prob=args.replace_prob,
+        activities_retention=args.activities_retention,
     ))
     async with trio.open_nursery() as nursery:
         server: SimServer = await nursery.start(partial(

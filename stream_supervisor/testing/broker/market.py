@@ -70,6 +70,17 @@ class SimConfig:
     burst: tuple[int, int] = (0, 0)
     """(after this many updates, this many more): a burst the market plays as fast as it
     can, without pacing, before going back to `rate`."""
+    replace_prob: float = 0.0
+    """Chance that an order filling in several pieces is replaced part way: `replaced` on
+    the old order (its fills stay with it), `new` with `replaces` on the replacing one,
+    which fills the rest. Drawn from a generator of its own: 0 leaves every session as
+    it was."""
+    activities_retention: float | None = None
+    """Seconds of market time the broker keeps FILL activities for (None: all). Older
+    ones are gone from REST, as a real broker's are after its window."""
+    preexisting: tuple[tuple[str, str, str], ...] = ()
+    """(symbol, signed quantity, average entry): positions the account held before the
+    session, long or short (an account with history, docs/design.md, section 9)."""
     rest_rate_limit: int = DEFAULT_RATE_LIMIT
     """REST requests per 60 s window for the account, Alpaca's limit (0: no limit)."""
 
@@ -87,6 +98,7 @@ class Market:
         # so a chaos knob never changes which orders the market makes.
         self._rng = random.Random(config.seed)
         self._strategy_rng = random.Random(f"{config.seed}/strategy")
+        self._replace_rng = random.Random(f"{config.seed}/replace")
         self.account_id = config.account_id or str(uuid4(random.Random(f"{config.seed}/account")))
         # Order ids are unique at Alpaca across accounts, and event keys rely on it: a
         # session on an account of its own gets ids of its own even from a seed used
@@ -119,6 +131,11 @@ class Market:
         if not self.symbols:
             raise ValueError("SimConfig.symbols must not be empty")
         self.positions = {s.name: Position() for s in self.symbols}
+        for name, qty, avg in config.preexisting:
+            if name not in self.positions:
+                raise ValueError(f"SimConfig.preexisting: {name} is not one of the session's "
+                                 f"symbols ({', '.join(config.symbols)})")
+            self.positions[name] = Position(Decimal(qty), Decimal(avg))
         self.cash = STARTING_CASH
 
         self.orders: dict[str, Order] = {}
@@ -258,7 +275,14 @@ class Market:
             plan += [("fill", p) for p in pieces[:k]]
             plan.append(("expired", ZERO))
         else:
-            plan += [("fill", p) for p in pieces]
+            fills: list[tuple[Step, Decimal]] = [("fill", p) for p in pieces]
+            if (len(fills) >= 2 and self.config.replace_prob
+                    and self._replace_rng.random() < self.config.replace_prob):
+                # Replaced between two fills: some before on this order, the rest after
+                # on the replacing one.
+                k = self._replace_rng.randint(1, len(fills) - 1)
+                fills.insert(k, ("replace", ZERO))
+            plan += fills
 
         self._created += 1
         order = Order(
@@ -337,6 +361,12 @@ class Market:
                 "qty": decimal_text(fill_qty),
                 "position_qty": decimal_text(position.qty),
             }
+        elif step == "replace":
+            event = "replaced"
+            order.status = "replaced"
+            order.replaced_ns = ts
+            successor = self._replacement(order)
+            order.replaced_by = successor.id
         elif step == "pending_cancel":
             order.status = "pending_cancel"
         elif step == "canceled":
@@ -353,6 +383,25 @@ class Market:
         }
         data.update(extra)
         return self._record_update(data)
+
+    def _replacement(self, old: Order) -> Order:
+        """The order that replaces `old`: what is left to fill, its remaining fill steps;
+        its first update is `new` (with `replaces`), played like any step."""
+        rng = self._replace_rng
+        rest = [s for s in old.plan if s[0] == "fill"]
+        old.plan.clear()
+        new = Order(
+            id=str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4)),
+            client_order_id=self._client_order_id(uuid4(rng)),
+            symbol=old.symbol, side=old.side, qty=old.qty - old.filled_qty,
+            order_type=old.order_type, time_in_force=old.time_in_force,
+            limit_price=old.limit_price, position_intent=old.position_intent,
+            plan=[("new", ZERO), *rest], status="new", created_ns=self.now_ns,
+            updated_ns=self.now_ns, replaces=old.id,
+        )
+        self.orders[new.id] = new
+        self._live.append(new)
+        return new
 
     def _record_activity(
         self, order: Order, event: str, qty: Decimal, price: Decimal, ts: int, rng: random.Random

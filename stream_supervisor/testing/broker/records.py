@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from .wire import CTX, TWELVE, ZERO, decimal_text, utc_us, utc_us_opt
 
-Step = Literal["pending_new", "new", "fill", "pending_cancel", "canceled", "expired"]
+Step = Literal["pending_new", "new", "fill", "pending_cancel", "canceled", "expired",
+               "replace"]
 """One step of an order's planned life; each becomes one update on the stream."""
 
 
@@ -79,6 +80,9 @@ class Order:
     filled_ns: int | None = None
     canceled_ns: int | None = None
     expired_ns: int | None = None
+    replaced_ns: int | None = None
+    replaced_by: str | None = None
+    replaces: str | None = None
     filled_qty: Decimal = ZERO
     notional: Decimal = ZERO
     fills: list[Fill] = field(default_factory=list)
@@ -103,9 +107,9 @@ class Order:
             "expires_at": None,
             "canceled_at": utc_us_opt(self.canceled_ns),
             "failed_at": None,
-            "replaced_at": None,
-            "replaced_by": None,
-            "replaces": None,
+            "replaced_at": utc_us_opt(self.replaced_ns),
+            "replaced_by": self.replaced_by,
+            "replaces": self.replaces,
             "asset_id": self.symbol.asset_id,
             "symbol": self.symbol.name,
             "asset_class": "us_equity",

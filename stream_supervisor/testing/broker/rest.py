@@ -125,8 +125,12 @@ class RestApi:
             stop = bisect.bisect_left(ids, page_token) if page_token else len(ids)
             candidates = range(stop - 1, -1, -1)
         out: list[dict[str, Any]] = []
+        retention = self.market.config.activities_retention
+        kept_from = (self.market.now_ns - int(retention * NS)) if retention is not None else None
         for i in candidates:
             ts = self.market.activity_ns[ids[i]]
+            if kept_from is not None and ts < kept_from:
+                continue  # past the broker's window
             if after_ns is not None and ts <= after_ns:
                 continue
             if until_ns is not None and ts >= until_ns:
@@ -205,6 +209,19 @@ class RestApi:
                 )
         return out
 
+    def clock(self) -> dict[str, Any]:
+        """`GET /v2/clock`: the simulated session is regular market hours, open from its
+        epoch for six and a half hours."""
+        opened = self.market.epoch_ns
+        closes = opened + int(6.5 * 3600) * NS
+        now = self.market.now_ns
+        return {
+            "timestamp": utc_us(now),
+            "is_open": opened <= now < closes,
+            "next_open": utc_us(opened + 86_400 * NS),
+            "next_close": utc_us(closes),
+        }
+
     # --- dispatch
 
     def handle(self, method: str, target: str, headers: Mapping[str, str]) -> RestResponse:
@@ -268,6 +285,8 @@ class RestApi:
             return self.account()
         if route == "positions":
             return self.positions()
+        if route == "clock":
+            return self.clock()
         if route == "order":
             return self.order(path.rsplit("/", 1)[1])
         if route == "orders":
@@ -304,6 +323,8 @@ def _route(path: str) -> str | None:
         return "order"
     if path == "/v2/positions":
         return "positions"
+    if path == "/v2/clock":
+        return "clock"
     return None
 
 

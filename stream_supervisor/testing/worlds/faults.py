@@ -43,6 +43,25 @@ def _poison_prob(seed: int) -> float:
     return rng.uniform(0.02, 0.1) if rng.random() < 0.35 else 0.0
 
 
+def _history(seed: int, market_seconds: float) -> tuple[tuple[tuple[str, str, str], ...],
+                                                       float]:
+    """An account with history for about 40% of the seeds (docs/design.md, section 9):
+    positions held before the session (long and short), and the first start in the
+    middle of it, orders partly filled by then. A generator of its own, like poison, so
+    the other faults of every seed stay what they were."""
+    rng = random.Random(f"schedule/{seed}/history")
+    if rng.random() >= 0.4:
+        return (), 0.0
+    held = []
+    for symbol in rng.sample(["AAPL", "QQQ", "TSLA", "NVDA", "SPY", "MSFT"], rng.randint(0, 3)):
+        qty = rng.randint(1, 300) * rng.choice((1, -1))
+        held.append((symbol, str(qty), f"{rng.randint(2_000, 60_000) / 100:.2f}"))
+    delay = rng.uniform(0.0, market_seconds) if rng.random() < 0.8 else 0.0
+    if not held and delay == 0.0:
+        delay = market_seconds / 2
+    return tuple(held), delay
+
+
 def schedule_for_seed(seed: int) -> Schedule:
     """The fault schedule of `seed`: deterministic, roughly half the families on."""
     rng = random.Random(f"schedule/{seed}")
@@ -87,8 +106,11 @@ def schedule_for_seed(seed: int) -> Schedule:
     if on(0.35):
         crashes = tuple(sorted(rng.uniform(0.05, market_seconds + 2.0)
                                for _ in range(rng.randint(1, 3))))
+    preexisting, start_delay = _history(seed, market_seconds)
     return Schedule(
         seed=seed,
+        preexisting=preexisting,
+        start_delay=start_delay,
         orders=orders,
         rate=rate,
         chaos=chaos,

@@ -19,10 +19,11 @@ import trio
 import trio.testing
 from trio._core import _run as trio_run_internals
 
+from ...adjustments import broker_position, compare
 from ...backoff import BackoffPolicy
 from ...errors import StoreError
 from ...metrics import Metrics
-from ...settings import DEFAULT_FUTURE_TOLERANCE, Settings
+from ...settings import DEFAULT_ACTIVITIES_WINDOW, DEFAULT_FUTURE_TOLERANCE, Settings
 from ...state import SupervisorState
 from ...store import Batch
 from ...supervisor import Supervisor
@@ -65,6 +66,22 @@ class Schedule:
     crashes: tuple[float, ...] = ()
     max_batch: int = 64
     lru_size: int = 10_000
+    #: An account with history (docs/design.md, section 9): positions held before the
+    #: session, and the service's first start this many virtual seconds into it (orders
+    #: partly filled by then), taking the broker's word as its baseline.
+    preexisting: tuple[tuple[str, str, str], ...] = ()
+    start_delay: float = 0.0
+    #: Chance that an order filling in pieces is replaced part way (SimConfig).
+    replace_prob: float = 0.0
+    #: Restarts after the activities window: the broker keeps activities this many
+    #: seconds (the service is told the same window), and each crash keeps the service
+    #: down for `downtime` seconds. 0: the broker keeps everything, restarts are at once.
+    activities_window: float = 0.0
+    downtime: float = 0.0
+
+    @property
+    def history(self) -> bool:
+        return bool(self.preexisting) or self.start_delay > 0 or self.activities_window > 0
 
     @property
     def strict_prices(self) -> bool:
@@ -96,6 +113,8 @@ class Schedule:
             "actor_crash": len(self.actor_crash),
             "writer_stall": len(self.writer_stall),
             "supervisor_crash": len(self.crashes),
+            "history": int(self.history),
+            "replaced": int(self.replace_prob > 0),
         }.items() if v}
 
 
@@ -120,6 +139,8 @@ class Outcome:
     commits: int
     digest: str  # the final state, hashed: equal digests = bit-for-bit equal runs
     trace: list[str]
+    #: position_adjustments' reasons, in order (a baseline, a rebaseline...).
+    adjustments: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -188,6 +209,10 @@ def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
         restart_window=30.0,
         rest_timeout=5.0,
         rest_retries=20,
+        # A world without history starts with its market, as before: the first-start
+        # lookback covers everything. One with history takes the broker's word.
+        baseline=schedule.history,
+        activities_window=schedule.activities_window or DEFAULT_ACTIVITIES_WINDOW,
     )
 
 
@@ -227,6 +252,9 @@ async def _world(
         chaos=schedule.chaos,
         start_time=EPOCH,
         scenario="sim",
+        preexisting=schedule.preexisting,
+        replace_prob=schedule.replace_prob,
+        activities_retention=schedule.activities_window or None,
     )
     broker = SimulatedBroker(sim)
     db = MemoryDatabase()
@@ -243,6 +271,8 @@ async def _world(
     async with trio.open_nursery() as world:
         broker.mark_server_started(trio.current_time())
         await world.start(broker.run_market)
+        if schedule.start_delay:
+            await trio.sleep(schedule.start_delay)  # a first start in the middle of the day
         crash_times = sorted(schedule.crashes)
         while True:
             lives += 1
@@ -264,19 +294,24 @@ async def _world(
                     inner.start_soon(_run_and_record, sup, trace)
                     if next_crash is None:
                         await _until_converged(broker, db, account_id, t0,
-                                              schedule.strict_prices, sup.state)
+                                              schedule.strict_prices, sup.state,
+                                              schedule.history)
                         sup.request_drain("simulation finished")
             if life.cancelled_caught:
                 trace.append(f"crash@{trio.current_time() - t0:.3f}")
+                if schedule.downtime:
+                    await trio.sleep(schedule.downtime)  # the market goes on meanwhile
                 continue
             break
         world.cancel_scope.cancel()
 
     snapshot = await MemoryStore(db).snapshot(account_id)
     truth = broker.ground_truth()
-    mismatches = verify_against_truth(snapshot, truth, strict_prices=schedule.strict_prices)
+    mismatches = verify_against_truth(snapshot, truth, strict_prices=schedule.strict_prices,
+                                      history=schedule.history)
     mismatches += check_poisons(db, account_id, broker.poisons_sent,
                                 exact=schedule.delivers_every_frame)
+    mismatches += check_broker_positions(snapshot, broker.positions())
     latest = wallclock() + timedelta(seconds=DEFAULT_FUTURE_TOLERANCE)
     if snapshot.cursor is not None and snapshot.cursor.fill_time is not None \
             and snapshot.cursor.fill_time > latest:
@@ -292,17 +327,22 @@ async def _world(
         commits=db.commits,
         digest=_digest(snapshot, truth, list(db.account(account_id).keys)),
         trace=trace,
+        adjustments=[a.reason for a in snapshot.adjustments],
     )
 
 
 async def _run_and_record(sup: Supervisor, trace: list[str]) -> None:
-    code = await sup.run()
+    try:
+        code = await sup.run()
+    finally:
+        if sup.state.baseline is not None:
+            trace.append(sup.state.baseline)
     trace.append(f"exit={code}")
 
 
 async def _until_converged(
     broker: SimulatedBroker, db: MemoryDatabase, account_id: str, t0: float, strict: bool,
-    state: SupervisorState,
+    state: SupervisorState, history: bool = False,
 ) -> None:
     """Wait until the market is finished, the supervisor is caught up (streaming, its
     latest backfill and order refresh done) and the store matches the market, or the
@@ -326,8 +366,17 @@ async def _until_converged(
             poll = min(poll * 1.5, 30.0) if broker.finished else 1.0
             if broker.finished and state.caught_up and state.connection == "streaming":
                 snap = await store.snapshot(account_id)
-                if not verify_against_truth(snap, broker.ground_truth(), strict_prices=strict):
+                if not verify_against_truth(snap, broker.ground_truth(), strict_prices=strict,
+                                            history=history):
                     return
+
+
+def check_broker_positions(snapshot: Any, positions: list[dict[str, Any]]) -> list[Mismatch]:
+    """The store's open positions against the broker's `GET /v2/positions`, as
+    `reconcile` compares them (canonical symbols, signed quantities)."""
+    _, diffs = compare(snapshot.positions, [broker_position(p) for p in positions])
+    return [Mismatch("broker_positions", d.symbol, f"net qty {d.broker}", f"net qty {d.ours}")
+            for d in diffs]
 
 
 #: The reason each poison kind must be dead-lettered with.

@@ -157,3 +157,41 @@ async def test_a_burst_plays_its_updates_without_pacing(autojump_clock: object) 
     paced = broker.updates_total - 100
     # A step can make two updates at once (a same-millisecond pair), hence the slack.
     assert abs((trio.current_time() - started) - paced / 50.0) <= 2 / 50.0
+
+
+def test_replaced_orders_keep_their_fills_and_the_replacement_fills_the_rest() -> None:
+    """docs/design.md, section 9: `replaced` on the old order (`replaced_by`), `new` with
+    `replaces` on the replacing one, partial fills before and after; positions count
+    each fill once."""
+    broker = SimulatedBroker(config(seed=3, orders=40, replace_prob=1.0))
+    updates = play_all(broker)
+    truth = broker.ground_truth()
+    replaced = {oid: o for oid, o in truth["orders"].items() if o["status"] == "replaced"}
+    assert replaced
+    for oid, old in replaced.items():
+        final = [u for u in updates if u["order"]["id"] == oid][-1]
+        assert final["event"] == "replaced" and final["order"]["replaced_by"]
+        successor = next(u["order"] for u in updates
+                         if u["order"].get("replaces") == oid)
+        first = next(u for u in updates if u["order"]["id"] == successor["id"])
+        assert first["event"] == "new"
+        assert Decimal(old["filled_qty"]) > 0
+        after = truth["orders"][successor["id"]]
+        assert Decimal(after["filled_qty"]) > 0
+        assert Decimal(old["filled_qty"]) + Decimal(after["qty"]) == Decimal(old["qty"])
+    # Net positions are the signed sum of every order's fills, each counted once.
+    for symbol, pos in truth["positions"].items():
+        net = sum((Decimal(o["filled_qty"]) * (1 if o["side"] == "buy" else -1)
+                   for o in truth["orders"].values() if o["symbol"] == symbol), Decimal(0))
+        assert net == Decimal(pos["qty"])
+
+
+def test_replacements_leave_sessions_without_them_as_they_were() -> None:
+    assert play_all(SimulatedBroker(config(seed=5, orders=30))) == play_all(
+        SimulatedBroker(config(seed=5, orders=30, replace_prob=0.0)))
+
+
+def test_positions_held_before_the_session_are_the_broker_positions() -> None:
+    broker = SimulatedBroker(config(seed=5, orders=0, preexisting=(("AAPL", "-40", "190"),)))
+    assert [(p["symbol"], p["qty"], p["side"]) for p in broker.positions()] == [
+        ("AAPL", "-40", "short")]

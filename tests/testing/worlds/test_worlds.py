@@ -14,14 +14,16 @@ from typing import Any
 
 import pytest
 
-from stream_supervisor import dedupe
+from stream_supervisor import dedupe, supervisor
+from stream_supervisor.adjustments import BASELINE
 from stream_supervisor.errors import StoreDataError
-from stream_supervisor.ledger import apply_events, cursor_of
+from stream_supervisor.ledger import Cursor, apply_events, cursor_of
 from stream_supervisor.store import Batch
+from stream_supervisor.supervisor import Supervisor
 from stream_supervisor.testing.broker import ChaosConfig
 from stream_supervisor.testing.worlds import run_schedule, run_seeds, schedule_for_seed
 from stream_supervisor.testing.worlds.runner import Report, default_jobs
-from stream_supervisor.testing.worlds.world import _StallingStore
+from stream_supervisor.testing.worlds.world import Schedule, _StallingStore
 from stream_supervisor.writer import Outcome, _Committer
 
 #: Seeds per CI run (STREAM_SUPERVISOR_SIM_SEEDS overrides, e.g. for a quick local run).
@@ -33,7 +35,7 @@ FAMILIES = {
     "duplicates", "disconnects", "abrupt", "reorder", "delays", "stalls", "malformed",
     "unknown_events", "rest_errors", "short_pages", "replay", "skipped_partials",
     "upgrade_429", "store_fail_before", "store_fail_after", "actor_crash", "writer_stall",
-    "supervisor_crash", "poison",
+    "supervisor_crash", "poison", "history",
 }
 
 REPORTS: list[tuple[str, Report]] = []
@@ -160,6 +162,83 @@ def test_isolation_that_drops_the_neighbours_is_caught(broken: pytest.MonkeyPatc
     report = _first_failure(CATCH_WITHIN)
     REPORTS.append(("isolation drops the neighbours", report))
     assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def test_a_first_start_that_skips_the_baseline_is_caught(broken: pytest.MonkeyPatch) -> None:
+    async def no_baseline(self: Supervisor, store: Any, account_id: str,
+                          cursor: Cursor | None) -> Cursor | None:
+        return cursor  # the bug: the broker's positions are never taken as the start
+
+    broken.setattr(Supervisor, "_baseline_if_needed", no_baseline)
+    report = _first_failure(CATCH_WITHIN)
+    REPORTS.append(("baseline skipped", report))
+    assert report.failures, f"not caught within {report.seeds} seeds"
+
+
+def test_worlds_with_replaced_orders_hold_every_invariant() -> None:
+    """Replaced orders (docs/design.md, section 9) in worlds of their own: the default
+    seeds stay as they were, and with them what each planted bug is caught by."""
+    seeds = range(max(20, SEEDS // 20))
+    failed = []
+    for seed in seeds:
+        outcome = run_schedule(replace(schedule_for_seed(seed), replace_prob=0.5))
+        if not outcome.ok:
+            failed.append((seed, [str(m) for m in outcome.mismatches[:3]]))
+    report = Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])
+    REPORTS.append(("replaced orders", report))
+    assert not failed, failed[:5]
+
+
+def outage_schedule(seed: int) -> Schedule:
+    """A world whose service is down past the broker's activities window: a calm broker
+    that keeps activities 4 s, a slow market (the baseline's reads are paced by the REST
+    budget and need a quiet moment), a crash at 20 s and 6 s of downtime while the market
+    trades on (docs/design.md, section 9)."""
+    s = schedule_for_seed(seed)
+    return replace(s, chaos=ChaosConfig(), rate=0.5, crashes=(20.0,), downtime=6.0,
+                   activities_window=4.0, start_delay=0.0)
+
+
+def _outage_worlds() -> tuple[range, list[tuple[int, list[str]]], int]:
+    seeds = range(max(20, SEEDS // 50))
+    failed, rebaselined = [], 0
+    for seed in seeds:
+        outcome = run_schedule(outage_schedule(seed))
+        rebaselined += "rebaseline" in outcome.trace
+        if not outcome.ok:
+            failed.append((seed, [str(m) for m in outcome.mismatches[:3]]))
+    return seeds, failed, rebaselined
+
+
+def test_restarts_after_the_activities_window_take_the_broker_word_again() -> None:
+    seeds, failed, rebaselined = _outage_worlds()
+    REPORTS.append(("restarts after the activities window",
+                    Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])))
+    assert not failed, failed[:5]
+    # The path is taken: a world whose first life had not finished its baseline by the
+    # crash (no quiet moment yet) starts over with a first baseline instead.
+    assert rebaselined >= len(seeds) * 3 // 4, rebaselined
+
+
+def test_a_restart_that_ignores_the_activities_window_is_caught(
+        broken: pytest.MonkeyPatch) -> None:
+    def first_start_only(cursor: Cursor | None, now: Any, window: float) -> str | None:
+        # The bug: only a missing cursor leads to a baseline.
+        return BASELINE if cursor is None or cursor.fill_time is None else None
+
+    broken.setattr(supervisor, "needs_baseline", first_start_only)
+    seeds, failed, _ = _outage_worlds()
+    REPORTS.append(("activities window ignored",
+                    Report(seeds=len(seeds), failures=[(s, "; ".join(m)) for s, m in failed])))
+    assert failed, f"not caught within {len(seeds)} seeds"
+
+
+def test_about_two_in_five_worlds_are_accounts_with_history() -> None:
+    history = [schedule_for_seed(seed).history for seed in range(1000)]
+    assert 0.3 < sum(history) / len(history) < 0.5
+    assert any(schedule_for_seed(seed).start_delay > 0 for seed in range(1000))
+    assert any(int(qty) < 0 for seed in range(100)
+               for _, qty, _ in schedule_for_seed(seed).preexisting)
 
 
 def replace_batch(batch: Batch, events: list[Any]) -> Batch:

@@ -1,0 +1,191 @@
+"""Positions set to the broker's word, explicitly (docs/design.md, section 9): pure, no I/O.
+
+A baseline (the first start, `rebaseline`) and `reconcile --apply` change positions by
+something other than a fill. Each change is planned here as an `Adjustment` (our signed
+quantity before, the broker's after) plus the open row it closes and the row it opens
+with the broker's quantity and average entry; the stores write all three in one
+transaction. Orders known to the broker at a baseline get their `filled_qty` at that
+moment as a high-water mark (`baseline_qty`): only fills beyond it move a position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import msgspec
+
+from .orders import OrderState, merge_status
+from .positions import Position
+from .symbols import canonical_symbol
+
+ZERO: Final = Decimal(0)
+#: Why a position was set to the broker's word (`position_adjustments.reason`,
+#: `active_positions.origin` of the row opened, `close_reason` of the row closed).
+BASELINE: Final = "baseline"
+REBASELINE: Final = "rebaseline"
+RECONCILE: Final = "reconcile"
+
+
+class BrokerPosition(msgspec.Struct, frozen=True, gc=False):
+    """One row of `GET /v2/positions`: canonical symbol, signed quantity (shorts negative)."""
+
+    symbol: str
+    qty: Decimal
+    avg_entry_price: Decimal
+    asset_id: str | None = None
+    asset_class: str | None = None
+
+
+def broker_position(row: Mapping[str, Any]) -> BrokerPosition:
+    """A `GET /v2/positions` row in our terms: `BTCUSD` becomes `BTC/USD`, a short is
+    negative whether or not the broker wrote its quantity negative."""
+    qty = Decimal(str(row["qty"]))
+    if str(row.get("side", "long")) == "short" and qty > 0:
+        qty = -qty
+    asset_class = row.get("asset_class")
+    asset_id = row.get("asset_id")
+    return BrokerPosition(
+        symbol=canonical_symbol(str(row["symbol"]), str(asset_class) if asset_class else None),
+        qty=qty,
+        avg_entry_price=Decimal(str(row.get("avg_entry_price") or 0)),
+        asset_id=str(asset_id) if asset_id else None,
+        asset_class=str(asset_class) if asset_class else None,
+    )
+
+
+class Adjustment(msgspec.Struct, frozen=True, gc=False):
+    """One row of `position_adjustments` (ids of the rows it closed and opened aside)."""
+
+    symbol: str
+    reason: str
+    qty_before: Decimal
+    qty_after: Decimal
+    avg_entry_price: Decimal | None
+    asset_id: str | None
+    taken_at: datetime
+
+
+class SymbolChange(msgspec.Struct, frozen=True, gc=False):
+    adjustment: Adjustment
+    closed: Position | None  # our open row, closed by the adjustment
+    opened: Position | None  # the broker's quantity and average, opened by it
+
+
+def plan_adjustments(
+    account_id: str,
+    open_rows: Mapping[str, Position],
+    broker: Iterable[BrokerPosition],
+    *,
+    reason: str,
+    taken_at: datetime,
+    symbols: Iterable[str] | None = None,
+) -> list[SymbolChange]:
+    """Set each symbol (all held by either side when `symbols` is None) to the broker's
+    quantity. A symbol already equal changes nothing; any other closes our open row (if
+    any) and opens the broker's (if not flat). Never a silent overwrite: every change is
+    an `Adjustment` carrying both quantities."""
+    theirs = {b.symbol: b for b in broker}
+    ours = {canonical_symbol(sym): row for sym, row in open_rows.items()}
+    wanted = sorted(set(ours) | set(theirs)) if symbols is None else sorted(set(symbols))
+    out = []
+    for symbol in wanted:
+        row = ours.get(symbol)
+        target = theirs.get(symbol)
+        before = row.qty if row is not None else ZERO
+        after = target.qty if target is not None else ZERO
+        if before == after:
+            continue
+        closed = None
+        if row is not None:
+            closed = Position(row.account_id, row.symbol, ZERO, row.avg_entry_price,
+                              row.opened_by_order_id, row.opened_by_client_order_id,
+                              row.opened_at, row.realized_pnl, taken_at, row.peak_qty,
+                              row.position_id)
+        opened = None
+        if target is not None and after != 0:
+            opened = Position(
+                account_id=account_id, symbol=symbol, qty=after,
+                avg_entry_price=target.avg_entry_price, opened_by_order_id=reason,
+                opened_by_client_order_id=None, opened_at=taken_at, peak_qty=after,
+            )
+        out.append(SymbolChange(
+            Adjustment(symbol, reason, before, after,
+                       target.avg_entry_price if opened is not None and target else None,
+                       target.asset_id if target is not None else None, taken_at),
+            closed, opened))
+    return out
+
+
+def baseline_order(
+    stored: OrderState | None, stored_baseline: Decimal, broker: OrderState
+) -> tuple[OrderState, Decimal]:
+    """An order as a baseline leaves it, with its new `baseline_qty`.
+
+    The broker's `filled_qty` at the snapshot becomes the high-water mark. What it adds
+    to ours is already in the broker's positions, so `baseline_qty` grows by exactly as
+    much: `filled_qty - baseline_qty`, the part fills moved positions by, is unchanged."""
+    if stored is None:
+        return broker, broker.filled_qty
+    filled = max(stored.filled_qty, broker.filled_qty)
+    avg = broker.filled_avg_price if broker.filled_qty >= stored.filled_qty else (
+        stored.filled_avg_price)
+    newer = stored.updated_at is None or (
+        broker.updated_at is not None and broker.updated_at >= stored.updated_at)
+    status = merge_status(stored.status, broker.status, old_at=stored.updated_at,
+                          new_at=broker.updated_at, authoritative=newer)
+    updated_at = broker.updated_at if newer else stored.updated_at
+    state = msgspec.structs.replace(
+        stored, status=status, filled_qty=filled, filled_avg_price=avg, updated_at=updated_at,
+        client_order_id=stored.client_order_id or broker.client_order_id,
+        order_qty=stored.order_qty if stored.order_qty is not None else broker.order_qty,
+        asset_class=stored.asset_class or broker.asset_class)
+    return state, stored_baseline + (filled - stored.filled_qty)
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    symbol: str  # canonical (crypto with its slash)
+    ours: Decimal  # signed
+    broker: Decimal  # signed
+    broker_position: BrokerPosition | None
+
+
+def compare(
+    positions: Sequence[Position], broker: Iterable[BrokerPosition],
+    known_assets: Mapping[str, str] | None = None,
+) -> tuple[int, list[Difference]]:
+    """How many symbols were compared, and every one whose signed quantity differs.
+
+    Symbols are compared in their canonical spelling (`BTCUSD` from the broker is our
+    `BTC/USD`); a broker row whose `asset_id` we already know (`known_assets`: asset id
+    to our symbol, from earlier adjustments) matches that symbol whatever its own says
+    (a renamed ticker)."""
+    ours = net_by_symbol(positions)
+    by_asset = dict(known_assets or {})
+    theirs: dict[str, BrokerPosition] = {}
+    for row in broker:
+        symbol = by_asset.get(row.asset_id, row.symbol) if row.asset_id else row.symbol
+        theirs[symbol] = row
+    out = []
+    symbols = sorted(set(ours) | set(theirs))
+    for symbol in symbols:
+        mine = ours.get(symbol, ZERO)
+        found = theirs.get(symbol)
+        their_qty = found.qty if found is not None else ZERO
+        if mine != their_qty:
+            out.append(Difference(symbol, mine, their_qty, found))
+    return len(symbols), out
+
+
+def net_by_symbol(positions: Sequence[Position]) -> dict[str, Decimal]:
+    """Signed open quantity per canonical symbol."""
+    out: dict[str, Decimal] = {}
+    for p in positions:
+        if p.is_open:
+            sym = canonical_symbol(p.symbol)
+            out[sym] = out.get(sym, ZERO) + p.qty
+    return out

@@ -1,0 +1,171 @@
+"""The broker's word as a starting state (docs/design.md, section 9).
+
+A baseline reads `GET /v2/positions`, the open orders and the FILL activities of a recent
+window, again and again until two reads of the activities around them agree (nothing
+filled meanwhile), and stores that one moment as where positions start: each position
+the broker holds, opened before the service knew it, at the broker's average entry; each
+order's `filled_qty` then as its high-water mark, so only fills beyond it count. Used on
+a first start (no cursor), on a restart whose cursor is older than the broker keeps
+activities, and by `stream-supervisor rebaseline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Final
+
+from .adjustments import BASELINE, Adjustment, BrokerPosition, broker_position
+from .errors import BrokerUnavailable
+from .events import format_timestamp, parse_timestamp
+from .ledger import Cursor
+from .orders import OrderState
+from .protocol import WireActivity, WireOrder
+from .rest import BrokerRest
+from .store import BrokerWord, Store
+
+#: Reads of the snapshot before giving up on a moment with no fill in it.
+MAX_ATTEMPTS: Final = 10
+#: The window of activities a baseline reads reaches back at least this far (seconds),
+#: whatever the backfill overlap: it must hold every fill the first backfill re-reads
+#: (one overlap before the snapshot) and the fills a reconnecting stream may replay.
+MIN_WINDOW: Final = 3_600.0
+#: How far before the newest fill read the second read starts.
+RE_READ_MARGIN: Final = timedelta(seconds=1)
+#: Most pages of activities one read of the window takes.
+MAX_WINDOW_PAGES: Final = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSnapshot:
+    taken_at: datetime
+    positions: list[BrokerPosition]
+    #: Every order whose fills may still reach us (open now, or filled inside the
+    #: window that the first backfill re-reads), with its filled_qty at the snapshot.
+    orders: list[OrderState]
+    newest_activity: str | None = None
+    attempts: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: float) -> str | None:
+    """`baseline` for a first start, `rebaseline` when the cursor is older than the
+    broker keeps activities (backfill could not bring the gap back), else None."""
+    if cursor is None or cursor.fill_time is None:
+        return BASELINE
+    if activities_window > 0 and cursor.fill_time < now - timedelta(seconds=activities_window):
+        return "rebaseline"
+    return None
+
+
+def _order_state(order: WireOrder) -> OrderState:
+    created = parse_timestamp(order.created_at)[0] if order.created_at else None
+    updated = parse_timestamp(order.updated_at)[0] if order.updated_at else created
+    return OrderState(
+        order_id=order.id, symbol=order.symbol, side=order.side, status=order.status,
+        filled_qty=order.filled_qty, filled_avg_price=order.filled_avg_price,
+        client_order_id=order.client_order_id, order_qty=order.qty,
+        order_type=order.order_type or order.type, asset_class=order.asset_class,
+        created_at=created, updated_at=updated,
+    )
+
+
+async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
+    out: list[WireActivity] = []
+    token: str | None = None
+    for _ in range(MAX_WINDOW_PAGES):
+        page = await rest.fill_activities(after=after, page_token=token)
+        out.extend(a for a in page if a.id and a.order_id)
+        # A short page is not the last one (brokers cut pages short): only an empty one is.
+        if not page or not page[-1].id:
+            return out
+        token = page[-1].id
+    raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
+
+
+async def take_snapshot(
+    rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
+) -> BrokerSnapshot:
+    """One consistent moment of the account: the activities of the window are read
+    before and after the positions and open orders, until the second read finds
+    nothing new.
+
+    `known`: orders we hold as still working. One the broker no longer lists as open
+    finished while we were away; its final `filled_qty` (in the broker's positions by
+    now) becomes its mark, so its row is right again and nothing of it counts twice."""
+    start = now - timedelta(seconds=max(window, MIN_WINDOW))
+    again = await _activities(rest, format_timestamp(start))
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        positions = await rest.positions()
+        open_orders = await rest.open_orders()
+        # The second read only needs what is new since the first (from a second before
+        # its newest fill: one stored late within its millisecond is seen too), so a
+        # busy account pays one page for it, not the window again.
+        seen = {a.id for a in again}
+        newest = max((parse_timestamp(a.transaction_time)[0] for a in again), default=start)
+        fresh = [a for a in await _activities(
+            rest, format_timestamp(max(start, newest - RE_READ_MARGIN))) if a.id not in seen]
+        if fresh:
+            again = again + fresh  # a fill landed meanwhile: read the moment again
+            continue
+        orders = {o.id: _order_state(o) for o in open_orders}
+        reached: dict[str, WireActivity] = {}
+        for act in again:
+            if act.order_id not in reached or act.cum_qty > reached[act.order_id].cum_qty:
+                reached[act.order_id] = act
+        notes = []
+        for order_id, act in sorted(reached.items()):
+            if order_id in orders:
+                continue
+            # Filled inside the window but no longer open: backfill will re-read those
+            # fills, so the order needs its mark too.
+            full = await rest.order(order_id)
+            if full is not None and full.filled_qty == act.cum_qty:
+                orders[order_id] = _order_state(full)
+                continue
+            fills = [a for a in again if a.order_id == order_id]
+            covered = sum((a.qty for a in fills), Decimal(0)) == act.cum_qty
+            avg = (sum((a.qty * a.price for a in fills), Decimal(0)) / act.cum_qty
+                   if covered else act.price)
+            if not covered:
+                notes.append(f"order {order_id}: average before the window unknown")
+            stamp = parse_timestamp(act.transaction_time)[0]
+            orders[order_id] = OrderState(
+                order_id=order_id, symbol=act.symbol, side=act.side,
+                status=act.order_status or "partially_filled", filled_qty=act.cum_qty,
+                filled_avg_price=avg, updated_at=stamp)
+        for order_id in known:
+            if order_id not in orders:
+                # Not open at the snapshot, so finished: its filled_qty is final.
+                final = await rest.order(order_id)
+                if final is not None:
+                    orders[order_id] = _order_state(final)
+        return BrokerSnapshot(
+            taken_at=now, positions=[broker_position(p) for p in positions],
+            orders=list(orders.values()),
+            newest_activity=max((a.id for a in again), default=None),
+            attempts=attempt, notes=notes)
+    raise BrokerUnavailable(
+        f"the account kept filling: no quiet moment in {MAX_ATTEMPTS} reads of its positions")
+
+
+def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:
+    return BrokerWord(
+        account_id=account_id, reason=reason, taken_at=snapshot.taken_at,
+        positions=snapshot.positions, orders=snapshot.orders,
+        cursor=Cursor(snapshot.taken_at, snapshot.newest_activity),
+    )
+
+
+async def take_baseline(
+    store: Store, rest: BrokerRest, account_id: str, *, reason: str, now: datetime,
+    window: float,
+) -> tuple[BrokerSnapshot, list[Adjustment]]:
+    """Snapshot the broker and store it as the starting state; the caller holds the
+    account's writer lock. History is kept: rows we held are closed with the reason."""
+    known = await store.open_order_ids(account_id)
+    snapshot = await take_snapshot(rest, now=now, window=window, known=known)
+    made = await store.apply_broker_word(broker_word(snapshot, account_id, reason))
+    return snapshot, made

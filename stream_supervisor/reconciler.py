@@ -1,0 +1,102 @@
+"""The running service's scheduled reconcile (docs/design.md, section 9).
+
+Every `STREAM_SUPERVISOR_RECONCILE_INTERVAL` seconds, while `GET /v2/clock` says the
+market is open, the leader compares its open positions with `GET /v2/positions`. The
+count of drifted symbols is a gauge (`stream_supervisor_drifted_symbols`) and a field of
+`/readyz`; each difference is logged. It writes nothing unless
+`STREAM_SUPERVISOR_RECONCILE_APPLY` is on, and then only a difference seen unchanged by
+two runs in a row: a fill still on its way between the broker and our commit changes our
+side between the runs, so it is never mistaken for drift and adjusted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import trio
+
+from .adjustments import RECONCILE, Difference, broker_position, compare
+from .errors import BrokerUnavailable, LostLeadership, StoreError
+from .logs import get_logger
+from .metrics import Metrics
+from .rest import BrokerRest
+from .settings import Settings
+from .state import SupervisorState
+from .store import BrokerWord, Store
+
+log = get_logger("stream_supervisor.reconciler")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRun:
+    market_open: bool
+    differences: tuple[Difference, ...] = ()
+    applied: int = 0
+
+
+class ScheduledReconcile:
+    def __init__(
+        self,
+        settings: Settings,
+        rest: BrokerRest,
+        store: Store,
+        account_id: str,
+        metrics: Metrics,
+        state: SupervisorState,
+        *,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.rest = rest
+        self.store = store
+        self.account_id = account_id
+        self.metrics = metrics
+        self.state = state
+        self.wallclock = wallclock
+        self._previous: dict[str, tuple[Decimal, Decimal]] = {}
+
+    async def run(self) -> None:
+        """Forever, one reconcile per interval; the pipeline's nursery cancels it."""
+        if self.settings.reconcile_interval <= 0:
+            return
+        while True:
+            await trio.sleep(self.settings.reconcile_interval)
+            try:
+                await self.once()
+            except (BrokerUnavailable, StoreError) as exc:
+                if isinstance(exc, LostLeadership):
+                    raise
+                # The next run tries again; the writer has its own view of the store.
+                log.warning("reconcile_failed", error=str(exc)[:300])
+
+    async def once(self) -> ReconcileRun:
+        clock = await self.rest.clock()
+        if not clock.get("is_open"):
+            return ReconcileRun(market_open=False)
+        broker = [broker_position(p) for p in await self.rest.positions()]
+        ours = await self.store.open_positions(self.account_id)
+        _, diffs = compare(ours, broker)
+        self.state.drifted_symbols = len(diffs)
+        self.metrics.drifted_symbols.set(len(diffs))
+        for d in diffs:
+            log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
+                        broker=str(d.broker), scheduled=True)
+        seen = {d.symbol: (d.ours, d.broker) for d in diffs}
+        steady = [d for d in diffs if self._previous.get(d.symbol) == seen[d.symbol]]
+        self._previous = seen
+        applied = 0
+        if self.settings.reconcile_apply and steady:
+            made = await self.store.apply_broker_word(BrokerWord(
+                account_id=self.account_id, reason=RECONCILE, taken_at=self.wallclock(),
+                positions=[d.broker_position for d in steady if d.broker_position is not None],
+                symbols=[d.symbol for d in steady]))
+            for adj in made:
+                log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
+                         before=str(adj.qty_before), after=str(adj.qty_after))
+            applied = len(made)
+            for d in steady:
+                self._previous.pop(d.symbol, None)
+        return ReconcileRun(market_open=True, differences=tuple(diffs), applied=applied)

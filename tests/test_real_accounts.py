@@ -1,0 +1,367 @@
+"""Real accounts (docs/design.md, section 9), on real PostgreSQL: the reproductions of
+issue 14 each end with stored positions equal to the broker's `GET /v2/positions`
+(quantity, side, average entry where the broker's is known), and `check` passes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position, compare
+from stream_supervisor.baseline import needs_baseline, take_baseline, take_snapshot
+from stream_supervisor.check import run_checks
+from stream_supervisor.events import Event, Source, event_key, format_timestamp
+from stream_supervisor.ledger import Cursor
+from stream_supervisor.pgstore import PgStore
+from stream_supervisor.protocol import WireActivity, WireOrder
+from stream_supervisor.reconcile import apply_differences, known_assets
+from stream_supervisor.store import Batch, StoreSnapshot
+
+ACCOUNT = "acct-real"
+D = Decimal
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+
+
+def at(minutes: float) -> datetime:
+    return NOW + timedelta(minutes=minutes)
+
+
+class Broker:
+    """The REST side of an account with history: positions, open orders and FILL
+    activities as the broker would answer them (in memory; the store is PostgreSQL)."""
+
+    def __init__(self) -> None:
+        self.held: list[dict[str, Any]] = []
+        self.open: list[WireOrder] = []
+        self.orders: dict[str, WireOrder] = {}
+        self.activities: list[WireActivity] = []
+        self.market_open = True
+
+    async def account_id(self) -> str:
+        return ACCOUNT
+
+    async def fill_activities(self, *, after: str | None, page_token: str | None,
+                              page_size: int = 100) -> list[WireActivity]:
+        items = [a for a in self.activities if after is None or a.transaction_time > after]
+        if page_token is not None:
+            items = [a for a in items if a.id > page_token]
+        return items[:page_size]
+
+    async def open_orders(self) -> list[WireOrder]:
+        return list(self.open)
+
+    async def order(self, order_id: str) -> WireOrder | None:
+        return self.orders.get(order_id)
+
+    async def orders_since(self, *, after: str, limit: int = 500) -> list[WireOrder]:
+        return []
+
+    async def positions(self) -> list[dict[str, Any]]:
+        return list(self.held)
+
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": self.market_open}
+
+
+def fill(order_id: str, side: str, cum: str, qty: str, price: str, avg: str, t: datetime,
+         *, symbol: str = "AAPL", order_qty: str | None = None, source: Source = "stream",
+         status: str | None = None) -> Event:
+    ts_ns = int(t.timestamp()) * 10**9
+    done = order_qty is None or D(cum) >= D(order_qty)
+    return Event(
+        key=event_key("fill", order_id, D(cum), ts_ns), event="fill" if done else "partial_fill",
+        source=source, order_id=order_id, symbol=symbol, side=side,
+        status=status or ("filled" if done else "partially_filled"), cum_qty=D(cum),
+        timestamp=t, ts_ns=ts_ns, order_qty=D(order_qty or cum),
+        cum_avg_price=D(avg) if source == "stream" else None, fill_qty=D(qty),
+        fill_price=D(price), activity_id=None if source == "stream" else f"a-{order_id}-{cum}",
+    )
+
+
+def update(event: str, order_id: str, status: str, t: datetime, *, cum: str = "0",
+           side: str = "buy", symbol: str = "AAPL", source: Source = "stream") -> Event:
+    ts_ns = int(t.timestamp()) * 10**9
+    name = "refresh" if event == "refresh" else event
+    key = (f"refresh:{order_id}:{status}:{ts_ns}" if event == "refresh"
+           else event_key(event, order_id, D(cum), ts_ns))
+    return Event(key=key, event=name, source=source, order_id=order_id, symbol=symbol,
+                 side=side, status=status, cum_qty=D(cum), timestamp=t, ts_ns=ts_ns)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[PgStore]:
+    pg = PgStore(database_url)
+    await pg.open()
+    assert await pg.try_leadership(ACCOUNT)
+    try:
+        yield pg
+    finally:
+        await pg.aclose()
+
+
+async def commit(store: PgStore, *events: Event) -> None:
+    await store.commit_batch(Batch(ACCOUNT, list(events)))
+
+
+def open_rows(snap: StoreSnapshot) -> dict[str, tuple[str, Decimal, Decimal]]:
+    return {p.symbol: (p.side, abs(p.qty), p.avg_entry_price) for p in snap.positions
+            if p.is_open}
+
+
+def broker_rows(broker: Broker) -> dict[str, tuple[str, Decimal, Decimal]]:
+    out = {}
+    for row in broker.held:
+        b = broker_position(row)
+        out[b.symbol] = ("long" if b.qty > 0 else "short", abs(b.qty), b.avg_entry_price)
+    return out
+
+
+async def assert_as_the_broker(store: PgStore, broker: Broker, database_url: str) -> None:
+    snap = await store.snapshot(ACCOUNT)
+    assert open_rows(snap) == broker_rows(broker)
+    _, diffs = compare(snap.positions, [broker_position(p) for p in broker.held],
+                       known_assets(snap))
+    assert diffs == []
+    assert run_checks(database_url, ACCOUNT) == []
+
+
+def position(symbol: str, qty: str, avg: str, **extra: str) -> dict[str, Any]:
+    side = "short" if qty.startswith("-") else "long"
+    return {"symbol": symbol, "qty": qty, "side": side, "avg_entry_price": avg,
+            "asset_class": "us_equity", **extra}
+
+
+async def test_positions_held_before_the_first_start_are_the_starting_state(
+        store: PgStore, database_url: str) -> None:
+    # Reproduction 1: long 100 AAPL bought yesterday; today sell 100 @190, buy 50 @185.
+    broker = Broker()
+    broker.held = [position("AAPL", "100", "150")]
+    assert needs_baseline(await store.load_cursor(ACCOUNT), at(0), 86400) == BASELINE
+    _, made = await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0),
+                                  window=600)
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [("AAPL", D(0), D(100))]
+    await commit(store, fill("s1", "sell", "100", "100", "190", "190", at(1)))
+    await commit(store, fill("b1", "buy", "50", "50", "185", "185", at(2)))
+    broker.held = [position("AAPL", "50", "185")]
+    await assert_as_the_broker(store, broker, database_url)
+    snap = await store.snapshot(ACCOUNT)
+    closed = [p for p in snap.history if p.symbol == "AAPL"]
+    # The long 100 closed at 190 against the broker's average entry of 150.
+    assert [(p.realized_pnl, p.opened_by_order_id) for p in closed] == [(D(4000), BASELINE)]
+    assert needs_baseline(await store.load_cursor(ACCOUNT), at(3), 86400) is None
+
+
+async def test_a_gtc_order_partly_filled_before_the_first_start_counts_only_later_fills(
+        store: PgStore, database_url: str) -> None:
+    # Reproduction 2: a GTC buy of 20 filled 10 yesterday (in the broker's position),
+    # 5 more today after the first start.
+    broker = Broker()
+    gtc = WireOrder(id="g1", symbol="AAPL", side="buy", status="partially_filled",
+                    filled_qty=D(10), qty=D(20), filled_avg_price=D(100),
+                    created_at=format_timestamp(at(-1440)), updated_at=format_timestamp(at(-1430)))
+    broker.open = [gtc]
+    broker.held = [position("AAPL", "10", "100")]
+    await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    # The stream (or a replay) repeating the fill of yesterday changes nothing...
+    await commit(store, fill("g1", "buy", "10", "10", "100", "100", at(0.5), order_qty="20"))
+    # ...and only today's 5 count.
+    await commit(store, fill("g1", "buy", "15", "5", "106", "102", at(1), order_qty="20"))
+    broker.held = [position("AAPL", "15", "102")]
+    await assert_as_the_broker(store, broker, database_url)
+    # A REST refresh of the order changes nothing more.
+    await commit(store, update("refresh", "g1", "partially_filled", at(2), cum="15",
+                               source="rest"))
+    await assert_as_the_broker(store, broker, database_url)
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.orders["g1"].filled_qty == 15
+    assert snap.baseline_qty == {"g1": D(10)}
+
+
+async def test_fills_inside_the_window_before_the_snapshot_are_not_counted_twice(
+        store: PgStore, database_url: str) -> None:
+    # An order filled two minutes before the first start, no longer open: the first
+    # backfill re-reads its fill (cursor minus the overlap), which must be stale.
+    broker = Broker()
+    act = WireActivity(id="a-m1-3", order_id="m1", symbol="MSFT", side="buy",
+                       price=D(400), qty=D(3), cum_qty=D(3),
+                       transaction_time=format_timestamp(at(-2)), order_status="filled")
+    broker.activities = [act]
+    broker.orders["m1"] = WireOrder(id="m1", symbol="MSFT", side="buy", status="filled",
+                                    filled_qty=D(3), qty=D(3), filled_avg_price=D(400),
+                                    updated_at=format_timestamp(at(-2)))
+    broker.held = [position("MSFT", "3", "400")]
+    snapshot, _ = await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0),
+                                      window=600)
+    assert {o.order_id for o in snapshot.orders} == {"m1"}
+    await commit(store, fill("m1", "buy", "3", "3", "400", "400", at(-2), source="rest"))
+    await assert_as_the_broker(store, broker, database_url)
+    assert (await store.load_cursor(ACCOUNT)) == Cursor(at(0), act.id)
+
+
+async def test_the_snapshot_is_read_again_until_no_fill_lands_in_between() -> None:
+    broker = Broker()
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # a fill lands while the first read is under way
+            broker.activities.append(WireActivity(
+                id="1::a", order_id="o9", symbol="AAPL", side="buy", price=D(1), qty=D(1),
+                cum_qty=D(1), transaction_time=format_timestamp(at(-1))))
+            broker.held = [position("AAPL", "1", "1")]
+        return await real_positions()
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    assert snapshot.attempts == 2
+    assert [o.filled_qty for o in snapshot.orders] == [D(1)]
+
+
+async def test_a_refused_cancel_or_replace_and_a_new_day_leave_no_stuck_status(
+        store: PgStore, database_url: str) -> None:
+    # Reproduction 3.
+    await commit(store, update("new", "c1", "new", at(0)),
+                 update("pending_cancel", "c1", "pending_cancel", at(1)),
+                 update("order_cancel_rejected", "c1", "new", at(2)))
+    await commit(store, update("new", "r1", "new", at(0)),
+                 update("pending_replace", "r1", "pending_replace", at(1)),
+                 update("order_replace_rejected", "r1", "new", at(2)))
+    await commit(store, update("new", "d1", "new", at(0)),
+                 update("done_for_day", "d1", "done_for_day", at(1)),
+                 update("new", "d1", "new", at(1440)))
+    # One stuck before this change (the refusal never seen): the refresh repairs it.
+    await commit(store, update("new", "x1", "new", at(0)),
+                 update("pending_cancel", "x1", "pending_cancel", at(1)))
+    await commit(store, update("refresh", "x1", "new", at(3), source="rest"))
+    snap = await store.snapshot(ACCOUNT)
+    assert {o: s.status for o, s in snap.orders.items()} == {
+        "c1": "new", "r1": "new", "d1": "new", "x1": "new"}
+    assert await store.open_order_ids(ACCOUNT) != []
+    await assert_as_the_broker(store, Broker(), database_url)
+
+
+async def test_crypto_positions_are_compared_once_under_one_symbol(
+        store: PgStore, database_url: str) -> None:
+    # Reproduction 4: orders and the stream say BTC/USD, GET /v2/positions says BTCUSD.
+    await take_baseline(store, Broker(), ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("k1", "buy", "0.5", "0.5", "60000", "60000", at(1),
+                             symbol="BTC/USD"))
+    broker = Broker()
+    broker.held = [{"symbol": "BTCUSD", "qty": "0.5", "side": "long",
+                    "avg_entry_price": "60000", "asset_class": "crypto",
+                    "asset_id": "276e2673-764b-4ab6-a611-caf665ca6340"}]
+    await assert_as_the_broker(store, broker, database_url)
+
+
+async def test_replaced_orders_keep_their_fills_and_nothing_counts_twice(
+        store: PgStore, database_url: str) -> None:
+    # Reproduction 5: 4 of 10 filled, replaced by an order of 6 that fills 3 then 3.
+    await take_baseline(store, Broker(), ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, update("new", "old", "new", at(1)),
+                 fill("old", "buy", "4", "4", "10", "10", at(2), order_qty="10"))
+    await commit(store, update("replaced", "old", "replaced", at(3), cum="4"),
+                 update("new", "new", "new", at(3)),
+                 fill("new", "buy", "3", "3", "11", "11", at(4), order_qty="6"))
+    # The old order's fill again from REST (backfill) and the replacement's second fill.
+    await commit(store, fill("old", "buy", "4", "4", "10", "10", at(2), source="rest"),
+                 fill("new", "buy", "6", "3", "12", "11.5", at(5), order_qty="6"))
+    broker = Broker()
+    broker.held = [position("AAPL", "10", "10.9")]
+    await assert_as_the_broker(store, broker, database_url)
+    snap = await store.snapshot(ACCOUNT)
+    assert {o: (s.status, s.filled_qty) for o, s in snap.orders.items()} == {
+        "old": ("replaced", D(4)), "new": ("filled", D(6))}
+
+
+async def test_reconcile_apply_brings_a_drifted_database_to_the_broker_and_check_passes(
+        store: PgStore, database_url: str) -> None:
+    # Drift the service cannot see: a split doubled TSLA, a transfer brought in 2 ETH.
+    await take_baseline(store, Broker(), ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("t1", "buy", "10", "10", "200", "200", at(1), symbol="TSLA"),
+                 fill("t2", "sell", "5", "5", "50", "50", at(1), symbol="XYZ"))
+    broker = Broker()
+    broker.held = [position("TSLA", "20", "100"),
+                   {"symbol": "ETHUSD", "qty": "2", "side": "long", "avg_entry_price": "3000",
+                    "asset_class": "crypto"}]
+    snap = await store.snapshot(ACCOUNT)
+    _, diffs = compare(snap.positions, [broker_position(p) for p in broker.held])
+    assert [(d.symbol, d.ours, d.broker) for d in diffs] == [
+        ("ETH/USD", D(0), D(2)), ("TSLA", D(10), D(20)), ("XYZ", D(-5), D(0))]
+    made = await apply_differences(store, ACCOUNT, diffs, taken_at=at(2))
+    assert [(a.symbol, a.reason, a.qty_before, a.qty_after) for a in made] == [
+        ("ETH/USD", "reconcile", D(0), D(2)), ("TSLA", "reconcile", D(10), D(20)),
+        ("XYZ", "reconcile", D(-5), D(0))]
+    await assert_as_the_broker(store, broker, database_url)
+    snap = await store.snapshot(ACCOUNT)
+    assert [a.reason for a in snap.adjustments] == ["reconcile"] * 3
+    # The rows it replaced are closed and in history, not overwritten.
+    assert sorted(p.symbol for p in snap.history) == ["TSLA", "XYZ"]
+    # Later fills go on from the broker's quantity.
+    await commit(store, fill("t3", "sell", "20", "20", "110", "110", at(3), symbol="TSLA"))
+    broker.held = broker.held[1:]
+    await assert_as_the_broker(store, broker, database_url)
+
+
+async def test_rebaseline_keeps_history_and_counts_nothing_twice(
+        store: PgStore, database_url: str) -> None:
+    broker = Broker()
+    broker.held = [position("AAPL", "100", "150")]
+    await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("g2", "buy", "5", "5", "160", "160", at(1), order_qty="50"))
+    await commit(store, fill("x9", "sell", "2", "2", "170", "170", at(1), order_qty="10",
+                             symbol="NVDA"))
+    # Away past the activities window: g2 filled 20 more, AAPL is 125 now; x9 sold its
+    # other 8 and finished.
+    broker.orders["x9"] = WireOrder(id="x9", symbol="NVDA", side="sell", status="filled",
+                                    filled_qty=D(10), qty=D(10), filled_avg_price=D(171),
+                                    updated_at=format_timestamp(at(15)))
+    broker.open = [WireOrder(id="g2", symbol="AAPL", side="buy", status="partially_filled",
+                             filled_qty=D(25), qty=D(50), filled_avg_price=D(158),
+                             updated_at=format_timestamp(at(20)))]
+    broker.held = [position("AAPL", "125", "151"), position("NVDA", "-10", "171")]
+    assert needs_baseline(await store.load_cursor(ACCOUNT), at(60 * 24 * 40),
+                          86400 * 30) == REBASELINE
+    _, made = await take_baseline(store, broker, ACCOUNT, reason=REBASELINE, now=at(21),
+                                  window=600)
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [
+        ("AAPL", D(105), D(125)), ("NVDA", D(-2), D(-10))]
+    snap = await store.snapshot(ACCOUNT)
+    assert (snap.orders["x9"].filled_qty, snap.orders["x9"].status) == (D(10), "filled")
+    assert snap.baseline_qty == {"g2": D(20), "x9": D(8)}
+    await assert_as_the_broker(store, broker, database_url)
+    # The order's fill at 25 (already in 125) arrives late: nothing; at 30, 5 more.
+    await commit(store, fill("g2", "buy", "25", "20", "157.5", "158", at(20), order_qty="50"),
+                 fill("g2", "buy", "30", "5", "160", "158.333333333333", at(22), order_qty="50"))
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.net_position("AAPL") == 130
+    # The rows we held (100 from the baseline + 5; short 2) are closed by the rebaseline.
+    assert [(p.symbol, p.peak_qty) for p in snap.history] == [("AAPL", D(105)),
+                                                               ("NVDA", D(-2))]
+    assert run_checks(database_url, ACCOUNT) == []
+
+
+async def test_check_holds_positions_to_baselines_and_adjustments(
+        store: PgStore, database_url: str) -> None:
+    broker = Broker()
+    broker.open = [WireOrder(id="h1", symbol="AAPL", side="buy", status="partially_filled",
+                             filled_qty=D(4), qty=D(10), filled_avg_price=D(100),
+                             updated_at=format_timestamp(at(-60)))]
+    broker.held = [position("AAPL", "4", "100")]
+    await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("h1", "buy", "6", "2", "101", "100.333333333333", at(1),
+                             order_qty="10"))
+    assert run_checks(database_url, ACCOUNT) == []
+    # A fill counted twice (the mark forgotten) is named by check.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE broker_orders SET baseline_qty = 0 WHERE alpaca_order_id = 'h1'")
+    found = run_checks(database_url, ACCOUNT)
+    assert [(v.layer, v.what) for v in found] == [
+        ("position", "net position differs from the orders")]
+    assert "open positions net 6" in found[0].detail and " 10" in found[0].detail

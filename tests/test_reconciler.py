@@ -1,0 +1,102 @@
+"""The scheduled reconcile (docs/design.md, section 9): while the market is open it
+counts drifted symbols (metric and /readyz), and writes adjustments only when told to,
+and then only for a difference two runs in a row saw unchanged."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import trio
+
+from stream_supervisor.adjustments import BASELINE, BrokerPosition
+from stream_supervisor.health import readiness
+from stream_supervisor.metrics import Metrics
+from stream_supervisor.reconciler import ScheduledReconcile
+from stream_supervisor.settings import Settings
+from stream_supervisor.state import SupervisorState
+from stream_supervisor.store import BrokerWord
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
+
+ACCOUNT = "acct-sched"
+T0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+
+class Rest:
+    def __init__(self) -> None:
+        self.open = True
+        self.held: list[dict[str, Any]] = []
+        self.calls: list[str] = []
+
+    async def clock(self) -> dict[str, Any]:
+        self.calls.append("clock")
+        return {"is_open": self.open}
+
+    async def positions(self) -> list[dict[str, Any]]:
+        self.calls.append("positions")
+        return list(self.held)
+
+
+async def _store_holding(qty: str) -> MemoryStore:
+    store = MemoryStore(MemoryDatabase())
+    await store.apply_broker_word(BrokerWord(
+        ACCOUNT, BASELINE, T0, [BrokerPosition("AAPL", Decimal(qty), Decimal(100))]))
+    return store
+
+
+def _reconciler(store: MemoryStore, rest: Rest, **kw: Any) -> tuple[ScheduledReconcile,
+                                                                     Metrics, SupervisorState]:
+    metrics, state = Metrics(), SupervisorState()
+    settings = Settings(reconcile_interval=60.0, **kw)
+    return (ScheduledReconcile(settings, rest, store, ACCOUNT, metrics, state,  # type: ignore[arg-type]
+                               wallclock=lambda: T0), metrics, state)
+
+
+async def test_closed_market_compares_nothing() -> None:
+    rest = Rest()
+    rest.open = False
+    job, _metrics, state = _reconciler(await _store_holding("10"), rest)
+    run = await job.once()
+    assert not run.market_open and rest.calls == ["clock"]
+    assert state.drifted_symbols is None
+
+
+async def test_drift_is_counted_in_the_metric_and_readyz_and_not_applied_by_default() -> None:
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"},
+                 {"symbol": "BTCUSD", "qty": "1", "side": "long", "avg_entry_price": "9",
+                  "asset_class": "crypto"}]
+    store = await _store_holding("10")
+    job, metrics, state = _reconciler(store, rest)
+    for _ in range(3):
+        run = await job.once()
+        assert [d.symbol for d in run.differences] == ["AAPL", "BTC/USD"] and run.applied == 0
+    assert metrics.value("stream_supervisor_drifted_symbols") == 2
+    assert readiness(state)["drifted_symbols"] == 2
+    assert (await store.snapshot(ACCOUNT)).adjustments[1:] == []
+
+
+async def test_apply_when_configured_only_for_a_difference_seen_twice_unchanged() -> None:
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"}]
+    store = await _store_holding("10")
+    job, metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    assert (await job.once()).applied == 0  # seen once: maybe a fill on its way
+    rest.held[0]["qty"] = "21"  # it was: the broker moved on
+    assert (await job.once()).applied == 0
+    assert (await job.once()).applied == 1  # 10 vs 21 twice: drift
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.net_position("AAPL") == 21
+    assert [(a.reason, a.qty_before, a.qty_after) for a in snap.adjustments] == [
+        ("baseline", Decimal(0), Decimal(10)), ("reconcile", Decimal(10), Decimal(21))]
+    run = await job.once()
+    assert run.differences == () and metrics.value("stream_supervisor_drifted_symbols") == 0
+
+
+async def test_runs_on_its_interval(autojump_clock: trio.testing.MockClock) -> None:
+    rest = Rest()
+    job, _, _ = _reconciler(await _store_holding("10"), rest)
+    with trio.move_on_after(150):
+        await job.run()
+    assert rest.calls.count("clock") == 2
