@@ -26,6 +26,7 @@ import psycopg
 import trio
 
 from benchmarks.trace import Tracer
+from stream_supervisor.activities import WireNonTrade
 from stream_supervisor.events import Event
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.logs import configure_logging
@@ -284,6 +285,11 @@ class NoNewsRest:
     async def positions(self) -> list[dict[str, Any]]:
         return []
 
+    async def non_trade_activities(self, **_: Any) -> list[WireNonTrade]:
+        return []
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        return None
     async def clock(self) -> dict[str, Any]:
         return {"is_open": False}
 

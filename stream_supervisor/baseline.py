@@ -60,16 +60,30 @@ def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: floa
     return None
 
 
-def _order_state(order: WireOrder) -> OrderState:
+def _order_state(order: WireOrder, parent: str | None = None) -> OrderState:
     created = parse_timestamp(order.created_at)[0] if order.created_at else None
     updated = parse_timestamp(order.updated_at)[0] if order.updated_at else created
     return OrderState(
-        order_id=order.id, symbol=order.symbol, side=order.side, status=order.status,
+        order_id=order.id, symbol=order.symbol, side=order.side or "", status=order.status,
         filled_qty=order.filled_qty, filled_avg_price=order.filled_avg_price,
         client_order_id=order.client_order_id, order_qty=order.qty,
         order_type=order.order_type or order.type, asset_class=order.asset_class,
         created_at=created, updated_at=updated,
+        # A multi-leg order (docs/design.md, section 10): its legs' filled_qty are their
+        # own high-water marks (`_with_legs`).
+        order_class="mleg" if order.legs else order.order_class or None,
+        parent_order_id=parent,
     )
+
+
+def _with_legs(orders: list[WireOrder]) -> dict[str, OrderState]:
+    """Each open order, and each leg of a multi-leg one as an order of its own."""
+    out: dict[str, OrderState] = {}
+    for order in orders:
+        out[order.id] = _order_state(order)
+        for leg in order.legs or ():
+            out[leg.id] = _order_state(leg, order.id)
+    return out
 
 
 async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
@@ -110,7 +124,7 @@ async def take_snapshot(
         if fresh:
             again = again + fresh  # a fill landed meanwhile: read the moment again
             continue
-        orders = {o.id: _order_state(o) for o in open_orders}
+        orders = _with_legs(open_orders)
         reached: dict[str, WireActivity] = {}
         for act in again:
             if act.order_id not in reached or act.cum_qty > reached[act.order_id].cum_qty:

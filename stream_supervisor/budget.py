@@ -104,7 +104,8 @@ class RestBudget:
 
     @property
     def interval(self) -> float:
-        return self.window / self.per_window
+        # A millisecond over: n intervals must span a whole window, float sums included.
+        return self.window / self.per_window + 0.001
 
     def next_send_at(self, now: float) -> float:
         at = now if self._last_sent is None else max(now, self._last_sent + self.interval)

@@ -52,6 +52,9 @@ parsed AS (
 """
 
 _ACCT = "(%(acct)s::text IS NULL OR account_id = %(acct)s)"
+#: A multi-leg parent has no symbol or side of its own, and its average may be a net
+#: credit (negative): its legs are the orders that trade (docs/design.md, section 10).
+_NOT_MLEG = "AND order_class IS DISTINCT FROM 'mleg' "
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ _CHECKS: Final = (
         "order",
         "negative quantity or price",
         "SELECT alpaca_order_id, qty, filled_qty, filled_avg_price FROM broker_orders "
-        f"WHERE {_ACCT} AND (filled_qty < 0 OR qty < 0 OR filled_avg_price < 0) "
+        f"WHERE {_ACCT} AND (filled_qty < 0 OR qty < 0 OR filled_avg_price < 0) {_NOT_MLEG}"
         "ORDER BY alpaca_order_id",
         lambda r: f"order {r[0]}: qty {r[1]}, filled_qty {r[2]}, filled_avg_price {r[3]}",
     ),
@@ -109,7 +112,7 @@ _CHECKS: Final = (
         "order",
         "fill without an average price",
         "SELECT alpaca_order_id, filled_qty FROM broker_orders "
-        f"WHERE {_ACCT} AND filled_qty > 0 AND filled_avg_price IS NULL "
+        f"WHERE {_ACCT} AND filled_qty > 0 AND filled_avg_price IS NULL {_NOT_MLEG}"
         "ORDER BY alpaca_order_id",
         lambda r: f"order {r[0]}: filled_qty {r[1]} but filled_avg_price is NULL",
     ),
@@ -117,7 +120,7 @@ _CHECKS: Final = (
         "order",
         "unknown side",
         f"SELECT alpaca_order_id, side FROM broker_orders WHERE {_ACCT} "
-        "AND side NOT IN ('buy', 'sell') ORDER BY alpaca_order_id",
+        f"AND side NOT IN ('buy', 'sell') {_NOT_MLEG}ORDER BY alpaca_order_id",
         lambda r: f"order {r[0]}: side {r[1]!r}",
     ),
     _Check(
@@ -139,16 +142,22 @@ _CHECKS: Final = (
             GROUP BY account_id, symbol
         ), traded AS (
             -- Fills count beyond each order's baseline; adjustments (section 9) carry the
-            -- rest: a baseline, a rebaseline or a reconcile moved the net by after - before.
+            -- rest: a baseline, a rebaseline or a reconcile moved the net by after - before;
+            -- non-trade activities (section 10) by their effects. A multi-leg parent
+            -- trades through its legs.
             SELECT account_id, symbol, sum(qty) AS qty FROM (
                 SELECT account_id, symbol,
                        CASE side WHEN 'buy' THEN filled_qty - baseline_qty
                                  WHEN 'sell' THEN baseline_qty - filled_qty
                                  ELSE 0 END AS qty
-                FROM broker_orders WHERE {_ACCT}
+                FROM broker_orders WHERE {_ACCT} {_NOT_MLEG}
                 UNION ALL
                 SELECT account_id, symbol, qty_after - qty_before
                 FROM position_adjustments WHERE {_ACCT}
+                UNION ALL
+                SELECT account_id, e.key, e.value::numeric
+                FROM account_activities, jsonb_each_text(effects) AS e
+                WHERE {_ACCT}
             ) moves
             GROUP BY account_id, symbol
         )

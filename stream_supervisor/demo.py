@@ -122,6 +122,11 @@ def demo_sim_config(options: DemoOptions, seed: int) -> SimConfig:
         start_time=datetime.now(UTC),  # fixed, so the per-event copy is the same session
         strategies=DEMO_STRATEGIES,
         burst=(0, 0) if options.clean else (int(updates * 0.6), max(50, int(updates / 10))),
+        # The heavier mix trades options and crypto too, and ends the day with the fees,
+        # expiries, assignments and split they bring (docs/design.md, section 10).
+        asset_mix=options.chaos,
+        # Posted after the day's updates are delivered: past the outage and its backoff.
+        activity_delay=5.0,
     )
 
 
@@ -156,6 +161,10 @@ async def run_pipeline_against_sim(
             # covers whole; a baseline taken while the market already runs would rightly
             # give up the P&L realized before it (docs/design.md, section 9).
             baseline=False,
+            # A session with the asset mix posts its end-of-day activities seconds after it
+            # ends: look often then.
+            activity_interval=(min(settings.activity_interval, 1.0) if sim_config.asset_mix
+                               else settings.activity_interval),
         )
         twin: SimulatedBroker | None = None
         if per_event:

@@ -6,7 +6,11 @@ expose). As root, pgserver runs the server as a `pgserver` system user it create
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -72,6 +76,24 @@ def start_embedded_postgres(data_dir: Path, *, delete_on_stop: bool = False) -> 
     return EmbeddedPostgres(server, data_dir)
 
 
+@contextmanager
+def throwaway_embedded_postgres(label: str) -> Iterator[EmbeddedPostgres]:
+    """A server in a fresh private directory, stopped and removed on the way out.
+
+    For tests and benchmarks. The directory comes from `mkdtemp`, never from pytest's
+    numbered temporary directories: those are shared by every pytest session of the
+    user and are cleaned up and reused by number by whichever session starts next, and
+    pgserver kills any server it finds on a data directory it is asked to initialise.
+    Two suites run at once on one machine lost their session server that way.
+    """
+    home = Path(tempfile.mkdtemp(prefix=f"stream-supervisor-{label}-"))
+    try:
+        with start_embedded_postgres(home / "data") as server:
+            yield server
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def database_uri(admin_uri: str, name: str) -> str:
     """`admin_uri` pointed at database `name` (URI stays a URI, conninfo stays conninfo)."""
     if admin_uri.startswith(("postgresql://", "postgres://")):
@@ -105,4 +127,5 @@ __all__ = [
     "default_data_dir",
     "drop_database",
     "start_embedded_postgres",
+    "throwaway_embedded_postgres",
 ]

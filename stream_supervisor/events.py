@@ -88,6 +88,14 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     #: belongs to (one stream carries many), and its ULID, the stream's resume cursor.
     account_id: str | None = None
     event_id: str | None = None
+    #: `mleg` for a multi-leg order (docs/design.md, section 10); None for a simple one.
+    order_class: str | None = None
+    #: A leg's parent order (legs travel inside their parent's update, never alone).
+    parent_order_id: str | None = None
+    #: A multi-leg order's legs, each an update of its own order and symbol.
+    legs: tuple[Event, ...] = ()
+    #: A non-trade activity (`event == "activity"`): its type (`OPEXP`, `CFEE`, ...).
+    activity_type: str | None = None
 
     @property
     def is_fill(self) -> bool:
@@ -122,6 +130,14 @@ def decimal_text(value: Decimal) -> str:
 def fill_key(order_id: str, cum_qty: Decimal) -> str:
     """Natural fill key shared by the stream (`order.filled_qty`) and REST (`cum_qty`)."""
     return f"fill:{order_id}:{decimal_text(cum_qty)}"
+
+
+ACTIVITY_EVENT: Final = "activity"
+
+
+def activity_key(activity_id: str) -> str:
+    """The dedupe key of a non-trade activity: its broker-assigned id."""
+    return f"activity:{activity_id}"
 
 
 def event_key(event: str, order_id: str, cum_qty: Decimal, ts_ns: int,

@@ -12,14 +12,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import TypeVar
 
 import msgspec
 
-from .events import FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
+from .activities import ActivityRecord, apply_activity, touched_symbols
+from .events import ACTIVITY_EVENT, FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
 from .orders import OrderState, apply_order_event
-from .positions import Position, apply_fill
+from .positions import Position, PositionStep, apply_fill
 from .revisions import apply_revision, revise_position
+from .symbols import asset_class_of, multiplier
 
 
 class Cursor(msgspec.Struct, frozen=True, gc=False):
@@ -73,6 +76,44 @@ class LedgerResult:
     fills_applied: int = 0
     stale_fills: int = 0  # order-level duplicates: cumulative qty already reached
     inexact_fills: int = 0  # priced across a gap without a cumulative average
+    #: Non-trade activities of the batch and what each did (`account_activities`).
+    activities: list[ActivityRecord] = field(default_factory=list)
+
+
+MLEG: str = "mleg"
+
+
+def flatten(events: Iterable[Event]) -> list[Event]:
+    """The events with every multi-leg order's legs after their parent."""
+    out: list[Event] = []
+    for ev in events:
+        out.append(ev)
+        out.extend(ev.legs)
+    return out
+
+
+def touched(events: Iterable[Event]) -> tuple[set[str], set[str]]:
+    """The order ids and symbols a batch may change (a store loads and locks them)."""
+    order_ids: set[str] = set()
+    symbols: set[str] = set()
+    for ev in flatten(events):
+        if ev.event == ACTIVITY_EVENT:
+            symbols.update(touched_symbols(ev))
+            continue
+        order_ids.add(ev.order_id)
+        symbols.add(ev.symbol)
+    return order_ids, symbols
+
+
+@lru_cache(maxsize=4096)
+def contract_terms(symbol: str, hint: str | None) -> tuple[str, Decimal]:
+    """(asset class, contract multiplier) of a symbol: the broker's word when it gives a
+    class we know, else the symbol's shape (docs/design.md, section 10)."""
+    try:
+        cls = asset_class_of(symbol, hint)
+    except ValueError:
+        cls = asset_class_of(symbol)
+    return cls.value, multiplier(cls)
 
 
 def order_fills_by_cum_qty(events: Sequence[Event]) -> list[Event]:
@@ -116,7 +157,23 @@ def apply_events(
     result = LedgerResult()
     order_state = dict(orders)
     current = dict(open_positions)
-    for ev in order_fills_by_cum_qty(events):
+
+    def place(symbol: str, step: PositionStep) -> None:
+        if step.closed is not None:
+            result.closed.append(step.closed)
+            result.positions.append(step.closed)
+        if step.open is not None:
+            current[symbol] = step.open
+        else:
+            current.pop(symbol, None)
+
+    for ev in flatten(order_fills_by_cum_qty(events)):
+        if ev.event == ACTIVITY_EVENT:
+            applied = apply_activity(account_id, current, ev)
+            result.activities.append(applied.record)
+            for symbol, step in applied.steps:
+                place(symbol, step)
+            continue
         if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:
             continue  # an unknown event type about an order we never saw invents no order
         revision = ev.event in REVISION_EVENTS
@@ -127,20 +184,20 @@ def apply_events(
         if outcome.stale:
             result.stale_fills += 1
         delta = outcome.delta
-        if delta is None:
-            continue
+        if delta is None or outcome.state.order_class == MLEG:
+            continue  # a multi-leg parent's quantity reaches positions through its legs
         result.fills_applied += 1
         if not delta.exact:
             result.inexact_fills += 1
-        step = (revise_position(current.get(ev.symbol), account_id, delta, ev.side)
-                if revision else apply_fill(current.get(ev.symbol), account_id, delta))
-        if step.closed is not None:
-            result.closed.append(step.closed)
-            result.positions.append(step.closed)
-        if step.open is not None:
-            current[ev.symbol] = step.open
+        held = current.get(ev.symbol)
+        if revision:
+            step = revise_position(held, account_id, delta, ev.side)
+        elif held is None or held.qty == 0:
+            cls, mult = contract_terms(ev.symbol, ev.asset_class)
+            step = apply_fill(held, account_id, delta, mult, cls)
         else:
-            current.pop(ev.symbol, None)
+            step = apply_fill(held, account_id, delta)
+        place(ev.symbol, step)
         if ev.source == "stream" and delta.position_qty is not None:
             ours = step.open.qty if step.open is not None else Decimal(0)
             if ours != delta.position_qty:

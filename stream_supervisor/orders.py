@@ -90,6 +90,8 @@ class OrderState(msgspec.Struct, frozen=True, gc=False):
     #: Time of the latest bust or correction applied (revisions.py): a fill stamped no
     #: later than it was already counted in the revision's cumulative figures.
     revised_at: datetime | None = None
+    order_class: str | None = None  # `mleg` for a multi-leg parent (section 10)
+    parent_order_id: str | None = None  # a leg's parent
 
 
 class FillDelta(msgspec.Struct, frozen=True, gc=False):
@@ -150,6 +152,8 @@ def new_order_state(event: Event) -> OrderState:
         asset_class=event.asset_class,
         created_at=event.created_at,
         updated_at=None,
+        order_class=event.order_class,
+        parent_order_id=event.parent_order_id,
     )
 
 
@@ -167,13 +171,16 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
     asset_class = state.asset_class if state.asset_class is not None else event.asset_class
     created_at = state.created_at if state.created_at is not None else event.created_at
     c0, p0, cum = state.filled_qty, state.filled_avg_price, event.cum_qty
+    ocls = state.order_class if state.order_class is not None else event.order_class
+    parent = state.parent_order_id if state.parent_order_id is not None \
+        else event.parent_order_id
 
     if event.event not in KNOWN_EVENTS and event.event != "refresh":
         # An event type we do not know yet: keep it (the dedupe row), change nothing.
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, state.status, c0, p0, cid,
                        order_qty, order_type, asset_class, created_at, state.updated_at,
-                       state.revised_at),
+                       state.revised_at, ocls, parent),
             None, False)
     # A REST snapshot is the broker's word now: at a stamp not older than ours it repairs
     # whatever the stream left (a refused cancel whose update we never saw, say).
@@ -188,6 +195,19 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         if state.updated_at is None or event.timestamp > state.updated_at
         else state.updated_at
     )
+    if ocls == "mleg":
+        # A multi-leg parent counts whole strategy units; its legs carry the quantities
+        # that reach positions (docs/design.md, section 10), so it keeps its high-water
+        # mark and its (net) average, and moves no position itself.
+        # Any update, a REST snapshot too, may carry it further: no position depends on it.
+        ahead = cum > c0
+        avg_parent = event.cum_avg_price if ahead and event.cum_avg_price is not None else p0
+        return OrderOutcome(
+            OrderState(state.order_id, state.symbol, state.side, status, max(cum, c0),
+                       avg_parent, cid,
+                       order_qty, order_type, asset_class, created_at, updated_at,
+                       state.revised_at, ocls, parent),
+            None, False)
     implied_fill = (
         event.source == "stream" and cum > c0 and event.cum_avg_price is not None
     )
@@ -206,7 +226,7 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         return OrderOutcome(
             OrderState(state.order_id, state.symbol, state.side, status, c0, p0, cid,
                        order_qty, order_type, asset_class, created_at, updated_at,
-                       state.revised_at),
+                       state.revised_at, ocls, parent),
             None, event.event in FILL_EVENTS or implied_fill)
 
     price, exact = delta_price(c0, p0, cum, event.cum_avg_price, event.fill_qty, event.fill_price)
@@ -219,7 +239,7 @@ def apply_order_event(prev: OrderState | None, event: Event) -> OrderOutcome:
         status = merge_status(status, "filled")
     new_state = OrderState(state.order_id, state.symbol, state.side, status, cum, avg, cid,
                            order_qty, order_type, asset_class, created_at, updated_at,
-                           state.revised_at)
+                           state.revised_at, ocls, parent)
     delta = FillDelta(
         order_id=event.order_id,
         client_order_id=cid,

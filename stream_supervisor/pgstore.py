@@ -19,8 +19,10 @@ from typing import Any, Final, TypeVar
 import psycopg
 import trio
 from psycopg import pq
+from psycopg.types.json import Jsonb
 
 from . import pgconn
+from .activities import ActivityRecord
 from .adjustments import Adjustment, baseline_order, plan_adjustments
 from .errors import (
     LostLeadership,
@@ -30,8 +32,8 @@ from .errors import (
     StoreRejected,
     StoreUnavailable,
 )
-from .events import DeadLetter, Event
-from .ledger import Cursor, apply_events, cursor_of
+from .events import DeadLetter, Event, decimal_text
+from .ledger import Cursor, apply_events, cursor_of, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -55,13 +57,15 @@ TABLES: Final = (
     "stream_cursors",
     "dead_letters",
     "position_adjustments",
+    "account_activities",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
 #: and `replay_result` and the leader reads `replay_requested_at` (0003); baselines and
 #: reconcile write `position_adjustments` and `broker_orders.baseline_qty` (0004, whose
-#: table is in TABLES too).
-REQUIRED_MIGRATION: Final = "0005_many_accounts"
+#: table is in TABLES too); positions carry their asset class and multiplier, orders their
+#: class and parent, and `account_activities` holds the non-trade activities (0006).
+REQUIRED_MIGRATION: Final = "0006_asset_classes"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -101,7 +105,8 @@ RETURNING event_key
 """
 
 _ORDER_COLUMNS = """alpaca_order_id, symbol, side, status, filled_qty, filled_avg_price,
-    client_order_id, qty, order_type, asset_class, created_at, updated_at, revised_at"""
+    client_order_id, qty, order_type, asset_class, created_at, updated_at, revised_at,
+    order_class, parent_order_id"""
 
 _LOCK_ORDERS = f"""
 SELECT {_ORDER_COLUMNS} FROM broker_orders
@@ -111,7 +116,8 @@ FOR UPDATE
 """
 
 _POSITION_COLUMNS = """id, account_id, symbol, side, qty, avg_entry_price, alpaca_order_id,
-    client_order_id, opened_at, realized_pnl, closed_at, peak_qty"""
+    client_order_id, opened_at, realized_pnl, closed_at, peak_qty, multiplier, asset_class,
+    closing_activity_id"""
 
 _LOCK_OPEN_POSITIONS = f"""
 SELECT {_POSITION_COLUMNS} FROM active_positions
@@ -132,14 +138,17 @@ _LOAD_STREAM_POSITION = "SELECT event_id FROM event_stream_positions WHERE strea
 _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
     order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
-    revised_at)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra
+    revised_at, order_class, parent_order_id)
+SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par
 FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
             %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
             %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[], %(ras)b::timestamptz[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra)
+            %(uas)b::timestamptz[], %(ras)b::timestamptz[], %(oclasses)b::text[],
+            %(parents)b::text[])
+    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
+    order_class = EXCLUDED.order_class,
+    parent_order_id = EXCLUDED.parent_order_id,
     client_order_id = EXCLUDED.client_order_id,
     order_type = EXCLUDED.order_type,
     asset_class = EXCLUDED.asset_class,
@@ -158,10 +167,10 @@ ON CONFLICT (alpaca_order_id) DO UPDATE SET
 _HISTORY_INSERT = """
 INSERT INTO position_history (position_id, account_id, symbol, side, qty, peak_qty,
     avg_entry_price, realized_pnl, alpaca_order_id, client_order_id, opened_at, closed_at,
-    origin, fees, asset_id, close_reason)
+    origin, fees, asset_id, close_reason, multiplier, asset_class, closing_activity_id)
 SELECT id, account_id, symbol, side, qty, peak_qty, avg_entry_price, realized_pnl,
     alpaca_order_id, client_order_id, opened_at, closed_at, origin, fees, asset_id,
-    close_reason
+    close_reason, multiplier, asset_class, closing_activity_id
 """
 
 # Closing rows first (its own statement, before the insert) keeps the partial unique index
@@ -174,11 +183,13 @@ WITH upd AS (
         realized_pnl = v.pnl,
         peak_qty = v.peak,
         closed_at = v.closed_at,
+        closing_activity_id = v.act,
         status = CASE WHEN v.closed_at IS NULL THEN 'open' ELSE 'closed' END,
         updated_at = now()
     FROM unnest(%(ids)b::bigint[], %(qtys)s::numeric[], %(avgs)s::numeric[],
-                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)b::timestamptz[])
-        AS v(id, qty, avg, pnl, peak, closed_at)
+                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)b::timestamptz[],
+                %(acts)b::text[])
+        AS v(id, qty, avg, pnl, peak, closed_at, act)
     WHERE ap.id = v.id AND ap.status = 'open'
     RETURNING ap.*
 )
@@ -189,13 +200,17 @@ ON CONFLICT (position_id) DO NOTHING
 _INSERT_POSITIONS = f"""
 WITH ins AS (
     INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,
-        alpaca_order_id, client_order_id, status, realized_pnl, opened_at, closed_at, peak_qty)
+        alpaca_order_id, client_order_id, status, realized_pnl, opened_at, closed_at, peak_qty,
+        multiplier, asset_class, closing_activity_id)
     SELECT %(acct)s, sym, side, qty, avg, oid, cid,
-        CASE WHEN closed_at IS NULL THEN 'open' ELSE 'closed' END, pnl, opened_at, closed_at, peak
+        CASE WHEN closed_at IS NULL THEN 'open' ELSE 'closed' END, pnl, opened_at, closed_at, peak,
+        mult, cls, act
     FROM unnest(%(syms)b::text[], %(sides)b::text[], %(qtys)s::numeric[], %(avgs)s::numeric[],
                 %(oids)b::text[], %(cids)b::text[], %(pnls)s::numeric[],
-                %(opened)b::timestamptz[], %(closed)b::timestamptz[], %(peaks)s::numeric[])
-        WITH ORDINALITY AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak, n)
+                %(opened)b::timestamptz[], %(closed)b::timestamptz[], %(peaks)s::numeric[],
+                %(mults)s::numeric[], %(classes)b::text[], %(acts)b::text[])
+        WITH ORDINALITY AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak,
+                             mult, cls, act, n)
     ORDER BY n
     RETURNING *
 )
@@ -212,6 +227,26 @@ ON CONFLICT (account_id) DO UPDATE SET
     activity_id = GREATEST(c.activity_id, EXCLUDED.activity_id),
     updated_at = now()
 RETURNING fill_time, activity_id
+"""
+
+# Non-trade activities of the batch, once each (docs/design.md, section 10).
+_INSERT_ACTIVITIES = """
+INSERT INTO account_activities (activity_id, account_id, activity_type, symbol, qty, price,
+    occurred_at, outcome, effects, payload)
+SELECT i, %(acct)s, t, sym, q, p, at, o, e, pl
+FROM unnest(%(ids)b::text[], %(types)b::text[], %(syms)b::text[], %(qtys)s::numeric[],
+            %(prices)s::numeric[], %(ats)b::timestamptz[], %(outcomes)b::text[],
+            %(effects)s::jsonb[], %(payloads)b::bytea[])
+    AS v(i, t, sym, q, p, at, o, e, pl)
+ON CONFLICT (account_id, activity_id) DO NOTHING
+"""
+
+_ACTIVITY_CURSOR = """
+SELECT max(activity_id) FROM account_activities WHERE account_id = %s
+"""
+_SNAPSHOT_ACTIVITIES = """
+SELECT activity_id, activity_type, symbol, qty, price, occurred_at, outcome, effects, payload
+FROM account_activities WHERE account_id = %s ORDER BY activity_id
 """
 
 _INSERT_DEAD_LETTERS = """
@@ -269,7 +304,8 @@ SELECT {_POSITION_COLUMNS} FROM active_positions WHERE account_id = %s ORDER BY 
 """
 _SNAPSHOT_HISTORY = """
 SELECT position_id, account_id, symbol, side, qty, avg_entry_price, alpaca_order_id,
-    client_order_id, opened_at, realized_pnl, closed_at, peak_qty
+    client_order_id, opened_at, realized_pnl, closed_at, peak_qty, multiplier, asset_class,
+    closing_activity_id
 FROM position_history WHERE account_id = %s ORDER BY closed_at, position_id
 """
 _SNAPSHOT_CURSOR = "SELECT fill_time, activity_id FROM stream_cursors WHERE account_id = %s"
@@ -364,6 +400,8 @@ def _order(row: Sequence[Any]) -> OrderState:
         created_at=row[10],
         updated_at=row[11],
         revised_at=row[12],
+        order_class=row[13],
+        parent_order_id=row[14],
     )
 
 
@@ -382,6 +420,9 @@ def _position(row: Sequence[Any]) -> Position:
         closed_at=row[10],
         peak_qty=row[11] * sign,
         position_id=row[0],
+        multiplier=row[12],
+        asset_class=row[13],
+        closing_activity_id=row[14],
     )
 
 
@@ -415,6 +456,8 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
         "cas": [o.created_at for o in rows],
         "uas": [o.updated_at for o in rows],
         "ras": [o.revised_at for o in rows],
+        "oclasses": [_opt_text(o.order_class) for o in rows],
+        "parents": [_opt_text(o.parent_order_id) for o in rows],
     }
 
 
@@ -426,6 +469,7 @@ def _update_params(rows: Sequence[Position]) -> dict[str, Any]:
         "pnls": [p.realized_pnl for p in rows],
         "peaks": [abs(p.peak_qty) for p in rows],
         "closed": [p.closed_at for p in rows],
+        "acts": [_opt_text(p.closing_activity_id) for p in rows],
     }
 
 
@@ -442,7 +486,34 @@ def _insert_params(account_id: str, rows: Sequence[Position]) -> dict[str, Any]:
         "opened": [p.opened_at for p in rows],
         "closed": [p.closed_at for p in rows],
         "peaks": [abs(p.peak_qty) for p in rows],
+        "mults": [p.multiplier for p in rows],
+        "classes": [_opt_text(p.asset_class) for p in rows],
+        "acts": [_opt_text(p.closing_activity_id) for p in rows],
     }
+
+
+def _activity_params(account_id: str, records: Sequence[ActivityRecord]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "ids": [_text(r.activity_id) for r in records],
+        "types": [_text(r.activity_type) for r in records],
+        "syms": [_text(r.symbol) for r in records],
+        "qtys": [r.qty for r in records],
+        "prices": [r.price for r in records],
+        "ats": [r.timestamp for r in records],
+        "outcomes": [r.outcome for r in records],
+        "effects": [Jsonb({_text(k): decimal_text(v) for k, v in r.effects.items()})
+                    for r in records],
+        "payloads": [bytes(r.raw) for r in records],
+    }
+
+
+def _activity(row: Sequence[Any]) -> ActivityRecord:
+    return ActivityRecord(
+        activity_id=row[0], activity_type=row[1], symbol=row[2], qty=row[3], price=row[4],
+        timestamp=row[5], outcome=row[6],
+        effects={k: Decimal(v) for k, v in row[7].items()}, raw=bytes(row[8]),
+    )
 
 
 def _dead_letter_params(account_id: str, letters: Sequence[DeadLetter]) -> dict[str, Any]:
@@ -634,6 +705,13 @@ class PgStore:
 
         return await self._run(lambda: self._guarded("load_cursor", op))
 
+    async def load_activity_cursor(self, account_id: str) -> str | None:
+        def op(conn: psycopg.Connection[Any]) -> str | None:
+            row = conn.execute(_ACTIVITY_CURSOR, [account_id]).fetchone()
+            return None if row is None else row[0]
+
+        return await self._run(lambda: self._guarded("load_activity_cursor", op))
+
     async def load_stream_position(self, stream: str) -> str | None:
         def op(conn: psycopg.Connection[Any]) -> str | None:
             row = conn.execute(_LOAD_STREAM_POSITION, [stream]).fetchone()
@@ -734,8 +812,9 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         "sources": [first[by_stored_key[k]].source for k in keys],
     }
     # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
-    order_ids = {_text(ev.order_id): ev.order_id for ev in first.values()}
-    symbols = {_text(ev.symbol): ev.symbol for ev in first.values()}
+    touched_orders, touched_symbols = touched(first.values())
+    order_ids = {_text(oid): oid for oid in touched_orders}
+    symbols = {_text(sym): sym for sym in touched_symbols}
 
     with conn.pipeline(), conn.transaction():
         if not batch.durable:
@@ -780,6 +859,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
                 _ADVANCE_CURSOR,
                 {"acct": acct, "fill_time": cursor.fill_time, "activity_id": cursor.activity_id},
             )
+        if result.activities:
+            conn.execute(_INSERT_ACTIVITIES, _activity_params(acct, result.activities))
         if batch.dead_letters:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
@@ -810,6 +891,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
     queries = (
         _SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
         _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR, _SNAPSHOT_ADJUSTMENTS, _SNAPSHOT_BASELINES,
+        _SNAPSHOT_ACTIVITIES,
     )
     # One consistent view, in one round trip.
     with conn.pipeline(), conn.transaction():
@@ -817,7 +899,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         curs = [conn.cursor() for _ in queries]
         for cur, query in zip(curs, queries, strict=True):
             cur.execute(query, [account_id])
-        keys, orders, positions, history, letters, cursor, adjusted, baselines = (
+        keys, orders, positions, history, letters, cursor, adjusted, baselines, activities = (
             c.fetchall() for c in curs)
     return StoreSnapshot(
         event_keys=frozenset(r[0] for r in keys),
@@ -830,6 +912,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
                       for r in letters],
         adjustments=[Adjustment(*r) for r in adjusted],
         baseline_qty={r[0]: r[1] for r in baselines},
+        activities=[_activity(r) for r in activities],
     )
 
 

@@ -17,6 +17,7 @@ import msgspec
 from .orders import FillDelta
 
 ZERO = Decimal(0)
+ONE = Decimal(1)
 
 
 class Position(msgspec.Struct, frozen=True, gc=False):
@@ -35,6 +36,17 @@ class Position(msgspec.Struct, frozen=True, gc=False):
     # direction of a closed row and tells statistics how big the trade got.
     peak_qty: Decimal = ZERO
     position_id: int | None = None  # assigned by the store once the row exists
+    #: Money per unit of price per unit of quantity: 100 for a standard option contract,
+    #: 1 for shares and coins (docs/design.md, section 10). P&L, cost basis and exposure
+    #: are quantities times prices times this.
+    multiplier: Decimal = ONE
+    asset_class: str | None = None
+    #: The non-trade activity that closed the row (an expiry, an assignment), if one did.
+    closing_activity_id: str | None = None
+
+    @property
+    def cost_basis(self) -> Decimal:
+        return abs(self.qty) * self.avg_entry_price * self.multiplier
 
     @property
     def is_open(self) -> bool:
@@ -65,11 +77,14 @@ def _moved(row: Position, qty: Decimal, avg: Decimal, pnl: Decimal, peak: Decima
     """`row` with new quantities, in one positional constructor call (once per fill)."""
     return Position(row.account_id, row.symbol, qty, avg, row.opened_by_order_id,
                     row.opened_by_client_order_id, row.opened_at, pnl, closed_at, peak,
-                    row.position_id)
+                    row.position_id, row.multiplier, row.asset_class, row.closing_activity_id)
 
 
-def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> PositionStep:
-    """Apply one signed fill to the open position of its symbol (None when flat)."""
+def apply_fill(current: Position | None, account_id: str, fill: FillDelta,
+               multiplier: Decimal = ONE, asset_class: str | None = None) -> PositionStep:
+    """Apply one signed fill to the open position of its symbol (None when flat).
+
+    `multiplier` and `asset_class` describe the symbol (a row that is open keeps its own)."""
     q, p = fill.qty, fill.price
     if q == 0:
         return PositionStep(current, None, ZERO)
@@ -83,6 +98,8 @@ def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> Po
             opened_by_client_order_id=fill.client_order_id,
             opened_at=fill.timestamp,
             peak_qty=q,
+            multiplier=multiplier,
+            asset_class=asset_class,
         )
         return PositionStep(opened, None, ZERO)
 
@@ -97,7 +114,7 @@ def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> Po
             None, ZERO)
 
     closed_qty = min(abs(qty), abs(q))
-    realized = closed_qty * (p - avg) * _sign(qty)
+    realized = closed_qty * (p - avg) * _sign(qty) * current.multiplier
     remaining = qty + q
     pnl = current.realized_pnl + realized
     if remaining == 0:
@@ -118,5 +135,7 @@ def apply_fill(current: Position | None, account_id: str, fill: FillDelta) -> Po
         opened_by_client_order_id=fill.client_order_id,
         opened_at=fill.timestamp,
         peak_qty=remaining,
+        multiplier=current.multiplier,
+        asset_class=current.asset_class,
     )
     return PositionStep(flipped, closed, realized)

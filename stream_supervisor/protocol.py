@@ -39,9 +39,11 @@ from .events import (
     DeadLetter,
     Event,
     broker_event_key,
+    decimal_text,
     event_key,
     parse_timestamp,
 )
+from .symbols import canonical_symbol
 
 
 def authenticate_message(key_id: str, secret_key: str) -> bytes:
@@ -60,7 +62,7 @@ def listen_message(streams: tuple[str, ...] = ("trade_updates",)) -> bytes:
 class WireOrder(msgspec.Struct, gc=False):
     id: str
     symbol: str
-    side: str
+    side: str | None  # None (or "") on a multi-leg parent
     status: str
     filled_qty: Decimal
     client_order_id: str | None = None
@@ -71,6 +73,10 @@ class WireOrder(msgspec.Struct, gc=False):
     asset_class: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
+    #: `mleg` for a multi-leg order: its own symbol and side are empty, its legs (orders
+    #: of their own, one symbol each) say what trades (docs/design.md, section 10).
+    order_class: str | None = None
+    legs: list[WireOrder] | None = None
 
 
 class WireUpdate(msgspec.Struct, gc=False):
@@ -308,6 +314,8 @@ def update_to_event(
     """Normalise a decoded stream update into an `Event` (raises DecodeError if unusable,
     OutOfBounds if a value is outside `bounds.py`). `raw` is the frame it came from."""
     order = update.order
+    if order.legs:
+        return _mleg_update(update, received_at, raw=raw, not_after_ns=not_after_ns)
     if not _update_in_bounds(update):
         # The slow path names the first value out of bounds (or what else is wrong).
         _check_order(order)
@@ -332,7 +340,7 @@ def update_to_event(
         event=update.event,
         source="stream",
         order_id=order.id,
-        symbol=order.symbol,
+        symbol=stored_symbol(order.symbol, order.asset_class),
         side=order.side,
         status=order.status,
         cum_qty=order.filled_qty,
@@ -349,6 +357,112 @@ def update_to_event(
         created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
         received_at=received_at,
         raw=raw,
+    )
+
+
+@lru_cache(maxsize=8192)
+def stored_symbol(symbol: str, asset_class: str | None = None) -> str:
+    """The one spelling a symbol is stored under (`symbols.canonical_symbol`); an asset
+    class the service does not know yet is ignored rather than refusing the update."""
+    try:
+        return canonical_symbol(symbol, asset_class)
+    except ValueError:
+        return canonical_symbol(symbol)
+
+
+def _check_parent(order: WireOrder) -> None:
+    """Bounds of a multi-leg parent: its symbol and side may be empty."""
+    if not order.id:
+        raise DecodeError("multi-leg update without order id")
+    check_text("order.id", order.id, MAX_ID_CHARS)
+    if order.symbol:
+        check_text("order.symbol", order.symbol, MAX_SYMBOL_CHARS)
+    check_opt_text("order.client_order_id", order.client_order_id, MAX_CLIENT_ORDER_ID_CHARS)
+    check_text("order.status", order.status, MAX_LABEL_CHARS)
+    check_opt_text("order.order_class", order.order_class, MAX_LABEL_CHARS)
+    check_qty("order.filled_qty", order.filled_qty)
+    check_qty("order.qty", order.qty)
+    check_price("order.filled_avg_price", order.filled_avg_price)
+    if order.filled_qty < 0:
+        raise DecodeError("negative filled_qty")
+    if len(order.legs or ()) > MAX_LEGS:
+        raise DecodeError(f"multi-leg order with more than {MAX_LEGS} legs")
+
+
+#: Alpaca allows four legs; more is not a multi-leg order we know how to read.
+MAX_LEGS: Final = 8
+
+
+def _legs(order: WireOrder, parent_event: str, ts: datetime, ts_ns: int, source: str,
+          not_after_ns: int | None) -> tuple[Event, ...]:
+    """Each leg as an update of its own order: its cumulative `filled_qty` is its
+    high-water mark, its cumulative average prices what it adds."""
+    out = []
+    for i, leg in enumerate(order.legs or ()):
+        _check_order(leg, f"order.legs[{i}].")
+        if leg.filled_qty > 0 and source == "stream":
+            event = "fill" if leg.status == "filled" else "partial_fill"
+        else:
+            event = "refresh" if source == "rest" else parent_event
+        out.append(Event(
+            key=event_key(event, leg.id, leg.filled_qty, ts_ns),
+            event=event,
+            source="stream" if source == "stream" else "rest",
+            order_id=leg.id,
+            symbol=stored_symbol(leg.symbol, leg.asset_class),
+            side=leg.side or "",
+            status=leg.status,
+            cum_qty=leg.filled_qty,
+            timestamp=ts,
+            ts_ns=ts_ns,
+            client_order_id=leg.client_order_id,
+            order_qty=leg.qty,
+            cum_avg_price=leg.filled_avg_price,
+            order_type=leg.order_type or leg.type,
+            asset_class=leg.asset_class,
+            created_at=_opt_ts(f"order.legs[{i}].created_at", leg.created_at, not_after_ns),
+            parent_order_id=order.id,
+        ))
+    return tuple(out)
+
+
+def mleg_key(event: str, order: WireOrder, ts_ns: int) -> str:
+    """A multi-leg fill's key: the parent's cumulative quantity and every leg's, since a
+    leg can fill further while the parent's count (whole strategy units) stands still."""
+    if event not in FILL_EVENTS:
+        return event_key(event, order.id, order.filled_qty, ts_ns)
+    legs = ",".join(decimal_text(leg.filled_qty) for leg in order.legs or ())
+    return f"mleg:{order.id}:{decimal_text(order.filled_qty)}:{legs}"
+
+
+def _mleg_update(update: WireUpdate, received_at: float, *, raw: bytes,
+                 not_after_ns: int | None) -> Event:
+    order = update.order
+    _check_parent(order)
+    check_text("event", update.event, MAX_LABEL_CHARS)
+    ts, ts_ns = parse_timestamp(update.timestamp)
+    check_time("timestamp", ts_ns, not_after_ns)
+    return Event(
+        key=mleg_key(update.event, order, ts_ns),
+        event=update.event,
+        source="stream",
+        order_id=order.id,
+        symbol=order.symbol,
+        side=order.side or "",
+        status=order.status,
+        cum_qty=order.filled_qty,
+        timestamp=ts,
+        ts_ns=ts_ns,
+        client_order_id=order.client_order_id,
+        order_qty=order.qty,
+        cum_avg_price=order.filled_avg_price,
+        order_type=order.order_type or order.type,
+        asset_class=order.asset_class or None,
+        created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
+        received_at=received_at,
+        raw=raw,
+        order_class="mleg",
+        legs=_legs(order, update.event, ts, ts_ns, "stream", not_after_ns),
     )
 
 
@@ -481,7 +595,11 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
     It carries no fill: fills come only from the stream and FILL activities, so a
     snapshot can change status and order fields but never positions.
     """
-    _check_order(order)
+    mleg = bool(order.legs) or order.order_class == "mleg"
+    if mleg:
+        _check_parent(order)
+    else:
+        _check_order(order)
     stamp = order.updated_at or order.created_at
     if stamp is None:
         raise DecodeError("order snapshot without updated_at")
@@ -492,8 +610,8 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
         event="refresh",
         source="rest",
         order_id=order.id,
-        symbol=order.symbol,
-        side=order.side,
+        symbol=order.symbol if mleg else stored_symbol(order.symbol, order.asset_class),
+        side=order.side or "",
         status=order.status,
         cum_qty=order.filled_qty,
         timestamp=ts,
@@ -505,6 +623,8 @@ def snapshot_to_event(order: WireOrder, *, not_after_ns: int | None = None) -> E
         asset_class=order.asset_class,
         created_at=_opt_ts("order.created_at", order.created_at, not_after_ns),
         raw=msgspec.json.encode(order),
+        order_class="mleg" if mleg else order.order_class,
+        legs=_legs(order, "refresh", ts, ts_ns, "rest", not_after_ns) if order.legs else (),
     )
 
 

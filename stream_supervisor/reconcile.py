@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from .activities import APPLIED, ActivityRecord
 from .adjustments import (
     REBASELINE,
     RECONCILE,
@@ -63,6 +64,16 @@ async def apply_differences(
     ))
 
 
+def unapplied_activities(activities: Sequence[ActivityRecord]) -> list[str]:
+    """One line per stored non-trade activity that changed nothing: a type the service
+    does not understand, or one that found no position to change. Never guessed at;
+    an operator decides (docs/design.md, section 10)."""
+    return [
+        f"activity {a.activity_id} {a.activity_type} {a.symbol or '-'} qty {a.qty}: {a.outcome}"
+        for a in activities if a.outcome != APPLIED
+    ]
+
+
 async def reconcile(settings: Settings, *, apply: bool = False) -> int:
     async with http_rest(settings) as rest:
         account_id = settings.account_id or await rest.account_id()
@@ -81,6 +92,9 @@ async def reconcile(settings: Settings, *, apply: bool = False) -> int:
             log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
                         broker=str(d.broker))
             print(f"{d.symbol}: stored {d.ours}, broker {d.broker}")
+        for line in unapplied_activities(snapshot.activities):
+            log.warning("reconcile_unapplied_activity", detail=line)
+            print(line)
         print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
         if apply and diffs:
             made = await apply_differences(store, account_id, diffs, taken_at=taken_at)

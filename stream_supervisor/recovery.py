@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -35,6 +36,7 @@ from .ledger import Cursor, order_fills_by_cum_qty
 from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
+from .nontrade import ActivityRecovery, AssetBook
 from .orders import TERMINAL_STATUSES, merge_status
 from .protocol import WireActivity, WireOrder, activity_json, activity_to_event, snapshot_to_event
 from .rest import MAX_ORDERS_PAGE, MAX_PAGE_SIZE, BrokerRest
@@ -58,6 +60,11 @@ ORDER_LOOKBACK = timedelta(seconds=120)
 #: (docs/design.md, section 12).
 LIVE_OVERLAP_NS = 5 * 1_000_000_000
 NS_PER_MS = 1_000_000
+#: A backfill re-reads this much before the newest activity an earlier one committed:
+#: activities the broker stores late, within this, are still found.
+REST_REREAD = timedelta(seconds=5)
+#: Seconds into a backfill when it first judges whether the account outruns the budget.
+JUDGE_PACE_AFTER = 30.0
 #: The refresh reads this many orders (or fewer) one by one rather than list them: a
 #: few orders a busy account has in flight cost less than its list of minutes.
 FEW_ORDERS = 10
@@ -97,15 +104,40 @@ def trading_day_start(now: datetime) -> datetime:
     return datetime.combine(local.date(), time(0, 0), tzinfo=EASTERN).astimezone(UTC)
 
 
+def activity_time(activity_id: str) -> datetime | None:
+    """The time an activity id begins with (`YYYYMMDDhhmmssmmm`, US/Eastern, as the
+    broker writes it), or None if it does not. In the hour a fall-back repeats, the
+    earlier reading."""
+    head = activity_id[:17]
+    if len(head) != 17 or not head.isdigit():
+        return None
+    try:
+        local = datetime.strptime(head[:14], "%Y%m%d%H%M%S").replace(
+            microsecond=int(head[14:]) * 1000, tzinfo=EASTERN)
+    except ValueError:
+        return None
+    return local.astimezone(UTC)
+
+
 def backfill_start(
     cursor: Cursor | None,
     now: datetime,
     overlap: float,
     first_start_lookback: float | None,
 ) -> datetime:
-    """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback."""
+    """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback.
+
+    Not before the newest activity REST already brought back, less `REST_REREAD`: backfill
+    pages are committed in id order (docs/design.md, section 12), so every activity before
+    it is stored, and a second disconnect soon after a recovery re-reads only what came
+    since, not the whole overlap.
+    """
     if cursor is not None and cursor.fill_time is not None:
-        return cursor.fill_time - timedelta(seconds=overlap)
+        start = cursor.fill_time - timedelta(seconds=overlap)
+        verified = activity_time(cursor.activity_id) if cursor.activity_id else None
+        if verified is not None:
+            start = max(start, min(verified - REST_REREAD, cursor.fill_time))
+        return start
     if first_start_lookback is not None:
         return now - timedelta(seconds=first_start_lookback)
     return trading_day_start(now)
@@ -133,6 +165,8 @@ class GapRecovery:
         *,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         open_order_ids: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        activities: ActivityRecovery | None = None,
+        assets: AssetBook | None = None,
     ) -> None:
         self.settings = settings
         self.rest = rest
@@ -141,6 +175,9 @@ class GapRecovery:
         self.state = state
         self.wallclock = wallclock
         self.open_order_ids = open_order_ids
+        #: Non-trade activities and crypto spellings (docs/design.md, section 10).
+        self.activities = activities
+        self.assets = assets
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
         #: Pages read and activities they held, new and re-read, over this life (tests
@@ -150,11 +187,18 @@ class GapRecovery:
         self.activities_new = 0
         #: (activities read, of which new) of the latest pages.
         self.recent_pages: deque[tuple[int, int]] = deque(maxlen=1_000)
+        self.order_list_requests = 0  # the refresh's order list, over this life
 
     def observe(self, event: Event) -> None:
-        """Remember an update's order status (every forwarded update passes here)."""
+        """Remember an update's order status (every forwarded update passes here). Only
+        orders not yet terminal are kept: the refresh asks about no other, and memory
+        then follows the orders in flight, not every order of the day."""
         seen = self._seen_status
-        seen[event.order_id] = merge_status(seen.get(event.order_id, event.status), event.status)
+        status = merge_status(seen.get(event.order_id, event.status), event.status)
+        if status in TERMINAL_STATUSES:
+            seen.pop(event.order_id, None)
+            return
+        seen[event.order_id] = status
         seen.move_to_end(event.order_id)
         if len(seen) > SEEN_ORDERS:
             seen.popitem(last=False)
@@ -179,11 +223,14 @@ class GapRecovery:
         began = trio.current_time()
         fills = pages = 0
         first_ns = last_ns = None
+        judged = False
         # Closed on the way out, also when a closed socket cancels the recovery.
         async with aclosing(self._pages(start, live_from_ns)) as paged:
             async for page in paged:
                 pages += 1
                 events = await self._decode(page)
+                if self.assets is not None:
+                    events = await self.assets.spelled(events)
                 if not events:
                     continue
                 priced = await self._price_gaps(sort_backfill(events), book)
@@ -197,12 +244,22 @@ class GapRecovery:
                 fills += len(priced)
                 first_ns = priced[0].ts_ns if first_ns is None else first_ns
                 last_ns = priced[-1].ts_ns
+                if not judged and trio.current_time() - began >= JUDGE_PACE_AFTER:
+                    # Said while it runs: a recovery this long may never finish.
+                    judged = True
+                    self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
         self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
-        # A fresh list for the refresh: the one that priced the pages is as old as they.
-        fresh = OrderBook(self.rest, book.since)
-        refreshed = await self.refresh_orders(fresh)
+        # The refresh lists afresh: the list that priced the pages is as old as they.
+        listed = self.order_list_requests
+        refreshed = await self.refresh_orders(book.since)
+        if self.activities is not None:
+            # After every fill before them: when the live socket holds fills this
+            # backfill left to it, the next scheduled pass brings the activities instead.
+            self.activities.note_start(start)
+            if live_from_ns() is None:
+                await self.activities.backfill(start)
         log.info("backfill_done", fills=fills, pages=pages, orders_refreshed=refreshed,
-                 order_requests=book.requests + fresh.requests,
+                 order_requests=book.requests + self.order_list_requests - listed,
                  connection_id=self.state.connection_id)
 
     def _judge_pace(self, fills: int, first_ns: int | None, last_ns: int | None,
@@ -306,10 +363,9 @@ class GapRecovery:
             ev = fills[i]
             if ev.fill_qty is not None and ev.fill_qty == ev.cum_qty:
                 continue  # the order's first fill: no earlier quantity to price
-            order = await book.get(order_id, ev.ts_ns)
-            if (order is not None and order.filled_avg_price is not None
-                    and order.filled_qty == ev.cum_qty):
-                out[i] = msgspec.structs.replace(ev, cum_avg_price=order.filled_avg_price)
+            listed = await book.get(order_id, ev.ts_ns)
+            if listed is not None and listed[1] is not None and listed[0] == ev.cum_qty:
+                out[i] = msgspec.structs.replace(ev, cum_avg_price=listed[1])
         return out
 
     async def refresh_periodically(self) -> None:
@@ -319,17 +375,17 @@ class GapRecovery:
             since = self.wallclock() - timedelta(
                 seconds=self.settings.order_refresh_interval) - ORDER_LOOKBACK
             try:
-                refreshed = await self.refresh_orders(OrderBook(self.rest, since))
+                refreshed = await self.refresh_orders(since)
             except (BrokerUnavailable, DecodeError) as exc:
                 log.warning("order_refresh_failed", error=str(exc)[:300])
                 continue
             log.debug("orders_refreshed", orders=refreshed)
 
-    async def refresh_orders(self, book: OrderBook) -> int:
+    async def refresh_orders(self, since: datetime) -> int:
         """Order state that changed while away: open orders, and every order we hold or
         just forwarded as not terminal that is no longer open (canceled or expired while
-        we were gone, or filled with its last fill only on REST). Orders submitted since
-        `book` begins come from the list endpoint in bulk; older ones one by one, all of
+        we were gone, or filled with its last fill only on REST). Orders submitted after
+        `since` come from the list endpoint in bulk; older ones one by one, all of
         them (each is an order we hold as live that is no longer open); a few
         (`FEW_ORDERS`) are read one by one without listing."""
         count = 0
@@ -340,19 +396,22 @@ class GapRecovery:
         stored = await self.open_order_ids() if self.open_order_ids is not None else ()
         recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
         wanted = [oid for oid in dict.fromkeys([*stored, *recent]) if oid not in open_ids]
+        book: OrderBook | None = None
         if len(wanted) > FEW_ORDERS:
+            book = OrderBook(self.rest, since, keep=wanted)
             await book.load_all()
+            self.order_list_requests += book.requests
         singles = 0
         for order_id in wanted:
-            found = book.known(order_id)
+            found = book.known(order_id) if book is not None else None
             if found is None:
                 singles += 1
                 found = await self.rest.order(order_id)
             if found is not None:
                 count += await self._forward_snapshot(found)
-        if singles:
+        if singles > FEW_ORDERS:
             log.info("orders_refreshed_one_by_one", orders=singles,
-                     listed_since=format_timestamp(book.since))
+                     listed_since=format_timestamp(since))
         return count
 
     async def _forward_snapshot(self, order: WireOrder) -> int:
@@ -366,37 +425,44 @@ class GapRecovery:
 
 class OrderBook:
     """Order snapshots from `GET /v2/orders?status=all&after=…&direction=asc`, read a
-    page of 500 at a time as far as needed (an order is submitted before it fills), kept
-    for one recovery. An order submitted before `since` is read on its own."""
+    page of 500 at a time as far as needed (an order is submitted before it fills), for
+    one recovery. An order submitted before `since` is read on its own. Memory: per
+    listed order its id and cumulative fill (what pricing needs), and whole snapshots
+    only of the orders in `keep` (what the refresh forwards)."""
 
-    def __init__(self, rest: BrokerRest, since: datetime) -> None:
+    def __init__(self, rest: BrokerRest, since: datetime, *,
+                 keep: Collection[str] = ()) -> None:
         self.rest = rest
         self.since = since
         self._after = since
         self._loaded_to_ns = _ns(since)
         self._complete = False
         self._listed_at = -math.inf
-        self._orders: dict[str, WireOrder] = {}
+        self._keep = set(keep)
+        self._fills: dict[str, tuple[Decimal, Decimal | None]] = {}
+        self._kept: dict[str, WireOrder] = {}
         self.requests = 0
 
     def known(self, order_id: str) -> WireOrder | None:
-        return self._orders.get(order_id)
+        """The snapshot of an order in `keep`, if listed."""
+        return self._kept.get(order_id)
 
-    async def get(self, order_id: str, filled_ns: int) -> WireOrder | None:
-        if (order_id not in self._orders and self._complete
+    async def get(self, order_id: str, filled_ns: int) -> tuple[Decimal, Decimal | None] | None:
+        """The order's (filled_qty, filled_avg_price) as listed, for a fill at `filled_ns`."""
+        if (order_id not in self._fills and self._complete
                 and trio.current_time() - self._listed_at >= RELIST_AFTER):
             # Orders submitted since the list ended (the market goes on during
             # recovery): list on from where it ended, at most once a second.
             self._complete = False
-        while (order_id not in self._orders and not self._complete
+        while (order_id not in self._fills and not self._complete
                and self._loaded_to_ns <= filled_ns):
             await self._next_page()
-        found = self._orders.get(order_id)
+        found = self._fills.get(order_id)
         if found is None:
             self.requests += 1
-            found = await self.rest.order(order_id)
-            if found is not None:
-                self._orders[order_id] = found
+            order = await self.rest.order(order_id)
+            if order is not None:
+                found = self._fills[order_id] = (order.filled_qty, order.filled_avg_price)
         return found
 
     async def load_all(self) -> None:
@@ -410,9 +476,11 @@ class OrderBook:
         self._listed_at = trio.current_time()
         page = await self.rest.orders_since(after=format_timestamp(self._after),
                                             limit=MAX_ORDERS_PAGE)
-        new = [o for o in page if o.id not in self._orders]
+        new = [o for o in page if o.id not in self._fills]
         for order in page:
-            self._orders[order.id] = order
+            self._fills[order.id] = (order.filled_qty, order.filled_avg_price)
+            if order.id in self._keep:
+                self._kept[order.id] = order
         if not new:
             self._complete = True
             return

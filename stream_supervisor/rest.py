@@ -8,8 +8,10 @@ refuses the credentials and `errors.BrokerUnavailable` when it keeps failing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
+from .activities import WireNonTrade
 from .protocol import WireActivity, WireOrder
 
 #: The most FILL activities the broker returns per page.
@@ -37,6 +39,15 @@ class BrokerRest(Protocol):
 
     async def positions(self) -> list[dict[str, Any]]: ...
 
+    async def non_trade_activities(
+        self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> list[WireNonTrade]:
+        """`GET /v2/account/activities?activity_types=...`, oldest first (section 10)."""
+        ...
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        """`GET /v2/assets/{symbol}`: the broker's record of an asset (None if unknown)."""
     async def clock(self) -> dict[str, Any]:
         """`GET /v2/clock`: `timestamp`, `is_open`, `next_open`, `next_close` (the
         scheduled reconcile runs while the market is open, docs/design.md, section 9)."""

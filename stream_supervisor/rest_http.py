@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 import msgspec
 import trio
 
+from .activities import WireNonTrade, decode_non_trade
 from .backoff import Backoff, BackoffPolicy
 from .budget import DEFAULT_SHARE, RateHeaders, RestBudget
 from .errors import BrokerAuthError, BrokerUnavailable
@@ -183,7 +186,8 @@ class HttpBrokerRest:
         return decode_activities(body) if body else []
 
     async def open_orders(self) -> list[WireOrder]:
-        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "false"})
+        # nested: a multi-leg order comes with its legs (docs/design.md, section 10).
+        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "true"})
         return decode_orders(body) if body else []
 
     async def orders_since(self, *, after: str, limit: int = MAX_ORDERS_PAGE) -> list[WireOrder]:
@@ -200,6 +204,25 @@ class HttpBrokerRest:
         body = await self._get("/v2/positions")
         return list(msgspec.json.decode(body)) if body else []
 
+    async def non_trade_activities(
+        self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> list[WireNonTrade]:
+        params: dict[str, Any] = {"activity_types": ",".join(activity_types),
+                                  "direction": "asc", "page_size": min(page_size, MAX_PAGE_SIZE)}
+        if after is not None:
+            params["after"] = after
+        if page_token is not None:
+            params["page_token"] = page_token
+        body = await self._get("/v2/account/activities", params)
+        return decode_non_trade(body) if body else []
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        body = await self._get(f"/v2/assets/{quote(symbol, safe='')}")
+        if not body:
+            return None
+        found = msgspec.json.decode(body)
+        return found if isinstance(found, dict) else None
     async def clock(self) -> dict[str, Any]:
         body = await self._get("/v2/clock")
         if body is None:

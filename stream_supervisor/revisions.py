@@ -38,7 +38,8 @@ def apply_revision(prev: OrderState | None, event: Event) -> OrderOutcome:
         state.order_id, state.symbol, state.side, status, cum, cum_avg,
         state.client_order_id or event.client_order_id, state.order_qty or event.order_qty,
         state.order_type or event.order_type, state.asset_class or event.asset_class,
-        state.created_at or event.created_at, updated_at, event.timestamp)
+        state.created_at or event.created_at, updated_at, event.timestamp,
+        state.order_class, state.parent_order_id)
     moved = cum - c0
     money = paid_now - paid_before
     if moved == 0 and money == 0:
@@ -96,7 +97,7 @@ def revise_position(current: Position | None, account_id: str, delta: FillDelta,
             new_avg = avg + p / abs(qty)
             return PositionStep(_with(current, qty, new_avg, current.realized_pnl), None, ZERO)
         # The order was reducing this position: a higher sell price realized more.
-        change = -p * side_sign
+        change = -p * side_sign * current.multiplier  # money: per share x multiplier
         return PositionStep(_with(current, qty, avg, current.realized_pnl + change), None,
                             change)
     removed = abs(q)
@@ -113,7 +114,7 @@ def revise_position(current: Position | None, account_id: str, delta: FillDelta,
             else p, delta.timestamp, delta.position_qty, delta.exact))
     # The order was reducing the position: its quantity comes back at the average entry,
     # and the P&L that closing realized is taken back.
-    taken_back = removed * (p - avg) * _sign(qty)
+    taken_back = removed * (p - avg) * _sign(qty) * current.multiplier
     return PositionStep(_with(current, qty + _sign(qty) * removed, avg,
                               current.realized_pnl - taken_back), None, -taken_back)
 
@@ -122,7 +123,7 @@ def _with(row: Position, qty: Decimal, avg: Decimal, pnl: Decimal) -> Position:
     peak = qty if abs(qty) > abs(row.peak_qty) else row.peak_qty
     return Position(row.account_id, row.symbol, qty, avg, row.opened_by_order_id,
                     row.opened_by_client_order_id, row.opened_at, pnl, row.closed_at, peak,
-                    row.position_id)
+                    row.position_id, row.multiplier, row.asset_class, row.closing_activity_id)
 
 
 __all__ = ["apply_revision", "revise_position"]

@@ -32,6 +32,8 @@ DEFAULT_PING_TIMEOUT: Final = 10.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_BACKFILL_OVERLAP: Final = 300.0
 DEFAULT_ORDER_REFRESH_INTERVAL: Final = 60.0
+#: Non-trade activities (fees, expiries, splits) post late: a pass this often (section 10).
+DEFAULT_ACTIVITY_INTERVAL: Final = 600.0
 DEFAULT_DRAIN_TIMEOUT: Final = 20.0
 DEFAULT_RESTART_LIMIT: Final = 5
 DEFAULT_RESTART_WINDOW: Final = 60.0
@@ -85,6 +87,7 @@ class Settings:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     backfill_overlap: float = DEFAULT_BACKFILL_OVERLAP
     order_refresh_interval: float = DEFAULT_ORDER_REFRESH_INTERVAL
+    activity_interval: float = DEFAULT_ACTIVITY_INTERVAL
     #: First start without a cursor: seconds to look back, or None for the start of the
     #: current US/Eastern trading day.
     first_start_lookback: float | None = None
@@ -209,6 +212,7 @@ _PREFIXED: Final[dict[str, str]] = {
     "CONNECT_TIMEOUT": "connect_timeout",
     "BACKFILL_OVERLAP": "backfill_overlap",
     "ORDER_REFRESH_INTERVAL": "order_refresh_interval",
+    "ACTIVITY_INTERVAL": "activity_interval",
     "FIRST_START_LOOKBACK": "first_start_lookback",
     "DRAIN_TIMEOUT": "drain_timeout",
     "RESTART_LIMIT": "restart_limit",

@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
+from .activities import ActivityRecord
 from .adjustments import Adjustment, BrokerPosition
 from .events import DeadLetter, Event
 from .ledger import Cursor, Drift
@@ -115,6 +116,8 @@ class StoreSnapshot:
     history: list[Position]
     cursor: Cursor | None
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    #: Non-trade activities stored, oldest id first (docs/design.md, section 10).
+    activities: list[ActivityRecord] = field(default_factory=list)
     #: position_adjustments, oldest first, and each order's baseline_qty (0 if none).
     adjustments: list[Adjustment] = field(default_factory=list)
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
@@ -160,6 +163,10 @@ class Store(Protocol):
         ...
 
     async def load_cursor(self, account_id: str) -> Cursor | None: ...
+
+    async def load_activity_cursor(self, account_id: str) -> str | None:
+        """The newest non-trade activity id stored: where the activities backfill resumes."""
+        ...
 
     async def has_key(self, key: str) -> bool:
         """Whether this event key is stored (a check that acknowledged commits survived)."""

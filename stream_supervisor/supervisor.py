@@ -40,6 +40,7 @@ from .ledger import Cursor
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
+from .nontrade import ActivityRecovery, AssetBook
 from .reconciler import ScheduledReconcile
 from .recovery import GapRecovery, RecoverySettings
 from .replay import replay_with
@@ -284,6 +285,13 @@ class Supervisor:
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)
             send_acks, recv_acks = trio.open_memory_channel[Ack](ACK_CHANNEL_SIZE)
             self._export_fill(recv_events, recv_new)
+            activities = ActivityRecovery(
+                self.deps.rest, partial(send_soon, send_events),
+                lambda: store.load_activity_cursor(account_id),
+                interval=s.activity_interval, wallclock=self.deps.wallclock,
+                future_tolerance=s.future_tolerance,
+                ready=lambda: self.state.caught_up and self.state.connection == "streaming",
+            )
             recovery = GapRecovery(
                 RecoverySettings.from_settings(s),
                 self.deps.rest,
@@ -292,6 +300,8 @@ class Supervisor:
                 self.state,
                 wallclock=self.deps.wallclock,
                 open_order_ids=lambda: store.open_order_ids(account_id),
+                activities=activities,
+                assets=AssetBook(self.deps.rest),
             )
             connection = ConnectionActor(
                 ConnectionSettings.from_settings(s),
@@ -329,6 +339,7 @@ class Supervisor:
                         self._conn_scope.cancel()
                     nursery.start_soon(self._run_connection, connection, self._conn_scope)
                     nursery.start_soon(self._export_fill_loop, recv_events, recv_new)
+                    nursery.start_soon(activities.run_periodically)
                     self.state.pipeline_running = True
                     mark_started()
             if pipeline_scope.cancelled_caught and self._stepping_down and not self.state.draining:

@@ -20,7 +20,7 @@ from hypothesis import settings
 from stream_supervisor.embedded import (
     create_database,
     drop_database,
-    start_embedded_postgres,
+    throwaway_embedded_postgres,
 )
 from stream_supervisor.migrate import apply_migrations
 
@@ -33,14 +33,13 @@ def _unique(prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_uri() -> Iterator[str]:
     """A connection string with the right to CREATE DATABASE."""
     given = os.environ.get("DATABASE_URL")
     if given:
         yield given
         return
-    server = start_embedded_postgres(tmp_path_factory.mktemp("pg") / "data", delete_on_stop=True)
-    try:
+    with throwaway_embedded_postgres("session") as server:
         # A throwaway server: trade durability for speed (tests never crash the host).
         with psycopg.connect(server.uri, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET fsync = off")
@@ -48,8 +47,6 @@ def pg_admin_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             conn.execute("ALTER SYSTEM SET full_page_writes = off")
             conn.execute("SELECT pg_reload_conf()")
         yield server.uri
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

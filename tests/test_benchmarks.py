@@ -97,6 +97,22 @@ def test_a_busy_machine_is_refused_unless_told(tmp_path: Path,
     assert "refusing to run" in err and "--busy-ok" in err and "load average" in err
 
 
+@pytest.mark.slow
+def test_the_recovery_benchmark_at_a_tiny_size_catches_up_within_the_budget(
+        pg_admin_uri: str, tmp_path: Path) -> None:
+    from benchmarks.recovery import main as recovery_main
+
+    out = tmp_path / "recovery.json"
+    code = recovery_main(["--database-url", pg_admin_uri, "--rates", "100", "--warmup", "3",
+                          "--outage", "3", "--after", "20", "--json", str(out)])
+    assert code == 0
+    (case,) = json.loads(out.read_text())["catch_up"]
+    assert case["disconnects"] == 1 and case["catch_up_s"] is not None, case
+    assert case["rest_429_service"] == case["rest_429_user_bot"] == 0
+    assert case["service_peak_in_window"] <= case["service_share_per_window"]
+    assert case["rest_requests_user_bot"] > 0
+
+
 def test_the_many_accounts_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str,
                                                              tmp_path: Path) -> None:
     from benchmarks.many_accounts import main as many_main

@@ -97,3 +97,37 @@ async def test_every_account_refused_is_a_configuration_exit() -> None:
                   install_signal_handlers=False)
     with trio.fail_after(5):
         assert await fleet.run() == EXIT_CONFIG
+
+
+async def test_readyz_and_metrics_answer_per_account_by_name() -> None:
+    """What `run` with an accounts file serves (fleet_service.py): `/readyz` with each
+    account's verdict by name and the failed ones listed, `/metrics` labelled by
+    account."""
+    import json
+
+    from stream_supervisor.endpoints import HealthServer
+    from stream_supervisor.fleet import FleetMonitor
+
+    specs = [AccountSpec("momentum", "k", "s"), AccountSpec("hedge", problem="no key")]
+    fleet = Fleet(Settings(), specs, opener({"momentum": [lambda r: None]},  # type: ignore[arg-type]
+                                            {}), install_signal_handlers=False)
+    server = HealthServer(SupervisorState(), Metrics(), FleetMonitor(fleet, Settings()),
+                          ready=fleet.readiness, registry=fleet.registry)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.run)
+        await trio.sleep(0.1)
+        run = fleet.accounts["momentum"]
+        run.metrics.dead_letters.inc(3)
+        run.state.pipeline_running = run.state.db_writable = run.state.caught_up = True
+        run.state.connection = "streaming"
+        ready = server.answer("GET", "/readyz")
+        body = json.loads(ready.body)
+        assert ready.status == 503  # one account failed
+        assert body["failed"] == {"hedge": "no key"}
+        assert body["accounts"]["momentum"]["ready"] is True
+        assert body["accounts"]["momentum"]["dead_letters"] == 3
+        assert body["accounts"]["hedge"]["status"] == "failed"
+        metrics = server.answer("GET", "/metrics").body.decode()
+        assert 'stream_supervisor_dead_letters_total{account="momentum"} 3.0' in metrics
+        assert server.answer("GET", "/healthz").status == 200
+        fleet.request_drain("test")

@@ -14,10 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stream_supervisor"
 
 #: The pure domain core: values, decoding, order and position math. No I/O.
 CORE = {"events", "protocol", "orders", "positions", "ledger", "backoff", "bounds",
-        "strategy", "errors", "messages", "symbols", "budget", "revisions", "adjustments"}
+        "strategy", "errors", "messages", "symbols", "activities", "budget", "revisions",
+        "adjustments"}
 #: The actors and their supervisor: written against interfaces only.
 ACTORS = {"connection", "recovery", "dedupe", "writer", "supervisor", "fleet", "broker_events",
-          "reconciler"}
+          "reconciler", "nontrade"}
 #: Implementations of the interfaces, and what wires them together.
 IMPLEMENTATIONS = {"pgstore", "pgconn", "rest_http", "wsclient", "endpoints", "sdnotify", "sse_http",
                    "embedded", "wiring", "service", "cli", "demo", "testing",

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from stream_supervisor.activities import WireNonTrade
 from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position, compare
 from stream_supervisor.baseline import needs_baseline, take_baseline, take_snapshot
 from stream_supervisor.check import run_checks
@@ -66,6 +67,12 @@ class Broker:
 
     async def clock(self) -> dict[str, Any]:
         return {"is_open": self.market_open}
+
+    async def non_trade_activities(self, **_: Any) -> list[WireNonTrade]:
+        return []
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        return None
 
 
 def fill(order_id: str, side: str, cum: str, qty: str, price: str, avg: str, t: datetime,

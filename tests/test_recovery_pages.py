@@ -12,9 +12,15 @@ import trio
 import trio.testing
 
 from stream_supervisor.events import DeadLetter, Event
+from stream_supervisor.ledger import Cursor
 from stream_supervisor.messages import Item
 from stream_supervisor.metrics import Metrics
-from stream_supervisor.recovery import GapRecovery, RecoverySettings
+from stream_supervisor.recovery import (
+    GapRecovery,
+    RecoverySettings,
+    activity_time,
+    backfill_start,
+)
 from stream_supervisor.rest_http import HttpBrokerRest, RestSettings
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.testing.broker import SimConfig, SimulatedBroker
@@ -31,7 +37,8 @@ def played(orders: int, rate: float, seed: int = 8) -> SimulatedBroker:
     return broker
 
 
-async def recover(broker: SimulatedBroker) -> tuple[GapRecovery, list[Item]]:
+async def recover(broker: SimulatedBroker, state: SupervisorState | None = None,
+                  ) -> tuple[GapRecovery, list[Item]]:
     forwarded: list[Item] = []
 
     async def forward(item: Item) -> None:
@@ -45,7 +52,7 @@ async def recover(broker: SimulatedBroker) -> tuple[GapRecovery, list[Item]]:
         recovery = GapRecovery(
             RecoverySettings(backfill_overlap=300.0, first_start_lookback=3600.0,
                              order_refresh_interval=0.0),
-            rest, forward, Metrics(), SupervisorState(), wallclock=lambda: end)
+            rest, forward, Metrics(), state or SupervisorState(), wallclock=lambda: end)
         await recovery.backfill()
     return recovery, forwarded
 
@@ -88,3 +95,36 @@ async def test_requests_grow_with_fills_and_orders_in_bulk(
               and it.cum_avg_price is not None]
     assert priced  # gap pricing found its orders in the list
     assert len(forwarded) - len(refreshed) == truth["fills_total"]
+
+
+def test_backfill_starts_after_what_rest_already_committed() -> None:
+    fill_time = datetime(2026, 11, 24, 15, 10, tzinfo=UTC)
+    now = fill_time + timedelta(minutes=1)
+    # The newest activity a backfill committed: 15:08:00.250 UTC is 10:08:00.250 Eastern.
+    cursor = Cursor(fill_time, "20261124100800250::0a1b")
+    assert activity_time(cursor.activity_id or "") == datetime(
+        2026, 11, 24, 15, 8, 0, 250_000, tzinfo=UTC)
+    assert backfill_start(cursor, now, 300.0, None) == datetime(
+        2026, 11, 24, 15, 7, 55, 250_000, tzinfo=UTC)
+    # Older than the overlap reaches, or unreadable, or none: the overlap decides.
+    old = Cursor(fill_time, "20261124090000000::0a1b")
+    assert backfill_start(old, now, 300.0, None) == fill_time - timedelta(seconds=300)
+    for unreadable in ("not-an-id", "2026112410080025x::0a1b", None):
+        assert backfill_start(Cursor(fill_time, unreadable), now, 300.0, None) == (
+            fill_time - timedelta(seconds=300))
+
+
+async def test_a_second_recovery_reads_on_from_the_first(
+        autojump_clock: trio.testing.MockClock) -> None:
+    broker = played(orders=3_000, rate=500.0)
+    first, forwarded = await recover(broker)
+    newest = max((ev for ev in forwarded if isinstance(ev, Event) and ev.is_fill),
+                 key=lambda ev: ev.activity_id or "")
+    state = SupervisorState(committed_cursor=Cursor(newest.timestamp, newest.activity_id))
+    before = broker.rate_limiter.requests["activities"]
+    second, _ = await recover(broker, state)
+    # Only the last five seconds are read again, not the 300 s overlap (the whole day).
+    assert broker.rate_limiter.requests["activities"] - before <= math.ceil(
+        5 * broker.fills_total / (broker.market.now_ns - broker.market.epoch_ns) * 1e9
+        / 100) + 2
+    assert second.activities_read < first.activities_read / 2

@@ -18,6 +18,7 @@ from decimal import Decimal
 
 import msgspec
 
+from ..activities import ActivityRecord
 from ..adjustments import Adjustment, baseline_order, plan_adjustments
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
@@ -26,7 +27,7 @@ from ..bounds import (
 )
 from ..errors import StoreDataError, StoreError, StoreUnavailable
 from ..events import DeadLetter, Event
-from ..ledger import Cursor, LedgerResult, apply_events, cursor_of
+from ..ledger import Cursor, LedgerResult, apply_events, cursor_of, touched
 from ..orders import TERMINAL_STATUSES, OrderState
 from ..positions import Position
 from ..store import (
@@ -114,6 +115,7 @@ class _Account:
     history: list[Position] = field(default_factory=list)
     cursor: Cursor | None = None
     dead_letters: list[_StoredLetter] = field(default_factory=list)
+    activities: dict[str, ActivityRecord] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
 
@@ -185,6 +187,10 @@ class MemoryStore:
         self._check()
         return self.db.account(account_id).cursor
 
+    async def load_activity_cursor(self, account_id: str) -> str | None:
+        self._check()
+        return max(self.db.account(account_id).activities, default=None)
+
     async def has_key(self, key: str) -> bool:
         self._check()
         return any(key in acct.keys for acct in self.db.accounts.values())
@@ -224,8 +230,7 @@ class MemoryStore:
                 continue
             seen.add(ev.key)
             new_events.append(ev)
-        touched_orders = {ev.order_id for ev in new_events}
-        touched_symbols = {ev.symbol for ev in new_events}
+        touched_orders, touched_symbols = touched(new_events)
         orders = {oid: acct.orders[oid] for oid in touched_orders if oid in acct.orders}
         open_rows = {
             p.symbol: p
@@ -258,6 +263,8 @@ class MemoryStore:
         for ev in new_events:
             acct.keys[ev.key] = None
         acct.orders.update(result.orders)
+        for record in result.activities:
+            acct.activities.setdefault(record.activity_id, record)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)
         if batch.stream_position is not None:
@@ -306,6 +313,7 @@ class MemoryStore:
             history=list(acct.history),
             cursor=acct.cursor,
             dead_letters=[row.letter for row in acct.dead_letters],
+            activities=[acct.activities[k] for k in sorted(acct.activities)],
             adjustments=list(acct.adjustments),
             baseline_qty={oid: q for oid, q in acct.baseline_qty.items() if q},
         )

@@ -14,7 +14,7 @@ from stream_supervisor.embedded import (
     EmbeddedPostgres,
     create_database,
     drop_database,
-    start_embedded_postgres,
+    throwaway_embedded_postgres,
 )
 from stream_supervisor.migrate import apply_migrations
 
@@ -52,23 +52,19 @@ class OwnServer:
 
 
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnServer]:
-    embedded = start_embedded_postgres(tmp_path_factory.mktemp("own-pg") / "data",
-                                       delete_on_stop=True)
-    own = OwnServer(embedded)
-    try:
+def own_server() -> Iterator[OwnServer]:
+    with throwaway_embedded_postgres("own") as embedded:
+        own = OwnServer(embedded)
         # fsync off is safe here: the tests crash the server, never the machine. Unlike
         # the session server, synchronous_commit stays on: after a crash-stop a durable
         # server must still hold every commit it acknowledged.
         with psycopg.connect(embedded.uri, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET fsync = off")
             conn.execute("SELECT pg_reload_conf()")
-        yield own
-    finally:
         try:
-            own.start()  # a test that failed mid-outage: bring it back so it stops cleanly
+            yield own
         finally:
-            embedded.stop()
+            own.start()  # a test that failed mid-outage: bring it back so it stops cleanly
 
 
 @pytest.fixture

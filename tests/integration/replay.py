@@ -17,6 +17,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
+from stream_supervisor.activities import WireNonTrade
 from stream_supervisor.protocol import WireActivity, WireOrder, decode_activities
 
 from ..fixtures import RECORDING
@@ -151,5 +152,10 @@ class FixtureRest:
     async def positions(self) -> list[dict[str, Any]]:
         return []
 
+    async def non_trade_activities(self, **_: Any) -> list[WireNonTrade]:
+        return []  # the recorded session has none
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        return None
     async def clock(self) -> dict[str, Any]:
         return {"is_open": False}

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import trio
 
+from .assets import AssetMix
 from .chaos import ChaosConfig
 from .ratelimit import DEFAULT_RATE_LIMIT
 from .records import Fill, Order, Position, Step, Symbol
@@ -34,6 +35,8 @@ from .wire import (
     uuid4,
 )
 
+MLEG_PROB: Final = 0.12
+"""With the asset mix: the share of new orders that are two-leg option orders."""
 MAX_LIVE_ORDERS: Final = 4
 """Orders in flight at once; their updates interleave on the stream."""
 DEFAULT_STEP_NS: Final = 5_800_000
@@ -70,6 +73,12 @@ class SimConfig:
     burst: tuple[int, int] = (0, 0)
     """(after this many updates, this many more): a burst the market plays as fast as it
     can, without pacing, before going back to `rate`."""
+    asset_mix: bool = False
+    """Trade a crypto pair and two options on the first symbol too, and end the day with
+    the non-trade activities they bring (`assets.py`, docs/design.md, section 10)."""
+    activity_delay: float = 5.0
+    """Seconds of Trio time after the market finishes before its end-of-day activities
+    show on REST: they post after the close, once the day's updates are delivered."""
     replace_prob: float = 0.0
     """Chance that an order filling in several pieces is replaced part way: `replaced` on
     the old order (its fills stay with it), `new` with `replaces` on the replacing one,
@@ -130,6 +139,11 @@ class Market:
         ]
         if not self.symbols:
             raise ValueError("SimConfig.symbols must not be empty")
+        # Non-trade activities (expiries, assignments, fees, a split), sorted by id.
+        self.non_trade: list[dict[str, Any]] = []
+        self.non_trade_ns: dict[str, int] = {}
+        self.non_trade_visible_at = 0.0
+        self.assets = AssetMix(self) if config.asset_mix else None
         self.positions = {s.name: Position() for s in self.symbols}
         for name, qty, avg in config.preexisting:
             if name not in self.positions:
@@ -158,6 +172,17 @@ class Market:
     async def wait_finished(self) -> None:
         await self._finished_event.wait()
 
+    def start_clock(self, moment: datetime) -> None:
+        """Before the first update: the market's clock starts at `moment` (the wall clock
+        when it starts trading, say, so its times are the wall clock's as a broker's are)."""
+        if self.updates:
+            raise RuntimeError("the market's clock can only be set before it trades")
+        if moment.tzinfo is None:
+            raise ValueError("start_clock needs a timezone-aware moment")
+        epoch = moment.astimezone(UTC)
+        self.epoch_ns = self.now_ns = int(epoch.replace(microsecond=0).timestamp()) * NS + (
+            epoch.microsecond * 1000)
+
     def step(self) -> list[int] | None:
         """Make and record the next batch of updates; their indices, or None once finished."""
         if self.finished:
@@ -165,6 +190,10 @@ class Market:
         with decimal.localcontext(CTX):
             indices = self._advance()
         if self._created >= self.config.orders and not self._live:
+            if self.assets is not None:
+                with decimal.localcontext(CTX):
+                    self.assets.end_of_day()
+                self.non_trade_visible_at = _trio_now() + self.config.activity_delay
             self.finished = True
             self._finished_event.set()
         return indices
@@ -232,16 +261,27 @@ class Market:
 
     def _random_qty(self, sym: Symbol) -> Decimal:
         rng = self._rng
+        if sym.asset_class != "us_equity":
+            assert self.assets is not None
+            return self.assets.random_qty(sym, rng)
         if sym.fractional and rng.random() < 0.5:
             return Decimal(rng.randint(1, 60_000)) / 1000  # e.g. 0.974, 17.026
         return Decimal(rng.randint(1, 100))
 
     def _open_order(self) -> Order:
         rng = self._rng
+        if self.assets is not None and rng.random() < MLEG_PROB:
+            return self._open_mleg()
         sym = rng.choice(self.symbols)
         held = self.positions[sym.name].qty
         r = rng.random()
-        if held != 0 and r < 0.30:
+        if sym.asset_class == "crypto":
+            assert self.assets is not None
+            # Coin already promised to sell orders still working is not there to sell.
+            selling = sum((o.qty - o.filled_qty for o in self._live
+                           if o.symbol is sym and o.side == "sell"), ZERO)
+            side, qty = self.assets.crypto_order(held - selling, rng)
+        elif held != 0 and r < 0.30:
             side, qty = ("sell" if held > 0 else "buy"), abs(held)  # close exactly
         elif held != 0 and r < 0.45:
             side, qty = ("sell" if held > 0 else "buy"), abs(held) + self._random_qty(sym)  # flip
@@ -263,7 +303,9 @@ class Market:
         else:
             intent = "sell_to_close" if held > 0 else "sell_to_open"
 
-        pieces = self._split(qty, Decimal("0.001") if fractional_qty else Decimal(1))
+        unit = Decimal(1) if not fractional_qty else (
+            Decimal("1e-9") if sym.asset_class == "crypto" else Decimal("0.001"))
+        pieces = self._split(qty, unit)
         plan: list[tuple[Step, Decimal]] = [("pending_new", ZERO), ("new", ZERO)]
         fate = rng.random()
         if fate < 0.12:
@@ -300,6 +342,64 @@ class Market:
         self.orders[order.id] = order
         return order
 
+    def _open_mleg(self) -> Order:
+        """A two-leg option order (buy the call, sell the put: a synthetic long), its legs
+        filled piece by piece in any order, each leg an order of its own."""
+        rng = self._rng
+        assert self.assets is not None
+        call, put = (next(s for s in self.symbols if s.name == c.symbol)
+                     for c in self.assets.contracts.values())
+        units = Decimal(rng.randint(1, 5))
+        parent_id = str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4))
+        legs = []
+        for sym, side in ((call, "buy"), (put, "sell")):
+            leg = Order(
+                id=str(uuid.UUID(int=uuid4(rng).int ^ self._id_salt, version=4)),
+                client_order_id=self._client_order_id(uuid4(rng)), symbol=sym, side=side,
+                qty=units, order_type="market", time_in_force="day", limit_price=None,
+                position_intent=f"{side}_to_open", plan=[], parent_id=parent_id)
+            legs.append(leg)
+        pieces = [(i, p) for i in range(len(legs)) for p in self._split(units, Decimal(1))]
+        rng.shuffle(pieces)
+        plan: list[tuple[Step, Decimal]] = [("pending_new", ZERO), ("new", ZERO)]
+        plan += [("fill", p) for _, p in pieces]
+        parent = Order(
+            id=parent_id, client_order_id=self._client_order_id(uuid4(rng)), symbol=call,
+            side="buy", qty=units, order_type="market", time_in_force="day", limit_price=None,
+            position_intent="buy_to_open", plan=plan, order_class="mleg", legs=legs,
+            leg_plan=[i for i, _ in pieces])
+        self._created += 1
+        self.orders[parent.id] = parent
+        for leg in legs:
+            self.orders[leg.id] = leg
+        return parent
+
+    def _fill_leg(self, order: Order, fill_qty: Decimal, ts: int) -> dict[str, str]:
+        """One fill of one leg of a multi-leg order: the leg's own order, position and FILL
+        activity; the parent counts whole units (the least-filled leg)."""
+        leg = order.legs[order.leg_plan.pop(0)]
+        price = self._fill_price(leg)
+        leg.filled_qty += fill_qty
+        leg.notional += fill_qty * price
+        leg.updated_ns = ts
+        leg_done = leg.filled_qty == leg.qty
+        leg.status = "filled" if leg_done else "partially_filled"
+        if leg_done:
+            leg.filled_ns = ts
+        signed = fill_qty if leg.side == "buy" else -fill_qty
+        self.positions[leg.symbol.name].apply(signed, price, leg.symbol.multiplier)
+        self.cash -= signed * price * leg.symbol.multiplier
+        activity_id = self._record_activity(
+            leg, "fill" if leg_done else "partial_fill", fill_qty, price, ts, self._rng)
+        leg.fills.append(Fill(fill_qty, price, leg.filled_qty, activity_id, len(self.updates)))
+        self.fills_total += 1
+        order.filled_qty = min(leg.filled_qty for leg in order.legs)
+        done = all(leg.filled_qty == leg.qty for leg in order.legs)
+        order.status = "filled" if done else "partially_filled"
+        if done:
+            order.filled_ns = ts
+        return {"price": decimal_text(price), "qty": decimal_text(fill_qty)}
+
     def _client_order_id(self, unique: object) -> str:
         strategies = self.config.strategies
         if not strategies:
@@ -316,7 +416,10 @@ class Market:
 
     def _fill_price(self, order: Order) -> Decimal:
         sym = order.symbol
-        sym.price = max(Decimal(1), sym.price + Decimal(self._rng.randint(-40, 40)) / 100)
+        if sym.asset_class == "us_option":
+            sym.price = max(CENT, sym.price + Decimal(self._rng.randint(-5, 5)) / 100)
+        else:
+            sym.price = max(Decimal(1), sym.price + Decimal(self._rng.randint(-40, 40)) / 100)
         price = sym.price
         if order.limit_price is not None:
             price = (
@@ -336,8 +439,16 @@ class Market:
         if step == "pending_new":
             order.created_ns = ts
             order.status = "pending_new"
+            for leg in order.legs:
+                leg.created_ns = leg.updated_ns = ts
+                leg.status = "pending_new"
         elif step == "new":
             order.status = "new"
+            for leg in order.legs:
+                leg.status, leg.updated_ns = "new", ts
+        elif step == "fill" and order.legs:
+            extra = self._fill_leg(order, fill_qty, ts)
+            event = "fill" if order.status == "filled" else "partial_fill"
         elif step == "fill":
             price = self._fill_price(order)
             order.filled_qty += fill_qty
@@ -349,8 +460,10 @@ class Market:
                 order.filled_ns = ts
             signed = fill_qty if order.side == "buy" else -fill_qty
             position = self.positions[order.symbol.name]
-            position.apply(signed, price)
-            self.cash -= signed * price
+            position.apply(signed, price, order.symbol.multiplier)
+            self.cash -= signed * price * order.symbol.multiplier
+            if self.assets is not None:
+                self.assets.after_fill(order, signed, price, ts)
             activity_id = self._record_activity(order, event, fill_qty, price, ts, rng)
             order.fills.append(
                 Fill(fill_qty, price, order.filled_qty, activity_id, len(self.updates))
@@ -416,7 +529,7 @@ class Market:
             "price": decimal_text(price),
             "qty": decimal_text(qty),
             "side": order.side,
-            "symbol": order.symbol.name,
+            "symbol": order.symbol.compact,
             "leaves_qty": decimal_text(order.qty - order.filled_qty),
             "order_id": order.id,
             "cum_qty": decimal_text(order.filled_qty),
@@ -430,8 +543,29 @@ class Market:
         return activity_id
 
 
+    def record_non_trade(self, activity: dict[str, Any], ts: int) -> None:
+        """Post a non-trade activity at simulated time `ts` (its id says when)."""
+        local = datetime.fromtimestamp(ts // NS, EASTERN)
+        activity_id = f"{local:%Y%m%d%H%M%S}{(ts % NS) // MS_NS:03d}::{uuid4(self._rng)}"
+        activity = {"id": activity_id, "description": "", **activity}
+        ids = [a["id"] for a in self.non_trade]
+        at = bisect.bisect(ids, activity_id)
+        self.non_trade.insert(at, activity)
+        self.non_trade_ns[activity_id] = ts - ts % 1000
+
+    def non_trade_visible(self) -> bool:
+        return _trio_now() >= self.non_trade_visible_at
+
     def _record_update(self, data: dict[str, Any]) -> int:
         index = len(self.updates)
         self.updates.append(data)
         self.frames.append(dumps({"stream": "trade_updates", "data": data}))
         return index
+
+
+def _trio_now() -> float:
+    """Trio's clock when the market runs under Trio; 0 when stepped by hand."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return 0.0

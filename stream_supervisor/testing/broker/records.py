@@ -23,6 +23,15 @@ class Symbol:
     asset_id: str
     price: Decimal
     fractional: bool
+    #: us_equity, us_option or crypto (docs/design.md, section 10); options are priced
+    #: per share and move `multiplier` shares a contract.
+    asset_class: str = "us_equity"
+    multiplier: Decimal = Decimal(1)
+
+    @property
+    def compact(self) -> str:
+        """The spelling of positions and activities: a crypto pair without its slash."""
+        return self.name.replace("/", "")
 
 
 @dataclass(slots=True)
@@ -31,8 +40,9 @@ class Position:
     avg: Decimal | None = None
     realized: Decimal = ZERO
 
-    def apply(self, signed_qty: Decimal, price: Decimal) -> None:
-        """docs/design.md, section 4 position math; caller holds the 50-digit context."""
+    def apply(self, signed_qty: Decimal, price: Decimal, multiplier: Decimal = Decimal(1)) -> None:
+        """docs/design.md, section 4 position math; caller holds the 50-digit context.
+        Realized P&L is in money: per-share prices times the contract multiplier."""
         q = self.qty
         if q == 0:
             self.qty, self.avg = signed_qty, price
@@ -43,7 +53,7 @@ class Position:
             self.qty = q + signed_qty
             return
         closed = min(abs(q), abs(signed_qty))
-        self.realized += closed * (price - self.avg) * (1 if q > 0 else -1)
+        self.realized += closed * (price - self.avg) * (1 if q > 0 else -1) * multiplier
         after = q + signed_qty
         if after == 0:
             self.avg = None
@@ -86,16 +96,35 @@ class Order:
     filled_qty: Decimal = ZERO
     notional: Decimal = ZERO
     fills: list[Fill] = field(default_factory=list)
+    #: A multi-leg order (`mleg`): its legs are orders of their own, one symbol each, and
+    #: `leg_plan` says which leg each planned fill fills (docs/design.md, section 10).
+    order_class: str = ""
+    legs: list[Order] = field(default_factory=list)
+    leg_plan: list[int] = field(default_factory=list)
+    parent_id: str | None = None
 
     def avg_price(self) -> Decimal | None:
         if self.filled_qty == 0:
             return None
         with decimal.localcontext(CTX):
+            if self.legs:
+                # The strategy's net price a unit: what buying legs cost less what
+                # selling legs bring (negative for a net credit).
+                return sum(((leg.avg_price() or ZERO) * (1 if leg.side == "buy" else -1)
+                            for leg in self.legs), ZERO).quantize(TWELVE)
             return (self.notional / self.filled_qty).quantize(TWELVE)
 
     def snapshot(self) -> dict[str, Any]:
         """The order object, keys in the order the real broker sends them."""
         avg = self.avg_price()
+        if self.legs:
+            # A multi-leg parent has no symbol, side or asset of its own: its legs do.
+            return {**self._snapshot(avg), "asset_id": None, "symbol": "", "asset_class": None,
+                    "side": None, "position_intent": None, "order_class": "mleg",
+                    "legs": [leg.snapshot() for leg in self.legs]}
+        return self._snapshot(avg)
+
+    def _snapshot(self, avg: Decimal | None) -> dict[str, Any]:
         return {
             "id": self.id,
             "client_order_id": self.client_order_id,
@@ -112,7 +141,7 @@ class Order:
             "replaces": self.replaces,
             "asset_id": self.symbol.asset_id,
             "symbol": self.symbol.name,
-            "asset_class": "us_equity",
+            "asset_class": self.symbol.asset_class,
             "notional": None,
             "qty": decimal_text(self.qty),
             "filled_qty": decimal_text(self.filled_qty),

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from ...errors import TimestampError
 from ...events import parse_timestamp
+from .assets import asset_record
 from .chaos import ChaosDecider
 from .market import STARTING_CASH, Market
 from .ratelimit import RateLimiter
@@ -160,7 +161,9 @@ class RestApi:
         chosen = [
             o
             for o in self.market.orders.values()
-            if (status == "all" or (o.status in _OPEN_STATUSES) == (status == "open"))
+            # A leg is listed inside its multi-leg parent (`nested`), not on its own.
+            if o.parent_id is None
+            and (status == "all" or (o.status in _OPEN_STATUSES) == (status == "open"))
             and (after_ns is None or o.created_ns > after_ns)
         ]
         chosen.sort(key=lambda o: o.created_ns, reverse=(direction == "desc"))
@@ -178,16 +181,16 @@ class RestApi:
                 p = self.market.positions[sym.name]
                 if p.qty == 0 or p.avg is None:
                     continue
-                cost = p.qty * p.avg
-                value = p.qty * sym.price
+                cost = p.qty * p.avg * sym.multiplier
+                value = p.qty * sym.price * sym.multiplier
                 unrealized = value - cost
                 out.append(
                     {
                         "asset_id": sym.asset_id,
-                        "symbol": sym.name,
-                        "exchange": "NASDAQ",
-                        "asset_class": "us_equity",
-                        "asset_marginable": True,
+                        "symbol": sym.compact,
+                        "exchange": asset_record(sym)["exchange"],
+                        "asset_class": sym.asset_class,
+                        "asset_marginable": sym.asset_class == "us_equity",
                         "qty": decimal_text(p.qty),
                         "qty_available": decimal_text(p.qty),
                         "avg_entry_price": decimal_text(p.avg.quantize(TWELVE, context=CTX)),
@@ -209,6 +212,38 @@ class RestApi:
                 )
         return out
 
+    def non_trade_activities(
+        self, *, activity_types: str | None, after: str | None, page_size: int,
+        page_token: str | None, direction: str = "asc",
+    ) -> list[dict[str, Any]]:
+        """`GET /v2/account/activities`: the non-trade ones of `activity_types` (all when
+        not given), oldest first, after `page_token` (an id) and `after` (a time)."""
+        if direction != "asc":
+            raise ValueError(f"unsupported direction {direction!r}")
+        wanted = {t.strip() for t in activity_types.split(",")} if activity_types else None
+        after_ns = _parse_time(after, "after")
+        out: list[dict[str, Any]] = []
+        if not self.market.non_trade_visible():
+            return out
+        for activity in self.market.non_trade:
+            aid = activity["id"]
+            if page_token is not None and aid <= page_token:
+                continue
+            if after_ns is not None and self.market.non_trade_ns[aid] <= after_ns:
+                continue
+            if wanted is not None and activity["activity_type"] not in wanted:
+                continue
+            out.append(dict(activity))
+            if len(out) >= page_size:
+                break
+        return out
+
+    def asset(self, symbol: str) -> dict[str, Any] | None:
+        """`GET /v2/assets/{symbol}`, in either spelling of a crypto pair."""
+        for sym in self.market.symbols:
+            if symbol in (sym.name, sym.compact):
+                return asset_record(sym)
+        return None
     def clock(self) -> dict[str, Any]:
         """`GET /v2/clock`: the simulated session is regular market hours, open from its
         epoch for six and a half hours."""
@@ -289,6 +324,17 @@ class RestApi:
             return self.clock()
         if route == "order":
             return self.order(path.rsplit("/", 1)[1])
+        if route == "asset":
+            return self.asset(unquote(path.split("/v2/assets/", 1)[1]))
+        if route == "non_trade":
+            return self.non_trade_activities(
+                activity_types=query.get("activity_types") or None,
+                after=query.get("after") or None,
+                page_size=min(_int_param(query, "page_size", ACTIVITY_PAGE_MAX),
+                              ACTIVITY_PAGE_MAX),
+                page_token=query.get("page_token") or None,
+                direction=query.get("direction") or "asc",
+            )
         if route == "orders":
             return self.orders(
                 status=query.get("status") or "open",
@@ -317,6 +363,10 @@ def _route(path: str) -> str | None:
         return "account"
     if path == "/v2/account/activities/FILL":
         return "activities"
+    if path == "/v2/account/activities":
+        return "non_trade"
+    if path.startswith("/v2/assets/") and len(path) > len("/v2/assets/"):
+        return "asset"
     if path == "/v2/orders":
         return "orders"
     if path.startswith("/v2/orders/") and path.count("/") == 3:

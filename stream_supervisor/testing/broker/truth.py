@@ -22,6 +22,7 @@ def ground_truth(
     (an abrupt reset right after may still lose it in flight); `updates_played`
     counts such updates, `stats["updates_unsent"]` the others.
     """
+    crypto = {s.name for s in market.symbols if s.asset_class == "crypto"}
     with decimal.localcontext(CTX):
         orders = {
             o.id: {
@@ -31,6 +32,7 @@ def ground_truth(
                 "filled_qty": decimal_text(o.filled_qty),
                 "filled_avg_price": decimal_text_opt(o.avg_price()),
                 "status": o.status,
+                **({"order_class": "mleg"} if o.legs else {}),
                 "fills": [
                     {
                         "qty": decimal_text(f.qty),
@@ -49,6 +51,10 @@ def ground_truth(
                 "qty": decimal_text(p.qty),
                 "avg_entry_price": decimal_text_opt(round12(p.avg)),
                 "realized_pnl": decimal_text(p.realized),
+                # A crypto fee leaves the broker's position at the fill and ours only when
+                # its CFEE activity posts: buys in between average over a different
+                # quantity, so the average and P&L are path-dependent (design.md, section 10).
+                **({"prices_exact": False} if name in crypto else {}),
             }
             for name, p in market.positions.items()
         }

@@ -43,6 +43,10 @@ def _poison_prob(seed: int) -> float:
     return rng.uniform(0.02, 0.1) if rng.random() < 0.35 else 0.0
 
 
+def _asset_mix(seed: int) -> bool:
+    """Crypto, options and the day's non-trade activities for about a third of the seeds,
+    from a generator of their own (like `_poison_prob`)."""
+    return random.Random(f"schedule/{seed}/assets").random() < 0.35
 def _history(seed: int, market_seconds: float) -> tuple[tuple[tuple[str, str, str], ...],
                                                        float]:
     """An account with history for about 40% of the seeds (docs/design.md, section 9):
@@ -122,6 +126,9 @@ def schedule_for_seed(seed: int) -> Schedule:
         crashes=crashes,
         max_batch=rng.choice((1, 8, 64)),
         lru_size=rng.choice((0, 16, 10_000)),
+        # Not with history yet: a baseline already holds the crypto fees and corporate
+        # actions before it, whose activities post after it (docs/design.md, section 10).
+        asset_mix=_asset_mix(seed) and not preexisting and start_delay == 0.0,
     )
 
 
@@ -136,6 +143,8 @@ def _candidates(s: Schedule) -> Iterator[Schedule]:
         off = replace(s.chaos, **switches)  # type: ignore[arg-type]
         if off != s.chaos:
             yield replace(s, chaos=off)
+    if s.asset_mix:
+        yield replace(s, asset_mix=False)
     if s.orders > 1:
         yield replace(s, orders=max(1, s.orders // 2))
         yield replace(s, orders=s.orders - 1)
@@ -174,4 +183,6 @@ def describe(s: Schedule) -> str:
     if s.crashes:
         parts.append("crashes=" + ",".join(f"{c:.2f}" for c in s.crashes))
     parts.append(f"max_batch={s.max_batch} lru={s.lru_size}")
+    if s.asset_mix:
+        parts.append("asset_mix")
     return " ".join(parts)

@@ -66,6 +66,9 @@ class Schedule:
     crashes: tuple[float, ...] = ()
     max_batch: int = 64
     lru_size: int = 10_000
+    #: The market trades crypto and options too and ends its day with non-trade
+    #: activities (fees, an expiry, an assignment, a split): docs/design.md, section 10.
+    asset_mix: bool = False
     #: An account with history (docs/design.md, section 9): positions held before the
     #: session, and the service's first start this many virtual seconds into it (orders
     #: partly filled by then), taking the broker's word as its baseline.
@@ -108,6 +111,7 @@ class Schedule:
             "skipped_partials": int(c.skip_partial_prob > 0),
             "upgrade_429": int(c.reject_429_connects > 0),
             "poison": int(c.poison_prob > 0),
+            "asset_mix": int(self.asset_mix),
             "store_fail_before": len(self.fail_before),
             "store_fail_after": len(self.fail_after),
             "actor_crash": len(self.actor_crash),
@@ -203,6 +207,7 @@ def sim_settings(schedule: Schedule, sim: SimConfig) -> Settings:
                               healthy_after=10.0),
         backfill_overlap=0.25,
         order_refresh_interval=2.0,
+        activity_interval=2.0,
         first_start_lookback=86_400.0,
         drain_timeout=10.0,
         restart_limit=10,
@@ -252,6 +257,9 @@ async def _world(
         chaos=schedule.chaos,
         start_time=EPOCH,
         scenario="sim",
+        asset_mix=schedule.asset_mix,
+        # After the longest stall (20 s): the day's updates are delivered before it ends.
+        activity_delay=30.0,
         preexisting=schedule.preexisting,
         replace_prob=schedule.replace_prob,
         activities_retention=schedule.activities_window or None,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 
+import pytest
 import trio
 
 from stream_supervisor.events import parse_timestamp
@@ -195,3 +197,16 @@ def test_positions_held_before_the_session_are_the_broker_positions() -> None:
     broker = SimulatedBroker(config(seed=5, orders=0, preexisting=(("AAPL", "-40", "190"),)))
     assert [(p["symbol"], p["qty"], p["side"]) for p in broker.positions()] == [
         ("AAPL", "-40", "short")]
+
+
+def test_the_market_clock_can_start_when_trading_starts() -> None:
+    broker = SimulatedBroker(config(seed=4, orders=5))
+    moment = datetime(2026, 11, 30, 14, 0, 0, 250_000, tzinfo=UTC)
+    broker.market.start_clock(moment)
+    first = broker.step()
+    assert first is not None
+    stamp = broker.market.activity_ns.get(broker.market.activity_ids[0]) if (
+        broker.market.activity_ids) else broker.market.now_ns
+    assert stamp is not None and stamp >= int(moment.timestamp() * 1e9)
+    with pytest.raises(RuntimeError):
+        broker.market.start_clock(moment)

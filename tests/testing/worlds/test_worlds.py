@@ -35,7 +35,7 @@ FAMILIES = {
     "duplicates", "disconnects", "abrupt", "reorder", "delays", "stalls", "malformed",
     "unknown_events", "rest_errors", "short_pages", "replay", "skipped_partials",
     "upgrade_429", "store_fail_before", "store_fail_after", "actor_crash", "writer_stall",
-    "supervisor_crash", "poison", "history",
+    "supervisor_crash", "poison", "history", "asset_mix",
 }
 
 REPORTS: list[tuple[str, Report]] = []

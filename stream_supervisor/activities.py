@@ -1,0 +1,284 @@
+"""Non-trade activities that move a position (docs/design.md, section 10): pure, no I/O.
+
+Options expire, are assigned or exercised; stocks split; crypto fees are charged in the
+coin; securities transfer in and out. Alpaca reports these as account activities, each
+with an id: decoded here into keyed `Event`s (`event == "activity"`) and applied by the
+ledger to the open positions they touch, in the batch transaction like any fill. A type
+not understood changes nothing: it is stored and reported, never guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Final
+
+import msgspec
+
+from .bounds import (
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_SYMBOL_CHARS,
+    check_price,
+    check_qty,
+    check_text,
+    check_time,
+)
+from .errors import DecodeError
+from .events import ACTIVITY_EVENT, Event, activity_key, parse_timestamp
+from .orders import FillDelta
+from .positions import ZERO, Position, PositionStep, apply_fill
+from .symbols import AssetClass, asset_class_of, canonical_symbol, multiplier, parse_occ
+
+#: The position-changing types the service applies.
+APPLIED_TYPES: Final = frozenset({"CFEE", "OPEXP", "OPASN", "OPEXC", "SPLIT", "ACATC", "ACATS"})
+#: The types backfill asks the broker for: the applied ones, and the ones it stores and
+#: reports because they move a position in a way it does not model (a reorganisation,
+#: a spin-off, a merger, a name change).
+POSITION_TYPES: Final = APPLIED_TYPES | frozenset({"REORG", "SPIN", "MA", "NC"})
+
+#: `account_activities.outcome` values.
+APPLIED = "applied"
+NOT_UNDERSTOOD = "not understood"
+NO_POSITION = "no open position"
+MORE_THAN_HELD = "more than the position holds"
+
+
+class WireNonTrade(msgspec.Struct, gc=False):
+    """A non-trade activity as `GET /v2/account/activities` returns it."""
+
+    id: str
+    activity_type: str
+    date: str | None = None
+    transaction_time: str | None = None
+    symbol: str | None = None
+    qty: Decimal | None = None
+    price: Decimal | None = None
+    per_share_amount: Decimal | None = None
+    net_amount: Decimal | None = None
+    description: str | None = None
+    status: str | None = None
+
+
+_decoder: Final = msgspec.json.Decoder(list[WireNonTrade])
+_one_decoder: Final = msgspec.json.Decoder(WireNonTrade)
+
+
+def decode_non_trade(body: bytes) -> list[WireNonTrade]:
+    """A page of non-trade activities. Raises DecodeError if it is not one."""
+    try:
+        return _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"invalid activities page: {exc}") from None
+
+
+def _stamp(activity: WireNonTrade) -> str:
+    text = activity.transaction_time or activity.date
+    if not text:
+        raise DecodeError(f"activity {activity.id[:64]} without date or transaction_time")
+    # A bare date (`2024-01-19`) is the end of the trading day it names, in UTC.
+    return text if "T" in text or "t" in text else f"{text}T21:00:00Z"
+
+
+def activity_symbol(activity_type: str, symbol: str) -> str:
+    """The stored spelling: crypto fees name the pair without its slash."""
+    return canonical_symbol(symbol, AssetClass.CRYPTO if activity_type == "CFEE" else None)
+
+
+def non_trade_to_event(activity: WireNonTrade, *, not_after_ns: int | None = None) -> Event:
+    """An activity as a keyed event (raises DecodeError, OutOfBounds if unusable)."""
+    if not activity.id:
+        raise DecodeError("activity without id")
+    check_text("id", activity.id, MAX_ID_CHARS)
+    check_text("activity_type", activity.activity_type, MAX_LABEL_CHARS)
+    symbol = activity.symbol or ""
+    if symbol:
+        check_text("symbol", symbol, MAX_SYMBOL_CHARS)
+    check_qty("qty", activity.qty)
+    check_price("price", activity.price)
+    check_price("per_share_amount", activity.per_share_amount)
+    ts, ts_ns = parse_timestamp(_stamp(activity))
+    check_time("date", ts_ns, not_after_ns)
+    price = activity.price if activity.price is not None else activity.per_share_amount
+    return Event(
+        key=activity_key(activity.id),
+        event=ACTIVITY_EVENT,
+        source="rest",
+        order_id="",
+        symbol=activity_symbol(activity.activity_type, symbol) if symbol else "",
+        side="",
+        status=activity.activity_type,
+        cum_qty=ZERO,
+        timestamp=ts,
+        ts_ns=ts_ns,
+        fill_qty=activity.qty,
+        fill_price=price,
+        activity_id=activity.id,
+        activity_type=activity.activity_type,
+        raw=msgspec.json.encode(activity),
+    )
+
+
+def decode_stored_activity(payload: bytes) -> WireNonTrade:
+    try:
+        return _one_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"invalid activity: {exc}") from None
+
+
+def touched_symbols(ev: Event) -> tuple[str, ...]:
+    """Every symbol an activity may change: an assignment or exercise also the underlying."""
+    if ev.activity_type in ("OPASN", "OPEXC"):
+        contract = parse_occ(ev.symbol)
+        if contract is not None:
+            return (ev.symbol, contract.underlying)
+    return (ev.symbol,)
+
+
+@dataclass(slots=True)
+class ActivityRecord:
+    """One row of `account_activities`: the activity, and what it did."""
+
+    activity_id: str
+    activity_type: str
+    symbol: str
+    qty: Decimal | None
+    price: Decimal | None
+    timestamp: datetime
+    outcome: str
+    #: Signed quantity change per symbol (what `check` adds to the orders' fills).
+    effects: dict[str, Decimal] = field(default_factory=dict)
+    raw: bytes = b""
+
+
+@dataclass(slots=True)
+class ActivityOutcome:
+    record: ActivityRecord
+    steps: list[tuple[str, PositionStep]] = field(default_factory=list)
+
+
+def _sign(x: Decimal) -> int:
+    return (x > 0) - (x < 0)
+
+
+def _moved(row: Position, qty: Decimal, avg: Decimal, pnl: Decimal,
+           closed_at: datetime | None, activity_id: str | None) -> Position:
+    return Position(row.account_id, row.symbol, qty, avg, row.opened_by_order_id,
+                    row.opened_by_client_order_id, row.opened_at, pnl, closed_at,
+                    row.peak_qty, row.position_id, row.multiplier, row.asset_class,
+                    activity_id if closed_at is not None else row.closing_activity_id)
+
+
+def _scale(row: Position, new_qty: Decimal) -> Position:
+    """A split: quantity to `new_qty`, cost basis unchanged, so the average scales back."""
+    avg = row.avg_entry_price * row.qty / new_qty
+    peak = row.peak_qty * new_qty / row.qty
+    return Position(row.account_id, row.symbol, new_qty, avg, row.opened_by_order_id,
+                    row.opened_by_client_order_id, row.opened_at, row.realized_pnl, None,
+                    peak, row.position_id, row.multiplier, row.asset_class,
+                    row.closing_activity_id)
+
+
+def _reduce(row: Position, by: Decimal, when: datetime, activity_id: str) -> PositionStep:
+    """Quantity leaves the position without a trade (a fee in the coin, a transfer out):
+    the average is unchanged and nothing is realized."""
+    remaining = row.qty - by * _sign(row.qty)
+    if remaining == 0:
+        return PositionStep(None, _moved(row, ZERO, row.avg_entry_price, row.realized_pnl,
+                                         when, activity_id), ZERO)
+    return PositionStep(_moved(row, remaining, row.avg_entry_price, row.realized_pnl, None, None),
+                        None, ZERO)
+
+
+def apply_activity(
+    account_id: str, current: Mapping[str, Position], ev: Event
+) -> ActivityOutcome:
+    """What one activity does to the open positions (`current`, by symbol).
+
+    - CFEE: the fee (`qty`, negative, in the coin) leaves the position; average unchanged.
+    - OPEXP: the option closes at price 0: the premium paid is lost, the premium received kept.
+    - OPASN, OPEXC: `|qty|` contracts close at price 0 (their premium realized as at expiry)
+      and the underlying moves by contracts x multiplier at the strike: a long call
+      exercised or a short put assigned buys it, a long put exercised or a short call
+      assigned sells it.
+    - SPLIT: `qty` shares are added (negative for a reverse split): quantity scales,
+      average price scales back, cost basis unchanged.
+    - ACATC, ACATS: `qty` shares move in (at `price`, the broker's stated value, re-averaged
+      like a purchase) or out (average unchanged, nothing realized).
+    """
+    atype = ev.activity_type or ""
+    aid = ev.activity_id or ""
+    qty = ev.fill_qty
+    record = ActivityRecord(aid, atype, ev.symbol, qty, ev.fill_price, ev.timestamp,
+                            NOT_UNDERSTOOD, raw=ev.raw)
+    out = ActivityOutcome(record)
+    if atype not in APPLIED_TYPES or not ev.symbol:
+        return out
+    row = current.get(ev.symbol)
+    if atype == "ACATC" and qty is not None and qty != 0:
+        price = ev.fill_price if ev.fill_price is not None else ZERO
+        signed = abs(qty) if row is None or row.qty > 0 else -abs(qty)
+        cls = asset_class_of(ev.symbol)
+        step = apply_fill(row, account_id, _delta(ev, ev.symbol, signed, price),
+                          multiplier(cls), cls.value)
+        out.steps.append((ev.symbol, step))
+        record.effects[ev.symbol] = signed
+        record.outcome = APPLIED
+        return out
+    if row is None or row.qty == 0:
+        record.outcome = NO_POSITION
+        return out
+    if atype in ("CFEE", "ACATS"):
+        if qty is None or qty == 0:
+            return out
+        if abs(qty) > abs(row.qty):
+            record.outcome = MORE_THAN_HELD
+            return out
+        step = _reduce(row, abs(qty), ev.timestamp, aid)
+        record.effects[ev.symbol] = -abs(qty) * _sign(row.qty)
+    elif atype == "SPLIT":
+        if qty is None:
+            return out
+        new_qty = row.qty + qty * _sign(row.qty)
+        if _sign(new_qty) != _sign(row.qty):
+            record.outcome = MORE_THAN_HELD
+            return out
+        step = PositionStep(_scale(row, new_qty), None, ZERO)
+        record.effects[ev.symbol] = new_qty - row.qty
+    else:  # OPEXP, OPASN, OPEXC: the broker's stated contracts, from the side held
+        contracts = abs(qty) if qty else abs(row.qty)
+        change = -contracts * _sign(row.qty)
+        step = _closing(apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)
+        record.effects[ev.symbol] = change
+        contract = parse_occ(ev.symbol)
+        if atype != "OPEXP" and contract is not None:
+            buys = (contract.right == "call") == (row.qty > 0)
+            shares = contracts * row.multiplier
+            signed = shares if buys else -shares
+            under = contract.underlying
+            stock = apply_fill(current.get(under), account_id,
+                               _delta(ev, under, signed, contract.strike),
+                               multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)
+            out.steps.append((ev.symbol, step))
+            out.steps.append((under, stock))
+            record.effects[under] = signed
+            record.outcome = APPLIED
+            return out
+    out.steps.append((ev.symbol, step))
+    record.outcome = APPLIED
+    return out
+
+
+def _closing(step: PositionStep, activity_id: str) -> PositionStep:
+    """The step with the row it closed marked as closed by the activity."""
+    if step.closed is None:
+        return step
+    return PositionStep(step.open, msgspec.structs.replace(
+        step.closed, closing_activity_id=activity_id), step.realized)
+
+
+def _delta(ev: Event, symbol: str, signed: Decimal, price: Decimal) -> FillDelta:
+    return FillDelta(order_id=ev.key, client_order_id=None, symbol=symbol, qty=signed,
+                     price=price, timestamp=ev.timestamp, position_qty=None, exact=True)

@@ -1,0 +1,176 @@
+"""activities.py and the ledger's asset-aware math: pure, property-tested
+(docs/design.md, section 10)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream_supervisor.activities import (
+    APPLIED,
+    MORE_THAN_HELD,
+    NO_POSITION,
+    WireNonTrade,
+    non_trade_to_event,
+)
+from stream_supervisor.events import Event, fill_key
+from stream_supervisor.ledger import apply_events
+from stream_supervisor.positions import Position
+
+T0 = datetime(2026, 1, 5, 15, tzinfo=UTC)
+COIN = Decimal("1e-9")
+
+
+def fill(n: int, symbol: str, side: str, qty: Decimal, price: Decimal,
+         asset_class: str = "us_equity") -> Event:
+    ts = T0 + timedelta(seconds=n)
+    return Event(key=fill_key(f"o{n}", qty), event="fill", source="stream", order_id=f"o{n}",
+                 symbol=symbol, side=side, status="filled", cum_qty=qty, timestamp=ts,
+                 ts_ns=n, order_qty=qty, cum_avg_price=price, fill_qty=qty, fill_price=price,
+                 asset_class=asset_class)
+
+
+def activity(n: int, kind: str, symbol: str, qty: str, price: str | None = None) -> Event:
+    return non_trade_to_event(WireNonTrade(
+        id=f"2026010510000{n:04d}::a", activity_type=kind,
+        transaction_time=(T0 + timedelta(seconds=n)).isoformat(), symbol=symbol,
+        qty=Decimal(qty), price=None if price is None else Decimal(price)))
+
+
+def run(*events: Event) -> dict[str, Position]:
+    result = apply_events("a", {}, {}, list(events))
+    return {p.symbol: p for p in result.positions if p.is_open}
+
+
+def run_all(*events: Event) -> list[Position]:
+    return apply_events("a", {}, {}, list(events)).positions
+
+
+coins = st.integers(min_value=1, max_value=10**9).map(lambda n: n * COIN)
+
+
+@given(st.lists(st.tuples(coins, st.integers(1, 90)), min_size=1, max_size=12),
+       st.integers(min_value=1, max_value=100_000))
+def test_fractional_crypto_with_fees_closes_to_exactly_zero(
+        steps: list[tuple[Decimal, int]], price_cents: int) -> None:
+    """Buys, partial sales and fees in the coin, then a sale of what is left: the row
+    closes with qty exactly 0, never a residue."""
+    price = Decimal(price_cents) / 100
+    events, held, n = [], Decimal(0), 0
+    for bought, sell_pct in steps:
+        n += 1
+        events.append(fill(n, "BTC/USD", "buy", bought, price, "crypto"))
+        fee = (bought * Decimal("0.0025")).quantize(COIN)
+        held += bought
+        if fee:
+            n += 1
+            events.append(activity(n, "CFEE", "BTCUSD", str(-fee), str(price)))
+            held -= fee
+        sold = (held * sell_pct / 100).quantize(COIN)
+        if 0 < sold < held:
+            n += 1
+            events.append(fill(n, "BTC/USD", "sell", sold, price, "crypto"))
+            held -= sold
+    events.append(fill(n + 1, "BTC/USD", "sell", held, price, "crypto"))
+    rows = run_all(*events)
+    assert [p for p in rows if p.is_open] == []
+    assert rows[-1].qty == 0 and rows[-1].closed_at is not None
+
+
+@given(st.integers(1, 1000), st.integers(1, 1000), st.integers(100, 100_000),
+       st.integers(100, 100_000), st.sampled_from([2, 3, 4, 10]))
+def test_a_split_posted_late_leaves_the_same_quantity_and_cost_basis(
+        first: int, second: int, p1: int, p2: int, ratio: int) -> None:
+    """The broker's split says how many shares it adds, so applying it before or after a
+    later purchase gives the same shares and the same cost basis."""
+    split = activity(5, "SPLIT", "NVDA", str(first * (ratio - 1)))
+    buy1 = fill(1, "NVDA", "buy", Decimal(first), Decimal(p1) / 100)
+    buy2 = fill(9, "NVDA", "buy", Decimal(second), Decimal(p2) / 100 / ratio)
+    in_order = run(buy1, split, buy2)["NVDA"]
+    late = run(buy1, buy2, split)["NVDA"]
+    assert in_order.qty == late.qty == first * ratio + second
+    assert abs(in_order.cost_basis - late.cost_basis) < Decimal("1e-18")
+
+
+def test_a_partial_assignment_leaves_the_rest_of_the_short_puts() -> None:
+    put = "AAPL240119P00190000"
+    held = run(fill(1, put, "sell", Decimal(3), Decimal("2.00"), "us_option"),
+               activity(2, "OPASN", put, "2"))
+    assert held[put].qty == -1 and held["AAPL"].qty == 200
+    assert held["AAPL"].avg_entry_price == 190
+
+
+def test_an_exercised_long_put_sells_the_shares() -> None:
+    put = "AAPL240119P00190000"
+    held = run(fill(1, "AAPL", "buy", Decimal(100), Decimal(170)),
+               fill(2, put, "buy", Decimal(1), Decimal("5.00"), "us_option"),
+               activity(3, "OPEXC", put, "1"))
+    assert held == {}
+    rows = run_all(fill(1, "AAPL", "buy", Decimal(100), Decimal(170)),
+                   fill(2, put, "buy", Decimal(1), Decimal("5.00"), "us_option"),
+                   activity(3, "OPEXC", put, "1"))
+    pnl = {p.symbol: p.realized_pnl for p in rows}
+    assert pnl == {"AAPL": 100 * Decimal(20), put: Decimal(-500)}
+
+
+def test_transfers_move_shares_in_at_the_stated_value_and_out_at_cost() -> None:
+    held = run(fill(1, "MSFT", "buy", Decimal(10), Decimal(300)),
+               activity(2, "ACATC", "MSFT", "10", "400"),
+               activity(3, "ACATS", "MSFT", "-5"))
+    assert (held["MSFT"].qty, held["MSFT"].avg_entry_price) == (Decimal(15), Decimal(350))
+
+
+def test_what_an_activity_cannot_do_is_recorded_and_changes_nothing() -> None:
+    result = apply_events("a", {}, {}, [
+        activity(1, "OPEXP", "AAPL240119C00190000", "-1"),
+        fill(2, "BTC/USD", "buy", Decimal("0.001"), Decimal(50_000), "crypto"),
+        activity(3, "CFEE", "BTCUSD", "-0.01"),
+    ])
+    assert [r.outcome for r in result.activities] == [NO_POSITION, MORE_THAN_HELD]
+    [row] = [p for p in result.positions if p.is_open]
+    assert row.qty == Decimal("0.001")
+
+
+def test_the_first_fill_fixes_the_multiplier_and_a_flip_keeps_it() -> None:
+    call = "AAPL240119C00190000"
+    rows = run_all(fill(1, call, "buy", Decimal(2), Decimal("1.00"), "us_option"),
+                   fill(2, call, "sell", Decimal(3), Decimal("1.50"), "us_option"))
+    assert [(p.qty, p.multiplier, p.realized_pnl) for p in rows] == [
+        (Decimal(0), Decimal(100), Decimal(100)), (Decimal(-1), Decimal(100), Decimal(0))]
+    assert all(r.outcome == APPLIED for r in apply_events("a", {}, {}, [
+        fill(1, call, "buy", Decimal(2), Decimal("1.00"), "us_option"),
+        activity(2, "OPEXP", call, "-2")]).activities)
+
+
+@given(st.permutations(range(8)), st.lists(st.integers(0, 7), max_size=6))
+def test_any_order_of_duplicated_multi_leg_updates_gives_each_leg_the_brokers_position(
+        order: list[int], repeats: list[int]) -> None:
+    """Multi-leg parent updates (legs inside) and the legs' FILL activities, in any order,
+    some twice: each leg's symbol ends at the broker's quantity, the parent at its own."""
+    from stream_supervisor.protocol import WireActivity, activity_to_event
+
+    from .test_asset_classes import CALL, MLEG_UPDATES
+
+    leg_fills = [activity_to_event(WireActivity(
+        id=f"2024011915000{i}::leg", order_id=oid, symbol=sym, side=side, price=Decimal(p),
+        qty=Decimal(1), cum_qty=Decimal(c), transaction_time="2024-01-19T15:00:00Z"))
+        for i, (oid, sym, side, p, c) in enumerate([
+            ("leg-1", CALL, "buy", "2.10", "1"), ("leg-2", "AAPL240119C00200000", "sell",
+                                                  "1.30", "1"),
+            ("leg-1", CALL, "buy", "2.00", "2"), ("leg-2", "AAPL240119C00200000", "sell",
+                                                  "1.20", "2")])]
+    pool = [*MLEG_UPDATES, *leg_fills]
+    seen: set[str] = set()
+    events = []
+    for i in [*order, *repeats]:
+        if pool[i].key not in seen:  # the dedupe table: a key once
+            seen.add(pool[i].key)
+            events.append(pool[i])
+    result = apply_events("a", {}, {}, events)
+    held = {p.symbol: p.qty for p in result.positions if p.is_open}
+    assert held == {CALL: 2, "AAPL240119C00200000": -2}
+    assert result.orders["mleg-1"].filled_qty == 2
+    assert {result.orders[leg].parent_order_id for leg in ("leg-1", "leg-2")} == {"mleg-1"}
