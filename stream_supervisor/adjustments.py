@@ -20,7 +20,7 @@ import msgspec
 
 from .orders import OrderState, merge_status
 from .positions import Position
-from .symbols import canonical_symbol
+from .symbols import asset_class_of, canonical_symbol, multiplier
 
 ZERO: Final = Decimal(0)
 #: Averages closer than this are the same (the broker rounds its to 12 places).
@@ -116,13 +116,15 @@ def plan_adjustments(
             closed = Position(row.account_id, row.symbol, ZERO, row.avg_entry_price,
                               row.opened_by_order_id, row.opened_by_client_order_id,
                               row.opened_at, row.realized_pnl, taken_at, row.peak_qty,
-                              row.position_id)
+                              row.position_id, row.multiplier, row.asset_class)
         opened = None
         if target is not None and after != 0:
+            cls, mult = _contract_terms(symbol, target.asset_class)
             opened = Position(
                 account_id=account_id, symbol=symbol, qty=after,
                 avg_entry_price=target.avg_entry_price, opened_by_order_id=reason,
                 opened_by_client_order_id=None, opened_at=taken_at, peak_qty=after,
+                multiplier=mult, asset_class=cls,
             )
         out.append(SymbolChange(
             Adjustment(symbol, reason, before, after,
@@ -130,6 +132,16 @@ def plan_adjustments(
                        target.asset_id if target is not None else None, taken_at),
             closed, opened))
     return out
+
+
+def _contract_terms(symbol: str, hint: str | None) -> tuple[str, Decimal]:
+    """The class and standard multiplier of a position the broker reports: its own
+    class when it is one we know, else the symbol's shape (an option is 100 a contract)."""
+    try:
+        cls = asset_class_of(symbol, hint)
+    except ValueError:
+        cls = asset_class_of(symbol)
+    return cls.value, multiplier(cls)
 
 
 def baseline_order(

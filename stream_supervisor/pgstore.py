@@ -343,9 +343,10 @@ WITH upd AS (
 """
 _OPEN_FROM_BROKER = """
 INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,
-    alpaca_order_id, status, realized_pnl, opened_at, peak_qty, origin, asset_id)
+    alpaca_order_id, status, realized_pnl, opened_at, peak_qty, origin, asset_id,
+    multiplier, asset_class)
 VALUES (%(acct)s, %(sym)s, %(side)s, %(qty)s, %(avg)s, %(reason)s, 'open', 0, %(at)s,
-    %(qty)s, %(origin)s, %(asset)s)
+    %(qty)s, %(origin)s, %(asset)s, %(mult)s, %(cls)s)
 RETURNING id
 """
 _INSERT_ADJUSTMENT = """
@@ -950,6 +951,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
                     "qty": abs(adj.qty_after), "avg": adj.avg_entry_price,
                     "reason": word.reason, "at": word.taken_at, "asset": adj.asset_id,
                     "origin": origin_of(word.reason),
+                    "mult": change.opened.multiplier,
+                    "cls": _opt_text(change.opened.asset_class),
                 }).fetchone()
                 opened_id = row[0] if row else None
             conn.execute(_INSERT_ADJUSTMENT, {

@@ -136,3 +136,24 @@ def test_crypto_and_shorts_from_the_positions_endpoint() -> None:
     fb = [Position(ACCOUNT, "FB", D(3), D(1), "o", None, T0, peak_qty=D(3))]
     assert compare(fb, [renamed], {"fb-id": "FB"})[1] == []
     assert [d.symbol for d in compare(fb, [renamed])[1]] == ["FB", "META"]
+
+
+def test_a_baselined_option_is_worth_its_contract_multiplier() -> None:
+    # An option held before the first start: 2 contracts bought at 1.50 a share. Its
+    # cost basis is 300 dollars, and a row closed by the baseline keeps its own terms.
+    call = "AAPL261218C00190000"
+    theirs = [broker_position({"symbol": call, "qty": "2", "side": "long",
+                               "avg_entry_price": "1.50", "asset_class": "us_option"})]
+    (change,) = plan_adjustments(ACCOUNT, {}, theirs, reason=BASELINE, taken_at=T0)
+    assert change.opened is not None
+    assert (change.opened.multiplier, change.opened.asset_class) == (D(100), "us_option")
+    assert change.opened.cost_basis == D(300)
+    # Without the broker's class the OCC symbol still says it is an option.
+    (change,) = plan_adjustments(ACCOUNT, {}, [BrokerPosition(call, D(1), D(2))],
+                                 reason=BASELINE, taken_at=T0)
+    assert change.opened is not None and change.opened.multiplier == D(100)
+    held = Position(ACCOUNT, call, D(3), D(2), "o1", None, T0, peak_qty=D(3),
+                    position_id=7, multiplier=D(100), asset_class="us_option")
+    (change,) = plan_adjustments(ACCOUNT, {call: held}, [], reason=RECONCILE, taken_at=T0)
+    assert change.closed is not None
+    assert (change.closed.multiplier, change.closed.asset_class) == (D(100), "us_option")

@@ -657,6 +657,25 @@ async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:
     assert snap.cursor == Cursor(t0 + timedelta(minutes=5), None)
 
 
+async def test_a_baselined_option_keeps_its_contract_terms(backend: Backend) -> None:
+    """An option held before the first start is stored as the broker's class with its
+    contract multiplier (docs/design.md, section 10), so its cost basis is in money."""
+    store = await backend.make()
+    acct = "acct-word-option"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    call = "AAPL261218C00190000"
+    await store.apply_broker_word(BrokerWord(
+        acct, BASELINE, t0,
+        [BrokerPosition(call, Decimal(2), Decimal("1.5"), asset_class="us_option"),
+         BrokerPosition("AAPL", Decimal(5), Decimal(190), asset_class="us_equity")],
+        cursor=Cursor(t0, None)))
+    snap = await store.snapshot(acct)
+    assert sorted((p.symbol, p.multiplier, p.asset_class, p.cost_basis)
+                  for p in snap.positions) == [
+        ("AAPL", Decimal(1), "us_equity", Decimal(950)),
+        (call, Decimal(100), "us_option", Decimal(300))]
+
+
 async def test_a_bust_is_kept_across_batches_and_a_late_fill_stays_stale(
         backend: Backend) -> None:
     """Busts (docs/design.md, section 11): the revision's time is stored with the order,
