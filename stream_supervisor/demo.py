@@ -171,9 +171,15 @@ async def run_pipeline_against_sim(
             twin = SimulatedBroker(sim_config)
             twin_server: SimServer = await nursery.start(serve, twin)
             await trio.to_thread.run_sync(create_schema, settings.database_url)
+            listening = trio.Event()
             nursery.start_soon(partial(
                 run_per_event_consumer, twin_server.ws_url, sim_config.key_id,
-                sim_config.secret_key, settings.database_url, result.per_event_stats))
+                sim_config.secret_key, settings.database_url, result.per_event_stats,
+                listening=listening))
+            # Its market opens only once the consumer listens: it has no way to read
+            # back what it was not connected for, and a clean session must be fair to it.
+            with trio.fail_after(30):
+                await listening.wait()
         async with open_supervisor(settings, metrics=metrics, state=state,
                                    install_signal_handlers=False) as supervisor:
             done = trio.Event()

@@ -77,9 +77,12 @@ async def run_per_event_consumer(
     stats: PerEventStats,
     *,
     connect_timeout: float = 5.0,
+    listening: trio.Event | None = None,
 ) -> None:
     """Consume until cancelled. The database work runs in a worker thread, so the event
-    loop it shares with the demo's supervisor keeps going (a real one would block)."""
+    loop it shares with the demo's supervisor keeps going (a real one would block).
+    `listening` is set once the broker first confirms the subscription: a market started
+    before that would trade fills this consumer never had a chance to see."""
     conn: psycopg.Connection[Any] = await trio.to_thread.run_sync(
         lambda: psycopg.connect(database_url))
     connector = websocket_connector(connect_timeout=connect_timeout)
@@ -98,8 +101,8 @@ async def run_per_event_consumer(
                             if isinstance(frame, Event):
                                 stats.updates += 1
                                 await trio.to_thread.run_sync(_handle, conn, frame)
-                            elif isinstance(frame, Listening):
-                                continue
+                            elif isinstance(frame, Listening) and listening is not None:
+                                listening.set()
             except UpgradeRejected:
                 stats.refused += 1
             except TransportClosed:
