@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 import trio
 
+from benchmarks import machine as load
 from benchmarks.run import DEFAULT, QUICK, Bench, Databases, Outcome, Params
 from benchmarks.server import FrameServer
 from benchmarks.workload import generate
@@ -39,18 +40,36 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
                  ("CPU us/event", ("cpu_us_per_event",), False),
                  ("PG backend CPU us/event", ("backend_cpu_us_per_event",), False),
                  ("mean batch", ("mean_batch",), True),
-                 ("commit p50 ms", ("commit", "p50_ms"), False)],
+                 ("commit p50 ms", ("commit", "p50_ms"), False),
+                 ("peak RSS MB", ("peak_rss_mb",), False)],
     "socket_only": [("events/s", ("events_per_s",), True)],
     "pipeline_no_db": [("events/s", ("events_per_s",), True),
                        ("CPU us/event", ("cpu_us_per_event",), False)],
+    "dup_only": [("duplicates/s", ("duplicates_per_s",), True),
+                 ("CPU s of the child", ("cpu_seconds",), False)],
     "dup_heavy": [("frames/s", ("frames_per_s",), True),
+                  ("fresh events/s", ("events_per_s",), True),
+                  ("duplicates/s", ("duplicates_per_s",), True),
                   ("CPU us/event", ("cpu_us_per_event",), False)],
     "naive": [("events/s", ("events_per_s",), True)],
+    "pipeline_traced": [("events/s", ("events_per_s",), True),
+                        ("go_hop mean ms", ("trace", "batch_parts", "go_hop", "mean_ms"), False),
+                        ("rt1 mean ms", ("trace", "batch_parts", "rt1", "mean_ms"), False),
+                        ("core mean ms", ("trace", "batch_parts", "core", "mean_ms"), False),
+                        ("rt2 mean ms", ("trace", "batch_parts", "rt2", "mean_ms"), False),
+                        ("back_hop mean ms", ("trace", "batch_parts", "back_hop", "mean_ms"),
+                         False),
+                        ("bookkeeping mean ms",
+                         ("trace", "batch_parts", "bookkeeping", "mean_ms"), False)],
     "latency_1k": [("p50 ms", ("latency", "p50_ms"), False),
                    ("p99 ms", ("latency", "p99_ms"), False),
+                   ("max ms", ("latency", "max_ms"), False),
+                   ("gen-2 collections", ("gc_collections", "2"), False),
                    ("commit p50 ms", ("commit", "p50_ms"), False)],
     "latency_5k": [("p50 ms", ("latency", "p50_ms"), False),
                    ("p99 ms", ("latency", "p99_ms"), False),
+                   ("max ms", ("latency", "max_ms"), False),
+                   ("gen-2 collections", ("gc_collections", "2"), False),
                    ("commit p50 ms", ("commit", "p50_ms"), False)],
 }
 
@@ -58,7 +77,10 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
 def _dig(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
     value: Any = result
     for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list) and key.isdigit():  # gc_collections[generation]
+            value = value[int(key)] if int(key) < len(value) else None
+        else:
+            value = value.get(key) if isinstance(value, dict) else None
     return float(value) if isinstance(value, int | float) else None
 
 
@@ -71,6 +93,7 @@ async def _one(bench: Bench, scenario: str) -> Outcome:
 
 async def main_async(params: Params, a: Path, b: Path, rounds: int, scenarios: list[str],
                      admin_uri: str, logs: Path) -> int:
+    started_uptime = load.uptime()
     prefixes = [params.naive_updates, *(int(r * params.latency_seconds) for r in params.rates)]
     workload = await trio.to_thread.run_sync(partial(
         generate, params.updates, seed=params.seed, symbols=params.symbols, prefixes=prefixes))
@@ -82,6 +105,7 @@ async def main_async(params: Params, a: Path, b: Path, rounds: int, scenarios: l
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             bench = Bench(params, workload, dbs, server, logs, None)
+            bench.trace_latency = False  # the same, untraced code path on both sides
             for r in range(rounds):
                 order = [("A", a), ("B", b)] if r % 2 == 0 else [("B", b), ("A", a)]
                 for scenario in scenarios:
@@ -95,6 +119,8 @@ async def main_async(params: Params, a: Path, b: Path, rounds: int, scenarios: l
     finally:
         await trio.to_thread.run_sync(dbs.drop_all)
     print(f"\nA = {a}\nB = {b}\n{len(workload.frames):,} updates, {rounds} rounds (A B, B A, ...)\n")
+    # A pair's ratio holds under a steady load, not a verdict under any: say what it was.
+    print(f"`uptime` at start: {started_uptime}  \n`uptime` at end: {load.uptime()}\n")
     print("| scenario | figure | A (median) | B (median) | B / A | per round B / A |")
     print("|---|---|---:|---:|---:|---|")
     for scenario in scenarios:

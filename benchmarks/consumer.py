@@ -9,6 +9,7 @@ commit (or the last frame decoded).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ from typing import Any
 import psycopg
 import trio
 
+from benchmarks.trace import Tracer
 from stream_supervisor.activities import WireNonTrade
 from stream_supervisor.events import Event
 from stream_supervisor.ledger import Cursor
@@ -114,6 +116,9 @@ class Probe:
     applied: int = 0
     dups: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DUP_LAYERS, 0))
     first_receipt: float | None = None
+    # When the first duplicate was dropped: where a run that commits nothing (every frame
+    # a duplicate the LRU knows) starts; late by one socket read's decode at most.
+    first_drop: float | None = None
     end: float | None = None
     batches: int = 0
     batch_events: int = 0
@@ -151,8 +156,11 @@ class Probe:
 
     def dropped(self, layer: str, amount: float) -> None:
         if layer in self.dups:
+            now = trio.current_time()
+            if self.first_drop is None:
+                self.first_drop = now
             self.dups[layer] += int(amount)
-            self._check(trio.current_time())
+            self._check(now)
 
     def _check(self, now: float) -> None:
         if (self.end is None and self.applied >= self.expect_events
@@ -167,9 +175,10 @@ class TimedStore:
     """The real PgStore, with each batch's commit time stamped for its events: exact
     per-event latency from frame receipt to commit (the metric histogram is bucketed)."""
 
-    def __init__(self, inner: PgStore, probe: Probe) -> None:
+    def __init__(self, inner: PgStore, probe: Probe, tracer: Tracer | None = None) -> None:
         self._inner = inner
         self._probe = probe
+        self._tracer = tracer
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -182,9 +191,14 @@ class TimedStore:
             conn = getattr(self._inner, "_conn", None)
             probe.backend_pid = conn.info.backend_pid if conn is not None else None
             probe.backend_cpu_start = proc_cpu_seconds(probe.backend_pid)
+        tracer = self._tracer
+        if tracer is not None:
+            tracer.store_called()
         started = trio.current_time()
         result = await self._inner.commit_batch(batch)
         now = trio.current_time()
+        if tracer is not None:
+            tracer.store_returned()
         self._probe.commit_seconds += now - started
         self._probe.commit_times.append(now - started)
         self._probe.committed(batch, result, now)
@@ -280,6 +294,11 @@ class NoNewsRest:
         return {"is_open": False}
 
 
+async def _watch(tracer: Tracer, scope: trio.CancelScope) -> None:
+    with scope:
+        await tracer.watch_loop()
+
+
 async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     tune_interpreter()  # what `stream-supervisor run` does before it starts
     probe = Probe(args["expect_events"], args.get("expect_dups", 0))
@@ -301,6 +320,11 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     metrics.duplicates_dropped = _CountingCounter(  # type: ignore[assignment]
         metrics.duplicates_dropped, probe)
     store_class = NoWriteStore if args.get("no_write") else TimedStore
+    tracer: Tracer | None = None
+    if args.get("trace_every"):
+        tracer = Tracer(int(args["trace_every"]))
+        tracer.install()
+    gc_before = [g["collections"] for g in gc.get_stats()]
     state = SupervisorState()
     rest = NoNewsRest(args["account_id"])
     codes: list[int] = []
@@ -313,18 +337,27 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         open_supervisor(
             settings, metrics=metrics, state=state,
             rest=rest,
-            store_factory=lambda: store_class(pg_store(settings), probe),
+            store_factory=lambda: store_class(pg_store(settings), probe, tracer),
             install_signal_handlers=False,
         ) as sup,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(supervise, sup)
+        watcher = trio.CancelScope()
+        if tracer is not None:
+            nursery.start_soon(_watch, tracer, watcher)
         with trio.move_on_after(args["timeout"]) as scope:
             await probe.done.wait()
         timed_out = scope.cancelled_caught
         sup.request_drain("benchmark finished")
-    span = (probe.end - probe.first_receipt) if probe.end and probe.first_receipt else None
+        watcher.cancel()
+    if tracer is not None:
+        tracer.uninstall()
+    start = probe.first_receipt if probe.first_receipt is not None else probe.first_drop
+    span = (probe.end - start) if probe.end and start else None
     frames = probe.expect_events + probe.expect_dups
+    dropped = sum(probe.dups.values())
+    gc_after = [g["collections"] for g in gc.get_stats()]
     return {
         "ok": not timed_out and codes == [0],
         "exit_code": codes[0] if codes else None,
@@ -334,6 +367,8 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "seconds": span,
         "events_per_s": probe.applied / span if span else None,
         "frames_per_s": frames / span if span else None,
+        # Fresh updates and duplicates separately (in one run they share the span).
+        "duplicates_per_s": dropped / span if span else None,
         "batches": probe.batches,
         "mean_batch": probe.batch_events / probe.batches if probe.batches else None,
         # Share of the run the writer spent in commit_batch: near 1, the database side
@@ -351,6 +386,8 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "restarts": state.restarts,
         "rest_calls": rest.calls,
         "peak_rss_mb": peak_rss_mb(),
+        "gc_collections": [a - b for a, b in zip(gc_after, gc_before, strict=True)],
+        "trace": tracer.report() if tracer is not None else None,
     }
 
 

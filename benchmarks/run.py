@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ if str(ROOT) not in sys.path:
 import psycopg
 import trio
 
+from benchmarks import machine as load
 from benchmarks.server import FrameServer, Plan
 from benchmarks.workload import KEY_ID, SECRET_KEY, Workload, generate, with_duplicates
 from stream_supervisor.embedded import (
@@ -90,9 +92,12 @@ class Params:
     lru_size: int = DEFAULT_LRU_SIZE
     dup_lag: int = 2_000  # a duplicate follows its original this many frames later
     timeout: float = 600.0  # per scenario
+    reps: int = 3  # every scenario this many times; each figure is their median
+    trace_every: int = 100  # pipeline_traced samples every n-th update (latency: all)
 
 
-QUICK = Params(updates=15_000, naive_updates=1_500, latency_seconds=3.0, timeout=120.0)
+QUICK = Params(updates=15_000, naive_updates=1_500, latency_seconds=3.0, timeout=120.0,
+               reps=1, trace_every=20)
 DEFAULT = Params(updates=120_000, naive_updates=10_000, latency_seconds=10.0)
 
 
@@ -162,6 +167,8 @@ class Bench:
         self.outcomes: dict[str, Outcome] = {}
         self.root = ROOT  # the checkout consumers run (ab.py switches it)
         self.pipeline_db = ""
+        self.postmaster = load.postmaster_pid(dbs.admin_uri)
+        self.trace_latency = True  # ab.py turns it off: it measures the code, not its trace
 
     def distinct(self, length: int) -> int:
         return len(set(self._keys[:length]))
@@ -169,7 +176,7 @@ class Bench:
     async def consume(self, kind: str, label: str, frames: list[bytes], *, database_url: str,
                       expect_events: int, expect_dups: int = 0, rate: float | None = None,
                       profile: bool = False, root: Path | None = None,
-                      no_write: bool = False) -> dict[str, Any]:
+                      no_write: bool = False, trace_every: int = 0) -> dict[str, Any]:
         """Serve `frames` to one consumer child. `root` is the checkout whose
         `stream_supervisor` (and `benchmarks.consumer`) the child runs: `ab.py` passes
         two, to measure a change before and after on the same workload."""
@@ -189,6 +196,7 @@ class Bench:
             "lru_size": self.p.lru_size,
             "timeout": self.p.timeout,
             "no_write": no_write,
+            "trace_every": trace_every,
         }
         command = [sys.executable, "-m", "benchmarks.consumer", json.dumps(args)]
         root = (root or self.root).resolve()
@@ -206,10 +214,15 @@ class Bench:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(root), *filter(None, [env.get("PYTHONPATH")])])
+        meter = load.CpuMeter(self.postmaster)
+        pg_before = await trio.to_thread.run_sync(load.pg_activity, self.dbs.admin_uri)
+        meter.start()
         with trio.fail_after(self.p.timeout + 60):
             proc = await trio.run_process(
                 command,
                 cwd=str(root), env=env, capture_stdout=True, capture_stderr=True, check=False)
+        cpu = meter.stop()
+        pg_after = await trio.to_thread.run_sync(load.pg_activity, self.dbs.admin_uri)
         (self.logs / f"{label}.log").write_bytes(proc.stderr)
         lines = proc.stdout.decode().strip().splitlines()
         try:
@@ -217,6 +230,8 @@ class Bench:
         except (IndexError, json.JSONDecodeError):
             tail = proc.stderr.decode(errors="replace")[-2000:]
             raise RuntimeError(f"{label}: consumer failed (exit {proc.returncode}):\n{tail}")
+        result["cpu"] = cpu
+        result["pg"] = load.pg_delta(pg_before, pg_after, result.get("batches"))
         report = self.server.report
         result["server"] = {
             "connections": report.connections,
@@ -292,6 +307,35 @@ class Bench:
         self.pipeline_db = db
         return self.record("pipeline", result, await self.verify(db, self.w.truth, expect))
 
+    async def pipeline_traced(self) -> Outcome:
+        """Diagnostic, once per run: the pipeline with per-phase timestamps for every
+        `trace_every`-th update and every batch (benchmarks/trace.py); its throughput is
+        not a headline figure (the probes cost about a microsecond an update)."""
+        frames = self.w.frames
+        db = self.dbs.fresh("traced")
+        expect = self.distinct(len(frames))
+        result = await self.consume("pipeline", "pipeline_traced", frames, database_url=db,
+                                    expect_events=expect, trace_every=self.p.trace_every)
+        return self.record("pipeline_traced", result, await self.verify(db, self.w.truth, expect))
+
+    async def dup_only(self) -> Outcome:
+        """Only duplicates the LRU knows: the newest `lru_size` frames of the stream again,
+        into the pipeline's database (which holds them all; the supervisor warms its LRU
+        from it at start). What a duplicate costs, against `socket_only` (decode only)."""
+        source = self.pipeline_db
+        if not source:
+            raise RuntimeError("dup_only reads the pipeline scenario's database: "
+                               "run `pipeline` first (ab.py: --scenarios pipeline,dup_only)")
+        n = min(len(self.w.frames), self.p.lru_size)
+        frames = self.w.frames[len(self.w.frames) - n:]
+        keys = self.distinct(len(self.w.frames))
+        result = await self.consume("pipeline", "dup_only", frames, database_url=source,
+                                    expect_events=0, expect_dups=n)
+        bad = [] if result.get("duplicates", {}).get("lru") == n and not result.get("events") \
+            else [Mismatch("duplicates", "lru", str(n), str(result.get("duplicates")))]
+        bad += await self.verify(source, self.w.truth, keys)
+        return self.record("dup_only", result, bad)
+
     async def db_copy(self) -> Outcome:
         source = self.pipeline_db
         target = self.dbs.fresh("db_copy")
@@ -323,7 +367,8 @@ class Bench:
         db = self.dbs.fresh(name)
         expect = self.distinct(length)
         result = await self.consume("pipeline", name, self.w.frames[:length], database_url=db,
-                                    expect_events=expect, rate=float(rate), profile=False)
+                                    expect_events=expect, rate=float(rate), profile=False,
+                                    trace_every=1 if self.trace_latency else 0)
         result["offered_rate"] = rate
         return self.record(name, result, await self.verify(db, truth, expect))
 
@@ -369,7 +414,8 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def summarize(bench: Bench, params: Params, machine: dict[str, Any]) -> dict[str, Any]:
+def summarize(bench: Bench, params: Params) -> dict[str, Any]:
+    """One repetition's figures (ratios from the same repetition's scenarios)."""
     o = {name: out.result for name, out in bench.outcomes.items()}
 
     def get(name: str, *path: str) -> Any:
@@ -393,6 +439,9 @@ def summarize(bench: Bench, params: Params, machine: dict[str, Any]) -> dict[str
         "db_copy_events_per_s": db_events,
         "fraction_of_limit": pipeline / min(ceilings) if pipeline and ceilings else None,
         "dup_heavy_frames_per_s": get("dup_heavy", "frames_per_s"),
+        "dup_heavy_fresh_per_s": get("dup_heavy", "events_per_s"),
+        "dup_heavy_duplicates_per_s": get("dup_heavy", "duplicates_per_s"),
+        "dup_only_duplicates_per_s": get("dup_only", "duplicates_per_s"),
         "latency_p50_ms_at_1k": get("latency_1k", "latency", "p50_ms"),
         "latency_p99_ms_at_1k": get("latency_1k", "latency", "p99_ms"),
         "latency_max_ms_at_1k": get("latency_1k", "latency", "max_ms"),
@@ -403,19 +452,69 @@ def summarize(bench: Bench, params: Params, machine: dict[str, Any]) -> dict[str
     }
     dup = summary["dup_heavy_frames_per_s"]
     summary["dup_heavy_vs_pipeline"] = dup / pipeline if dup and pipeline else None
-    summary["verified"] = all(out.verified for out in bench.outcomes.values())
-    summary["verification"] = {name: {"verified": out.verified, "mismatches": out.mismatches}
-                               for name, out in bench.outcomes.items()}
+    only = summary["dup_only_duplicates_per_s"]
+    # 1.0: a duplicate costs what decoding it costs, nothing more.
+    summary["dup_only_vs_socket_only"] = only / socket if only and socket else None
+    # Other people's work on the machine while this repetition's scenarios ran.
+    others = [r["cpu"]["others_cores"] for r in o.values()
+              if isinstance(r.get("cpu"), dict) and r["cpu"].get("others_cores") is not None]
+    summary["others_cores_max"] = max(others) if others else None
+    return summary
+
+
+FIGURE_KEYS = (
+    "pipeline_events_per_s", "naive_events_per_s", "speedup_vs_naive",
+    "socket_only_events_per_s", "pipeline_no_db_events_per_s", "db_copy_rows_per_s",
+    "db_copy_events_per_s", "fraction_of_limit", "dup_heavy_frames_per_s",
+    "dup_heavy_fresh_per_s", "dup_heavy_duplicates_per_s", "dup_heavy_vs_pipeline",
+    "dup_only_duplicates_per_s", "dup_only_vs_socket_only",
+    "latency_p50_ms_at_1k", "latency_p99_ms_at_1k", "latency_max_ms_at_1k",
+    "latency_p50_ms_at_5k", "latency_p99_ms_at_5k", "latency_max_ms_at_5k", "peak_rss_mb",
+    "others_cores_max",
+)
+
+
+def combine(reps: list[tuple[Bench, dict[str, Any], dict[str, Any]]], params: Params,
+            machine: dict[str, Any]) -> dict[str, Any]:
+    """Every figure as the median of its repetitions, with the spread (min, max)."""
+    figures = [fig for _bench, fig, _load in reps]
+    summary: dict[str, Any] = {}
+    spread: dict[str, list[float] | None] = {}
+    for key in FIGURE_KEYS:
+        values = [f[key] for f in figures if f.get(key) is not None]
+        summary[key] = statistics.median(values) if values else None
+        spread[key] = [min(values), max(values)] if values else None
+    summary["spread"] = spread
+    summary["reps"] = len(reps)
+    outcomes = [(i + 1, name, out) for i, (bench, _f, _l) in enumerate(reps)
+                for name, out in bench.outcomes.items()]
+    summary["verified"] = all(out.verified for _i, _n, out in outcomes)
+    summary["verification"] = {}
+    for i, name, out in outcomes:
+        label = name if len(reps) == 1 else f"{name}#{i}"
+        summary["verification"][label] = {"verified": out.verified,
+                                          "mismatches": out.mismatches}
+    # The scenarios' details: the repetition whose pipeline figure is the median one.
+    ranked = sorted(range(len(reps)),
+                    key=lambda i: figures[i].get("pipeline_events_per_s") or 0.0)
+    middle = reps[ranked[len(ranked) // 2]][0]
+    o = {name: out.result for name, out in middle.outcomes.items()}
+    for bench, _f, _l in reps:  # the diagnostics that run once, in the first repetition
+        for name, out in bench.outcomes.items():
+            o.setdefault(name, out.result)
     summary["parameters"] = {
         **asdict(params),
-        "stream_updates": len(bench.w.frames),
-        "stream_fills": bench.w.fills,
-        "stream_events": bench.w.event_counts,
-        "naive_updates_replayed": get("naive", "events"),
-        "dup_heavy_frames": get("dup_heavy", "frames"),
+        "stream_updates": len(middle.w.frames),
+        "stream_fills": middle.w.fills,
+        "stream_events": middle.w.event_counts,
+        "naive_updates_replayed": (o.get("naive") or {}).get("events"),
+        "dup_heavy_frames": (o.get("dup_heavy") or {}).get("frames"),
     }
     summary["machine"] = machine
+    summary["repetitions"] = [{"figures": fig, "load": ld} for _b, fig, ld in reps]
     summary["scenarios"] = o
+    summary["scenarios_of_every_repetition"] = [
+        {name: out.result for name, out in bench.outcomes.items()} for bench, _f, _l in reps]
     return summary
 
 
@@ -438,7 +537,11 @@ def markdown(s: dict[str, Any]) -> str:
         ("db_copy, per event of the stream", "events/s", "db_copy_events_per_s", 0, ""),
         ("fraction of limit", "", "fraction_of_limit", 2, "fraction_of_limit"),
         ("dup_heavy (half duplicates)", "frames/s", "dup_heavy_frames_per_s", 0, ""),
+        ("dup_heavy: fresh updates", "events/s", "dup_heavy_fresh_per_s", 0, ""),
+        ("dup_heavy: duplicates", "frames/s", "dup_heavy_duplicates_per_s", 0, ""),
         ("dup_heavy / pipeline", "x", "dup_heavy_vs_pipeline", 2, "dup_heavy_vs_pipeline"),
+        ("dup_only (LRU duplicates only)", "frames/s", "dup_only_duplicates_per_s", 0, ""),
+        ("dup_only / socket_only", "x", "dup_only_vs_socket_only", 2, ""),
         ("latency p50 @ 1,000/s", "ms", "latency_p50_ms_at_1k", 1, ""),
         ("latency p99 @ 1,000/s", "ms", "latency_p99_ms_at_1k", 1, "latency_p99_ms_at_1k"),
         ("latency max @ 1,000/s", "ms", "latency_max_ms_at_1k", 1, ""),
@@ -446,24 +549,81 @@ def markdown(s: dict[str, Any]) -> str:
         ("latency p99 @ 5,000/s", "ms", "latency_p99_ms_at_5k", 1, "latency_p99_ms_at_5k"),
         ("latency max @ 5,000/s", "ms", "latency_max_ms_at_5k", 1, ""),
         ("peak RSS of the supervisor", "MB", "peak_rss_mb", 1, "peak_rss_mb"),
+        ("others' work during a scenario (max)", "cores", "others_cores_max", 2, ""),
     ]
-    lines = ["| figure | value | unit | target |", "|---|---:|---|---|"]
+    m, p = s["machine"], s["parameters"]
+    lines = []
+    if m.get("busy"):
+        lines += [(f"**MACHINE BUSY: {m['busy_reason']}. Other work competed for the CPUs; "
+                   "these figures are not a verdict on any target.**"), ""]
+    n = s["reps"]
+    lines += [f"| figure | median of {n} | min - max | unit | target |",
+              "|---|---:|---:|---|---|"]
     for label, unit, key, digits, tkey in rows:
         value = s.get(key)
-        lines.append(f"| {label} | {_fmt(float(value), digits) if value is not None else 'n/a'}"
-                     f" | {unit} | {target(tkey) if tkey else ''} |")
-    m, p = s["machine"], s["parameters"]
+        rng = s["spread"].get(key)
+        shown = _fmt(float(value), digits) if value is not None else "n/a"
+        spread = (f"{_fmt(float(rng[0]), digits)} - {_fmt(float(rng[1]), digits)}"
+                  if rng else "")
+        lines.append(f"| {label} | {shown} | {spread} | {unit} | "
+                     f"{target(tkey) if tkey else ''} |")
     lines.append("")
     lines.append(
         f"{p['stream_updates']:,} updates ({p['stream_fills']:,} fills) across "
         f"{p['symbols']} symbols; naive replayed {p['naive_updates_replayed']} of them; "
         f"max_batch {p['max_batch']}, channel_size {p['channel_size']}, lru_size "
-        f"{p['lru_size']:,}. {m['cpus']} CPUs ({m['cpu_model']}), load "
-        f"{m['loadavg_start']} at start, PostgreSQL {m['postgres']['server_version']} "
-        f"(fsync {m['postgres'].get('fsync')}, synchronous_commit "
-        f"{m['postgres'].get('synchronous_commit')}). "
+        f"{p['lru_size']:,}. {m['cpus']} CPUs ({m['cpu_model']}), PostgreSQL "
+        f"{m['postgres']['server_version']} (fsync {m['postgres'].get('fsync')}, "
+        f"synchronous_commit {m['postgres'].get('synchronous_commit')}). "
         + ("Every database verified against the ground truth." if s["verified"]
            else "VERIFICATION FAILED: the figures above are void."))
+    lines.append("")
+    lines.append(f"`uptime` at start: {m['uptime_start']}")
+    for i, rep in enumerate(s["repetitions"], 1):
+        lines.append(f"`uptime` before repetition {i}: {rep['load']['uptime']}")
+    lines.append(f"`uptime` at end: {m['uptime_end']}")
+    tail = tail_markdown(s["scenarios"])
+    if tail:
+        lines += ["", tail]
+    return "\n".join(lines)
+
+
+def tail_markdown(scenarios: dict[str, Any]) -> str:
+    """Where the time of a traced scenario went: per phase and per batch part."""
+    lines = []
+    for name in ("latency_1k", "latency_5k", "pipeline_traced"):
+        r = scenarios.get(name) or {}
+        t = r.get("trace")
+        if not t:
+            continue
+        lines.append(f"#### {name}: {t['sampled_updates']:,} updates traced, "
+                     f"{t['batches']:,} batches")
+        lines.append("")
+        lines.append("| phase | p50 ms | p99 ms | max ms |")
+        lines.append("|---|---:|---:|---:|")
+        for phase, v in [*t["phases"].items(), ("total", t["total"]),
+                         *(("batch: " + k, v) for k, v in t["batch_parts"].items())]:
+            if v.get("n"):
+                lines.append(f"| {phase} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |")
+        tail, g, st = t["tail"], t["gc"], t["loop_stalls"]
+        pg = r.get("pg") or {}
+        cpu = r.get("cpu") or {}
+        lines.append("")
+        lines.append(
+            f"Slowest 1% ({tail.get('updates')} updates, >= {tail.get('threshold_ms')} ms): "
+            f"dominant phase {tail.get('dominant_phase')}; {tail.get('overlapped_gc_pause')} "
+            f"overlapped a GC pause >= 0.5 ms, {tail.get('overlapped_loop_stall')} an event-loop "
+            f"stall > 3 ms; own batch {tail.get('own_batch_size_median')} updates (median "
+            f"batch {tail.get('all_batches_size_median')}), behind a batch of "
+            f"{tail.get('previous_batch_size_median')} taking "
+            f"{tail.get('previous_batch_ms_median')} ms; own rt2 {tail.get('own_rt2_ms_median')}"
+            f" ms, back hop {tail.get('own_back_hop_ms_median')} ms. GC: collections "
+            f"{g['collections']}, seconds {g['seconds']}, longest {g['longest_ms']} ms. "
+            f"Loop stalls: {st['count']} (longest {st['longest_ms']} ms). Server: "
+            f"{pg.get('checkpoints')} checkpoints, {pg.get('wal_sync')} WAL flushes "
+            f"(mean {pg.get('wal_sync_ms_mean')} ms). Others' work: "
+            f"{cpu.get('others_cores')} cores.")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -489,12 +649,35 @@ def machine_info(admin: Databases) -> dict[str, Any]:
 # --- main -----------------------------------------------------------------------------
 
 
-SCENARIOS = ("socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_heavy", "naive",
-             "latency")
+SCENARIOS = ("socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_only", "dup_heavy",
+             "naive", "latency", "pipeline_traced")
+
+
+async def run_once(bench: Bench, params: Params, only: set[str], first: bool) -> None:
+    if "socket_only" in only:
+        await bench.socket_only()
+    if "pipeline_no_db" in only:
+        await bench.pipeline_no_db()
+    if only & {"pipeline", "db_copy", "dup_only"}:
+        await bench.pipeline()
+        if "db_copy" in only:
+            await bench.db_copy()
+        if "dup_only" in only:
+            await bench.dup_only()
+    if "dup_heavy" in only:
+        await bench.dup_heavy()
+    if "naive" in only:
+        await bench.naive()
+    if "latency" in only:
+        for rate in params.rates:
+            await bench.latency(rate)
+    if "pipeline_traced" in only and first:
+        await bench.pipeline_traced()
 
 
 async def run(params: Params, admin_uri: str, only: set[str], profile: Path | None,
-              logs: Path, keep: bool) -> dict[str, Any]:
+              logs: Path, keep: bool, machine: dict[str, Any],
+              wal_timing: bool = False) -> dict[str, Any]:
     print("benchmark: generating the stream ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     prefixes = [params.naive_updates, *(int(r * params.latency_seconds) for r in params.rates)]
@@ -503,33 +686,31 @@ async def run(params: Params, admin_uri: str, only: set[str], profile: Path | No
     print(f"benchmark: {len(workload.frames):,} updates, {workload.fills:,} fills "
           f"in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     dbs = await trio.to_thread.run_sync(Databases, admin_uri)
-    machine = machine_info(dbs)
+    machine.update(machine_info(dbs))
+    # Only on the server this run started: never change a given server's configuration.
+    machine["wal_io_timing"] = wal_timing and await trio.to_thread.run_sync(
+        load.enable_wal_timing, admin_uri)
     server = FrameServer()
+    reps: list[tuple[Bench, dict[str, Any], dict[str, Any]]] = []
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            bench = Bench(params, workload, dbs, server, logs, profile)
-            if "socket_only" in only:
-                await bench.socket_only()
-            if "pipeline_no_db" in only:
-                await bench.pipeline_no_db()
-            if "pipeline" in only or "db_copy" in only:
-                await bench.pipeline()
-                if "db_copy" in only:
-                    await bench.db_copy()
-            if "dup_heavy" in only:
-                await bench.dup_heavy()
-            if "naive" in only:
-                await bench.naive()
-            if "latency" in only:
-                for rate in params.rates:
-                    await bench.latency(rate)
+            for i in range(params.reps):
+                before = {"uptime": load.uptime(),
+                          "loadavg": [round(x, 2) for x in os.getloadavg()]}
+                print(f"benchmark: repetition {i + 1} of {params.reps} ({before['uptime']})",
+                      file=sys.stderr, flush=True)
+                bench = Bench(params, workload, dbs, server, logs,
+                              profile if i == 0 else None)
+                await run_once(bench, params, only, i == 0)
+                reps.append((bench, summarize(bench, params), before))
             nursery.cancel_scope.cancel()
     finally:
         if not keep:
             await trio.to_thread.run_sync(dbs.drop_all)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    return summarize(bench, params, machine)
+    machine["uptime_end"] = load.uptime()
+    return combine(reps, params, machine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,6 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int)
     ap.add_argument("--channel-size", type=int)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--reps", type=int,
+                    help="repetitions of every scenario (default 3; --quick 1)")
+    ap.add_argument("--max-load", type=float, default=load.MAX_LOAD_PER_CPU,
+                    help="refuse to run when the 1-minute load average per CPU is above "
+                         "this (default %(default)s)")
+    ap.add_argument("--busy-ok", action="store_true",
+                    help="run on a busy machine anyway; the report says so at its top")
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--profile", type=Path,
@@ -557,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in {
         "updates": args.updates, "naive_updates": args.naive_updates,
         "latency_seconds": args.latency_seconds, "max_batch": args.max_batch,
-        "channel_size": args.channel_size, "seed": args.seed}.items() if v is not None}
+        "channel_size": args.channel_size, "seed": args.seed, "reps": args.reps}.items()
+        if v is not None}
     params = replace(params, **overrides)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - set(SCENARIOS)
@@ -565,6 +754,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+
+    # The load-average guard: a figure from a busy machine measures the other work too.
+    busy, why = load.busy_at_start(args.max_load)
+    machine: dict[str, Any] = {"busy": busy, "busy_reason": why, "uptime_start": load.uptime()}
+    print(f"benchmark: {machine['uptime_start']}", file=sys.stderr)
+    if busy and not (args.busy_ok or args.quick):
+        print(f"benchmark: refusing to run: {why}. Wait for an idle machine, or pass "
+              "--busy-ok to run anyway (the report then says the machine was busy).",
+              file=sys.stderr)
+        return 3
+    if busy:
+        print(f"benchmark: MACHINE BUSY ({why}): running anyway, and the report says so",
+              file=sys.stderr)
 
     tmp = Path(tempfile.mkdtemp(prefix="stream-supervisor-bench-"))
     logs = args.logs or tmp / "logs"
@@ -576,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark: starting embedded PostgreSQL in {tmp}", file=sys.stderr)
             embedded = start_embedded_postgres(tmp / "pgdata", delete_on_stop=True)
             admin_uri = embedded.uri
-        summary = trio.run(run, params, admin_uri, only, args.profile, logs, args.keep)
+        summary = trio.run(run, params, admin_uri, only, args.profile, logs, args.keep, machine,
+                           embedded is not None)
     finally:
         if embedded is not None:
             embedded.stop()

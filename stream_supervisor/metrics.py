@@ -6,9 +6,38 @@ exposition, and tests read them back by name.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class BatchHistogram(Histogram):
+    """A histogram that also takes a whole batch of observations at once.
+
+    `observe` costs a lock and a bucket scan per value; the writer observes every
+    update of a committed batch (up to `max_batch`), which made the histogram 0.7-0.8 us
+    of the writer's Python per update, against 0.1 us batched (BENCHMARKS.md). Here the
+    bucket counts are tallied in plain Python first and each touched bucket, and the
+    sum, is incremented once. The exposition is the same as `observe`'s, value for value
+    (tests/test_metrics.py)."""
+
+    def observe_many(self, amounts: Iterable[float]) -> None:
+        self._raise_if_not_observable()  # type: ignore[no-untyped-call]
+        bounds = self._upper_bounds  # ascending, the last one +Inf
+        counts = [0] * len(bounds)
+        total = 0.0
+        for amount in amounts:
+            total += amount
+            # The first bucket whose bound is >= amount: where `observe` counts it.
+            counts[bisect_left(bounds, amount)] += 1
+        if total:
+            self._sum.inc(total)
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
 
 
 class Metrics:
@@ -30,7 +59,7 @@ class Metrics:
         self.commit_seconds = Histogram(
             p + "commit_seconds", "Time to commit one batch", buckets=_LATENCY_BUCKETS,
             registry=r)
-        self.frame_to_commit_seconds = Histogram(
+        self.frame_to_commit_seconds = BatchHistogram(
             p + "frame_to_commit_seconds", "Time from frame receipt to its batch's commit",
             buckets=_LATENCY_BUCKETS, registry=r)
         self.fills_applied = Counter(p + "fills_applied", "Fills applied to positions",

@@ -449,13 +449,17 @@ class OrderBook:
 
     async def get(self, order_id: str, filled_ns: int) -> tuple[Decimal, Decimal | None] | None:
         """The order's (filled_qty, filled_avg_price) as listed, for a fill at `filled_ns`."""
-        if (order_id not in self._fills and self._complete
-                and trio.current_time() - self._listed_at >= RELIST_AFTER):
-            # Orders submitted since the list ended (the market goes on during
-            # recovery): list on from where it ended, at most once a second.
-            self._complete = False
-        while (order_id not in self._fills and not self._complete
-               and self._loaded_to_ns <= filled_ns):
+        looked_again = False
+        while order_id not in self._fills and self._loaded_to_ns <= filled_ns:
+            if self._complete:
+                # Filled after the newest order listed: it may have been submitted since
+                # the list ended (the market goes on during recovery). One more page from
+                # where it ended costs what reading this order alone would, and brings
+                # every order submitted since.
+                if looked_again:
+                    break
+                looked_again = True
+                self._complete = False
             await self._next_page()
         found = self._fills.get(order_id)
         if found is None:

@@ -7,6 +7,7 @@ stop when the supervisor returns.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Mapping
@@ -34,8 +35,17 @@ GIL_SWITCH_INTERVAL = 0.0005
 
 
 def tune_interpreter() -> None:
-    """Process-wide settings for a supervisor process (`run`, `demo`, the benchmarks)."""
+    """Process-wide settings for a supervisor process (`run`, `demo`, the benchmarks).
+
+    The heap built so far (every imported module, class and function: about 50,000
+    objects) is frozen out of the cyclic garbage collector: it lives as long as the
+    process, and each full collection scanned all of it while holding the GIL, a
+    15-35 ms stall of the event loop and the writer together, the longest single pause
+    of a quiet stream (BENCHMARKS.md, "The tail"). Collections of what the service
+    allocates from here on still run as usual."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    gc.collect()  # whatever start-up left as garbage is not frozen forever
+    gc.freeze()
 
 
 async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None) -> int:

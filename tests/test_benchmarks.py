@@ -43,8 +43,25 @@ def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
         assert isinstance(results[key], int | float) and results[key] > 0, key
     assert all(v["verified"] for v in results["verification"].values())
     assert set(results["verification"]) == {
-        "socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_heavy", "naive",
-        "latency_1k", "latency_5k"}
+        "socket_only", "pipeline_no_db", "pipeline", "db_copy", "dup_only", "dup_heavy",
+        "naive", "latency_1k", "latency_5k", "pipeline_traced"}
+    # Every figure is a median over the repetitions, with its spread, and the load the
+    # machine was under is part of the report.
+    assert results["reps"] == 1 and results["spread"]["pipeline_events_per_s"]
+    assert results["machine"]["uptime_start"] and "busy" in results["machine"]
+    assert all(isinstance(s["cpu"]["others_cores"], float)
+               for s in results["scenarios"].values() if "cpu" in s)
+    # Duplicates the LRU knows never reach the writer: none committed, all dropped there.
+    only = results["scenarios"]["dup_only"]
+    assert only["events"] == 0 and only["duplicates"]["lru"] == only["frames"] > 0
+    assert results["dup_heavy_duplicates_per_s"] > 0 and results["dup_heavy_fresh_per_s"] > 0
+    # The traced runs say where the time of each sampled update went, phase by phase.
+    for name in ("latency_1k", "pipeline_traced"):
+        trace = results["scenarios"][name]["trace"]
+        assert trace["sampled_updates"] > 0 and trace["batches"] > 0
+        assert set(trace["phases"]) == {"decode", "to_dedupe", "queue", "commit"}
+        assert all(v["n"] > 0 for v in trace["batch_parts"].values())
+        assert "collections" in trace["gc"] and "count" in trace["loop_stalls"]
     params = results["parameters"]
     assert params["stream_updates"] >= 1500 and params["naive_updates_replayed"] >= 150
     # Every duplicate frame was dropped, none applied twice.
@@ -66,6 +83,18 @@ def test_the_poison_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str, tmp_pat
     # Binary splitting: one half refused and one committed per level, then the letter.
     assert 2 <= results["poisoned"]["commits_median"] <= 8
     assert isinstance(results["poison_cost_ms"], float)
+
+
+def test_a_busy_machine_is_refused_unless_told(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The load-average guard: past `--max-load` (here below any load) the default run
+    refuses before it starts anything, and says how to go ahead anyway."""
+    out = tmp_path / "never.json"
+    code = main(["--max-load", "-1", "--database-url", "postgresql://unused.invalid/x",
+                 "--json", str(out)])
+    assert code == 3 and not out.exists()
+    err = capsys.readouterr().err
+    assert "refusing to run" in err and "--busy-ok" in err and "load average" in err
 
 
 @pytest.mark.slow

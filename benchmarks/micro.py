@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Micro-benchmarks in CPU time (robust on a shared machine), for BENCHMARKS.md:
+
+  dedupe     the dedupe actor's turn over 2,000 queued items, per item: fresh updates
+             and duplicates the LRU knows (real channels, the real actor)
+  histogram  the writer's frame-to-commit histogram: 1,000 `observe` calls against one
+             `observe_many` of the same 1,000 values
+
+    python benchmarks/micro.py dedupe --root ../baseline    # a checkout to import
+    python benchmarks/micro.py histogram
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TURN = 2_000
+TURNS = 10
+
+
+def dedupe() -> dict[str, float]:
+    import trio
+    import trio.testing
+
+    from benchmarks.poison import fills
+    from stream_supervisor.dedupe import KeyCache, dedupe_actor
+    from stream_supervisor.metrics import Metrics
+    from stream_supervisor.state import SupervisorState
+
+    events = fills(TURN * TURNS * 2, "micro")
+    known = events[:TURN * TURNS]
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        cache = KeyCache(len(events))
+        cache.committed([e.key for e in known])
+        s_in, r_in = trio.open_memory_channel[Any](TURN)
+        s_out, r_out = trio.open_memory_channel[Any](TURN)
+        _s_ack, r_ack = trio.open_memory_channel[Any](10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dedupe_actor, cache, r_in, s_out, r_ack, Metrics(),
+                                SupervisorState())
+            for label, start in (("duplicate_us", 0), ("fresh_us", TURN * TURNS)):
+                cpu = 0.0
+                for turn in range(TURNS):
+                    for event in events[start + turn * TURN: start + (turn + 1) * TURN]:
+                        s_in.send_nowait(event)
+                    before = time.process_time()
+                    await trio.testing.wait_all_tasks_blocked()
+                    cpu += time.process_time() - before
+                    while True:
+                        try:
+                            r_out.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                result[label] = round(cpu / (TURN * TURNS) * 1e6, 3)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return result
+
+
+def histogram() -> dict[str, float]:
+    from stream_supervisor.metrics import Metrics
+
+    values = [random.random() * 0.05 for _ in range(1_000)]
+    h: Any = Metrics().frame_to_commit_seconds
+    rounds = 200
+
+    def cpu_ms(fn: Any) -> float:
+        before = time.process_time()
+        for _ in range(rounds):
+            fn()
+        return round((time.process_time() - before) / rounds * 1e3, 4)
+
+    def one_by_one() -> None:
+        for v in values:
+            h.observe(v)
+
+    return {"observe_x1000_ms": cpu_ms(one_by_one),
+            "observe_many_1000_ms": cpu_ms(lambda: h.observe_many(values))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=("dedupe", "histogram"))
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="the checkout whose stream_supervisor to import")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(args.root.resolve()))
+    print(args.root, dedupe() if args.which == "dedupe" else histogram())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
