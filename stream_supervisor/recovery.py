@@ -180,6 +180,10 @@ class GapRecovery:
         self.assets = assets
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
+        # Orders a stale update (one older than the connection) left not terminal, and
+        # the oldest such update's time: the stream does not resend what followed it.
+        self._stale: set[str] = set()
+        self._stale_since_ns: int | None = None
         #: Pages read and activities they held, new and re-read, over this life (tests
         #: and benchmarks read these).
         self.pages_read = 0
@@ -202,6 +206,40 @@ class GapRecovery:
         seen.move_to_end(event.order_id)
         if len(seen) > SEEN_ORDERS:
             seen.popitem(last=False)
+
+    def observe_stale(self, event: Event) -> None:
+        """`observe` for an update forwarded after a recovery's refresh although it is
+        older than the connection (a replay, or one stamped within the clock margin of
+        `listening`). The broker does not resend the updates that followed it, so if it
+        leaves its order not terminal, only REST can tell how the order went on:
+        `recheck_stale` reads it (docs/design.md, section 12)."""
+        self.observe(event)
+        if event.order_id in self._seen_status:
+            self._stale.add(event.order_id)
+            if self._stale_since_ns is None or event.ts_ns < self._stale_since_ns:
+                self._stale_since_ns = event.ts_ns
+
+    async def recheck_stale(self) -> int:
+        """Read again the orders stale updates left not terminal (`observe_stale`), in
+        bulk when there are many; returns the snapshots forwarded. On a failed read the
+        orders stay with the periodic refresh and the next reconnect's, which ask about
+        every order held as not terminal."""
+        wanted = [oid for oid in self._stale if oid in self._seen_status]
+        since_ns = self._stale_since_ns
+        self._stale = set()
+        self._stale_since_ns = None
+        if not wanted or since_ns is None:
+            return 0
+        since = datetime.fromtimestamp(since_ns / 1e9, UTC) - ORDER_LOOKBACK
+        try:
+            count = await self._read_orders(wanted, since)
+        except (BrokerUnavailable, DecodeError) as exc:
+            log.warning("stale_orders_recheck_failed", orders=len(wanted),
+                        error=str(exc)[:300])
+            return 0
+        log.info("stale_orders_rechecked", orders=len(wanted), forwarded=count,
+                 connection_id=self.state.connection_id)
+        return count
 
     async def _forward(self, item: Item) -> None:
         if isinstance(item, Event):
@@ -396,6 +434,12 @@ class GapRecovery:
         stored = await self.open_order_ids() if self.open_order_ids is not None else ()
         recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
         wanted = [oid for oid in dict.fromkeys([*stored, *recent]) if oid not in open_ids]
+        return count + await self._read_orders(wanted, since)
+
+    async def _read_orders(self, wanted: Sequence[str], since: datetime) -> int:
+        """Forward the broker's snapshot of each order in `wanted`: from the order list
+        since `since` when they are many, else (and for any the list lacks) one by one."""
+        count = 0
         book: OrderBook | None = None
         if len(wanted) > FEW_ORDERS:
             book = OrderBook(self.rest, since, keep=wanted)
