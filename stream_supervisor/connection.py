@@ -115,6 +115,7 @@ class ConnectionActor:
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
         self._live_from_ns: int | None = None  # broker time of the first live fill
         self._received: dict[str, Counter] = {}  # label children, looked up once
+        self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -246,6 +247,9 @@ class ConnectionActor:
                         nursery.start_soon(self.recovery.refresh_periodically)
                     stale_before = self._listening_ns + LIVE_OVERLAP_NS
                     async for first in receive_live:
+                        # Wall clock minus Trio's, once a turn: when each update came.
+                        self._wall_offset_ns = (int(self.wallclock().timestamp() * 1e9)
+                                                - int(trio.current_time() * 1e9))
                         # Whatever else is already buffered goes in the same turn.
                         for item in drain(first, receive_live):
                             await self._forward(item, stale_before=stale_before)
@@ -365,10 +369,13 @@ class ConnectionActor:
         connection's `listening` plus the clock margin) is older than the connection:
         its order is read again over REST if it leaves it not terminal."""
         if isinstance(item, Event):
-            if item.ts_ns < stale_before:
+            if not stale_before:
+                self.recovery.observe(item)
+            elif item.ts_ns < stale_before:
                 self.recovery.observe_stale(item)
             else:
-                self.recovery.observe(item)
+                self.recovery.observe_live(
+                    item, int(item.received_at * 1e9) + self._wall_offset_ns)
         await send_soon(self.outbox, item)
 
     def _count_received(self, counts: dict[str, int]) -> None:
