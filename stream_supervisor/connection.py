@@ -116,6 +116,7 @@ class ConnectionActor:
         self._live_from_ns: int | None = None  # broker time of the first live fill
         self._received: dict[str, Counter] = {}  # label children, looked up once
         self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
+        self._recovered_at = 0.0  # Trio time the latest recovery completed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -245,7 +246,13 @@ class ConnectionActor:
                     self.state.connection = "streaming"
                     if self.recovery.settings.order_refresh_interval > 0:
                         nursery.start_soon(self.recovery.refresh_periodically)
+                    # Replays come on connect, into the buffer while recovery reads: an
+                    # update received by now and stamped before `listening` (plus the
+                    # clock margin) is older than the connection. Later ones are live,
+                    # whatever their stamps say (a broker clock behind ours must not
+                    # make every update a REST read).
                     stale_before = self._listening_ns + LIVE_OVERLAP_NS
+                    self._recovered_at = trio.current_time()
                     async for first in receive_live:
                         # Wall clock minus Trio's, once a turn: when each update came.
                         self._wall_offset_ns = (int(self.wallclock().timestamp() * 1e9)
@@ -365,13 +372,14 @@ class ConnectionActor:
             self.state.beat("connection", trio.current_time())
 
     async def _forward(self, item: Item, *, stale_before: int = 0) -> None:
-        """Put an item on the pipeline. An update stamped before `stale_before` (the
-        connection's `listening` plus the clock margin) is older than the connection:
-        its order is read again over REST if it leaves it not terminal."""
+        """Put an item on the pipeline. An update received while recovery read and
+        stamped before `stale_before` (the connection's `listening` plus the clock
+        margin) is older than the connection: its order is read again over REST if it
+        leaves it not terminal."""
         if isinstance(item, Event):
             if not stale_before:
                 self.recovery.observe(item)
-            elif item.ts_ns < stale_before:
+            elif item.ts_ns < stale_before and item.received_at <= self._recovered_at:
                 self.recovery.observe_stale(item)
             else:
                 self.recovery.observe_live(

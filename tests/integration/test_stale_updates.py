@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -37,12 +38,15 @@ def _order(status: str, updated_at: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-def _replayed_pending_cancel() -> bytes:
-    data = {"event": "pending_cancel",
-            "execution_id": "5a1f0c3e-0000-4000-8000-00000000c002",
-            "order": _order("pending_cancel", "2026-11-23T15:00:02.000000Z"),
-            "timestamp": "2026-11-23T15:00:02.000000000Z"}
+def _update(event: str, at: str, order_id: str = ORDER_ID) -> bytes:
+    data = {"event": event, "execution_id": f"5a1f0c3e-0000-4000-8000-{order_id[-12:]}",
+            "order": {**_order(event, at), "id": order_id},
+            "timestamp": at.replace("Z", "000Z")}
     return json.dumps({"stream": "trade_updates", "data": data}).encode()
+
+
+def _replayed_pending_cancel() -> bytes:
+    return _update("pending_cancel", "2026-11-23T15:00:02.000000Z")
 
 
 class CanceledAtBroker(FixtureRest):
@@ -54,6 +58,14 @@ class CanceledAtBroker(FixtureRest):
             "canceled", "2026-11-23T15:00:03.000000Z",
             canceled_at="2026-11-23T15:00:03.000000Z")).encode())
         self.order_reads = 0
+
+    async def fill_activities(self, *, after: str | None, page_token: str | None,
+                              page_size: int = 100) -> list[Any]:
+        # A REST round trip: the replay, sent on connect, reaches the live buffer while
+        # recovery reads, as it does against the broker.
+        await trio.sleep(0.5)
+        return await super().fill_activities(after=after, page_token=page_token,
+                                             page_size=page_size)
 
     async def order(self, order_id: str) -> WireOrder | None:
         self.order_reads += 1
@@ -74,18 +86,22 @@ async def _stored_status(database_url: str) -> str | None:
     return None if found is None else found.status
 
 
+def _settings(server: ReplayServer, database_url: str) -> Settings:
+    return Settings(
+        key_id=KEY_ID, secret_key=SECRET_KEY, base_url="http://127.0.0.1:9",
+        stream_url=server.url, database_url=database_url, account_id=ACCOUNT,
+        first_start_lookback=3600.0, drain_timeout=5.0, baseline=False,
+        # Far beyond the test: the periodic refresh must not be what repairs it.
+        order_refresh_interval=3600.0,
+    )
+
+
 async def test_a_replayed_update_after_the_refresh_is_read_again(database_url: str) -> None:
     server = ReplayServer(Script([_replayed_pending_cancel()]))
     rest = CanceledAtBroker()
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        settings = Settings(
-            key_id=KEY_ID, secret_key=SECRET_KEY, base_url="http://127.0.0.1:9",
-            stream_url=server.url, database_url=database_url, account_id=ACCOUNT,
-            first_start_lookback=3600.0, drain_timeout=5.0, baseline=False,
-            # Far beyond the test: the periodic refresh must not be what repairs it.
-            order_refresh_interval=3600.0,
-        )
+        settings = _settings(server, database_url)
         statuses: list[str | None] = []
         with trio.fail_after(30):
             async with (
@@ -107,3 +123,36 @@ async def test_a_replayed_update_after_the_refresh_is_read_again(database_url: s
         nursery.cancel_scope.cancel()
     assert await _stored_status(database_url) == "canceled", statuses
     assert rest.order_reads >= 1
+
+
+async def test_live_updates_from_a_broker_clock_behind_ours_are_not_read_again(
+        database_url: str) -> None:
+    """Only what reached the buffer while recovery read can be a replay: live updates
+    stamped half a minute before we see them (a broker clock behind ours) cost no REST
+    read each, whatever their stamps."""
+    gate = trio.Event()
+    behind = datetime.now(UTC) - timedelta(seconds=30)
+    orders = [f"7d1c2b3a-0000-4000-8000-0000000{n:05d}" for n in range(3)]
+    frames = [_update("new", (behind + timedelta(milliseconds=n)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"), order_id) for n, order_id in enumerate(orders)]
+    server = ReplayServer(Script(frames, gate=gate))
+    rest = CanceledAtBroker()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with (
+                open_supervisor(_settings(server, database_url), metrics=Metrics(),
+                                state=SupervisorState(), rest=rest, rng=random.Random(7),
+                                install_signal_handlers=False) as sup,
+                trio.open_nursery() as inner,
+            ):
+                inner.start_soon(sup.run)
+                while not sup.state.caught_up:
+                    await trio.sleep(0.05)
+                gate.set()  # recovery is done: the broker starts trading
+                while sup.state.committed_events < len(frames):
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                sup.request_drain("test")
+            nursery.cancel_scope.cancel()
+    assert rest.order_reads == 0
