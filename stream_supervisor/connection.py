@@ -42,7 +42,7 @@ from .protocol import (
     decode_frame,
     listen_message,
 )
-from .recovery import GapRecovery
+from .recovery import LIVE_OVERLAP_NS, GapRecovery
 from .settings import DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
@@ -115,6 +115,7 @@ class ConnectionActor:
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
         self._live_from_ns: int | None = None  # broker time of the first live fill
         self._received: dict[str, Counter] = {}  # label children, looked up once
+        self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -244,10 +245,18 @@ class ConnectionActor:
                     self.state.connection = "streaming"
                     if self.recovery.settings.order_refresh_interval > 0:
                         nursery.start_soon(self.recovery.refresh_periodically)
+                    stale_before = self._listening_ns + LIVE_OVERLAP_NS
                     async for first in receive_live:
+                        # Wall clock minus Trio's, once a turn: when each update came.
+                        self._wall_offset_ns = (int(self.wallclock().timestamp() * 1e9)
+                                                - int(trio.current_time() * 1e9))
                         # Whatever else is already buffered goes in the same turn.
                         for item in drain(first, receive_live):
-                            await self._forward(item)
+                            await self._forward(item, stale_before=stale_before)
+                        # A replayed update can leave an order not terminal whose later
+                        # updates the stream will not send; the refresh above ran before
+                        # it was forwarded (docs/design.md, section 12).
+                        await self.recovery.recheck_stale()
             # The reader closed the live channel: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
@@ -355,9 +364,18 @@ class ConnectionActor:
                 return  # the reader sees it too, and records why
             self.state.beat("connection", trio.current_time())
 
-    async def _forward(self, item: Item) -> None:
+    async def _forward(self, item: Item, *, stale_before: int = 0) -> None:
+        """Put an item on the pipeline. An update stamped before `stale_before` (the
+        connection's `listening` plus the clock margin) is older than the connection:
+        its order is read again over REST if it leaves it not terminal."""
         if isinstance(item, Event):
-            self.recovery.observe(item)
+            if not stale_before:
+                self.recovery.observe(item)
+            elif item.ts_ns < stale_before:
+                self.recovery.observe_stale(item)
+            else:
+                self.recovery.observe_live(
+                    item, int(item.received_at * 1e9) + self._wall_offset_ns)
         await send_soon(self.outbox, item)
 
     def _count_received(self, counts: dict[str, int]) -> None:
