@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -44,6 +45,13 @@ APPLIED = "applied"
 NOT_UNDERSTOOD = "not understood"
 NO_POSITION = "no open position"
 MORE_THAN_HELD = "more than the position holds"
+#: Its effect is already in a baseline's positions: stored, keyed, reported, not applied.
+IN_BASELINE = "in the baseline"
+#: Stamped with a date only, and a baseline was taken within that day: whether its effect
+#: is in the baseline's positions cannot be told, so it is not applied; `reconcile` shows
+#: the difference if it was not, and `reconcile --apply` takes the broker's word.
+BASELINE_WITHIN_ITS_DAY = "baseline within its day"
+EASTERN: Final = ZoneInfo("America/New_York")
 
 
 class WireNonTrade(msgspec.Struct, gc=False):
@@ -128,6 +136,47 @@ def decode_stored_activity(payload: bytes) -> WireNonTrade:
         raise DecodeError(f"invalid activity: {exc}") from None
 
 
+def effect_window(activity: WireNonTrade) -> tuple[datetime, datetime]:
+    """When the activity's effect reached the broker's positions, as (earliest, latest).
+
+    A `transaction_time` is that instant (the simulated broker stamps a crypto fee with
+    its fill's time, a corporate action with the moment it changed the books; Alpaca
+    documents only `date` for non-trade activities, so this is used when present and
+    never assumed). A bare `date` is the whole of that day in New York, where Alpaca's
+    dates are: from its midnight to the next (docs/design.md, section 10)."""
+    if activity.transaction_time:
+        at = parse_timestamp(activity.transaction_time)[0]
+        return at, at
+    if not activity.date:
+        raise DecodeError(f"activity {activity.id[:64]} without date or transaction_time")
+    try:
+        day = date.fromisoformat(activity.date[:10])
+    except ValueError:
+        raise DecodeError(f"activity {activity.id[:64]}: invalid date "
+                          f"{activity.date[:32]!r}") from None
+    start = datetime.combine(day, time(), EASTERN)
+    end = datetime.combine(day + timedelta(days=1), time(), EASTERN)
+    return start, end
+
+
+def baseline_verdict(window: tuple[datetime, datetime], moment: datetime | None) -> str | None:
+    """Whether an activity whose effect lies in `window` is already in the positions of a
+    baseline taken at `moment` (the broker's clock; None: no baseline).
+
+    None: apply it (its effect came after the baseline's positions were read, or there
+    was no baseline). `IN_BASELINE`: its effect is at or before the moment, so the
+    broker's positions the baseline took hold it. `BASELINE_WITHIN_ITS_DAY`: the moment
+    falls inside a date-only window: neither can be told."""
+    if moment is None:
+        return None
+    start, end = window
+    if end <= moment:
+        return IN_BASELINE
+    if start > moment:
+        return None
+    return BASELINE_WITHIN_ITS_DAY
+
+
 def touched_symbols(ev: Event) -> tuple[str, ...]:
     """Every symbol an activity may change: an assignment or exercise also the underlying."""
     if ev.activity_type in ("OPASN", "OPEXC"):
@@ -151,6 +200,42 @@ class ActivityRecord:
     #: Signed quantity change per symbol (what `check` adds to the orders' fills).
     effects: dict[str, Decimal] = field(default_factory=dict)
     raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PositionChange:
+    """One row of `position_changes`: what an activity did to one symbol's position,
+    whether or not it closed the row (docs/design.md, section 10)."""
+
+    activity_id: str
+    activity_type: str
+    symbol: str
+    #: The row changed; None for one opened in the same batch (the store finds its id).
+    position_id: int | None
+    qty_before: Decimal
+    qty_after: Decimal
+    avg_before: Decimal | None
+    avg_after: Decimal | None
+    realized_pnl: Decimal
+    changed_at: datetime
+
+
+def position_change(record: ActivityRecord, symbol: str, before: Position | None,
+                    step: PositionStep) -> PositionChange:
+    """The change `step` made to `before` (the open row, None when flat)."""
+    after = step.open if step.open is not None else step.closed
+    pid = before.position_id if before is not None else None
+    if pid is None and after is not None:
+        pid = after.position_id
+    return PositionChange(
+        activity_id=record.activity_id, activity_type=record.activity_type, symbol=symbol,
+        position_id=pid,
+        qty_before=before.qty if before is not None else ZERO,
+        qty_after=step.open.qty if step.open is not None else ZERO,
+        avg_before=before.avg_entry_price if before is not None else None,
+        avg_after=after.avg_entry_price if after is not None else None,
+        realized_pnl=after.realized_pnl if after is not None else ZERO,
+        changed_at=record.timestamp)
 
 
 @dataclass(slots=True)
@@ -193,7 +278,8 @@ def _reduce(row: Position, by: Decimal, when: datetime, activity_id: str) -> Pos
 
 
 def apply_activity(
-    account_id: str, current: Mapping[str, Position], ev: Event
+    account_id: str, current: Mapping[str, Position], ev: Event,
+    baseline_at: datetime | None = None,
 ) -> ActivityOutcome:
     """What one activity does to the open positions (`current`, by symbol).
 
@@ -207,6 +293,11 @@ def apply_activity(
       average price scales back, cost basis unchanged.
     - ACATC, ACATS: `qty` shares move in (at `price`, the broker's stated value, re-averaged
       like a purchase) or out (average unchanged, nothing realized).
+
+    `baseline_at`: the broker-clock moment of the latest baseline covering the symbol
+    (None: none). An activity whose effect is at or before it is already in the
+    positions the baseline took: stored with outcome `IN_BASELINE`, not applied
+    (`baseline_verdict`).
     """
     atype = ev.activity_type or ""
     aid = ev.activity_id or ""
@@ -216,6 +307,11 @@ def apply_activity(
     out = ActivityOutcome(record)
     if atype not in APPLIED_TYPES or not ev.symbol:
         return out
+    if baseline_at is not None:
+        verdict = baseline_verdict(effect_window(decode_stored_activity(ev.raw)), baseline_at)
+        if verdict is not None:
+            record.outcome = verdict
+            return out
     row = current.get(ev.symbol)
     if atype == "ACATC" and qty is not None and qty != 0:
         price = ev.fill_price if ev.fill_price is not None else ZERO

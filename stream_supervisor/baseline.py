@@ -50,6 +50,10 @@ class BrokerSnapshot:
     newest_activity: str | None = None
     attempts: int = 1
     notes: list[str] = field(default_factory=list)
+    #: Per symbol, the newest fill its positions were read with (broker time): a fill
+    #: after `taken_at` but before its symbol's quiet round is in the positions, and so
+    #: is a crypto fee charged at it (docs/design.md, section 10).
+    moments: dict[str, datetime] = field(default_factory=dict)
 
 
 def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: float) -> str | None:
@@ -199,10 +203,14 @@ async def take_snapshot(
             final = await rest.order(order_id)
             if final is not None:
                 orders[order_id] = _order_state(final)
+    moments = {
+        symbol: max(parse_timestamp(a.transaction_time)[0] for a in group)
+        for symbol, group in known_acts.items() if group}
     return BrokerSnapshot(
         taken_at=now, positions=list(held.values()), orders=list(orders.values()),
         newest_activity=max((a.id for a in acts), default=None),
-        attempts=attempt, notes=notes)
+        attempts=attempt, notes=notes,
+        moments={s: at for s, at in moments.items() if at > now})
 
 
 def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:
@@ -210,6 +218,7 @@ def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> Broke
         account_id=account_id, reason=reason, taken_at=snapshot.taken_at,
         positions=snapshot.positions, orders=snapshot.orders,
         cursor=Cursor(snapshot.taken_at, snapshot.newest_activity),
+        moments=snapshot.moments,
     )
 
 
