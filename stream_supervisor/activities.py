@@ -31,7 +31,14 @@ from .errors import DecodeError
 from .events import ACTIVITY_EVENT, Event, activity_key, parse_timestamp
 from .orders import FillDelta
 from .positions import ZERO, Position, PositionStep, apply_fill
-from .symbols import AssetClass, asset_class_of, canonical_symbol, multiplier, parse_occ
+from .symbols import (
+    AssetClass,
+    OptionContract,
+    asset_class_of,
+    canonical_symbol,
+    multiplier,
+    parse_occ,
+)
 
 #: The position-changing types the service applies.
 APPLIED_TYPES: Final = frozenset({"CFEE", "OPEXP", "OPASN", "OPEXC", "SPLIT", "ACATC", "ACATS"})
@@ -277,9 +284,29 @@ def _reduce(row: Position, by: Decimal, when: datetime, activity_id: str) -> Pos
                         None, ZERO)
 
 
+#: `baseline_moments.symbol` of the account-wide moment: the broker's clock when the
+#: latest baseline began, before any of its reads.
+ACCOUNT_WIDE: Final = ""
+#: An assignment or exercise whose option leg or stock leg (not both) a baseline holds:
+#: the other is applied (docs/design.md, section 10).
+PARTLY_IN_BASELINE = "applied where the baseline did not hold it"
+
+
+def baseline_moment(baselines: Mapping[str, datetime] | None, symbol: str) -> datetime | None:
+    """The latest baseline's moment for `symbol`: the account-wide one, or the symbol's
+    own where that is later (the round its positions were read in)."""
+    if not baselines:
+        return None
+    held = baselines.get(ACCOUNT_WIDE)
+    own = baselines.get(symbol)
+    if held is None or (own is not None and own > held):
+        return own
+    return held
+
+
 def apply_activity(
     account_id: str, current: Mapping[str, Position], ev: Event,
-    baseline_at: datetime | None = None,
+    baselines: Mapping[str, datetime] | None = None,
 ) -> ActivityOutcome:
     """What one activity does to the open positions (`current`, by symbol).
 
@@ -294,10 +321,10 @@ def apply_activity(
     - ACATC, ACATS: `qty` shares move in (at `price`, the broker's stated value, re-averaged
       like a purchase) or out (average unchanged, nothing realized).
 
-    `baseline_at`: the broker-clock moment of the latest baseline covering the symbol
-    (None: none). An activity whose effect is at or before it is already in the
-    positions the baseline took: stored with outcome `IN_BASELINE`, not applied
-    (`baseline_verdict`).
+    `baselines`: the latest baseline's broker-clock moments (`baseline_moment`). What an
+    activity does to a symbol whose moment is at or after its effect is already in the
+    positions the baseline took: not applied (`baseline_verdict`); an activity none of
+    whose changes is applied is stored with that verdict as its outcome.
     """
     atype = ev.activity_type or ""
     aid = ev.activity_id or ""
@@ -307,11 +334,25 @@ def apply_activity(
     out = ActivityOutcome(record)
     if atype not in APPLIED_TYPES or not ev.symbol:
         return out
-    if baseline_at is not None:
-        verdict = baseline_verdict(effect_window(decode_stored_activity(ev.raw)), baseline_at)
-        if verdict is not None:
-            record.outcome = verdict
-            return out
+    window: tuple[datetime, datetime] | None = None
+
+    def held(symbol: str) -> str | None:
+        nonlocal window
+        moment = baseline_moment(baselines, symbol)
+        if moment is None:
+            return None
+        if window is None:
+            window = effect_window(decode_stored_activity(ev.raw))
+        return baseline_verdict(window, moment)
+
+    verdict = held(ev.symbol)
+    contract = parse_occ(ev.symbol) if atype in ("OPASN", "OPEXC") else None
+    if contract is not None:
+        return _assigned(account_id, current, ev, out, contract, verdict,
+                         held(contract.underlying))
+    if verdict is not None:
+        record.outcome = verdict
+        return out
     row = current.get(ev.symbol)
     if atype == "ACATC" and qty is not None and qty != 0:
         price = ev.fill_price if ev.fill_price is not None else ZERO
@@ -343,27 +384,51 @@ def apply_activity(
             return out
         step = PositionStep(_scale(row, new_qty), None, ZERO)
         record.effects[ev.symbol] = new_qty - row.qty
-    else:  # OPEXP, OPASN, OPEXC: the broker's stated contracts, from the side held
+    else:  # OPEXP (or an assignment of a symbol not in OCC form): from the side held
         contracts = abs(qty) if qty else abs(row.qty)
         change = -contracts * _sign(row.qty)
         step = _closing(apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)
         record.effects[ev.symbol] = change
-        contract = parse_occ(ev.symbol)
-        if atype != "OPEXP" and contract is not None:
-            buys = (contract.right == "call") == (row.qty > 0)
-            shares = contracts * row.multiplier
-            signed = shares if buys else -shares
-            under = contract.underlying
-            stock = apply_fill(current.get(under), account_id,
-                               _delta(ev, under, signed, contract.strike),
-                               multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)
-            out.steps.append((ev.symbol, step))
-            out.steps.append((under, stock))
-            record.effects[under] = signed
-            record.outcome = APPLIED
-            return out
     out.steps.append((ev.symbol, step))
     record.outcome = APPLIED
+    return out
+
+
+def _assigned(account_id: str, current: Mapping[str, Position], ev: Event,
+              out: ActivityOutcome, contract: OptionContract, option_held: str | None,
+              stock_held: str | None) -> ActivityOutcome:
+    """An assignment or exercise: the option leg and the stock leg, each applied unless
+    the latest baseline already holds it (its symbol's moment is at or after the effect).
+    An assignment is of a short, an exercise of a long: that fixes the side when the
+    option row is gone (a baseline that held the assignment closed it)."""
+    record = out.record
+    aid = ev.activity_id or ""
+    if option_held is not None and stock_held is not None:
+        record.outcome = option_held
+        return out
+    row = current.get(ev.symbol)
+    long = row.qty > 0 if row is not None and row.qty != 0 else ev.activity_type == "OPEXC"
+    contracts = abs(ev.fill_qty) if ev.fill_qty else (abs(row.qty) if row is not None
+                                                       else ZERO)
+    if option_held is None:
+        if row is None or row.qty == 0:
+            record.outcome = NO_POSITION
+            return out
+        change = -contracts * _sign(row.qty)
+        out.steps.append((ev.symbol, _closing(
+            apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)))
+        record.effects[ev.symbol] = change
+    if stock_held is None and contracts:
+        mult = row.multiplier if row is not None else multiplier(AssetClass.US_OPTION)
+        shares = contracts * mult
+        signed = shares if (contract.right == "call") == long else -shares
+        under = contract.underlying
+        out.steps.append((under, apply_fill(
+            current.get(under), account_id, _delta(ev, under, signed, contract.strike),
+            multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)))
+        record.effects[under] = signed
+    record.outcome = APPLIED if option_held is None and stock_held is None \
+        else PARTLY_IN_BASELINE
     return out
 
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 import msgspec
 
 from .activities import (
+    ACCOUNT_WIDE,
     ActivityRecord,
     PositionChange,
     apply_activity,
@@ -61,19 +62,6 @@ def cursor_of(events: Iterable[Event]) -> Cursor:
         if ev.event in FILL_EVENTS:
             cursor = cursor.advanced(Cursor(ev.timestamp, ev.activity_id))
     return cursor
-
-
-#: `baseline_moments.symbol` of the account-wide moment: the broker's clock when the
-#: latest baseline began, before any of its reads (docs/design.md, section 10).
-ACCOUNT_WIDE = ""
-
-
-def baseline_moment(baselines: Mapping[str, datetime] | None, symbol: str) -> datetime | None:
-    """The latest baseline's moment for `symbol`: the account-wide one, or the symbol's
-    own where that is later (the newest fill its positions were read with)."""
-    if not baselines:
-        return None
-    return _max_opt(baselines.get(ACCOUNT_WIDE), baselines.get(symbol))
 
 
 def baseline_moments(taken_at: datetime, per_symbol: Mapping[str, datetime]) -> dict[str, datetime]:
@@ -187,7 +175,7 @@ def apply_events(
     `orders` holds the stored state of every order the events touch (absent = unknown
     yet); `open_positions` the open row of every symbol they touch (absent = flat);
     `baselines` the latest baseline's broker-clock moment for the account (key
-    `ACCOUNT_WIDE`) and, where later, per symbol (`baseline_moment`).
+    `ACCOUNT_WIDE`) and, where later, per symbol (`activities.baseline_moment`).
     """
     result = LedgerResult()
     order_state = dict(orders)
@@ -204,8 +192,7 @@ def apply_events(
 
     for ev in flatten(order_fills_by_cum_qty(events)):
         if ev.event == ACTIVITY_EVENT:
-            applied = apply_activity(account_id, current, ev,
-                                     baseline_moment(baselines, ev.symbol))
+            applied = apply_activity(account_id, current, ev, baselines)
             result.activities.append(applied.record)
             for symbol, step in applied.steps:
                 result.changes.append(

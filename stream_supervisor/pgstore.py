@@ -22,7 +22,7 @@ from psycopg import pq
 from psycopg.types.json import Jsonb
 
 from . import pgconn
-from .activities import ActivityRecord, PositionChange
+from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
 from .adjustments import (
     BASELINE,
     REBASELINE,
@@ -40,7 +40,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
-from .ledger import ACCOUNT_WIDE, Cursor, apply_events, baseline_moments, cursor_of, touched
+from .ledger import Cursor, apply_events, baseline_moments, cursor_of, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (

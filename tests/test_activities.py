@@ -10,17 +10,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_supervisor.activities import (
+    ACCOUNT_WIDE,
     APPLIED,
     BASELINE_WITHIN_ITS_DAY,
     IN_BASELINE,
     MORE_THAN_HELD,
     NO_POSITION,
+    PARTLY_IN_BASELINE,
     WireNonTrade,
     baseline_verdict,
     non_trade_to_event,
 )
 from stream_supervisor.events import Event, fill_key
-from stream_supervisor.ledger import ACCOUNT_WIDE, LedgerResult, apply_events
+from stream_supervisor.ledger import LedgerResult, apply_events
 from stream_supervisor.positions import Position
 from stream_supervisor.symbols import asset_class_of
 
@@ -291,3 +293,27 @@ def test_every_change_an_activity_makes_is_recorded_with_its_id() -> None:
     ]
     assert [c.activity_id for c in result.changes] == [
         "2026010510000" + f"{n:04d}::a" for n in (2, 4, 6, 6)]
+
+
+def test_an_assignment_applies_only_the_leg_the_baseline_did_not_hold() -> None:
+    """The option settled in an earlier round of the baseline than its underlying: the
+    assignment (after the option's moment, before the stock's) closes the short put but
+    adds no shares, which the stock's positions read already held."""
+    put = "AAPL240119P00190000"
+    short = Position("a", put, Decimal(-2), Decimal(3), "baseline", None, T0, position_id=1,
+                     multiplier=Decimal(100), asset_class="us_option")
+    assigned = activity(5, "OPASN", put, "2")
+    moments = {ACCOUNT_WIDE: T0, put: T0 + timedelta(seconds=2),
+               "AAPL": T0 + timedelta(seconds=8)}
+    result = apply_events("a", {}, {put: short}, [assigned], moments)
+    [record] = result.activities
+    assert record.outcome == PARTLY_IN_BASELINE
+    assert record.effects == {put: Decimal(2)}
+    assert [(p.symbol, p.qty, p.is_open) for p in result.positions] == [(put, 0, False)]
+    # The other way round: the stock leg alone, its side from the type (an assignment
+    # is of a short put: it buys), though the baseline closed the option.
+    moments = {ACCOUNT_WIDE: T0, put: T0 + timedelta(seconds=8)}
+    result = apply_events("a", {}, {}, [assigned], moments)
+    assert result.activities[0].effects == {"AAPL": Decimal(200)}
+    assert [(p.symbol, p.qty, p.avg_entry_price) for p in result.positions] == [
+        ("AAPL", Decimal(200), Decimal(190))]

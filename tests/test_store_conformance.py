@@ -712,13 +712,13 @@ async def test_an_activity_a_baseline_already_holds_is_stored_not_applied(
     change recorded with its id. The moments survive a restart and move forward with a
     rebaseline."""
     from stream_supervisor.activities import (
+        ACCOUNT_WIDE,
         APPLIED,
         IN_BASELINE,
         WireNonTrade,
         non_trade_to_event,
     )
     from stream_supervisor.adjustments import REBASELINE
-    from stream_supervisor.ledger import ACCOUNT_WIDE
 
     acct = "acct-late-activities"
     t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
