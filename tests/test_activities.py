@@ -309,7 +309,7 @@ def test_an_assignment_applies_only_the_leg_the_baseline_did_not_hold() -> None:
     [record] = result.activities
     assert record.outcome == PARTLY_IN_BASELINE
     assert record.effects == {put: Decimal(2)}
-    assert [(p.symbol, p.qty, p.is_open) for p in result.positions] == [(put, 0, False)]
+    assert [(p.symbol, p.qty, p.is_open) for p in result.positions] == [(put, Decimal(0), False)]
     # The other way round: the stock leg alone, its side from the type (an assignment
     # is of a short put: it buys), though the baseline closed the option.
     moments = {ACCOUNT_WIDE: T0, put: T0 + timedelta(seconds=8)}
