@@ -43,7 +43,7 @@ from .protocol import (
     listen_message,
 )
 from .recovery import GapRecovery
-from .settings import DEFAULT_LIVE_BUFFER, Settings
+from .settings import DEFAULT_CHANNEL_SIZE, DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
 
@@ -51,9 +51,13 @@ log = get_logger("stream_supervisor.connection")
 
 #: Live frames held while recovery runs, by default (`Settings.live_buffer`). If
 #: recovery is still running when it is full, the connection is dropped on purpose and
-#: REST covers the range on the next one (docs/design.md, section 12); while streaming,
-#: a full buffer is backpressure.
+#: REST covers the range on the next one (docs/design.md, section 12).
 LIVE_BUFFER = DEFAULT_LIVE_BUFFER
+#: Frames read ahead of the pipeline once streaming, by default (`Settings.channel_size`,
+#: like every channel between actors); full, the reader waits (backpressure). Not the live
+#: buffer: a stream faster than the writer would otherwise keep up to `live_buffer`
+#: decoded updates in memory for as long as it lasts (about 60 MB at the default).
+STREAM_BUFFER = DEFAULT_CHANNEL_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class ConnectionSettings:
     #: Updates stamped more than this ahead of the wall clock are dead-lettered.
     future_tolerance: float
     live_buffer: int = LIVE_BUFFER
+    stream_buffer: int = STREAM_BUFFER
 
     @classmethod
     def from_settings(cls, s: Settings) -> ConnectionSettings:
@@ -83,6 +88,7 @@ class ConnectionSettings:
             max_frame_bytes=s.max_frame_bytes,
             future_tolerance=s.future_tolerance,
             live_buffer=s.live_buffer,
+            stream_buffer=s.channel_size,
         )
 
 
@@ -114,6 +120,8 @@ class ConnectionActor:
         self._recovery_scope: trio.CancelScope | None = None
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
         self._live_from_ns: int | None = None  # broker time of the first live fill
+        # Set once recovery is done: from then on the reader queues on the stream buffer.
+        self._stream: trio.MemorySendChannel[Item] | None = None
         self._received: dict[str, Counter] = {}  # label children, looked up once
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -212,8 +220,11 @@ class ConnectionActor:
     async def _session(self, ws: WebSocket) -> None:
         """Read, ping and recover until the connection fails.
 
+        Frames read while recovery runs wait in the live buffer (`live_buffer` of them at
+        most); once it is done they are forwarded, then what the reader queues on the
+        stream buffer (`stream_buffer`, a channel's size: the reader waits when it is full).
         Frames already read are never dropped once recovery is done: when the socket
-        fails, the reader stops and closes the live buffer, and everything in it is still
+        fails, the reader stops and closes both buffers, and everything in them is still
         forwarded before the session ends. If the socket fails (or the buffer overflows)
         while recovery runs, recovery stops at once with what it committed so far, and
         buffered updates are let go: forwarding them would move the cursor past fills REST
@@ -221,12 +232,15 @@ class ConnectionActor:
         section 12).
         """
         send_live, receive_live = trio.open_memory_channel[Item](self.settings.live_buffer)
+        send_stream, receive_stream = trio.open_memory_channel[Item](
+            min(self.settings.stream_buffer, self.settings.live_buffer))
         self._end_reason = None
         self._recv_scope = None
+        self._stream = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read, ws, send_live)
+            nursery.start_soon(self._read, ws, send_live, send_stream)
             nursery.start_soon(self._ping, ws)
-            async with receive_live:
+            async with receive_live, receive_stream:
                 self.state.connection = "backfilling"
                 recovered = False
                 with trio.CancelScope() as scope:
@@ -240,15 +254,25 @@ class ConnectionActor:
                 if not recovered:
                     await self._let_go_of_updates(receive_live)
                 else:
+                    # No checkpoint between the end of recovery and this switch: every
+                    # frame read before it is in the live buffer, every one after it on
+                    # the stream buffer, and the live buffer is forwarded first.
+                    self._stream = send_stream
                     self.state.caught_up = True
                     self.state.connection = "streaming"
                     if self.recovery.settings.order_refresh_interval > 0:
                         nursery.start_soon(self.recovery.refresh_periodically)
-                    async for first in receive_live:
+                    while True:  # nothing joins the live buffer any more
+                        try:
+                            item = receive_live.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await self._forward(item)
+                    async for first in receive_stream:
                         # Whatever else is already buffered goes in the same turn.
-                        for item in drain(first, receive_live):
+                        for item in drain(first, receive_stream):
                             await self._forward(item)
-            # The reader closed the live channel: the connection is gone.
+            # The reader closed both channels: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
 
@@ -273,10 +297,12 @@ class ConnectionActor:
         if self._recovery_scope is not None:
             self._recovery_scope.cancel()
 
-    async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item]) -> None:
+    async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item],
+                    stream: trio.MemorySendChannel[Item]) -> None:
         max_bytes = self.settings.max_frame_bytes
         try:
-            await self._read_into(ws, live, max_bytes)
+            async with stream:
+                await self._read_into(ws, live, max_bytes)
         finally:
             # Closure noticed at once, also by a recovery in progress.
             self._end(self._end_reason or "closed by server")
@@ -325,9 +351,14 @@ class ConnectionActor:
                     self._count_received(received)
 
     async def _buffer(self, live: trio.MemorySendChannel[Item], item: Item) -> bool:
-        """Into the live buffer. While recovery runs a full buffer ends the connection on
-        purpose (False): waiting would stall the socket until the broker drops us anyway,
-        and REST covers the range next time. While streaming, it is backpressure."""
+        """Into the live buffer, or once streaming into the stream buffer. While recovery
+        runs a full buffer ends the connection on purpose (False): waiting would stall the
+        socket until the broker drops us anyway, and REST covers the range next time.
+        While streaming, a full stream buffer is backpressure."""
+        stream = self._stream
+        if stream is not None:
+            await send_soon(stream, item)
+            return True
         if self._recovery_scope is None:
             await send_soon(live, item)
             return True
