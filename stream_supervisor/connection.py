@@ -268,10 +268,17 @@ class ConnectionActor:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         await self._forward(item)
+                    outbox, observe = self.outbox, self.recovery.observe
                     async for first in receive_stream:
-                        # Whatever else is already buffered goes in the same turn.
+                        # Whatever else is already buffered goes in the same turn, and
+                        # without a coroutine per item while the outbox has room.
                         for item in drain(first, receive_stream):
-                            await self._forward(item)
+                            if isinstance(item, Event):
+                                observe(item)
+                            try:
+                                outbox.send_nowait(item)
+                            except trio.WouldBlock:
+                                await outbox.send(item)
             # The reader closed both channels: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
@@ -335,6 +342,14 @@ class ConnectionActor:
                                 # Never before `listening`: the first fill may be a
                                 # replay of an older one.
                                 self._live_from_ns = max(frame.ts_ns, self._listening_ns)
+                            stream = self._stream
+                            if stream is not None:
+                                # Streaming, with room: no coroutine per frame.
+                                try:
+                                    stream.send_nowait(frame)
+                                    continue
+                                except trio.WouldBlock:
+                                    pass
                             if not await self._buffer(live, frame):
                                 return
                         elif isinstance(frame, DeadLetter):
