@@ -135,7 +135,7 @@ async def test_live_updates_from_a_broker_clock_behind_ours_are_not_read_again(
     orders = [f"7d1c2b3a-0000-4000-8000-0000000{n:05d}" for n in range(3)]
     frames = [_update("new", (behind + timedelta(milliseconds=n)).strftime(
         "%Y-%m-%dT%H:%M:%S.%fZ"), order_id) for n, order_id in enumerate(orders)]
-    server = ReplayServer(Script(frames, gate=gate))
+    server = ReplayServer(Script(frames, start=gate))
     rest = CanceledAtBroker()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
