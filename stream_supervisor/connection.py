@@ -42,7 +42,7 @@ from .protocol import (
     decode_frame,
     listen_message,
 )
-from .recovery import GapRecovery
+from .recovery import LIVE_OVERLAP_NS, GapRecovery
 from .settings import DEFAULT_CHANNEL_SIZE, DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
@@ -123,6 +123,7 @@ class ConnectionActor:
         # Set once recovery is done: from then on the reader queues on the stream buffer.
         self._stream: trio.MemorySendChannel[Item] | None = None
         self._received: dict[str, Counter] = {}  # label children, looked up once
+        self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -262,23 +263,31 @@ class ConnectionActor:
                     self.state.connection = "streaming"
                     if self.recovery.settings.order_refresh_interval > 0:
                         nursery.start_soon(self.recovery.refresh_periodically)
+                    stale_before = self._listening_ns + LIVE_OVERLAP_NS
+                    self._note_wall_offset()
                     while True:  # nothing joins the live buffer any more
                         try:
                             item = receive_live.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                        await self._forward(item)
-                    outbox, observe = self.outbox, self.recovery.observe
+                        await self._forward(item, stale_before=stale_before)
+                    await self.recovery.recheck_stale()
+                    outbox = self.outbox
                     async for first in receive_stream:
+                        self._note_wall_offset()
                         # Whatever else is already buffered goes in the same turn, and
                         # without a coroutine per item while the outbox has room.
                         for item in drain(first, receive_stream):
                             if isinstance(item, Event):
-                                observe(item)
+                                self._observe(item, stale_before)
                             try:
                                 outbox.send_nowait(item)
                             except trio.WouldBlock:
                                 await outbox.send(item)
+                        # A replayed update can leave an order not terminal whose later
+                        # updates the stream will not send; the refresh above ran before
+                        # it was forwarded (docs/design.md, section 12).
+                        await self.recovery.recheck_stale()
             # The reader closed both channels: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
@@ -401,9 +410,27 @@ class ConnectionActor:
                 return  # the reader sees it too, and records why
             self.state.beat("connection", trio.current_time())
 
-    async def _forward(self, item: Item) -> None:
+    def _note_wall_offset(self) -> None:
+        """Wall clock minus Trio's, once a turn: when each update of the turn came."""
+        self._wall_offset_ns = (int(self.wallclock().timestamp() * 1e9)
+                                - int(trio.current_time() * 1e9))
+
+    def _observe(self, event: Event, stale_before: int) -> None:
+        """Tell recovery about an update on its way to the pipeline. One stamped before
+        `stale_before` (the connection's `listening` plus the clock margin) is older than
+        the connection: its order is read again over REST if it leaves it not terminal."""
+        if not stale_before:
+            self.recovery.observe(event)
+        elif event.ts_ns < stale_before:
+            self.recovery.observe_stale(event)
+        else:
+            self.recovery.observe_live(
+                event, int(event.received_at * 1e9) + self._wall_offset_ns)
+
+    async def _forward(self, item: Item, *, stale_before: int = 0) -> None:
+        """Put an item on the pipeline (`_observe` first if it is an update)."""
         if isinstance(item, Event):
-            self.recovery.observe(item)
+            self._observe(item, stale_before)
         await send_soon(self.outbox, item)
 
     def _count_received(self, counts: dict[str, int]) -> None:

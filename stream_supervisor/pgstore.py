@@ -23,8 +23,15 @@ from psycopg import pq
 from psycopg.types.json import Jsonb
 
 from . import pgconn
-from .activities import ActivityRecord
-from .adjustments import Adjustment, baseline_order, origin_of, plan_adjustments
+from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
+from .adjustments import (
+    BASELINE,
+    REBASELINE,
+    Adjustment,
+    baseline_order,
+    origin_of,
+    plan_adjustments,
+)
 from .errors import (
     LostLeadership,
     SchemaNotMigrated,
@@ -33,8 +40,8 @@ from .errors import (
     StoreRejected,
     StoreUnavailable,
 )
-from .events import DeadLetter, Event, decimal_text
-from .ledger import Cursor, apply_events, cursor_of, touched
+from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
+from .ledger import Cursor, apply_events, baseline_moments, cursor_of, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -61,14 +68,18 @@ TABLES: Final = (
     "dead_letters",
     "position_adjustments",
     "account_activities",
+    "baseline_moments",
+    "position_changes",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
 #: and `replay_result` and the leader reads `replay_requested_at` (0003); baselines and
 #: reconcile write `position_adjustments` and `broker_orders.baseline_qty` (0004, whose
 #: table is in TABLES too); positions carry their asset class and multiplier, orders their
-#: class and parent, and `account_activities` holds the non-trade activities (0006).
-REQUIRED_MIGRATION: Final = "0006_asset_classes"
+#: class and parent, and `account_activities` holds the non-trade activities (0006);
+#: `baseline_moments` decides which activities a baseline already holds, and
+#: `position_changes` records what each activity did (0007).
+REQUIRED_MIGRATION: Final = "0007_activity_baseline"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -244,6 +255,40 @@ FROM unnest(%(ids)b::text[], %(types)b::text[], %(syms)b::text[], %(qtys)s::nume
             %(effects)s::jsonb[], %(payloads)b::bytea[])
     AS v(i, t, sym, q, p, at, o, e, pl)
 ON CONFLICT (account_id, activity_id) DO NOTHING
+"""
+
+# The latest baseline's moments for the symbols a batch's activities touch (section 10).
+_LOAD_BASELINE_MOMENTS = """
+SELECT symbol, moment FROM baseline_moments
+WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[])
+"""
+_UPSERT_BASELINE_MOMENT = """
+INSERT INTO baseline_moments AS b (account_id, symbol, moment)
+VALUES (%(acct)s, %(sym)s, %(at)s)
+ON CONFLICT (account_id, symbol) DO UPDATE SET
+    moment = GREATEST(b.moment, EXCLUDED.moment), recorded_at = now()
+"""
+# What each activity did to a position; a row opened in this batch (a transfer into a
+# flat symbol) is found as the symbol's open row, written just before.
+_INSERT_CHANGES = """
+INSERT INTO position_changes (account_id, activity_id, symbol, position_id, activity_type,
+    qty_before, qty_after, avg_before, avg_after, realized_pnl, changed_at)
+SELECT %(acct)s, a, sym, COALESCE(pid, (SELECT id FROM active_positions ap
+        WHERE ap.account_id = %(acct)s AND ap.symbol = v.sym AND ap.status = 'open')),
+    t, qb, qa, ab, aa, pnl, at
+FROM unnest(%(ids)b::text[], %(syms)b::text[], %(pids)b::bigint[], %(types)b::text[],
+            %(qbs)s::numeric[], %(qas)s::numeric[], %(abs)s::numeric[], %(aas)s::numeric[],
+            %(pnls)s::numeric[], %(ats)b::timestamptz[])
+    AS v(a, sym, pid, t, qb, qa, ab, aa, pnl, at)
+ON CONFLICT (account_id, activity_id, symbol) DO NOTHING
+"""
+_SNAPSHOT_CHANGES = """
+SELECT activity_id, activity_type, symbol, position_id, qty_before, qty_after, avg_before,
+    avg_after, realized_pnl, changed_at
+FROM position_changes WHERE account_id = %s ORDER BY activity_id, symbol
+"""
+_SNAPSHOT_MOMENTS = """
+SELECT symbol, moment FROM baseline_moments WHERE account_id = %s
 """
 
 _ACTIVITY_CURSOR = """
@@ -517,6 +562,29 @@ def _activity_params(account_id: str, records: Sequence[ActivityRecord]) -> dict
                     for r in records],
         "payloads": [bytes(r.raw) for r in records],
     }
+
+
+def _change_params(account_id: str, changes: Sequence[PositionChange]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "ids": [_text(c.activity_id) for c in changes],
+        "syms": [_text(c.symbol) for c in changes],
+        "pids": [c.position_id for c in changes],
+        "types": [_text(c.activity_type) for c in changes],
+        "qbs": [c.qty_before for c in changes],
+        "qas": [c.qty_after for c in changes],
+        "abs": [c.avg_before for c in changes],
+        "aas": [c.avg_after for c in changes],
+        "pnls": [c.realized_pnl for c in changes],
+        "ats": [c.changed_at for c in changes],
+    }
+
+
+def _change(row: Sequence[Any]) -> PositionChange:
+    return PositionChange(
+        activity_id=row[0], activity_type=row[1], symbol=row[2], position_id=row[3],
+        qty_before=row[4], qty_after=row[5], avg_before=row[6], avg_after=row[7],
+        realized_pnl=row[8], changed_at=row[9])
 
 
 def _activity(row: Sequence[Any]) -> ActivityRecord:
@@ -826,7 +894,14 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         if not batch.durable:
             conn.execute("SET LOCAL synchronous_commit = off")
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
-        claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
+        claimed, orders_cur, positions_cur, cursor_cur, moments_cur = (
+            conn.cursor() for _ in range(5))
+        # Only a batch with a non-trade activity needs the baseline's moments.
+        activity_symbols = sorted({_text(ev.symbol) for ev in first.values()
+                                   if ev.event == ACTIVITY_EVENT})
+        if activity_symbols:
+            moments_cur.execute(_LOAD_BASELINE_MOMENTS,
+                                {"acct": acct, "symbols": [ACCOUNT_WIDE, *activity_symbols]})
         if keys:
             claimed.execute(_CLAIM_KEYS, claim)
             orders_cur.execute(_LOCK_ORDERS, {"ids": sorted(order_ids)})
@@ -843,10 +918,12 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             if keys else {}
         )
         stored_cursor = _cursor(cursor_cur.fetchone())
+        moments = ({symbols.get(r[0], r[0]): r[1] for r in moments_cur.fetchall()}
+                   if activity_symbols else None)
 
         # The pure core, on the new events only, in batch order.
         new_events = [ev for key, ev in first.items() if key in new_keys]
-        result = apply_events(acct, orders, open_rows, new_events)
+        result = apply_events(acct, orders, open_rows, new_events, moments)
         moved = cursor_of(new_events)
         cursor = moved if stored_cursor is None else stored_cursor.advanced(moved)
 
@@ -867,6 +944,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             )
         if result.activities:
             conn.execute(_INSERT_ACTIVITIES, _activity_params(acct, result.activities))
+        if result.changes:
+            conn.execute(_INSERT_CHANGES, _change_params(acct, result.changes))
         if batch.dead_letters:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
@@ -897,7 +976,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
     queries = (
         _SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
         _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR, _SNAPSHOT_ADJUSTMENTS, _SNAPSHOT_BASELINES,
-        _SNAPSHOT_ACTIVITIES,
+        _SNAPSHOT_ACTIVITIES, _SNAPSHOT_CHANGES, _SNAPSHOT_MOMENTS,
     )
     # One consistent view, in one round trip.
     with conn.pipeline(), conn.transaction():
@@ -905,8 +984,8 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         curs = [conn.cursor() for _ in queries]
         for cur, query in zip(curs, queries, strict=True):
             cur.execute(query, [account_id])
-        keys, orders, positions, history, letters, cursor, adjusted, baselines, activities = (
-            c.fetchall() for c in curs)
+        (keys, orders, positions, history, letters, cursor, adjusted, baselines, activities,
+         changes, moments) = (c.fetchall() for c in curs)
     return StoreSnapshot(
         event_keys=frozenset(r[0] for r in keys),
         orders={r[0]: _order(r) for r in orders},
@@ -919,6 +998,8 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         adjustments=[Adjustment(*r) for r in adjusted],
         baseline_qty={r[0]: r[1] for r in baselines},
         activities=[_activity(r) for r in activities],
+        position_changes=[_change(r) for r in changes],
+        baseline_moments={r[0]: r[1] for r in moments},
     )
 
 
@@ -969,4 +1050,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         if word.cursor is not None:
             conn.execute(_ADVANCE_CURSOR, {"acct": acct, "fill_time": word.cursor.fill_time,
                                            "activity_id": word.cursor.activity_id})
+        if word.reason in (BASELINE, REBASELINE):
+            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
+                conn.execute(_UPSERT_BASELINE_MOMENT,
+                             {"acct": acct, "sym": _text(symbol), "at": at})
     return [c.adjustment for c in changes]
