@@ -27,6 +27,7 @@ from .backoff import Backoff, BackoffPolicy
 from .bounds import not_after_ns
 from .channels import send_soon
 from .dedupe import KeyCache, dedupe_actor
+from .drain import Drains
 from .errors import FATAL, LostLeadership, StoreError, StoreRejected, TransportClosed, collapse
 from .events import DeadLetter, Event
 from .eventstream import EventStreamConnector, SseComment
@@ -250,9 +251,11 @@ async def events_writer(settings: EventsSettings, store: Store,
             await acks.send(_ack(events, merged))
 
 
-class EventsSupervisor:
+class EventsSupervisor(Drains):
     """One events stream: store, writer lock, pipeline, restart budget, drain. `run`
     returns the exit code, like `Supervisor.run`."""
+
+    _drain_log = log
 
     def __init__(self, settings: EventsSettings, connector: EventStreamConnector,
                  store_factory: Callable[[], Store], *, metrics: Metrics | None = None,
@@ -268,22 +271,17 @@ class EventsSupervisor:
         self.install_signal_handlers = install_signal_handlers
         self.wallclock = wallclock
         self.source: EventsSource | None = None
-        self._drain = trio.Event()
+        self._drain_requested = trio.Event()
         self._conn_scope: trio.CancelScope | None = None
         self._pipeline_scope: trio.CancelScope | None = None
         self._cache: KeyCache | None = None
         self.fatal_error: str | None = None
 
-    def request_drain(self, why: str = "requested") -> None:
-        if self.state.draining:
-            return
-        log.info("draining", why=why, deadline_s=self.settings.drain_timeout)
-        self.state.draining = True
-        self._drain.set()
-        if self._conn_scope is not None:
-            self._conn_scope.cancel()
-        if self._pipeline_scope is not None:
-            self._pipeline_scope.deadline = trio.current_time() + self.settings.drain_timeout
+    # `request_drain`: Drains (drain.py), shared with the account's supervisor.
+
+    @property
+    def _drain_timeout(self) -> float:
+        return self.settings.drain_timeout
 
     async def run(self) -> int:
         from .supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
@@ -326,7 +324,7 @@ class EventsSupervisor:
                     if self.state.draining:
                         break
                     with trio.move_on_after(restart.next_delay()):
-                        await self._drain.wait()
+                        await self._drain_requested.wait()
             except FATAL as exc:
                 self.fatal_error = str(exc)
                 log.error("fatal_configuration_error", error=str(exc), kind=type(exc).__name__)
@@ -354,7 +352,7 @@ class EventsSupervisor:
                     self.state.connection = "standby"
                     log.info("standby", reason="another replica holds the stream's lock")
                 with trio.move_on_after(1.0):
-                    await self._drain.wait()
+                    await self._drain_requested.wait()
                 if self.state.draining:
                     return False
             self.state.leader = True

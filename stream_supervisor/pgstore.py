@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any, Final, TypeVar
 
+import msgspec
 import psycopg
 import trio
 from psycopg import pq
@@ -54,6 +55,8 @@ from .store import (
 )
 
 T = TypeVar("T")
+
+_json_encode: Final = msgspec.json.Encoder().encode
 
 #: Tables the store reads and writes; `open()` refuses a database without them.
 TABLES: Final = (
@@ -106,10 +109,15 @@ _MIGRATION_APPLIED = (
     "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
 )
 
+# The batch statements take their rows as one JSON parameter (an array of arrays, in
+# batch order), encoded by msgspec: psycopg's array dumpers, one Python call per element,
+# cost more of the writer's Python than anything else but the ledger (BENCHMARKS.md).
+# Text is NUL-free by then (`_text`: jsonb refuses \u0000, as text columns refuse NUL),
+# decimals travel as their exact text and timestamps as RFC 3339.
 _CLAIM_KEYS = """
 INSERT INTO alpaca_event_dedupe (event_key, account_id, event_type, source)
-SELECT k, %(acct)s, t, s FROM unnest(%(keys)b::text[], %(types)b::text[], %(sources)b::text[])
-    WITH ORDINALITY AS u(k, t, s, n)
+SELECT r->>0, %(acct)s, r->>1, r->>2
+FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS u(r, n)
 ORDER BY n
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key
@@ -150,13 +158,10 @@ _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
     order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
     revised_at, order_class, parent_order_id)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par
-FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
-            %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
-            %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[], %(ras)b::timestamptz[], %(oclasses)b::text[],
-            %(parents)b::text[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par)
+SELECT r->>0, %(acct)s, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::numeric,
+    (r->>7)::numeric, (r->>8)::numeric, r->>9, (r->>10)::timestamptz, (r->>11)::timestamptz,
+    (r->>12)::timestamptz, r->>13, r->>14
+FROM jsonb_array_elements(%(rows)s::jsonb) AS v(r)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     order_class = EXCLUDED.order_class,
     parent_order_id = EXCLUDED.parent_order_id,
@@ -485,25 +490,30 @@ def stored_dead_letter(row: Sequence[Any]) -> StoredDeadLetter:
     )
 
 
-def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
-    rows = list(orders)
+def _rows(rows: list[tuple[Any, ...]]) -> str:
+    """A batch statement's rows as its one JSON parameter."""
+    return _json_encode(rows).decode()
+
+
+def _claim_params(account_id: str, first: dict[str, Event],
+                  by_stored_key: dict[str, str]) -> dict[str, Any]:
+    """The keys to claim (stored spelling -> the batch's), each with its first update."""
     return {
         "acct": account_id,
-        "ids": [_text(o.order_id) for o in rows],
-        "cids": [_opt_text(o.client_order_id) for o in rows],
-        "syms": [_text(o.symbol) for o in rows],
-        "sides": [_text(o.side) for o in rows],
-        "types": [_opt_text(o.order_type) for o in rows],
-        "classes": [_opt_text(o.asset_class) for o in rows],
-        "qtys": [o.order_qty for o in rows],
-        "fqs": [o.filled_qty for o in rows],
-        "faps": [o.filled_avg_price for o in rows],
-        "sts": [_text(o.status) for o in rows],
-        "cas": [o.created_at for o in rows],
-        "uas": [o.updated_at for o in rows],
-        "ras": [o.revised_at for o in rows],
-        "oclasses": [_opt_text(o.order_class) for o in rows],
-        "parents": [_opt_text(o.parent_order_id) for o in rows],
+        "rows": _rows([(k, _text(first[key].event), first[key].source)
+                       for k, key in by_stored_key.items()]),
+    }
+
+
+def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "rows": _rows([
+            (_text(o.order_id), _opt_text(o.client_order_id), _text(o.symbol), _text(o.side),
+             _opt_text(o.order_type), _opt_text(o.asset_class), o.order_qty, o.filled_qty,
+             o.filled_avg_price, _text(o.status), o.created_at, o.updated_at, o.revised_at,
+             _opt_text(o.order_class), _opt_text(o.parent_order_id))
+            for o in orders]),
     }
 
 
@@ -874,12 +884,7 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
     # in id / symbol order, so two writers racing on one account do not deadlock there.
     by_stored_key = {_text(k): k for k in first}
     keys = list(by_stored_key)
-    claim = {
-        "acct": acct,
-        "keys": keys,
-        "types": [_text(first[by_stored_key[k]].event) for k in keys],
-        "sources": [first[by_stored_key[k]].source for k in keys],
-    }
+    claim = _claim_params(acct, first, by_stored_key)
     # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
     touched_orders, touched_symbols = touched(first.values())
     order_ids = {_text(oid): oid for oid in touched_orders}

@@ -27,6 +27,7 @@ from .baseline import needs_baseline, take_baseline
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
 from .dedupe import KeyCache, dedupe_actor
+from .drain import Drains
 from .errors import (
     FATAL,
     BrokerUnavailable,
@@ -85,7 +86,9 @@ class Dependencies:
     admission: Admission | None = None
 
 
-class Supervisor:
+class Supervisor(Drains):
+    _drain_log = log
+
     def __init__(
         self,
         settings: Settings,
@@ -111,17 +114,11 @@ class Supervisor:
 
     # --- public control ------------------------------------------------------------
 
-    def request_drain(self, why: str = "requested") -> None:
-        """Stop reading, flush and commit what is held, then exit (within the deadline)."""
-        if self.state.draining:
-            return
-        log.info("draining", why=why, deadline_s=self.settings.drain_timeout)
-        self.state.draining = True
-        self._drain_requested.set()
-        if self._conn_scope is not None:
-            self._conn_scope.cancel()
-        if self._pipeline_scope is not None:
-            self._pipeline_scope.deadline = trio.current_time() + self.settings.drain_timeout
+    # `request_drain`: Drains (drain.py), shared with the events stream's supervisor.
+
+    @property
+    def _drain_timeout(self) -> float:
+        return self.settings.drain_timeout
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Run until drained or failed; returns the process exit code."""
@@ -147,8 +144,7 @@ class Supervisor:
         log.info("stepping_down", why=why)
         self._stepping_down = True
         self._conn_scope.cancel()
-        if self._pipeline_scope is not None:
-            self._pipeline_scope.deadline = trio.current_time() + self.settings.drain_timeout
+        self._set_pipeline_deadline()
 
     def _fatal(self, exc: BaseException) -> int:
         self.fatal_error = str(exc)

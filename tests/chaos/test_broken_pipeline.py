@@ -21,7 +21,7 @@ from stream_supervisor.ledger import cursor_of
 from stream_supervisor.store import Batch
 from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
-from .harness import Outcome, chaos_settings, run_scenario
+from .harness import FAST_REST_LIMIT, Outcome, chaos_settings, run_scenario
 
 pytestmark = pytest.mark.chaos
 
@@ -89,7 +89,8 @@ CHAOS = ChaosConfig(duplicate_prob=0.2, duplicate_burst=3, text_frame_prob=0.3)
 
 
 def _sim(seed: int) -> SimConfig:
-    return SimConfig(seed=seed, orders=30, rate=300.0, chaos=CHAOS, scenario="broken-pipeline")
+    return SimConfig(seed=seed, orders=30, rate=300.0, chaos=CHAOS, scenario="broken-pipeline",
+                     rest_rate_limit=FAST_REST_LIMIT)
 
 
 @pytest.fixture

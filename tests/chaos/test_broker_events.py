@@ -22,7 +22,7 @@ from stream_supervisor.testing.broker.partner import PartnerChaos, PartnerFeed
 from stream_supervisor.testing.verify import Mismatch, summarize, verify_against_truth
 from stream_supervisor.wiring import account_opener
 
-from .harness import chaos_settings, snapshot
+from .harness import FAST_REST_LIMIT, chaos_settings, snapshot
 
 pytestmark = pytest.mark.chaos
 
@@ -41,7 +41,8 @@ async def _mismatches(database_url: str, partner: PartnerFeed,
 async def run_partner(database_url: str, chaos: PartnerChaos, *, seed: int,
                       orders: int = 10) -> tuple[PartnerFeed, dict[str, str], list[int], Any]:
     brokers = [SimulatedBroker(SimConfig(seed=seed + i, orders=orders, rate=20.0,
-                                         scenario="broker-events"))
+                                         scenario="broker-events",
+                                         rest_rate_limit=FAST_REST_LIMIT))
                for i in range(ACCOUNTS)]
     partner = PartnerFeed(brokers, chaos=chaos, seed=seed)
     codes: list[int] = []

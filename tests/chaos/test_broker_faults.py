@@ -22,6 +22,7 @@ from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .harness import (
     DEAD_LETTER_KINDS,
+    FAST_REST_LIMIT,
     Outcome,
     chaos_settings,
     dead_letter_count,
@@ -210,7 +211,8 @@ def scenario(seed: int) -> Scenario:
     settings.setdefault("lru_size", r.choice((0, 16, 100_000)))
     label = "+".join(f.name for f in (family, *extras))
     sim = SimConfig(seed=seed, orders=r.randint(20, 35), rate=r.choice((300.0, 500.0)),
-                    chaos=ChaosConfig(**knobs), scenario=label)
+                    chaos=ChaosConfig(**knobs), scenario=label,
+                    rest_rate_limit=FAST_REST_LIMIT)
     # Reordered or never-streamed partial fills apply some fills later, or merged with
     # the next one: quantities stay exact, per-symbol average and P&L may not (as in the
     # deterministic simulation, `testing/worlds/world.py`).

@@ -23,6 +23,7 @@ from stream_supervisor.testing.broker import ChaosConfig, SimConfig
 
 from .conftest import OwnServer
 from .harness import (
+    FAST_REST_LIMIT,
     OBSERVER_APP,
     Running,
     TableLock,
@@ -45,7 +46,7 @@ BROKER_CHAOS = ChaosConfig(duplicate_prob=0.15, duplicate_burst=3, disconnect_ev
 
 def _sim(seed: int, **kw: Any) -> SimConfig:
     base: dict[str, Any] = {"seed": seed, "orders": 40, "rate": 150.0, "chaos": BROKER_CHAOS,
-                            "scenario": "database-faults"}
+                            "scenario": "database-faults", "rest_rate_limit": FAST_REST_LIMIT}
     base.update(kw)
     return SimConfig(**base)
 

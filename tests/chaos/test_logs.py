@@ -22,6 +22,7 @@ from stream_supervisor.testing.broker import (
 from stream_supervisor.testing.verify import summarize
 
 from .harness import (
+    FAST_REST_LIMIT,
     SupervisorProcess,
     TableLock,
     admin_uri_of,
@@ -45,7 +46,7 @@ async def test_chaos_logs_are_json_say_what_happened_and_hold_no_secret(
     url, password = with_password(database_url)
     config = SimConfig(
         seed=401, orders=40, rate=80.0, key_id=key_id, secret_key=secret_key,
-        scenario="logs",
+        scenario="logs", rest_rate_limit=FAST_REST_LIMIT,
         chaos=ChaosConfig(duplicate_prob=0.1, duplicate_burst=2, disconnect_every=35,
                           abrupt_prob=0.5, malformed_prob=0.06, oversized_prob=0.02,
                           oversized_bytes=80_000, rest_error_prob=0.25),

@@ -27,7 +27,7 @@ from stream_supervisor.testing.verify import summarize
 from stream_supervisor.wiring import account_opener
 from stream_supervisor.wsclient import websocket_connector
 
-from .harness import DISCONNECT_TIMEOUT, chaos_settings, try_verify
+from .harness import DISCONNECT_TIMEOUT, FAST_REST_LIMIT, chaos_settings, try_verify
 
 pytestmark = pytest.mark.chaos
 
@@ -45,6 +45,7 @@ async def test_fifty_accounts_in_one_process_one_bad_one_poisoned(database_url: 
         SimConfig(seed=1700 + i, key_id=f"KEY{i:02d}x",
                   secret_key=f"SECRET-{i:02d}-{random.Random(i).getrandbits(32):08x}",
                   orders=10, rate=25.0, scenario="many-accounts",
+                  rest_rate_limit=FAST_REST_LIMIT,
                   chaos=ChaosConfig(duplicate_prob=0.1, disconnect_prob=0.02,
                                     poison_prob=0.3 if _name(i) == POISONED else 0.0))
         for i in range(ACCOUNTS)

@@ -24,6 +24,7 @@ from stream_supervisor.testing.broker import (
 from stream_supervisor.testing.verify import summarize
 
 from .harness import (
+    FAST_REST_LIMIT,
     PROCESS_DRAIN_TIMEOUT,
     CursorWatch,
     SupervisorProcess,
@@ -48,6 +49,7 @@ async def test_sigkill_at_seeded_moments_then_restart_catches_up(
     seed: int, database_url: str, pg_admin_uri: str, node_id: str
 ) -> None:
     config = SimConfig(seed=seed, orders=45, rate=40.0, scenario="sigkill",
+                       rest_rate_limit=FAST_REST_LIMIT,
                        chaos=ChaosConfig(duplicate_prob=0.1, duplicate_burst=3,
                                          disconnect_every=70, abrupt_prob=0.5))
     broker = SimulatedBroker(config)
@@ -104,6 +106,7 @@ async def test_sigterm_during_a_batch_drains_exits_0_and_a_restart_resumes(
     database_url: str, pg_admin_uri: str, node_id: str
 ) -> None:
     config = SimConfig(seed=210, orders=40, rate=60.0, scenario="sigterm",
+                       rest_rate_limit=FAST_REST_LIMIT,
                        chaos=ChaosConfig(duplicate_prob=0.1, duplicate_burst=3,
                                          disconnect_every=60))
     broker = SimulatedBroker(config)

@@ -21,7 +21,7 @@ from stream_supervisor.pgstore import LEADER_LOCK_PREFIX
 from stream_supervisor.testing.broker import SimConfig, SimServer, SimulatedBroker, serve
 from stream_supervisor.testing.verify import summarize
 
-from .harness import PROCESS_DRAIN_TIMEOUT, SupervisorProcess, try_verify
+from .harness import FAST_REST_LIMIT, PROCESS_DRAIN_TIMEOUT, SupervisorProcess, try_verify
 
 pytestmark = pytest.mark.chaos
 
@@ -111,7 +111,8 @@ async def test_three_replicas_share_thirty_accounts_through_a_kill_and_a_join(
 ) -> None:
     brokers = [SimulatedBroker(SimConfig(seed=1800 + i, key_id=f"RKEY{i:02d}",
                                          secret_key=f"RSECRET-{i:02d}-x", orders=24, rate=8.0,
-                                         scenario="replica-fleet"))
+                                         scenario="replica-fleet",
+                                         rest_rate_limit=FAST_REST_LIMIT))
                for i in range(ACCOUNTS)]
     account_ids = [b.account_id for b in brokers]
     watch = LockWatch(database_url, account_ids)

@@ -23,6 +23,7 @@ from stream_supervisor.testing.broker import (
 from stream_supervisor.testing.verify import summarize
 
 from .harness import (
+    FAST_REST_LIMIT,
     SupervisorProcess,
     committed_rows,
     final_verify,
@@ -39,6 +40,7 @@ async def test_the_standby_process_takes_over_when_the_leader_is_sigkilled(
     database_url: str, node_id: str
 ) -> None:
     config = SimConfig(seed=230, orders=40, rate=40.0, scenario="replicas",
+                       rest_rate_limit=FAST_REST_LIMIT,
                        chaos=ChaosConfig(duplicate_prob=0.1, duplicate_burst=2))
     broker = SimulatedBroker(config)
     hint = replay_hint(node_id, config)
