@@ -2,7 +2,8 @@
 
 A baseline reads `GET /v2/positions`, the open orders and the FILL activities of a recent
 window, again and again until each symbol has had a round with no new activity around
-its reads (nothing filled meanwhile), and stores that moment of each symbol as where
+its reads (nothing filled meanwhile) and no change since the previous read (nothing
+else changed it: section 10), and stores that moment of each symbol as where
 positions start: each position the broker holds, opened before the service knew it, at
 the broker's average entry; each order's `filled_qty` then as its high-water mark, so
 only fills beyond it count. Used on
@@ -51,9 +52,10 @@ class BrokerSnapshot:
     newest_activity: str | None = None
     attempts: int = 1
     notes: list[str] = field(default_factory=list)
-    #: Per symbol, the newest fill its positions were read with (broker time): a fill
-    #: after `taken_at` but before its symbol's quiet round is in the positions, and so
-    #: is a crypto fee charged at it (docs/design.md, section 10).
+    #: Per symbol, the broker's clock at the start of the round it settled in (at least
+    #: its newest fill's time): every effect at or before it, a fill after `taken_at`
+    #: and the crypto fee charged at it, a split, is in its position
+    #: (docs/design.md, section 10).
     moments: dict[str, datetime] = field(default_factory=dict)
 
 
@@ -129,9 +131,10 @@ async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
     """A consistent moment of each symbol: the activities of the window are read before
-    and after the positions and open orders; a symbol no new activity touched is settled
-    in that round (its position, open orders and fills then), the others are read again
-    until each has had a quiet round.
+    and after the positions and open orders; a symbol no new activity touched, whose
+    position is also what the previous round read (or that filled in it), is settled in
+    that round (its position, open orders and fills then, at the broker's clock read
+    before the round), the others are read again until each has had a quiet round.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by

@@ -122,7 +122,7 @@ class StoreSnapshot:
     adjustments: list[Adjustment] = field(default_factory=list)
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
     #: What non-trade activities did to positions, oldest activity first, and the latest
-    #: baseline's moments (`ledger.ACCOUNT_WIDE` and per symbol), section 10.
+    #: baseline's moments (`activities.ACCOUNT_WIDE` and per symbol), section 10.
     position_changes: list[PositionChange] = field(default_factory=list)
     baseline_moments: dict[str, datetime] = field(default_factory=dict)
 
@@ -150,8 +150,8 @@ class BrokerWord:
     orders: Sequence[OrderState] = ()
     #: Where fills start to count (the cursor moves only forward, as ever).
     cursor: Cursor | None = None
-    #: A baseline's per-symbol moments beyond `taken_at` (the newest fill each symbol's
-    #: positions were read with): with `taken_at` for the whole account, they decide
+    #: A baseline's per-symbol moments beyond `taken_at` (the broker's clock at the start
+    #: of the round each symbol settled in): with `taken_at` for the whole account, they decide
     #: which later-posted activities are already in its positions (section 10).
     moments: Mapping[str, datetime] = field(default_factory=dict)
 
