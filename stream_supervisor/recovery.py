@@ -168,8 +168,11 @@ def backfill_start(
     if cursor is not None and cursor.fill_time is not None:
         start = cursor.fill_time - timedelta(seconds=overlap)
         if edge is not None:
+            # Not bounded by the cursor: a fill forwarded but not yet committed reaches
+            # the writer ahead of every page this backfill forwards (section 12), and a
+            # writer that lags must not make REST read what the stream brought.
             reached = datetime.fromtimestamp(edge.reached_ns / 1e9, UTC)
-            start = max(start, min(reached, cursor.fill_time) - edge.allowance(overlap))
+            start = max(start, reached - edge.allowance(overlap))
         verified = activity_time(cursor.activity_id) if cursor.activity_id else None
         if verified is not None:
             start = max(start, min(verified - REST_REREAD, cursor.fill_time))

@@ -169,11 +169,12 @@ def test_a_reconnect_reads_from_where_the_stream_brought_every_fill() -> None:
     edge.note(ns - 4_000_000_000, ns)
     assert edge.disorder_ns == 3_000_000_000
     assert backfill_start(cursor, now, 300.0, None, edge) == fill_time - timedelta(seconds=7)
-    # Never more than the overlap, never past the cursor.
+    # Never more than the overlap. Past the cursor when the stream brought fills the
+    # writer has not committed yet: they reach it ahead of the backfill's pages.
     edge.note(ns - 200_000_000_000, ns)
     assert edge.allowance(300.0) == timedelta(seconds=300)
     assert backfill_start(cursor, now, 300.0, None, StreamEdge(ns + 60_000_000_000)) == (
-        fill_time - timedelta(seconds=5))
+        fill_time + timedelta(seconds=55))
     # A fill stamped ahead of the wall clock moves the edge no further than when it came
     # (plus the 5 s clock margin): the fills after it are still read.
     ahead = StreamEdge(ns - 10_000_000_000)
