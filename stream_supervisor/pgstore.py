@@ -81,11 +81,11 @@ TABLES: Final = (
 #: `position_changes` records what each activity did (0007).
 REQUIRED_MIGRATION: Final = "0007_activity_baseline"
 #: Prepare every statement on first use: the batch statements run on every batch with
-#: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
-#: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
-#: without the parameters' values (how many keys, orders, symbols a batch holds), and the
-#: ones PostgreSQL settled on after five executions tripled the server's CPU per event as
-#: the tables grew (BENCHMARKS.md).
+#: the same text (arrays or one JSON document, not per-row SQL), so each is parsed once
+#: per session. They are still planned per execution (`plan_cache_mode` in `_SESSION`): a
+#: generic plan is made without the parameters' values (how many keys, orders, symbols a
+#: batch holds), and the ones PostgreSQL settled on after five executions tripled the
+#: server's CPU per event as the tables grew (BENCHMARKS.md).
 PREPARE_THRESHOLD: Final = 0
 #: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
 #: cannot hold row locks for ever; it is never shorter than this.
