@@ -13,6 +13,7 @@ import psycopg
 import trio
 
 from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.connection import STREAM_BUFFER_CHANNELS
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
@@ -243,9 +244,9 @@ def _distinct_updates(n: int) -> list[bytes]:
     return frames
 
 
-async def test_a_stalled_writer_stops_the_reader_a_channel_ahead(database_url: str) -> None:
-    """Once streaming, the reader keeps at most a channel of frames ahead of a stalled
-    pipeline (then waits: backpressure), not `live_buffer` of them: a stream faster than
+async def test_a_stalled_writer_stops_the_reader_five_channels_ahead(database_url: str) -> None:
+    """Once streaming, the reader keeps at most five channels of frames ahead of a
+    stalled pipeline (then waits: backpressure), not `live_buffer` of them: a stream faster than
     the writer held 100,000 decoded updates, 60 MB, for as long as it lasted. And nothing
     read is lost: released, the writer commits every update once."""
     n, channel, batch = 3_000, 20, 10
@@ -282,9 +283,9 @@ async def test_a_stalled_writer_stops_the_reader_a_channel_ahead(database_url: s
                     quiet = quiet + 1 if now == seen else 0
                     seen = now
                 # One batch in the writer, a channel before it, one before the dedupe
-                # actor and the stream buffer, plus the socket read being handled (64 KiB
-                # of ~1 KB frames, which the counter does not include yet).
-                assert 0 < seen <= batch + 3 * channel + 2, seen
+                # actor and the stream buffer (five channels), plus the socket read being
+                # handled (64 KiB of ~1 KB frames, which the counter does not include yet).
+                assert 0 < seen <= batch + (2 + STREAM_BUFFER_CHANNELS) * channel + 2, seen
                 hold.set()
                 while sup.state.committed_events < n:
                     await trio.sleep(0.05)
