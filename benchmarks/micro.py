@@ -5,9 +5,13 @@
              and duplicates the LRU knows (real channels, the real actor)
   histogram  the writer's frame-to-commit histogram: 1,000 `observe` calls against one
              `observe_many` of the same 1,000 values
+  params     the writer's client side of a 1,000-update batch's two largest statements,
+             the key claim and the orders upsert: building their parameters and psycopg
+             dumping them (what `execute` does before anything reaches the server)
 
     python benchmarks/micro.py dedupe --root ../baseline    # a checkout to import
     python benchmarks/micro.py histogram
+    python benchmarks/micro.py params --root ../baseline
 """
 
 from __future__ import annotations
@@ -86,15 +90,60 @@ def histogram() -> dict[str, float]:
             "observe_many_1000_ms": cpu_ms(lambda: h.observe_many(values))}
 
 
+def params() -> dict[str, float]:
+    from psycopg._queries import PostgresQuery
+    from psycopg.adapt import Transformer
+
+    from benchmarks.poison import fills
+    from stream_supervisor import pgstore
+    from stream_supervisor.ledger import apply_events
+
+    events = fills(1_000, "micro")
+    acct = "micro"
+    first = {ev.key: ev for ev in events}
+    orders = list(apply_events(acct, {}, {}, list(first.values())).orders.values())
+    by_stored_key = {k: k for k in first}
+    mod: Any = pgstore
+
+    def claim() -> dict[str, Any]:
+        if hasattr(mod, "_claim_params"):
+            return dict(mod._claim_params(acct, first, by_stored_key))
+        keys = list(by_stored_key)  # before: three arrays
+        return {"acct": acct, "keys": keys,
+                "types": [mod._text(first[by_stored_key[k]].event) for k in keys],
+                "sources": [first[by_stored_key[k]].source for k in keys]}
+
+    def run(sql: str, build: Any) -> None:
+        query = PostgresQuery(Transformer())
+        values = build()
+        query.convert(sql, values)
+        query.dump(values)
+
+    rounds = 100
+
+    def cpu_ms(sql: str, build: Any) -> float:
+        run(sql, build)  # dumpers chosen and cached, as in a session
+        before = time.process_time()
+        for _ in range(rounds):
+            run(sql, build)
+        return round((time.process_time() - before) / rounds * 1e3, 3)
+
+    return {"orders": len(orders),
+            "claim_ms": cpu_ms(mod._CLAIM_KEYS, claim),
+            "orders_upsert_ms": cpu_ms(mod._UPSERT_ORDERS,
+                                       lambda: mod._orders_params(acct, orders))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("dedupe", "histogram"))
+    ap.add_argument("which", choices=("dedupe", "histogram", "params"))
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                     help="the checkout whose stream_supervisor to import")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
-    print(args.root, dedupe() if args.which == "dedupe" else histogram())
+    run = {"dedupe": dedupe, "histogram": histogram, "params": params}[args.which]
+    print(args.root, run())
     return 0
 
 

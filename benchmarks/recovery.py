@@ -60,6 +60,7 @@ from stream_supervisor.testing.broker import (
     run_user_bot,
     serve,
 )
+from stream_supervisor.testing.running import rss_mb, start_supervising
 from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor
 
@@ -67,14 +68,6 @@ SERVICE = "stream-supervisor"
 LAG_TARGET = 5.0
 UPDATES_PER_ORDER = 5.0  # the simulated market's average, to size a run
 POLL = 0.25
-
-
-def rss_mb() -> float:
-    """This process's resident set (the broker and the service both live here)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @dataclass
@@ -128,15 +121,7 @@ async def run_case(admin_uri: str, *, rate: float, seconds: float, chaos: ChaosC
             settings = settings_for(db, server, config, rest_budget_share=share)
             async with open_supervisor(settings, metrics=metrics, state=state,
                                        install_signal_handlers=False) as sup:
-                done = trio.Event()
-
-                async def supervise() -> None:
-                    try:
-                        await sup.run()
-                    finally:
-                        done.set()
-
-                nursery.start_soon(supervise)
+                done = start_supervising(sup, nursery)
                 # The market trades once the service streams (its first start's baseline
                 # and backfill are not what is measured), its clock starting then, so
                 # its times are the wall clock's, as the broker's are.
@@ -154,6 +139,7 @@ async def run_case(admin_uri: str, *, rate: float, seconds: float, chaos: ChaosC
                 while trio.current_time() < deadline:
                     await trio.sleep(POLL)
                     now = trio.current_time() - start
+                    # This process: the broker and the service both live here.
                     watch.rss.append((now, rss_mb()))
                     lag = lag_seconds(broker, state)
                     if lag is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -30,7 +31,14 @@ from .errors import DecodeError
 from .events import ACTIVITY_EVENT, Event, activity_key, parse_timestamp
 from .orders import FillDelta
 from .positions import ZERO, Position, PositionStep, apply_fill
-from .symbols import AssetClass, asset_class_of, canonical_symbol, multiplier, parse_occ
+from .symbols import (
+    AssetClass,
+    OptionContract,
+    asset_class_of,
+    canonical_symbol,
+    multiplier,
+    parse_occ,
+)
 
 #: The position-changing types the service applies.
 APPLIED_TYPES: Final = frozenset({"CFEE", "OPEXP", "OPASN", "OPEXC", "SPLIT", "ACATC", "ACATS"})
@@ -44,6 +52,13 @@ APPLIED = "applied"
 NOT_UNDERSTOOD = "not understood"
 NO_POSITION = "no open position"
 MORE_THAN_HELD = "more than the position holds"
+#: Its effect is already in a baseline's positions: stored, keyed, reported, not applied.
+IN_BASELINE = "in the baseline"
+#: Stamped with a date only, and a baseline was taken within that day: whether its effect
+#: is in the baseline's positions cannot be told, so it is not applied; `reconcile` shows
+#: the difference if it was not, and `reconcile --apply` takes the broker's word.
+BASELINE_WITHIN_ITS_DAY = "baseline within its day"
+EASTERN: Final = ZoneInfo("America/New_York")
 
 
 class WireNonTrade(msgspec.Struct, gc=False):
@@ -128,6 +143,47 @@ def decode_stored_activity(payload: bytes) -> WireNonTrade:
         raise DecodeError(f"invalid activity: {exc}") from None
 
 
+def effect_window(activity: WireNonTrade) -> tuple[datetime, datetime]:
+    """When the activity's effect reached the broker's positions, as (earliest, latest).
+
+    A `transaction_time` is that instant (the simulated broker stamps a crypto fee with
+    its fill's time, a corporate action with the moment it changed the books; Alpaca
+    documents only `date` for non-trade activities, so this is used when present and
+    never assumed). A bare `date` is the whole of that day in New York, where Alpaca's
+    dates are: from its midnight to the next (docs/design.md, section 10)."""
+    if activity.transaction_time:
+        at = parse_timestamp(activity.transaction_time)[0]
+        return at, at
+    if not activity.date:
+        raise DecodeError(f"activity {activity.id[:64]} without date or transaction_time")
+    try:
+        day = date.fromisoformat(activity.date[:10])
+    except ValueError:
+        raise DecodeError(f"activity {activity.id[:64]}: invalid date "
+                          f"{activity.date[:32]!r}") from None
+    start = datetime.combine(day, time(), EASTERN)
+    end = datetime.combine(day + timedelta(days=1), time(), EASTERN)
+    return start, end
+
+
+def baseline_verdict(window: tuple[datetime, datetime], moment: datetime | None) -> str | None:
+    """Whether an activity whose effect lies in `window` is already in the positions of a
+    baseline taken at `moment` (the broker's clock; None: no baseline).
+
+    None: apply it (its effect came after the baseline's positions were read, or there
+    was no baseline). `IN_BASELINE`: its effect is at or before the moment, so the
+    broker's positions the baseline took hold it. `BASELINE_WITHIN_ITS_DAY`: the moment
+    falls inside a date-only window: neither can be told."""
+    if moment is None:
+        return None
+    start, end = window
+    if end <= moment:
+        return IN_BASELINE
+    if start > moment:
+        return None
+    return BASELINE_WITHIN_ITS_DAY
+
+
 def touched_symbols(ev: Event) -> tuple[str, ...]:
     """Every symbol an activity may change: an assignment or exercise also the underlying."""
     if ev.activity_type in ("OPASN", "OPEXC"):
@@ -151,6 +207,42 @@ class ActivityRecord:
     #: Signed quantity change per symbol (what `check` adds to the orders' fills).
     effects: dict[str, Decimal] = field(default_factory=dict)
     raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PositionChange:
+    """One row of `position_changes`: what an activity did to one symbol's position,
+    whether or not it closed the row (docs/design.md, section 10)."""
+
+    activity_id: str
+    activity_type: str
+    symbol: str
+    #: The row changed; None for one opened in the same batch (the store finds its id).
+    position_id: int | None
+    qty_before: Decimal
+    qty_after: Decimal
+    avg_before: Decimal | None
+    avg_after: Decimal | None
+    realized_pnl: Decimal
+    changed_at: datetime
+
+
+def position_change(record: ActivityRecord, symbol: str, before: Position | None,
+                    step: PositionStep) -> PositionChange:
+    """The change `step` made to `before` (the open row, None when flat)."""
+    after = step.open if step.open is not None else step.closed
+    pid = before.position_id if before is not None else None
+    if pid is None and after is not None:
+        pid = after.position_id
+    return PositionChange(
+        activity_id=record.activity_id, activity_type=record.activity_type, symbol=symbol,
+        position_id=pid,
+        qty_before=before.qty if before is not None else ZERO,
+        qty_after=step.open.qty if step.open is not None else ZERO,
+        avg_before=before.avg_entry_price if before is not None else None,
+        avg_after=after.avg_entry_price if after is not None else None,
+        realized_pnl=after.realized_pnl if after is not None else ZERO,
+        changed_at=record.timestamp)
 
 
 @dataclass(slots=True)
@@ -192,8 +284,29 @@ def _reduce(row: Position, by: Decimal, when: datetime, activity_id: str) -> Pos
                         None, ZERO)
 
 
+#: `baseline_moments.symbol` of the account-wide moment: the broker's clock when the
+#: latest baseline began, before any of its reads.
+ACCOUNT_WIDE: Final = ""
+#: An assignment or exercise whose option leg or stock leg (not both) a baseline holds:
+#: the other is applied (docs/design.md, section 10).
+PARTLY_IN_BASELINE = "applied where the baseline did not hold it"
+
+
+def baseline_moment(baselines: Mapping[str, datetime] | None, symbol: str) -> datetime | None:
+    """The latest baseline's moment for `symbol`: the account-wide one, or the symbol's
+    own where that is later (the round its positions were read in)."""
+    if not baselines:
+        return None
+    held = baselines.get(ACCOUNT_WIDE)
+    own = baselines.get(symbol)
+    if held is None or (own is not None and own > held):
+        return own
+    return held
+
+
 def apply_activity(
-    account_id: str, current: Mapping[str, Position], ev: Event
+    account_id: str, current: Mapping[str, Position], ev: Event,
+    baselines: Mapping[str, datetime] | None = None,
 ) -> ActivityOutcome:
     """What one activity does to the open positions (`current`, by symbol).
 
@@ -207,6 +320,11 @@ def apply_activity(
       average price scales back, cost basis unchanged.
     - ACATC, ACATS: `qty` shares move in (at `price`, the broker's stated value, re-averaged
       like a purchase) or out (average unchanged, nothing realized).
+
+    `baselines`: the latest baseline's broker-clock moments (`baseline_moment`). What an
+    activity does to a symbol whose moment is at or after its effect is already in the
+    positions the baseline took: not applied (`baseline_verdict`); an activity none of
+    whose changes is applied is stored with that verdict as its outcome.
     """
     atype = ev.activity_type or ""
     aid = ev.activity_id or ""
@@ -215,6 +333,25 @@ def apply_activity(
                             NOT_UNDERSTOOD, raw=ev.raw)
     out = ActivityOutcome(record)
     if atype not in APPLIED_TYPES or not ev.symbol:
+        return out
+    window: tuple[datetime, datetime] | None = None
+
+    def held(symbol: str) -> str | None:
+        nonlocal window
+        moment = baseline_moment(baselines, symbol)
+        if moment is None:
+            return None
+        if window is None:
+            window = effect_window(decode_stored_activity(ev.raw))
+        return baseline_verdict(window, moment)
+
+    verdict = held(ev.symbol)
+    contract = parse_occ(ev.symbol) if atype in ("OPASN", "OPEXC") else None
+    if contract is not None:
+        return _assigned(account_id, current, ev, out, contract, verdict,
+                         held(contract.underlying))
+    if verdict is not None:
+        record.outcome = verdict
         return out
     row = current.get(ev.symbol)
     if atype == "ACATC" and qty is not None and qty != 0:
@@ -247,27 +384,51 @@ def apply_activity(
             return out
         step = PositionStep(_scale(row, new_qty), None, ZERO)
         record.effects[ev.symbol] = new_qty - row.qty
-    else:  # OPEXP, OPASN, OPEXC: the broker's stated contracts, from the side held
+    else:  # OPEXP (or an assignment of a symbol not in OCC form): from the side held
         contracts = abs(qty) if qty else abs(row.qty)
         change = -contracts * _sign(row.qty)
         step = _closing(apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)
         record.effects[ev.symbol] = change
-        contract = parse_occ(ev.symbol)
-        if atype != "OPEXP" and contract is not None:
-            buys = (contract.right == "call") == (row.qty > 0)
-            shares = contracts * row.multiplier
-            signed = shares if buys else -shares
-            under = contract.underlying
-            stock = apply_fill(current.get(under), account_id,
-                               _delta(ev, under, signed, contract.strike),
-                               multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)
-            out.steps.append((ev.symbol, step))
-            out.steps.append((under, stock))
-            record.effects[under] = signed
-            record.outcome = APPLIED
-            return out
     out.steps.append((ev.symbol, step))
     record.outcome = APPLIED
+    return out
+
+
+def _assigned(account_id: str, current: Mapping[str, Position], ev: Event,
+              out: ActivityOutcome, contract: OptionContract, option_held: str | None,
+              stock_held: str | None) -> ActivityOutcome:
+    """An assignment or exercise: the option leg and the stock leg, each applied unless
+    the latest baseline already holds it (its symbol's moment is at or after the effect).
+    An assignment is of a short, an exercise of a long: that fixes the side when the
+    option row is gone (a baseline that held the assignment closed it)."""
+    record = out.record
+    aid = ev.activity_id or ""
+    if option_held is not None and stock_held is not None:
+        record.outcome = option_held
+        return out
+    row = current.get(ev.symbol)
+    long = row.qty > 0 if row is not None and row.qty != 0 else ev.activity_type == "OPEXC"
+    contracts = abs(ev.fill_qty) if ev.fill_qty else (abs(row.qty) if row is not None
+                                                       else ZERO)
+    if option_held is None:
+        if row is None or row.qty == 0:
+            record.outcome = NO_POSITION
+            return out
+        change = -contracts * _sign(row.qty)
+        out.steps.append((ev.symbol, _closing(
+            apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)))
+        record.effects[ev.symbol] = change
+    if stock_held is None and contracts:
+        mult = row.multiplier if row is not None else multiplier(AssetClass.US_OPTION)
+        shares = contracts * mult
+        signed = shares if (contract.right == "call") == long else -shares
+        under = contract.underlying
+        out.steps.append((under, apply_fill(
+            current.get(under), account_id, _delta(ev, under, signed, contract.strike),
+            multiplier(AssetClass.US_EQUITY), AssetClass.US_EQUITY.value)))
+        record.effects[under] = signed
+    record.outcome = APPLIED if option_held is None and stock_held is None \
+        else PARTLY_IN_BASELINE
     return out
 
 

@@ -2,7 +2,8 @@
 
 A baseline reads `GET /v2/positions`, the open orders and the FILL activities of a recent
 window, again and again until each symbol has had a round with no new activity around
-its reads (nothing filled meanwhile), and stores that moment of each symbol as where
+its reads (nothing filled meanwhile) and no change since the previous read (nothing
+else changed it: section 10), and stores that moment of each symbol as where
 positions start: each position the broker holds, opened before the service knew it, at
 the broker's average entry; each order's `filled_qty` then as its high-water mark, so
 only fills beyond it count. Used on
@@ -22,11 +23,12 @@ from .adjustments import BASELINE, REBASELINE, Adjustment, BrokerPosition, broke
 from .errors import BrokerUnavailable
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
+from .nontrade import AssetBook, looks_compact_crypto
 from .orders import OrderState
 from .protocol import WireActivity, WireOrder
 from .rest import BrokerRest
 from .store import BrokerWord, Store
-from .symbols import canonical_symbol
+from .symbols import AssetClass, canonical_symbol
 
 #: Rounds of reads before giving up on a symbol that never had a quiet one.
 MAX_ATTEMPTS: Final = 10
@@ -50,6 +52,11 @@ class BrokerSnapshot:
     newest_activity: str | None = None
     attempts: int = 1
     notes: list[str] = field(default_factory=list)
+    #: Per symbol, the broker's clock at the start of the round it settled in (at least
+    #: its newest fill's time): every effect at or before it, a fill after `taken_at`
+    #: and the crypto fee charged at it, a split, is in its position
+    #: (docs/design.md, section 10).
+    moments: dict[str, datetime] = field(default_factory=dict)
 
 
 def needs_baseline(cursor: Cursor | None, now: datetime, activities_window: float) -> str | None:
@@ -72,19 +79,23 @@ def _order_state(order: WireOrder, parent: str | None = None) -> OrderState:
         order_type=order.order_type or order.type, asset_class=order.asset_class,
         created_at=created, updated_at=updated,
         # A multi-leg order (docs/design.md, section 10): its legs' filled_qty are their
-        # own high-water marks (`_with_legs`).
+        # own high-water marks (`_by_symbol`).
         order_class="mleg" if order.legs else order.order_class or None,
         parent_order_id=parent,
     )
 
 
-def _with_legs(orders: list[WireOrder]) -> dict[str, OrderState]:
-    """Each open order, and each leg of a multi-leg one as an order of its own."""
-    out: dict[str, OrderState] = {}
-    for order in orders:
-        out[order.id] = _order_state(order)
-        for leg in order.legs or ():
-            out[leg.id] = _order_state(leg, order.id)
+def _by_symbol(open_orders: list[WireOrder]) -> dict[str, list[tuple[WireOrder, str | None]]]:
+    """Open orders by the symbol whose position their fills move: a simple order's own,
+    and each leg of a multi-leg order under its leg's symbol (with its parent's id); the
+    parent itself moves no position and is kept apart (`_parents`)."""
+    out: dict[str, list[tuple[WireOrder, str | None]]] = {}
+    for order in open_orders:
+        if order.legs:
+            for leg in order.legs:
+                out.setdefault(canonical_symbol(leg.symbol), []).append((leg, order.id))
+        else:
+            out.setdefault(canonical_symbol(order.symbol), []).append((order, None))
     return out
 
 
@@ -120,9 +131,10 @@ async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
     """A consistent moment of each symbol: the activities of the window are read before
-    and after the positions and open orders; a symbol no new activity touched is settled
-    in that round (its position, open orders and fills then), the others are read again
-    until each has had a quiet round.
+    and after the positions and open orders; a symbol no new activity touched, whose
+    position is also what the previous round read (or that filled in it), is settled in
+    that round (its position, open orders and fills then, at the broker's clock read
+    before the round), the others are read again until each has had a quiet round.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by
@@ -131,17 +143,46 @@ async def take_snapshot(
     # compared with fill times, which the broker stamps; ours may run ahead of its.
     now = await _broker_now(rest, now)
     start = now - timedelta(seconds=max(window, MIN_WINDOW))
+    # A FILL activity names a crypto pair without its slash (`BTCUSD`), positions and
+    # orders with it once canonical: one spelling, or a pair's fill would not unsettle
+    # its position (docs/design.md, section 10).
+    book = AssetBook(rest)
+    spelled: dict[str, str] = {}
+
+    async def spell(found: list[WireActivity]) -> None:
+        for act in found:
+            if act.symbol in spelled:
+                continue
+            canon = canonical_symbol(act.symbol)
+            if looks_compact_crypto(canon) and \
+                    await book.asset_class(canon) == AssetClass.CRYPTO.value:
+                canon = canonical_symbol(canon, AssetClass.CRYPTO)
+            spelled[act.symbol] = canon
+
     acts = await _activities(rest, format_timestamp(start))
+    await spell(acts)
     # Per symbol, the round it settled in: its position, its open orders and the
     # activities known then. A symbol no fill touched while a round read it is
     # consistent in that round, whatever its neighbours did meanwhile.
     held: dict[str, BrokerPosition] = {}
-    working: dict[str, list[WireOrder]] = {}
+    # A multi-leg order's legs are read with their own symbols, each leg's filled_qty in
+    # the round its symbol settled in; the parent, which moves no position, as last read.
+    working: dict[str, list[tuple[WireOrder, str | None]]] = {}
+    parents: dict[str, WireOrder] = {}
     known_acts: dict[str, list[WireActivity]] = {}
     settled: set[str] = set()
+    # Per symbol, the broker's clock read at the start of the round it settled in.
+    clocks: dict[str, datetime] = {}
+    previous: dict[str, BrokerPosition] | None = None
+    busy: set[str] = set()
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        # The round's moment: the broker's clock before its positions read (the first
+        # round's is the clock read first).
+        clock = now if attempt == 1 else await _broker_now(rest, now)
         positions = {b.symbol: b for b in map(broker_position, await rest.positions())}
         open_orders = await rest.open_orders()
+        by_symbol = _by_symbol(open_orders)
+        parents.update((o.id, o) for o in open_orders if o.legs)
         # The second read only needs what is new since the first (from a second before
         # its newest fill: one stored late within its millisecond is seen too), so a
         # busy account pays a page or two for it, not the window again.
@@ -150,23 +191,36 @@ async def take_snapshot(
         fresh = [a for a in await _activities(
             rest, format_timestamp(max(start, newest - RE_READ_MARGIN))) if a.id not in seen]
         acts = acts + fresh
-        touched = {canonical_symbol(a.symbol) for a in fresh}
-        symbols = (set(positions) | {canonical_symbol(o.symbol) for o in open_orders}
-                   | {canonical_symbol(a.symbol) for a in acts})
+        await spell(fresh)
+        touched = {spelled[a.symbol] for a in fresh}
+        symbols = (set(positions) | set(by_symbol)
+                   | {spelled[a.symbol] for a in acts})
         for symbol in symbols - touched - settled:
+            # A change without a fill (a split, an expiry, an assignment) between the
+            # clock read and the positions read would be in the positions yet after the
+            # moment: a symbol settles only once a read finds it as the previous round
+            # did. One that filled in the previous round settles on a quiet round alone
+            # (each change of it there was a fill; section 10 says what that leaves).
+            if symbol not in busy and (
+                    previous is None or positions.get(symbol) != previous.get(symbol)):
+                continue
             settled.add(symbol)
+            clocks[symbol] = clock
             if symbol in positions:
                 held[symbol] = positions[symbol]
-            working[symbol] = [o for o in open_orders if canonical_symbol(o.symbol) == symbol]
-            known_acts[symbol] = [a for a in acts if canonical_symbol(a.symbol) == symbol]
+            working[symbol] = by_symbol.get(symbol, [])
+            known_acts[symbol] = [a for a in acts if spelled[a.symbol] == symbol]
         if symbols <= settled:
             break
+        previous, busy = positions, touched
     else:
         raise BrokerUnavailable(
             f"the account kept filling: {len(symbols - settled)} symbol(s) had no quiet "
             f"moment in {MAX_ATTEMPTS} reads of its positions")
-    # An open multi-leg order's legs are orders of their own (_with_legs).
-    orders = _with_legs([o for group in working.values() for o in group])
+    # An open multi-leg order's legs are orders of their own.
+    orders = {o.id: _order_state(o) for o in parents.values()}
+    orders.update((o.id, _order_state(o, parent)) for group in working.values()
+                  for o, parent in group)
     notes = []
     for settled_acts in known_acts.values():
         reached: dict[str, WireActivity] = {}
@@ -190,7 +244,7 @@ async def take_snapshot(
                 notes.append(f"order {order_id}: average before the window unknown")
             stamp = parse_timestamp(act.transaction_time)[0]
             orders[order_id] = OrderState(
-                order_id=order_id, symbol=act.symbol, side=act.side,
+                order_id=order_id, symbol=spelled[act.symbol], side=act.side,
                 status=act.order_status or "partially_filled", filled_qty=act.cum_qty,
                 filled_avg_price=avg, updated_at=stamp)
     for order_id in known:
@@ -199,10 +253,15 @@ async def take_snapshot(
             final = await rest.order(order_id)
             if final is not None:
                 orders[order_id] = _order_state(final)
+    moments = {
+        symbol: max([at, *(parse_timestamp(a.transaction_time)[0]
+                           for a in known_acts.get(symbol, ()))])
+        for symbol, at in clocks.items()}
     return BrokerSnapshot(
         taken_at=now, positions=list(held.values()), orders=list(orders.values()),
         newest_activity=max((a.id for a in acts), default=None),
-        attempts=attempt, notes=notes)
+        attempts=attempt, notes=notes,
+        moments={s: at for s, at in moments.items() if at > now})
 
 
 def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:
@@ -210,6 +269,7 @@ def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> Broke
         account_id=account_id, reason=reason, taken_at=snapshot.taken_at,
         positions=snapshot.positions, orders=snapshot.orders,
         cursor=Cursor(snapshot.taken_at, snapshot.newest_activity),
+        moments=snapshot.moments,
     )
 
 

@@ -42,8 +42,8 @@ from .protocol import (
     decode_frame,
     listen_message,
 )
-from .recovery import GapRecovery
-from .settings import DEFAULT_LIVE_BUFFER, Settings
+from .recovery import LIVE_OVERLAP_NS, GapRecovery
+from .settings import DEFAULT_CHANNEL_SIZE, DEFAULT_LIVE_BUFFER, Settings
 from .state import SupervisorState
 from .transport import Connector, WebSocket
 
@@ -51,9 +51,13 @@ log = get_logger("stream_supervisor.connection")
 
 #: Live frames held while recovery runs, by default (`Settings.live_buffer`). If
 #: recovery is still running when it is full, the connection is dropped on purpose and
-#: REST covers the range on the next one (docs/design.md, section 12); while streaming,
-#: a full buffer is backpressure.
+#: REST covers the range on the next one (docs/design.md, section 12).
 LIVE_BUFFER = DEFAULT_LIVE_BUFFER
+#: Frames read ahead of the pipeline once streaming, by default (`Settings.channel_size`,
+#: like every channel between actors); full, the reader waits (backpressure). Not the live
+#: buffer: a stream faster than the writer would otherwise keep up to `live_buffer`
+#: decoded updates in memory for as long as it lasts (about 60 MB at the default).
+STREAM_BUFFER = DEFAULT_CHANNEL_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class ConnectionSettings:
     #: Updates stamped more than this ahead of the wall clock are dead-lettered.
     future_tolerance: float
     live_buffer: int = LIVE_BUFFER
+    stream_buffer: int = STREAM_BUFFER
 
     @classmethod
     def from_settings(cls, s: Settings) -> ConnectionSettings:
@@ -83,6 +88,7 @@ class ConnectionSettings:
             max_frame_bytes=s.max_frame_bytes,
             future_tolerance=s.future_tolerance,
             live_buffer=s.live_buffer,
+            stream_buffer=s.channel_size,
         )
 
 
@@ -114,7 +120,10 @@ class ConnectionActor:
         self._recovery_scope: trio.CancelScope | None = None
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
         self._live_from_ns: int | None = None  # broker time of the first live fill
+        # Set once recovery is done: from then on the reader queues on the stream buffer.
+        self._stream: trio.MemorySendChannel[Item] | None = None
         self._received: dict[str, Counter] = {}  # label children, looked up once
+        self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -212,8 +221,11 @@ class ConnectionActor:
     async def _session(self, ws: WebSocket) -> None:
         """Read, ping and recover until the connection fails.
 
+        Frames read while recovery runs wait in the live buffer (`live_buffer` of them at
+        most); once it is done they are forwarded, then what the reader queues on the
+        stream buffer (`stream_buffer`, a channel's size: the reader waits when it is full).
         Frames already read are never dropped once recovery is done: when the socket
-        fails, the reader stops and closes the live buffer, and everything in it is still
+        fails, the reader stops and closes both buffers, and everything in them is still
         forwarded before the session ends. If the socket fails (or the buffer overflows)
         while recovery runs, recovery stops at once with what it committed so far, and
         buffered updates are let go: forwarding them would move the cursor past fills REST
@@ -221,12 +233,15 @@ class ConnectionActor:
         section 12).
         """
         send_live, receive_live = trio.open_memory_channel[Item](self.settings.live_buffer)
+        send_stream, receive_stream = trio.open_memory_channel[Item](
+            min(self.settings.stream_buffer, self.settings.live_buffer))
         self._end_reason = None
         self._recv_scope = None
+        self._stream = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read, ws, send_live)
+            nursery.start_soon(self._read, ws, send_live, send_stream)
             nursery.start_soon(self._ping, ws)
-            async with receive_live:
+            async with receive_live, receive_stream:
                 self.state.connection = "backfilling"
                 recovered = False
                 with trio.CancelScope() as scope:
@@ -240,15 +255,41 @@ class ConnectionActor:
                 if not recovered:
                     await self._let_go_of_updates(receive_live)
                 else:
+                    # No checkpoint between the end of recovery and this switch: every
+                    # frame read before it is in the live buffer, every one after it on
+                    # the stream buffer, and the live buffer is forwarded first.
+                    self._stream = send_stream
                     self.state.caught_up = True
                     self.state.connection = "streaming"
                     if self.recovery.settings.order_refresh_interval > 0:
                         nursery.start_soon(self.recovery.refresh_periodically)
-                    async for first in receive_live:
-                        # Whatever else is already buffered goes in the same turn.
-                        for item in drain(first, receive_live):
-                            await self._forward(item)
-            # The reader closed the live channel: the connection is gone.
+                    # Replays come on connect, into the live buffer while recovery reads:
+                    # an update there stamped before `listening` (plus the clock margin)
+                    # is older than the connection. What comes on the stream buffer is
+                    # live, whatever its stamp says: a broker clock behind ours must not
+                    # make every update a REST read.
+                    stale_before = self._listening_ns + LIVE_OVERLAP_NS
+                    self._note_wall_offset()
+                    while True:  # nothing joins the live buffer any more
+                        try:
+                            item = receive_live.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await self._forward(item, stale_before=stale_before)
+                    await self.recovery.recheck_stale()
+                    outbox = self.outbox
+                    async for first in receive_stream:
+                        self._note_wall_offset()
+                        # Whatever else is already buffered goes in the same turn, and
+                        # without a coroutine per item while the outbox has room.
+                        for item in drain(first, receive_stream):
+                            if isinstance(item, Event):
+                                self._observe_live(item)
+                            try:
+                                outbox.send_nowait(item)
+                            except trio.WouldBlock:
+                                await outbox.send(item)
+            # The reader closed both channels: the connection is gone.
             nursery.cancel_scope.cancel()
         raise TransportClosed(self._end_reason or "closed by server")
 
@@ -273,10 +314,12 @@ class ConnectionActor:
         if self._recovery_scope is not None:
             self._recovery_scope.cancel()
 
-    async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item]) -> None:
+    async def _read(self, ws: WebSocket, live: trio.MemorySendChannel[Item],
+                    stream: trio.MemorySendChannel[Item]) -> None:
         max_bytes = self.settings.max_frame_bytes
         try:
-            await self._read_into(ws, live, max_bytes)
+            async with stream:
+                await self._read_into(ws, live, max_bytes)
         finally:
             # Closure noticed at once, also by a recovery in progress.
             self._end(self._end_reason or "closed by server")
@@ -309,6 +352,14 @@ class ConnectionActor:
                                 # Never before `listening`: the first fill may be a
                                 # replay of an older one.
                                 self._live_from_ns = max(frame.ts_ns, self._listening_ns)
+                            stream = self._stream
+                            if stream is not None:
+                                # Streaming, with room: no coroutine per frame.
+                                try:
+                                    stream.send_nowait(frame)
+                                    continue
+                                except trio.WouldBlock:
+                                    pass
                             if not await self._buffer(live, frame):
                                 return
                         elif isinstance(frame, DeadLetter):
@@ -325,9 +376,14 @@ class ConnectionActor:
                     self._count_received(received)
 
     async def _buffer(self, live: trio.MemorySendChannel[Item], item: Item) -> bool:
-        """Into the live buffer. While recovery runs a full buffer ends the connection on
-        purpose (False): waiting would stall the socket until the broker drops us anyway,
-        and REST covers the range next time. While streaming, it is backpressure."""
+        """Into the live buffer, or once streaming into the stream buffer. While recovery
+        runs a full buffer ends the connection on purpose (False): waiting would stall the
+        socket until the broker drops us anyway, and REST covers the range next time.
+        While streaming, a full stream buffer is backpressure."""
+        stream = self._stream
+        if stream is not None:
+            await send_soon(stream, item)
+            return True
         if self._recovery_scope is None:
             await send_soon(live, item)
             return True
@@ -355,9 +411,31 @@ class ConnectionActor:
                 return  # the reader sees it too, and records why
             self.state.beat("connection", trio.current_time())
 
-    async def _forward(self, item: Item) -> None:
+    def _note_wall_offset(self) -> None:
+        """Wall clock minus Trio's, once a turn: when each update of the turn came."""
+        self._wall_offset_ns = (int(self.wallclock().timestamp() * 1e9)
+                                - int(trio.current_time() * 1e9))
+
+    def _observe(self, event: Event, stale_before: int) -> None:
+        """Tell recovery about an update on its way to the pipeline. One from the live
+        buffer stamped before `stale_before` (the connection's `listening` plus the clock
+        margin) is older than the connection: its order is read again over REST if it
+        leaves it not terminal (`recheck_stale`)."""
+        if not stale_before:
+            self.recovery.observe(event)
+        elif event.ts_ns < stale_before:
+            self.recovery.observe_stale(event)
+        else:
+            self._observe_live(event)
+
+    def _observe_live(self, event: Event) -> None:
+        """A live update after a completed recovery: it moves the stream's edge."""
+        self.recovery.observe_live(event, int(event.received_at * 1e9) + self._wall_offset_ns)
+
+    async def _forward(self, item: Item, *, stale_before: int = 0) -> None:
+        """Put an item on the pipeline (`_observe` first if it is an update)."""
         if isinstance(item, Event):
-            self.recovery.observe(item)
+            self._observe(item, stale_before)
         await send_soon(self.outbox, item)
 
     def _count_received(self, counts: dict[str, int]) -> None:

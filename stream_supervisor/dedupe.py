@@ -77,10 +77,13 @@ class KeyCache:
                 self._in_flight.discard(key)
             return
         lru = self._committed
+        in_flight = self._in_flight
         for key in keys:
-            self._in_flight.discard(key)
-            lru[key] = None
-            lru.move_to_end(key)
+            in_flight.discard(key)
+            if key in lru:
+                lru.move_to_end(key)
+            else:
+                lru[key] = None  # a new key goes in at the most recent end
         while len(lru) > self.capacity:
             lru.popitem(last=False)
 

@@ -17,7 +17,14 @@ from typing import TypeVar
 
 import msgspec
 
-from .activities import ActivityRecord, apply_activity, touched_symbols
+from .activities import (
+    ACCOUNT_WIDE,
+    ActivityRecord,
+    PositionChange,
+    apply_activity,
+    position_change,
+    touched_symbols,
+)
 from .events import ACTIVITY_EVENT, FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, PositionStep, apply_fill
@@ -57,6 +64,17 @@ def cursor_of(events: Iterable[Event]) -> Cursor:
     return cursor
 
 
+def baseline_moments(taken_at: datetime, per_symbol: Mapping[str, datetime]) -> dict[str, datetime]:
+    """The rows a baseline writes to `baseline_moments`: the account-wide moment, and each
+    symbol's own where it is later. Stores keep the latest of each (moments only move
+    forward)."""
+    out = {ACCOUNT_WIDE: taken_at}
+    for symbol, at in per_symbol.items():
+        if symbol and at > taken_at:
+            out[symbol] = at
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Drift:
     """Our net position disagreed with the broker's `position_qty` after a fill."""
@@ -78,6 +96,8 @@ class LedgerResult:
     inexact_fills: int = 0  # priced across a gap without a cumulative average
     #: Non-trade activities of the batch and what each did (`account_activities`).
     activities: list[ActivityRecord] = field(default_factory=list)
+    #: Each position change they made, closing or not (`position_changes`).
+    changes: list[PositionChange] = field(default_factory=list)
 
 
 MLEG: str = "mleg"
@@ -148,11 +168,14 @@ def apply_events(
     orders: Mapping[str, OrderState],
     open_positions: Mapping[str, Position],
     events: Sequence[Event],
+    baselines: Mapping[str, datetime] | None = None,
 ) -> LedgerResult:
     """Apply new (not yet stored) events, in order, to the loaded state.
 
     `orders` holds the stored state of every order the events touch (absent = unknown
-    yet); `open_positions` the open row of every symbol they touch (absent = flat).
+    yet); `open_positions` the open row of every symbol they touch (absent = flat);
+    `baselines` the latest baseline's broker-clock moment for the account (key
+    `ACCOUNT_WIDE`) and, where later, per symbol (`activities.baseline_moment`).
     """
     result = LedgerResult()
     order_state = dict(orders)
@@ -169,9 +192,11 @@ def apply_events(
 
     for ev in flatten(order_fills_by_cum_qty(events)):
         if ev.event == ACTIVITY_EVENT:
-            applied = apply_activity(account_id, current, ev)
+            applied = apply_activity(account_id, current, ev, baselines)
             result.activities.append(applied.record)
             for symbol, step in applied.steps:
+                result.changes.append(
+                    position_change(applied.record, symbol, current.get(symbol), step))
                 place(symbol, step)
             continue
         if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:

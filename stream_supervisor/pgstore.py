@@ -16,14 +16,22 @@ from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any, Final, TypeVar
 
+import msgspec
 import psycopg
 import trio
 from psycopg import pq
 from psycopg.types.json import Jsonb
 
 from . import pgconn
-from .activities import ActivityRecord
-from .adjustments import Adjustment, baseline_order, origin_of, plan_adjustments
+from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
+from .adjustments import (
+    BASELINE,
+    REBASELINE,
+    Adjustment,
+    baseline_order,
+    origin_of,
+    plan_adjustments,
+)
 from .errors import (
     LostLeadership,
     SchemaNotMigrated,
@@ -32,8 +40,8 @@ from .errors import (
     StoreRejected,
     StoreUnavailable,
 )
-from .events import DeadLetter, Event, decimal_text
-from .ledger import Cursor, apply_events, cursor_of, touched
+from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
+from .ledger import Cursor, apply_events, baseline_moments, cursor_of, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -48,6 +56,8 @@ from .store import (
 
 T = TypeVar("T")
 
+_json_encode: Final = msgspec.json.Encoder().encode
+
 #: Tables the store reads and writes; `open()` refuses a database without them.
 TABLES: Final = (
     "alpaca_event_dedupe",
@@ -58,14 +68,18 @@ TABLES: Final = (
     "dead_letters",
     "position_adjustments",
     "account_activities",
+    "baseline_moments",
+    "position_changes",
 )
 #: The newest migration this code needs (`migrations/<name>.sql`): the history insert
 #: copies `origin` and `fees` (0002), the replay marks write `dead_letters.replayed_at`
 #: and `replay_result` and the leader reads `replay_requested_at` (0003); baselines and
 #: reconcile write `position_adjustments` and `broker_orders.baseline_qty` (0004, whose
 #: table is in TABLES too); positions carry their asset class and multiplier, orders their
-#: class and parent, and `account_activities` holds the non-trade activities (0006).
-REQUIRED_MIGRATION: Final = "0006_asset_classes"
+#: class and parent, and `account_activities` holds the non-trade activities (0006);
+#: `baseline_moments` decides which activities a baseline already holds, and
+#: `position_changes` records what each activity did (0007).
+REQUIRED_MIGRATION: Final = "0007_activity_baseline"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
 #: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
@@ -95,10 +109,15 @@ _MIGRATION_APPLIED = (
     "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
 )
 
+# The batch statements take their rows as one JSON parameter (an array of arrays, in
+# batch order), encoded by msgspec: psycopg's array dumpers, one Python call per element,
+# cost more of the writer's Python than anything else but the ledger (BENCHMARKS.md).
+# Text is NUL-free by then (`_text`: jsonb refuses \u0000, as text columns refuse NUL),
+# decimals travel as their exact text and timestamps as RFC 3339.
 _CLAIM_KEYS = """
 INSERT INTO alpaca_event_dedupe (event_key, account_id, event_type, source)
-SELECT k, %(acct)s, t, s FROM unnest(%(keys)b::text[], %(types)b::text[], %(sources)b::text[])
-    WITH ORDINALITY AS u(k, t, s, n)
+SELECT r->>0, %(acct)s, r->>1, r->>2
+FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS u(r, n)
 ORDER BY n
 ON CONFLICT (event_key) DO NOTHING
 RETURNING event_key
@@ -139,13 +158,10 @@ _UPSERT_ORDERS = """
 INSERT INTO broker_orders AS o (alpaca_order_id, account_id, client_order_id, symbol, side,
     order_type, asset_class, qty, filled_qty, filled_avg_price, status, created_at, updated_at,
     revised_at, order_class, parent_order_id)
-SELECT id, %(acct)s, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par
-FROM unnest(%(ids)b::text[], %(cids)b::text[], %(syms)b::text[], %(sides)b::text[],
-            %(types)b::text[], %(classes)b::text[], %(qtys)s::numeric[], %(fqs)s::numeric[],
-            %(faps)s::numeric[], %(sts)b::text[], %(cas)b::timestamptz[],
-            %(uas)b::timestamptz[], %(ras)b::timestamptz[], %(oclasses)b::text[],
-            %(parents)b::text[])
-    AS v(id, cid, sym, side, typ, cls, qty, fq, fap, st, ca, ua, ra, ocls, par)
+SELECT r->>0, %(acct)s, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::numeric,
+    (r->>7)::numeric, (r->>8)::numeric, r->>9, (r->>10)::timestamptz, (r->>11)::timestamptz,
+    (r->>12)::timestamptz, r->>13, r->>14
+FROM jsonb_array_elements(%(rows)s::jsonb) AS v(r)
 ON CONFLICT (alpaca_order_id) DO UPDATE SET
     order_class = EXCLUDED.order_class,
     parent_order_id = EXCLUDED.parent_order_id,
@@ -239,6 +255,40 @@ FROM unnest(%(ids)b::text[], %(types)b::text[], %(syms)b::text[], %(qtys)s::nume
             %(effects)s::jsonb[], %(payloads)b::bytea[])
     AS v(i, t, sym, q, p, at, o, e, pl)
 ON CONFLICT (account_id, activity_id) DO NOTHING
+"""
+
+# The latest baseline's moments for the symbols a batch's activities touch (section 10).
+_LOAD_BASELINE_MOMENTS = """
+SELECT symbol, moment FROM baseline_moments
+WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[])
+"""
+_UPSERT_BASELINE_MOMENT = """
+INSERT INTO baseline_moments AS b (account_id, symbol, moment)
+VALUES (%(acct)s, %(sym)s, %(at)s)
+ON CONFLICT (account_id, symbol) DO UPDATE SET
+    moment = GREATEST(b.moment, EXCLUDED.moment), recorded_at = now()
+"""
+# What each activity did to a position; a row opened in this batch (a transfer into a
+# flat symbol) is found as the symbol's open row, written just before.
+_INSERT_CHANGES = """
+INSERT INTO position_changes (account_id, activity_id, symbol, position_id, activity_type,
+    qty_before, qty_after, avg_before, avg_after, realized_pnl, changed_at)
+SELECT %(acct)s, a, sym, COALESCE(pid, (SELECT id FROM active_positions ap
+        WHERE ap.account_id = %(acct)s AND ap.symbol = v.sym AND ap.status = 'open')),
+    t, qb, qa, ab, aa, pnl, at
+FROM unnest(%(ids)b::text[], %(syms)b::text[], %(pids)b::bigint[], %(types)b::text[],
+            %(qbs)s::numeric[], %(qas)s::numeric[], %(abs)s::numeric[], %(aas)s::numeric[],
+            %(pnls)s::numeric[], %(ats)b::timestamptz[])
+    AS v(a, sym, pid, t, qb, qa, ab, aa, pnl, at)
+ON CONFLICT (account_id, activity_id, symbol) DO NOTHING
+"""
+_SNAPSHOT_CHANGES = """
+SELECT activity_id, activity_type, symbol, position_id, qty_before, qty_after, avg_before,
+    avg_after, realized_pnl, changed_at
+FROM position_changes WHERE account_id = %s ORDER BY activity_id, symbol
+"""
+_SNAPSHOT_MOMENTS = """
+SELECT symbol, moment FROM baseline_moments WHERE account_id = %s
 """
 
 _ACTIVITY_CURSOR = """
@@ -440,25 +490,30 @@ def stored_dead_letter(row: Sequence[Any]) -> StoredDeadLetter:
     )
 
 
-def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
-    rows = list(orders)
+def _rows(rows: list[tuple[Any, ...]]) -> str:
+    """A batch statement's rows as its one JSON parameter."""
+    return _json_encode(rows).decode()
+
+
+def _claim_params(account_id: str, first: dict[str, Event],
+                  by_stored_key: dict[str, str]) -> dict[str, Any]:
+    """The keys to claim (stored spelling -> the batch's), each with its first update."""
     return {
         "acct": account_id,
-        "ids": [_text(o.order_id) for o in rows],
-        "cids": [_opt_text(o.client_order_id) for o in rows],
-        "syms": [_text(o.symbol) for o in rows],
-        "sides": [_text(o.side) for o in rows],
-        "types": [_opt_text(o.order_type) for o in rows],
-        "classes": [_opt_text(o.asset_class) for o in rows],
-        "qtys": [o.order_qty for o in rows],
-        "fqs": [o.filled_qty for o in rows],
-        "faps": [o.filled_avg_price for o in rows],
-        "sts": [_text(o.status) for o in rows],
-        "cas": [o.created_at for o in rows],
-        "uas": [o.updated_at for o in rows],
-        "ras": [o.revised_at for o in rows],
-        "oclasses": [_opt_text(o.order_class) for o in rows],
-        "parents": [_opt_text(o.parent_order_id) for o in rows],
+        "rows": _rows([(k, _text(first[key].event), first[key].source)
+                       for k, key in by_stored_key.items()]),
+    }
+
+
+def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "rows": _rows([
+            (_text(o.order_id), _opt_text(o.client_order_id), _text(o.symbol), _text(o.side),
+             _opt_text(o.order_type), _opt_text(o.asset_class), o.order_qty, o.filled_qty,
+             o.filled_avg_price, _text(o.status), o.created_at, o.updated_at, o.revised_at,
+             _opt_text(o.order_class), _opt_text(o.parent_order_id))
+            for o in orders]),
     }
 
 
@@ -507,6 +562,29 @@ def _activity_params(account_id: str, records: Sequence[ActivityRecord]) -> dict
                     for r in records],
         "payloads": [bytes(r.raw) for r in records],
     }
+
+
+def _change_params(account_id: str, changes: Sequence[PositionChange]) -> dict[str, Any]:
+    return {
+        "acct": account_id,
+        "ids": [_text(c.activity_id) for c in changes],
+        "syms": [_text(c.symbol) for c in changes],
+        "pids": [c.position_id for c in changes],
+        "types": [_text(c.activity_type) for c in changes],
+        "qbs": [c.qty_before for c in changes],
+        "qas": [c.qty_after for c in changes],
+        "abs": [c.avg_before for c in changes],
+        "aas": [c.avg_after for c in changes],
+        "pnls": [c.realized_pnl for c in changes],
+        "ats": [c.changed_at for c in changes],
+    }
+
+
+def _change(row: Sequence[Any]) -> PositionChange:
+    return PositionChange(
+        activity_id=row[0], activity_type=row[1], symbol=row[2], position_id=row[3],
+        qty_before=row[4], qty_after=row[5], avg_before=row[6], avg_after=row[7],
+        realized_pnl=row[8], changed_at=row[9])
 
 
 def _activity(row: Sequence[Any]) -> ActivityRecord:
@@ -806,12 +884,7 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
     # in id / symbol order, so two writers racing on one account do not deadlock there.
     by_stored_key = {_text(k): k for k in first}
     keys = list(by_stored_key)
-    claim = {
-        "acct": acct,
-        "keys": keys,
-        "types": [_text(first[by_stored_key[k]].event) for k in keys],
-        "sources": [first[by_stored_key[k]].source for k in keys],
-    }
+    claim = _claim_params(acct, first, by_stored_key)
     # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
     touched_orders, touched_symbols = touched(first.values())
     order_ids = {_text(oid): oid for oid in touched_orders}
@@ -821,7 +894,14 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         if not batch.durable:
             conn.execute("SET LOCAL synchronous_commit = off")
         # Round trip 1: claim keys, lock what they may touch, read the cursor.
-        claimed, orders_cur, positions_cur, cursor_cur = (conn.cursor() for _ in range(4))
+        claimed, orders_cur, positions_cur, cursor_cur, moments_cur = (
+            conn.cursor() for _ in range(5))
+        # Only a batch with a non-trade activity needs the baseline's moments.
+        activity_symbols = sorted({_text(ev.symbol) for ev in first.values()
+                                   if ev.event == ACTIVITY_EVENT})
+        if activity_symbols:
+            moments_cur.execute(_LOAD_BASELINE_MOMENTS,
+                                {"acct": acct, "symbols": [ACCOUNT_WIDE, *activity_symbols]})
         if keys:
             claimed.execute(_CLAIM_KEYS, claim)
             orders_cur.execute(_LOCK_ORDERS, {"ids": sorted(order_ids)})
@@ -838,10 +918,12 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             if keys else {}
         )
         stored_cursor = _cursor(cursor_cur.fetchone())
+        moments = ({symbols.get(r[0], r[0]): r[1] for r in moments_cur.fetchall()}
+                   if activity_symbols else None)
 
         # The pure core, on the new events only, in batch order.
         new_events = [ev for key, ev in first.items() if key in new_keys]
-        result = apply_events(acct, orders, open_rows, new_events)
+        result = apply_events(acct, orders, open_rows, new_events, moments)
         moved = cursor_of(new_events)
         cursor = moved if stored_cursor is None else stored_cursor.advanced(moved)
 
@@ -862,6 +944,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             )
         if result.activities:
             conn.execute(_INSERT_ACTIVITIES, _activity_params(acct, result.activities))
+        if result.changes:
+            conn.execute(_INSERT_CHANGES, _change_params(acct, result.changes))
         if batch.dead_letters:
             conn.execute(_INSERT_DEAD_LETTERS, _dead_letter_params(acct, batch.dead_letters))
         if batch.replays:
@@ -892,7 +976,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
     queries = (
         _SNAPSHOT_KEYS, _SNAPSHOT_ORDERS, _SNAPSHOT_POSITIONS, _SNAPSHOT_HISTORY,
         _SNAPSHOT_DEAD_LETTERS, _SNAPSHOT_CURSOR, _SNAPSHOT_ADJUSTMENTS, _SNAPSHOT_BASELINES,
-        _SNAPSHOT_ACTIVITIES,
+        _SNAPSHOT_ACTIVITIES, _SNAPSHOT_CHANGES, _SNAPSHOT_MOMENTS,
     )
     # One consistent view, in one round trip.
     with conn.pipeline(), conn.transaction():
@@ -900,8 +984,8 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         curs = [conn.cursor() for _ in queries]
         for cur, query in zip(curs, queries, strict=True):
             cur.execute(query, [account_id])
-        keys, orders, positions, history, letters, cursor, adjusted, baselines, activities = (
-            c.fetchall() for c in curs)
+        (keys, orders, positions, history, letters, cursor, adjusted, baselines, activities,
+         changes, moments) = (c.fetchall() for c in curs)
     return StoreSnapshot(
         event_keys=frozenset(r[0] for r in keys),
         orders={r[0]: _order(r) for r in orders},
@@ -914,6 +998,8 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         adjustments=[Adjustment(*r) for r in adjusted],
         baseline_qty={r[0]: r[1] for r in baselines},
         activities=[_activity(r) for r in activities],
+        position_changes=[_change(r) for r in changes],
+        baseline_moments={r[0]: r[1] for r in moments},
     )
 
 
@@ -964,4 +1050,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         if word.cursor is not None:
             conn.execute(_ADVANCE_CURSOR, {"acct": acct, "fill_time": word.cursor.fill_time,
                                            "activity_id": word.cursor.activity_id})
+        if word.reason in (BASELINE, REBASELINE):
+            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
+                conn.execute(_UPSERT_BASELINE_MOMENT,
+                             {"acct": acct, "sym": _text(symbol), "at": at})
     return [c.adjustment for c in changes]

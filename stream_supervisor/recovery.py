@@ -51,6 +51,9 @@ EASTERN = ZoneInfo("America/New_York")
 MAX_BACKFILL_PAGES = 10_000
 #: Orders whose latest forwarded status is remembered for the reconnect refresh.
 SEEN_ORDERS = 50_000
+#: Orders whose highest forwarded cumulative fill is remembered, the most recently
+#: filled kept: a backfilled fill that continues from it has no gap to price.
+FORWARDED_ORDERS = 20_000
 #: Orders listed for a backfill start this long before its first fill: an order is
 #: submitted before it fills. Older orders with fills in the range are read one by one.
 ORDER_LOOKBACK = timedelta(seconds=120)
@@ -63,6 +66,10 @@ NS_PER_MS = 1_000_000
 #: A backfill re-reads this much before the newest activity an earlier one committed:
 #: activities the broker stores late, within this, are still found.
 REST_REREAD = timedelta(seconds=5)
+#: A reconnect's backfill trusts the stream's disorder up to this multiple of the most it
+#: has shown in this life, never less than `REST_REREAD` and never more than the
+#: configured overlap (docs/design.md, section 12).
+DISORDER_FACTOR = 2
 #: Seconds into a backfill when it first judges whether the account outruns the budget.
 JUDGE_PACE_AFTER = 30.0
 #: The refresh reads this many orders (or fewer) one by one rather than list them: a
@@ -119,21 +126,50 @@ def activity_time(activity_id: str) -> datetime | None:
     return local.astimezone(UTC)
 
 
+@dataclass(slots=True)
+class StreamEdge:
+    """How far the live stream has brought the fills, in this life of the pipeline: the
+    newest live fill forwarded after a completed recovery (its time never past when it
+    came, plus the clock margin: a fill stamped ahead moves it no further), and the most
+    a live fill came behind one stamped later (the disorder the stream has shown)."""
+
+    reached_ns: int
+    disorder_ns: int = 0
+
+    def note(self, ts_ns: int, received_wall_ns: int) -> None:
+        bounded = min(ts_ns, received_wall_ns + LIVE_OVERLAP_NS)
+        if bounded < self.reached_ns:
+            self.disorder_ns = max(self.disorder_ns, self.reached_ns - bounded)
+        else:
+            self.reached_ns = bounded
+
+    def allowance(self, overlap: float) -> timedelta:
+        """What a reconnect re-reads before the edge: the disorder shown, doubled, at
+        least `REST_REREAD`, at most the configured overlap."""
+        trusted = max(REST_REREAD.total_seconds(), DISORDER_FACTOR * self.disorder_ns / 1e9)
+        return timedelta(seconds=min(overlap, trusted))
+
+
 def backfill_start(
     cursor: Cursor | None,
     now: datetime,
     overlap: float,
     first_start_lookback: float | None,
+    edge: StreamEdge | None = None,
 ) -> datetime:
     """Where REST backfill begins: the cursor minus the overlap, or the first-start lookback.
 
     Not before the newest activity REST already brought back, less `REST_REREAD`: backfill
     pages are committed in id order (docs/design.md, section 12), so every activity before
     it is stored, and a second disconnect soon after a recovery re-reads only what came
-    since, not the whole overlap.
+    since, not the whole overlap. Nor, after the stream has streamed in this life, before
+    where it brought every fill (`edge`), less the disorder it has shown.
     """
     if cursor is not None and cursor.fill_time is not None:
         start = cursor.fill_time - timedelta(seconds=overlap)
+        if edge is not None:
+            reached = datetime.fromtimestamp(edge.reached_ns / 1e9, UTC)
+            start = max(start, min(reached, cursor.fill_time) - edge.allowance(overlap))
         verified = activity_time(cursor.activity_id) if cursor.activity_id else None
         if verified is not None:
             start = max(start, min(verified - REST_REREAD, cursor.fill_time))
@@ -180,6 +216,16 @@ class GapRecovery:
         self.assets = assets
         # Latest status of every order forwarded in this life (live or recovered).
         self._seen_status: OrderedDict[str, str] = OrderedDict()
+        # Orders a stale update (one older than the connection) left not terminal, and
+        # the oldest such update's time: the stream does not resend what followed it.
+        self._stale: set[str] = set()
+        self._stale_since_ns: int | None = None
+        #: Where the live stream has brought every fill, once a recovery completed.
+        self.edge: StreamEdge | None = None
+        # Highest cumulative quantity of every order's fills forwarded in this life.
+        self._forwarded_cum: OrderedDict[str, Decimal] = OrderedDict()
+        #: Orders gap pricing read (listed or alone), over this life.
+        self.pricing_reads = 0
         #: Pages read and activities they held, new and re-read, over this life (tests
         #: and benchmarks read these).
         self.pages_read = 0
@@ -193,6 +239,14 @@ class GapRecovery:
         """Remember an update's order status (every forwarded update passes here). Only
         orders not yet terminal are kept: the refresh asks about no other, and memory
         then follows the orders in flight, not every order of the day."""
+        if event.is_fill:
+            reached = self._forwarded_cum
+            before = reached.get(event.order_id)
+            if before is None or event.cum_qty > before:
+                reached[event.order_id] = event.cum_qty
+            reached.move_to_end(event.order_id)
+            if len(reached) > FORWARDED_ORDERS:
+                reached.popitem(last=False)
         seen = self._seen_status
         status = merge_status(seen.get(event.order_id, event.status), event.status)
         if status in TERMINAL_STATUSES:
@@ -202,6 +256,50 @@ class GapRecovery:
         seen.move_to_end(event.order_id)
         if len(seen) > SEEN_ORDERS:
             seen.popitem(last=False)
+
+    def observe_live(self, event: Event, received_wall_ns: int) -> None:
+        """`observe` for a live update forwarded after a completed recovery, newer than
+        the connection: a fill moves the stream's edge (`StreamEdge`)."""
+        self.observe(event)
+        if event.is_fill:
+            if self.edge is None:
+                self.edge = StreamEdge(min(event.ts_ns, received_wall_ns + LIVE_OVERLAP_NS))
+            else:
+                self.edge.note(event.ts_ns, received_wall_ns)
+
+    def observe_stale(self, event: Event) -> None:
+        """`observe` for an update forwarded after a recovery's refresh although it is
+        older than the connection (a replay, or one stamped within the clock margin of
+        `listening`). The broker does not resend the updates that followed it, so if it
+        leaves its order not terminal, only REST can tell how the order went on:
+        `recheck_stale` reads it (docs/design.md, section 12)."""
+        self.observe(event)
+        if event.order_id in self._seen_status:
+            self._stale.add(event.order_id)
+            if self._stale_since_ns is None or event.ts_ns < self._stale_since_ns:
+                self._stale_since_ns = event.ts_ns
+
+    async def recheck_stale(self) -> int:
+        """Read again the orders stale updates left not terminal (`observe_stale`), in
+        bulk when there are many; returns the snapshots forwarded. On a failed read the
+        orders stay with the periodic refresh and the next reconnect's, which ask about
+        every order held as not terminal."""
+        wanted = [oid for oid in self._stale if oid in self._seen_status]
+        since_ns = self._stale_since_ns
+        self._stale = set()
+        self._stale_since_ns = None
+        if not wanted or since_ns is None:
+            return 0
+        since = datetime.fromtimestamp(since_ns / 1e9, UTC) - ORDER_LOOKBACK
+        try:
+            count = await self._read_orders(wanted, since)
+        except (BrokerUnavailable, DecodeError) as exc:
+            log.warning("stale_orders_recheck_failed", orders=len(wanted),
+                        error=str(exc)[:300])
+            return 0
+        log.info("stale_orders_rechecked", orders=len(wanted), forwarded=count,
+                 connection_id=self.state.connection_id)
+        return count
 
     async def _forward(self, item: Item) -> None:
         if isinstance(item, Event):
@@ -215,13 +313,13 @@ class GapRecovery:
         s = self.settings
         start = backfill_start(
             self.state.committed_cursor, self.wallclock(), s.backfill_overlap,
-            s.first_start_lookback,
+            s.first_start_lookback, self.edge,
         )
         log.info("backfill_started", after=format_timestamp(start),
                  connection_id=self.state.connection_id)
         book = OrderBook(self.rest, start - ORDER_LOOKBACK)
         began = trio.current_time()
-        fills = pages = 0
+        fills = pages = first_fills = 0
         first_ns = last_ns = None
         judged = False
         # Closed on the way out, also when a closed socket cancels the recovery.
@@ -242,6 +340,8 @@ class GapRecovery:
                     self.metrics.events_received.labels(event, "rest").inc(amount)
                 self.metrics.backfill_fills.inc(len(priced))
                 fills += len(priced)
+                first_fills += sum(1 for ev in priced
+                                   if ev.is_fill and ev.fill_qty == ev.cum_qty)
                 first_ns = priced[0].ts_ns if first_ns is None else first_ns
                 last_ns = priced[-1].ts_ns
                 if not judged and trio.current_time() - began >= JUDGE_PACE_AFTER:
@@ -251,7 +351,8 @@ class GapRecovery:
         self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
         # The refresh lists afresh: the list that priced the pages is as old as they.
         listed = self.order_list_requests
-        refreshed = await self.refresh_orders(book.since)
+        refreshed = await self.refresh_orders(
+            book.since, list_cost=_list_cost(first_fills, first_ns, last_ns, _ns(book.since)))
         if self.activities is not None:
             # After every fill before them: when the live socket holds fills this
             # backfill left to it, the next scheduled pass brings the activities instead.
@@ -355,15 +456,31 @@ class GapRecovery:
         order list, 500 a request (`OrderBook`).
         """
         last: dict[str, int] = {}
+        # An order whose every fill here continues from what was forwarded before it (in
+        # this life, live or backfilled, or earlier on this page) has no gap: each fill
+        # lands at its own price (docs/design.md, section 12).
+        reached: dict[str, Decimal] = {}
+        gap: set[str] = set()
         for i, ev in enumerate(fills):
             if ev.is_fill:
-                last[ev.order_id] = i
+                oid = ev.order_id
+                last[oid] = i
+                before = reached.get(oid)
+                if before is None:
+                    before = self._forwarded_cum.get(oid, Decimal(0))
+                if ev.fill_qty is None or ev.cum_qty - ev.fill_qty > before:
+                    gap.add(oid)
+                reached[oid] = max(before, ev.cum_qty)
         out = list(fills)
+        # A few orders are read alone: listing from before the backfill to reach them
+        # costs a request per 500 orders submitted since.
+        alone = len(gap) <= FEW_ORDERS
         for order_id, i in last.items():
+            if order_id not in gap:
+                continue
             ev = fills[i]
-            if ev.fill_qty is not None and ev.fill_qty == ev.cum_qty:
-                continue  # the order's first fill: no earlier quantity to price
-            listed = await book.get(order_id, ev.ts_ns)
+            self.pricing_reads += 1
+            listed = await book.get(order_id, ev.ts_ns, alone=alone)
             if listed is not None and listed[1] is not None and listed[0] == ev.cum_qty:
                 out[i] = msgspec.structs.replace(ev, cum_avg_price=listed[1])
         return out
@@ -381,13 +498,14 @@ class GapRecovery:
                 continue
             log.debug("orders_refreshed", orders=refreshed)
 
-    async def refresh_orders(self, since: datetime) -> int:
+    async def refresh_orders(self, since: datetime, *, list_cost: int | None = None) -> int:
         """Order state that changed while away: open orders, and every order we hold or
         just forwarded as not terminal that is no longer open (canceled or expired while
         we were gone, or filled with its last fill only on REST). Orders submitted after
         `since` come from the list endpoint in bulk; older ones one by one, all of
         them (each is an order we hold as live that is no longer open); a few
-        (`FEW_ORDERS`) are read one by one without listing."""
+        (`FEW_ORDERS`) are read one by one without listing, and so are as many as the
+        list would cost requests (`list_cost`, estimated from the backfill)."""
         count = 0
         open_ids: set[str] = set()
         for order in await self.rest.open_orders():
@@ -396,8 +514,16 @@ class GapRecovery:
         stored = await self.open_order_ids() if self.open_order_ids is not None else ()
         recent = [oid for oid, st in self._seen_status.items() if st not in TERMINAL_STATUSES]
         wanted = [oid for oid in dict.fromkeys([*stored, *recent]) if oid not in open_ids]
+        return count + await self._read_orders(wanted, since, list_cost=list_cost)
+
+    async def _read_orders(self, wanted: Sequence[str], since: datetime, *,
+                           list_cost: int | None = None) -> int:
+        """Forward the broker's snapshot of each order in `wanted`: from the order list
+        since `since` when they are more than it costs requests (`list_cost`, at least
+        `FEW_ORDERS`), else (and for any the list lacks) one by one."""
+        count = 0
         book: OrderBook | None = None
-        if len(wanted) > FEW_ORDERS:
+        if len(wanted) > max(FEW_ORDERS, list_cost or 0):
             book = OrderBook(self.rest, since, keep=wanted)
             await book.load_all()
             self.order_list_requests += book.requests
@@ -447,10 +573,13 @@ class OrderBook:
         """The snapshot of an order in `keep`, if listed."""
         return self._kept.get(order_id)
 
-    async def get(self, order_id: str, filled_ns: int) -> tuple[Decimal, Decimal | None] | None:
-        """The order's (filled_qty, filled_avg_price) as listed, for a fill at `filled_ns`."""
+    async def get(self, order_id: str, filled_ns: int, *,
+                  alone: bool = False) -> tuple[Decimal, Decimal | None] | None:
+        """The order's (filled_qty, filled_avg_price) as listed, for a fill at `filled_ns`
+        (`alone`: read on its own unless already listed)."""
         looked_again = False
-        while order_id not in self._fills and self._loaded_to_ns <= filled_ns:
+        while (not alone and order_id not in self._fills
+               and self._loaded_to_ns <= filled_ns):
             if self._complete:
                 # Filled after the newest order listed: it may have been submitted since
                 # the list ended (the market goes on during recovery). One more page from
@@ -470,9 +599,11 @@ class OrderBook:
         return found
 
     async def load_all(self) -> None:
+        """List on to the end, or until every order in `keep` is found: orders submitted
+        while recovery reads are in the live buffer, not wanted."""
         if self._complete and trio.current_time() - self._listed_at >= RELIST_AFTER:
             self._complete = False
-        while not self._complete:
+        while not self._complete and not (self._keep and len(self._kept) == len(self._keep)):
             await self._next_page()
 
     async def _next_page(self) -> None:
@@ -502,6 +633,19 @@ class OrderBook:
         self._loaded_to_ns = last_ns
         if len(page) < MAX_ORDERS_PAGE:
             self._complete = True
+
+
+def _list_cost(first_fills: int, first_ns: int | None, last_ns: int | None,
+               since_ns: int) -> int | None:
+    """About the requests the order list takes from `since` to a backfill's last fill:
+    orders submitted at the rate they began filling in the backfill, 500 a request, plus
+    one. None when the backfill read too little to tell."""
+    if first_ns is None or last_ns is None or last_ns <= first_ns or first_fills == 0:
+        return None
+    per_ns = first_fills / (last_ns - first_ns)
+    # Orders submitted long before the fills (a first start's lookback) are not counted.
+    since_ns = max(since_ns, first_ns - int(ORDER_LOOKBACK.total_seconds() * 1e9))
+    return math.ceil(per_ns * max(0, last_ns - since_ns) / MAX_ORDERS_PAGE) + 1
 
 
 def _ns(moment: datetime) -> int:

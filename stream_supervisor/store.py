@@ -11,13 +11,13 @@ and writer lock included (the writer then finds the update at fault, section 4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
-from .activities import ActivityRecord
+from .activities import ActivityRecord, PositionChange
 from .adjustments import Adjustment, BrokerPosition
 from .events import DeadLetter, Event
 from .ledger import Cursor, Drift
@@ -121,6 +121,10 @@ class StoreSnapshot:
     #: position_adjustments, oldest first, and each order's baseline_qty (0 if none).
     adjustments: list[Adjustment] = field(default_factory=list)
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
+    #: What non-trade activities did to positions, oldest activity first, and the latest
+    #: baseline's moments (`activities.ACCOUNT_WIDE` and per symbol), section 10.
+    position_changes: list[PositionChange] = field(default_factory=list)
+    baseline_moments: dict[str, datetime] = field(default_factory=dict)
 
     def net_position(self, symbol: str) -> Decimal:
         return sum((p.qty for p in self.positions if p.symbol == symbol and p.is_open), Decimal(0))
@@ -146,6 +150,10 @@ class BrokerWord:
     orders: Sequence[OrderState] = ()
     #: Where fills start to count (the cursor moves only forward, as ever).
     cursor: Cursor | None = None
+    #: A baseline's per-symbol moments beyond `taken_at` (the broker's clock at the start
+    #: of the round each symbol settled in): with `taken_at` for the whole account, they decide
+    #: which later-posted activities are already in its positions (section 10).
+    moments: Mapping[str, datetime] = field(default_factory=dict)
 
 
 class Store(Protocol):

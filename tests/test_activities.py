@@ -10,15 +10,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_supervisor.activities import (
+    ACCOUNT_WIDE,
     APPLIED,
+    BASELINE_WITHIN_ITS_DAY,
+    IN_BASELINE,
     MORE_THAN_HELD,
     NO_POSITION,
+    PARTLY_IN_BASELINE,
     WireNonTrade,
+    baseline_verdict,
     non_trade_to_event,
 )
 from stream_supervisor.events import Event, fill_key
-from stream_supervisor.ledger import apply_events
+from stream_supervisor.ledger import LedgerResult, apply_events
 from stream_supervisor.positions import Position
+from stream_supervisor.symbols import asset_class_of
 
 T0 = datetime(2026, 1, 5, 15, tzinfo=UTC)
 COIN = Decimal("1e-9")
@@ -174,3 +180,140 @@ def test_any_order_of_duplicated_multi_leg_updates_gives_each_leg_the_brokers_po
     assert held == {CALL: 2, "AAPL240119C00200000": -2}
     assert result.orders["mleg-1"].filled_qty == 2
     assert {result.orders[leg].parent_order_id for leg in ("leg-1", "leg-2")} == {"mleg-1"}
+
+
+# --- activities a baseline already holds (docs/design.md, section 10) -------------------
+
+
+def dated(kind: str, symbol: str, qty: str, day: str) -> Event:
+    """An activity as Alpaca documents it: a `date`, no `transaction_time`."""
+    return non_trade_to_event(WireNonTrade(
+        id=f"{day.replace('-', '')}000000000::d", activity_type=kind, date=day,
+        symbol=symbol, qty=Decimal(qty)))
+
+
+def baselined(symbol: str, qty: str, avg: str, *events: Event,
+              moment: datetime, own: datetime | None = None) -> LedgerResult:
+    """`events` applied to a row a baseline at `moment` opened (the symbol's own moment
+    `own`, when later)."""
+    row = Position("a", symbol, Decimal(qty), Decimal(avg), "baseline", None, moment,
+                   position_id=7, asset_class=asset_class_of(symbol).value)
+    moments = {ACCOUNT_WIDE: moment} | ({symbol: own} if own is not None else {})
+    return apply_events("a", {}, {symbol: row}, list(events), moments)
+
+
+def test_a_fee_of_a_fill_before_the_baseline_is_stored_not_applied() -> None:
+    """The broker's position at the baseline already lacks the fee (charged at the fill):
+    the CFEE posted later is kept and reported, and the quantity stays the broker's."""
+    fee = activity(5, "CFEE", "BTCUSD", "-0.0025")
+    result = baselined("BTC/USD", "0.9975", "50000", fee, moment=T0 + timedelta(seconds=10))
+    assert [r.outcome for r in result.activities] == [IN_BASELINE]
+    assert result.positions == [] and result.changes == []
+
+
+def test_a_fee_of_a_fill_after_the_baseline_is_applied() -> None:
+    fee = activity(20, "CFEE", "BTCUSD", "-0.0025")
+    result = baselined("BTC/USD", "1", "50000", fee, moment=T0 + timedelta(seconds=10))
+    assert [r.outcome for r in result.activities] == [APPLIED]
+    assert [p.qty for p in result.positions] == [Decimal("0.9975")]
+
+
+def test_a_fill_between_the_clock_read_and_the_positions_read_carries_its_fee() -> None:
+    """The account's moment is the broker's clock read first; a symbol whose positions
+    were read with a later fill has that fill's time as its own moment, and the fee of
+    that fill (stamped with its time) is in them too."""
+    fee = activity(12, "CFEE", "BTCUSD", "-0.0025")
+    account_only = baselined("BTC/USD", "0.9975", "50000", fee,
+                             moment=T0 + timedelta(seconds=10))
+    assert [r.outcome for r in account_only.activities] == [APPLIED]
+    with_own = baselined("BTC/USD", "0.9975", "50000", fee, moment=T0 + timedelta(seconds=10),
+                         own=T0 + timedelta(seconds=12))
+    assert [r.outcome for r in with_own.activities] == [IN_BASELINE]
+
+
+def test_a_split_or_an_expiry_before_the_baseline_is_not_applied_again() -> None:
+    split = activity(5, "SPLIT", "NVDA", "300")
+    result = baselined("NVDA", "400", "25", split, moment=T0 + timedelta(seconds=6))
+    assert [r.outcome for r in result.activities] == [IN_BASELINE]
+    assert result.positions == []
+    expiry = activity(5, "OPEXP", "AAPL240119C00190000", "-1")
+    assigned = activity(5, "OPASN", "AAPL240119P00190000", "1")
+    result = apply_events("a", {}, {}, [expiry, assigned],
+                          {ACCOUNT_WIDE: T0 + timedelta(seconds=5)})
+    assert [r.outcome for r in result.activities] == [IN_BASELINE, IN_BASELINE]
+    assert result.positions == []
+
+
+def test_a_dated_activity_is_the_whole_new_york_day() -> None:
+    """Alpaca documents a `date` only: before that day's New York midnight, apply; after
+    the next one, held; a baseline within the day cannot tell, and changes nothing."""
+    split = dated("SPLIT", "NVDA", "300", "2026-01-05")
+    midnight = datetime(2026, 1, 5, 5, tzinfo=UTC)  # 00:00 in New York (EST)
+    for moment, outcome in [
+        (midnight - timedelta(seconds=1), APPLIED),
+        (midnight, BASELINE_WITHIN_ITS_DAY),
+        (midnight + timedelta(hours=23, minutes=59), BASELINE_WITHIN_ITS_DAY),
+        (midnight + timedelta(days=1), IN_BASELINE),
+    ]:
+        result = baselined("NVDA", "100", "100", split, moment=moment)
+        assert [r.outcome for r in result.activities] == [outcome], moment
+        assert bool(result.positions) == (outcome == APPLIED)
+
+
+@given(st.integers(-100, 100), st.integers(-100, 100), st.integers(0, 86_400))
+def test_the_verdict_is_by_the_effect_window_alone(
+        effect: int, moment: int, width: int) -> None:
+    """Held exactly when the whole effect is at or before the moment; applied exactly
+    when all of it is after; otherwise neither."""
+    start = T0 + timedelta(seconds=effect)
+    window = (start, start + timedelta(seconds=width))
+    at = T0 + timedelta(seconds=moment)
+    verdict = baseline_verdict(window, at)
+    assert (verdict == IN_BASELINE) == (window[1] <= at)
+    assert (verdict is None) == (window[0] > at)
+    assert baseline_verdict(window, None) is None
+
+
+def test_every_change_an_activity_makes_is_recorded_with_its_id() -> None:
+    """A split, a fee and a partial assignment leave the row open; each is a change."""
+    result = apply_events("a", {}, {}, [
+        fill(1, "NVDA", "buy", Decimal(10), Decimal(100)),
+        activity(2, "SPLIT", "NVDA", "30"),
+        fill(3, "BTC/USD", "buy", Decimal(1), Decimal(50_000), "crypto"),
+        activity(4, "CFEE", "BTCUSD", "-0.0025"),
+        fill(5, "AAPL240119P00190000", "sell", Decimal(3), Decimal(2), "us_option"),
+        activity(6, "OPASN", "AAPL240119P00190000", "1"),
+    ])
+    assert [(c.activity_type, c.symbol, c.qty_before, c.qty_after, c.avg_after)
+            for c in result.changes] == [
+        ("SPLIT", "NVDA", Decimal(10), Decimal(40), Decimal(25)),
+        ("CFEE", "BTC/USD", Decimal(1), Decimal("0.9975"), Decimal(50_000)),
+        ("OPASN", "AAPL240119P00190000", Decimal(-3), Decimal(-2), Decimal(2)),
+        ("OPASN", "AAPL", Decimal(0), Decimal(100), Decimal(190)),
+    ]
+    assert [c.activity_id for c in result.changes] == [
+        "2026010510000" + f"{n:04d}::a" for n in (2, 4, 6, 6)]
+
+
+def test_an_assignment_applies_only_the_leg_the_baseline_did_not_hold() -> None:
+    """The option settled in an earlier round of the baseline than its underlying: the
+    assignment (after the option's moment, before the stock's) closes the short put but
+    adds no shares, which the stock's positions read already held."""
+    put = "AAPL240119P00190000"
+    short = Position("a", put, Decimal(-2), Decimal(3), "baseline", None, T0, position_id=1,
+                     multiplier=Decimal(100), asset_class="us_option")
+    assigned = activity(5, "OPASN", put, "2")
+    moments = {ACCOUNT_WIDE: T0, put: T0 + timedelta(seconds=2),
+               "AAPL": T0 + timedelta(seconds=8)}
+    result = apply_events("a", {}, {put: short}, [assigned], moments)
+    [record] = result.activities
+    assert record.outcome == PARTLY_IN_BASELINE
+    assert record.effects == {put: Decimal(2)}
+    assert [(p.symbol, p.qty, p.is_open) for p in result.positions] == [(put, Decimal(0), False)]
+    # The other way round: the stock leg alone, its side from the type (an assignment
+    # is of a short put: it buys), though the baseline closed the option.
+    moments = {ACCOUNT_WIDE: T0, put: T0 + timedelta(seconds=8)}
+    result = apply_events("a", {}, {}, [assigned], moments)
+    assert result.activities[0].effects == {"AAPL": Decimal(200)}
+    assert [(p.symbol, p.qty, p.avg_entry_price) for p in result.positions] == [
+        ("AAPL", Decimal(200), Decimal(190))]

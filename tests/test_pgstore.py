@@ -3,6 +3,7 @@ secrets, two writers at once, and inputs PostgreSQL would otherwise choke on."""
 
 from __future__ import annotations
 
+from datetime import timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -203,6 +204,35 @@ async def test_nul_characters_do_not_poison_a_batch(database_url: str) -> None:
     assert [p.qty for p in snap.positions] == [Decimal(3)]
     assert snap.dead_letters[0].payload == b"\x00\x01"
     again = await store.commit_batch(Batch("acct-nul", [odd]))
+    assert again.duplicate_keys == {odd.key}
+    await store.aclose()
+
+
+async def test_values_json_must_escape_are_stored_as_given(database_url: str) -> None:
+    """The batch statements take their rows as one JSON document: text that JSON escapes
+    (quotes, backslashes, control characters, line separators, astral characters),
+    decimals in exponent form and with many places, and offsets other than UTC come back
+    exactly, keys and order rows alike."""
+    store = await opened(database_url)
+    odd_id = 'o"1\\\n\t\x01\u2028\U0001d518é'
+    base = fill(odd_id, "buy", "1E+1", "1E+1", "0.000000001", 1)
+    east = timezone(timedelta(hours=5, minutes=30))
+    odd = msgspec.structs.replace(
+        base, symbol='X"\\Y', client_order_id="\u2029\\", order_type='lim"it',
+        created_at=base.timestamp.astimezone(east))
+
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(Batch("acct-json", [odd]))
+        snap = await store.snapshot("acct-json")
+
+    assert result.applied_keys == {odd.key}
+    assert snap.event_keys == {odd.key}
+    order = snap.orders[odd_id]
+    assert (order.symbol, order.client_order_id, order.order_type) == (
+        'X"\\Y', "\u2029\\", 'lim"it')
+    assert order.filled_qty == Decimal(10) and order.filled_avg_price == Decimal("1E-9")
+    assert order.created_at == base.timestamp
+    again = await store.commit_batch(Batch("acct-json", [odd]))
     assert again.duplicate_keys == {odd.key}
     await store.aclose()
 

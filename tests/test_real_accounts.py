@@ -408,3 +408,133 @@ async def test_check_holds_positions_to_baselines_and_adjustments(
     assert [(v.layer, v.what) for v in found] == [
         ("position", "net position differs from the orders")]
     assert "open positions net 6" in found[0].detail and " 10" in found[0].detail
+
+
+# --- what a baseline holds of the activities that post after it (section 10) -----------
+
+
+class TickingBroker(Broker):
+    """A broker whose clock (`GET /v2/clock`) says a later moment at each read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock_reads = 0
+
+    async def clock(self) -> dict[str, Any]:
+        self.clock_reads += 1
+        return {"is_open": True, "timestamp": format_timestamp(at(self.clock_reads / 10))}
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        return {"class": "crypto"} if symbol == "BTCUSD" else None
+
+
+async def test_a_split_between_the_clock_and_the_positions_read_is_held_not_applied() -> None:
+    """The books change without a fill after the round's clock read and before its
+    positions read: the positions hold the split, stamped after the round's moment. A
+    symbol settles only when a read finds it as the previous one did, at that round's
+    moment, so the SPLIT posted later is stored, not applied again."""
+    from stream_supervisor.activities import IN_BASELINE, non_trade_to_event
+    from stream_supervisor.ledger import apply_events, baseline_moments
+
+    broker = TickingBroker()
+    broker.held = [position("NVDA", "100", "100")]
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the split lands just after the first clock read
+            broker.held = [position("NVDA", "400", "25")]
+        return await real_positions()
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    assert snapshot.attempts == 2
+    assert snapshot.taken_at == at(0.1) and snapshot.moments == {"NVDA": at(0.2)}
+    split = non_trade_to_event(WireNonTrade(
+        id="1::split", activity_type="SPLIT", transaction_time=format_timestamp(at(0.15)),
+        symbol="NVDA", qty=D(300)))
+    [held] = snapshot.positions
+    from stream_supervisor.positions import Position
+    row = Position(ACCOUNT, "NVDA", held.qty, held.avg_entry_price, "baseline", None, at(0),
+                   position_id=1)
+    result = apply_events(ACCOUNT, {}, {"NVDA": row}, [split],
+                          baseline_moments(snapshot.taken_at, snapshot.moments))
+    assert [r.outcome for r in result.activities] == [IN_BASELINE]
+    assert result.positions == []
+
+
+async def test_a_crypto_fill_named_without_its_slash_unsettles_its_pair() -> None:
+    """A FILL activity says `BTCUSD`, positions `BTC/USD` once canonical: a fill landing
+    in the first round is the pair's, which is read again; its moment and its order's
+    symbol are in the stored spelling."""
+    broker = TickingBroker()
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        answer = await real_positions()
+        if reads == 1:  # a buy fills after this read
+            broker.activities.append(WireActivity(
+                id="1::btc", order_id="c1", symbol="BTCUSD", side="buy", price=D(50_000),
+                qty=D("0.5"), cum_qty=D("0.5"), transaction_time=format_timestamp(at(0.15)),
+                order_status="filled"))
+            broker.held = [{"symbol": "BTCUSD", "qty": "0.49875", "side": "long",
+                            "avg_entry_price": "50000", "asset_class": "crypto"}]
+            broker.orders["c1"] = WireOrder(id="c1", symbol="BTC/USD", side="buy",
+                                            status="filled", filled_qty=D("0.5"),
+                                            filled_avg_price=D(50_000), asset_class="crypto")
+        return answer
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    assert [(p.symbol, p.qty) for p in snapshot.positions] == [("BTC/USD", D("0.49875"))]
+    # Unsettled by its fill in round 1; a symbol that filled in the round before settles
+    # on a quiet round alone.
+    assert snapshot.attempts == 2
+    assert snapshot.moments == {"BTC/USD": at(0.2)}
+    assert [(o.order_id, o.symbol, o.filled_qty) for o in snapshot.orders] == [
+        ("c1", "BTC/USD", D("0.5"))]
+
+
+async def test_a_multi_leg_orders_legs_are_marked_in_their_own_symbols_round() -> None:
+    """An open mleg order: a leg that fills after the first round's open-orders read is
+    unsettled by its fill; its mark is its filled_qty in the round its symbol settles
+    in (with the position that holds the fill), not the first round's."""
+    call, put = "AAPL261218C00190000", "AAPL261218P00190000"
+
+    def mleg(call_filled: str) -> WireOrder:
+        legs = [WireOrder(id="leg-c", symbol=call, side="buy", status="partially_filled",
+                          filled_qty=D(call_filled), qty=D(2), asset_class="us_option"),
+                WireOrder(id="leg-p", symbol=put, side="sell", status="new",
+                          filled_qty=D(0), qty=D(2), asset_class="us_option")]
+        return WireOrder(id="m1", symbol="", side="", status="partially_filled",
+                         filled_qty=D(0), qty=D(2), order_class="mleg", legs=legs)
+
+    broker = TickingBroker()
+    broker.open = [mleg("0")]
+    real_open = broker.open_orders
+    calls = 0
+
+    async def open_orders() -> list[WireOrder]:
+        nonlocal calls
+        calls += 1
+        answer = await real_open()
+        if calls == 1:  # the call leg fills after this read
+            broker.activities.append(WireActivity(
+                id="1::leg", order_id="leg-c", symbol=call, side="buy", price=D(3),
+                qty=D(1), cum_qty=D(1), transaction_time=format_timestamp(at(0.15))))
+            broker.held = [position(call, "1", "3")]
+            broker.open = [mleg("1")]
+        return answer
+
+    broker.open_orders = open_orders  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    marks = {o.order_id: (o.symbol, o.filled_qty, o.parent_order_id) for o in snapshot.orders}
+    assert marks["leg-c"] == (call, D(1), "m1")
+    assert marks["leg-p"] == (put, D(0), "m1")
+    assert marks["m1"][2] is None
+    assert [(p.symbol, p.qty) for p in snapshot.positions] == [(call, D(1))]

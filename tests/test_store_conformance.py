@@ -702,3 +702,113 @@ async def test_a_bust_is_kept_across_batches_and_a_late_fill_stays_stale(
     assert (order.filled_qty, order.filled_avg_price) == (Decimal(4), Decimal(10))
     assert order.revised_at == bust.timestamp
     assert snap.net_position("XYZ") == 4
+
+
+async def test_an_activity_a_baseline_already_holds_is_stored_not_applied(
+        backend: Backend) -> None:
+    """Activities posted after a baseline (docs/design.md, section 10): one whose effect
+    is at or before the baseline's moment (the account's, or the symbol's own newest
+    fill) is stored once and reported, not applied; a later one is applied and its
+    change recorded with its id. The moments survive a restart and move forward with a
+    rebaseline."""
+    from stream_supervisor.activities import (
+        ACCOUNT_WIDE,
+        APPLIED,
+        IN_BASELINE,
+        WireNonTrade,
+        non_trade_to_event,
+    )
+    from stream_supervisor.adjustments import REBASELINE
+
+    acct = "acct-late-activities"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+    def act(n: int, kind: str, symbol: str, qty: str, at: datetime) -> Event:
+        return non_trade_to_event(WireNonTrade(
+            id=f"20261130{n:09d}::late", activity_type=kind, date="2026-11-30",
+            transaction_time=at.isoformat(), symbol=symbol, qty=Decimal(qty)))
+
+    store = await backend.make()
+    await store.apply_broker_word(BrokerWord(
+        acct, BASELINE, t0,
+        [BrokerPosition("BTC/USD", Decimal("0.9975"), Decimal(50_000)),
+         BrokerPosition("NVDA", Decimal(100), Decimal(100))],
+        cursor=Cursor(t0, None), moments={"BTC/USD": t0 + timedelta(seconds=2),
+                                          "NVDA": t0 - timedelta(seconds=5)}))
+    before = act(1, "CFEE", "BTCUSD", "-0.0025", t0 - timedelta(minutes=1))
+    inside = act(2, "CFEE", "BTCUSD", "-0.001", t0 + timedelta(seconds=2))
+    after = act(3, "CFEE", "BTCUSD", "-0.0005", t0 + timedelta(seconds=5))
+    split = act(4, "SPLIT", "NVDA", "300", t0 + timedelta(seconds=10))
+    for _ in range(2):  # the second pass is the overlap re-read: keyed, nothing twice
+        await store.commit_batch(Batch(acct, [before, inside, after, split]))
+    snap = await store.snapshot(acct)
+    assert snap.baseline_moments == {ACCOUNT_WIDE: t0, "BTC/USD": t0 + timedelta(seconds=2)}
+    assert [a.outcome for a in snap.activities] == [IN_BASELINE, IN_BASELINE, APPLIED,
+                                                    APPLIED]
+    held = {p.symbol: p for p in snap.positions if p.is_open}
+    assert (held["BTC/USD"].qty, held["NVDA"].qty, held["NVDA"].avg_entry_price) == (
+        Decimal("0.997"), Decimal(400), Decimal(25))
+    ids = {p.symbol: p.position_id for p in snap.positions if p.is_open}
+    assert [(c.activity_id, c.symbol, c.position_id, c.qty_before, c.qty_after)
+            for c in snap.position_changes] == [
+        (after.activity_id, "BTC/USD", ids["BTC/USD"], Decimal("0.9975"), Decimal("0.997")),
+        (split.activity_id, "NVDA", ids["NVDA"], Decimal(100), Decimal(400))]
+    assert snap.history == []  # nothing closed: position_history is untouched
+
+    # A rebaseline (say after the activities window) moves the moment forward; a restart
+    # (a new connection) reads it back: a split it already holds is not applied again.
+    t1 = t0 + timedelta(hours=3)
+    await store.apply_broker_word(BrokerWord(
+        acct, REBASELINE, t1, [BrokerPosition("NVDA", Decimal(1600), Decimal("6.25"))],
+        cursor=Cursor(t1, None)))
+    restarted = await backend.make()
+    second = act(5, "SPLIT", "NVDA", "1200", t1 - timedelta(minutes=1))
+    fee = act(6, "CFEE", "BTCUSD", "-0.001", t1 + timedelta(seconds=1))
+    await restarted.commit_batch(Batch(acct, [second, fee]))
+    snap = await restarted.snapshot(acct)
+    assert snap.baseline_moments == {ACCOUNT_WIDE: t1, "BTC/USD": t0 + timedelta(seconds=2)}
+    assert [a.outcome for a in snap.activities][-2:] == [IN_BASELINE, "no open position"]
+    held = {p.symbol: p for p in snap.positions if p.is_open}
+    assert set(held) == {"NVDA"} and held["NVDA"].qty == 1600
+    assert len(snap.position_changes) == 2
+
+
+async def test_each_change_an_activity_makes_is_recorded_in_both_stores(
+        backend: Backend) -> None:
+    """A transfer into a flat symbol opens a row, a partial assignment leaves the option
+    open and opens the stock, an expiry closes the rest: each change is one row of
+    `position_changes` with its activity id and the row's id; the closed option is also
+    in `position_history` with its closing activity (docs/design.md, section 10)."""
+    from stream_supervisor.activities import WireNonTrade, non_trade_to_event
+
+    acct = "acct-changes"
+    put = "AAPL261218P00190000"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+    def act(n: int, kind: str, symbol: str, qty: str, price: str | None = None) -> Event:
+        at = t0 + timedelta(seconds=n)
+        return non_trade_to_event(WireNonTrade(
+            id=f"20261130{n:09d}::chg", activity_type=kind, transaction_time=at.isoformat(),
+            symbol=symbol, qty=Decimal(qty), price=None if price is None else Decimal(price)))
+
+    short = Event(key=fill_key("p1", Decimal(3)), event="fill", source="stream",
+                  order_id="p1", symbol=put, side="sell", status="filled", cum_qty=Decimal(3),
+                  timestamp=t0, ts_ns=1, order_qty=Decimal(3), cum_avg_price=Decimal(2),
+                  fill_qty=Decimal(3), fill_price=Decimal(2), asset_class="us_option")
+    store = await backend.make()
+    transfer = act(1, "ACATC", "MSFT", "10", "400")
+    assigned = act(2, "OPASN", put, "1")
+    expired = act(3, "OPEXP", put, "2")
+    await store.commit_batch(Batch(acct, [short, transfer]))
+    await store.commit_batch(Batch(acct, [assigned, expired]))
+    snap = await store.snapshot(acct)
+    rows = {(p.symbol, p.is_open): p.position_id for p in snap.positions}
+    assert [(c.activity_id, c.symbol, c.position_id, c.qty_before, c.qty_after, c.realized_pnl)
+            for c in snap.position_changes] == [
+        (transfer.activity_id, "MSFT", rows["MSFT", True], Decimal(0), Decimal(10), Decimal(0)),
+        (assigned.activity_id, "AAPL", rows["AAPL", True], Decimal(0), Decimal(100),
+         Decimal(0)),
+        (assigned.activity_id, put, rows[put, False], Decimal(-3), Decimal(-2), Decimal(200)),
+        (expired.activity_id, put, rows[put, False], Decimal(-2), Decimal(0), Decimal(600))]
+    assert [(h.symbol, h.closing_activity_id) for h in snap.history] == [
+        (put, expired.activity_id)]

@@ -10,6 +10,8 @@ chaos tests of a deployed service. General layout:
   pulls in the whole supervisor.
 - `memstore.py`: the in-memory store, with PostgreSQL's transactional contract.
 - `verify.py`: a store's contents against the broker's ground truth, every difference.
+- `running.py`: the real supervisor run in the background beside them, and a process's
+  resident memory (chaos tests and benchmarks share it). Import it by name.
 """
 
 from .broker import (

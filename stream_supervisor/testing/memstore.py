@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import msgspec
 
-from ..activities import ActivityRecord
-from ..adjustments import Adjustment, baseline_order, plan_adjustments
+from ..activities import ActivityRecord, PositionChange
+from ..adjustments import BASELINE, REBASELINE, Adjustment, baseline_order, plan_adjustments
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
     POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
@@ -27,7 +27,14 @@ from ..bounds import (
 )
 from ..errors import StoreDataError, StoreError, StoreUnavailable
 from ..events import DeadLetter, Event
-from ..ledger import Cursor, LedgerResult, apply_events, cursor_of, touched
+from ..ledger import (
+    Cursor,
+    LedgerResult,
+    apply_events,
+    baseline_moments,
+    cursor_of,
+    touched,
+)
 from ..orders import TERMINAL_STATUSES, OrderState
 from ..positions import Position
 from ..store import (
@@ -118,6 +125,8 @@ class _Account:
     activities: dict[str, ActivityRecord] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
+    changes: list[PositionChange] = field(default_factory=list)
+    baselines: dict[str, datetime] = field(default_factory=dict)
 
 
 class MemoryDatabase:
@@ -237,7 +246,8 @@ class MemoryStore:
             for p in acct.positions.values()
             if p.is_open and p.symbol in touched_symbols
         }
-        result = apply_events(batch.account_id, orders, open_rows, new_events)
+        result = apply_events(batch.account_id, orders, open_rows, new_events,
+                              acct.baselines)
         refused = postgres_would_refuse(seen, result)
         if refused is not None:
             raise StoreDataError(f"commit_batch: {refused}", sqlstate="54000", detail=refused)
@@ -265,6 +275,13 @@ class MemoryStore:
         acct.orders.update(result.orders)
         for record in result.activities:
             acct.activities.setdefault(record.activity_id, record)
+        for change in result.changes:
+            if change.position_id is None:  # opened in this batch: the open row's id
+                opened = [pid for pid, row in positions.items()
+                          if row.symbol == change.symbol and row.is_open]
+                if opened:
+                    change = replace(change, position_id=opened[0])
+            acct.changes.append(change)
         moved = cursor_of(new_events)
         acct.cursor = moved if acct.cursor is None else acct.cursor.advanced(moved)
         if batch.stream_position is not None:
@@ -316,6 +333,8 @@ class MemoryStore:
             activities=[acct.activities[k] for k in sorted(acct.activities)],
             adjustments=list(acct.adjustments),
             baseline_qty={oid: q for oid, q in acct.baseline_qty.items() if q},
+            position_changes=sorted(acct.changes, key=lambda c: (c.activity_id, c.symbol)),
+            baseline_moments=dict(acct.baselines),
         )
 
     async def open_positions(self, account_id: str) -> list[Position]:
@@ -355,6 +374,10 @@ class MemoryStore:
             acct.cursor = word.cursor if acct.cursor is None else acct.cursor.advanced(word.cursor)
         made = [c.adjustment for c in changes]
         acct.adjustments.extend(made)
+        if word.reason in (BASELINE, REBASELINE):
+            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
+                held = acct.baselines.get(symbol)
+                acct.baselines[symbol] = at if held is None else max(held, at)
         self.db.commits += 1
         return made
 

@@ -84,10 +84,6 @@ def chaos_settings(database_url: str, **overrides: Any) -> Settings:
         "statement_timeout_ms": 5_000,
         "rest_timeout": 5.0,
         "restart_limit": 20,
-        # A status-only update (a `canceled`) let go with the live buffer when a recovery
-        # is cut short comes back through the order refresh; the periodic one runs well
-        # within a scenario's settling time (the service's default is 60 s).
-        "order_refresh_interval": 5.0,
     }
     base.update(overrides)
     return Settings(**base)

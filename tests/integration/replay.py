@@ -54,6 +54,8 @@ class Script:
     text_frames: bool = False
     reject_first_with_429: int = 0
     authorize: bool = True
+    #: if given, frames wait for it after `listening` (a test sets it when it is ready)
+    start: trio.Event | None = None
 
 
 class ReplayServer:
@@ -98,6 +100,8 @@ class ReplayServer:
             assert listen["action"] == "listen"
             await ws.send_message(json.dumps(
                 {"stream": "listening", "data": {"streams": ["trade_updates"]}}))
+            if self.script.start is not None:
+                await self.script.start.wait()
             start = max(0, self.position - (self.script.resend_overlap if number else 0))
             frames = self.script.frames
             for i in range(start, len(frames)):

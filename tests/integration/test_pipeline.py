@@ -3,6 +3,7 @@ recorded from an independent Alpaca-compatible broker."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -16,6 +17,7 @@ from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
+from stream_supervisor.store import Batch, BatchResult
 from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK, Supervisor
 from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor
@@ -214,3 +216,80 @@ async def test_unauthorized_is_fatal_with_a_clear_exit(database_url: str) -> Non
                 code = await sup.run()
         nursery.cancel_scope.cancel()
     assert code == EXIT_CONFIG
+
+
+class _GatedStore(PgStore):
+    """The real store, whose batches wait while `hold` is set: a writer stalled (a slow
+    disk, a lock) with the stream still coming."""
+
+    hold: trio.Event | None = None
+
+    async def commit_batch(self, batch: Batch) -> BatchResult:
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().commit_batch(batch)
+
+
+def _distinct_updates(n: int) -> list[bytes]:
+    """`n` `new` updates of distinct orders, built from a recorded one."""
+    template = next(f for f in fixture_frames() if b'"event":"new"' in f)
+    data = json.loads(template)
+    frames = []
+    for i in range(n):
+        order = data["data"]["order"]
+        order["id"] = f"00000000-0000-4000-8000-{i:012d}"
+        order["client_order_id"] = f"stream-buffer-{i}"
+        frames.append(json.dumps(data, separators=(",", ":")).encode())
+    return frames
+
+
+async def test_a_stalled_writer_stops_the_reader_a_channel_ahead(database_url: str) -> None:
+    """Once streaming, the reader keeps at most a channel of frames ahead of a stalled
+    pipeline (then waits: backpressure), not `live_buffer` of them: a stream faster than
+    the writer held 100,000 decoded updates, 60 MB, for as long as it lasted. And nothing
+    read is lost: released, the writer commits every update once."""
+    n, channel, batch = 3_000, 20, 10
+    frames = _distinct_updates(n)
+    go = trio.Event()
+    server = ReplayServer(Script(frames, start=go))
+    hold = trio.Event()
+
+    def received(sup: Supervisor) -> int:
+        return int(sup.metrics.value("stream_supervisor_events_received_total"))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            settings = _settings(database_url, server, channel_size=channel, max_batch=batch)
+            assert settings.live_buffer >= n
+            async with (
+                open_supervisor(settings, metrics=Metrics(), state=SupervisorState(),
+                                rest=FixtureRest(ACCOUNT), rng=random.Random(7),
+                                install_signal_handlers=False,
+                                store_factory=lambda: _GatedStore(database_url)) as sup,
+                trio.open_nursery() as inner,
+            ):
+                inner.start_soon(sup.run)
+                while sup.state.connection != "streaming":
+                    await trio.sleep(0.02)
+                _GatedStore.hold = hold
+                go.set()
+                # Wait until the reader stops reading.
+                seen, quiet = -1, 0
+                while quiet < 10:
+                    await trio.sleep(0.05)
+                    now = received(sup)
+                    quiet = quiet + 1 if now == seen else 0
+                    seen = now
+                # One batch in the writer, a channel before it, one before the dedupe
+                # actor and the stream buffer, plus the socket read being handled (64 KiB
+                # of ~1 KB frames, which the counter does not include yet).
+                assert 0 < seen <= batch + 3 * channel + 2, seen
+                hold.set()
+                while sup.state.committed_events < n:
+                    await trio.sleep(0.05)
+                sup.request_drain("test")
+            nursery.cancel_scope.cancel()
+    _GatedStore.hold = None
+    snap = await _snapshot(database_url)
+    assert len(snap.event_keys) == n

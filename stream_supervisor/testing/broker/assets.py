@@ -62,6 +62,22 @@ class AssetMix:
         self.split_symbol = market.symbols[len(market.config.symbols) - 1] \
             if len(market.config.symbols) > 1 else None
 
+    def preexisting(self) -> list[tuple[str, Position]]:
+        """An account with history holds some of each class before the session: coin
+        (its fees charged long ago), and short puts or long calls, which the day's end
+        assigns or expires after whatever baseline took them (docs/design.md, section 10).
+        A generator of its own, so the session's draws stay what they were."""
+        rng = random.Random(f"{self.market.config.seed}/assets/held")
+        crypto = next(s for s in self.market.symbols if s.asset_class == "crypto")
+        held = [(crypto.name, Position(Decimal(rng.randint(1, 500_000_000)) * COIN,
+                                       crypto.price))]
+        contract = self.contracts[rng.choice(("call", "put"))]
+        sym = next(s for s in self.market.symbols if s.name == contract.symbol)
+        contracts = Decimal(rng.randint(1, 5))
+        held.append((contract.symbol, Position(
+            -contracts if contract.right == "put" else contracts, sym.price)))
+        return held
+
     def random_qty(self, sym: Symbol, rng: random.Random) -> Decimal:
         if sym.asset_class == "crypto":
             return Decimal(rng.randint(1, 200_000_000)) * COIN  # up to 0.2 coin
@@ -90,9 +106,12 @@ class AssetMix:
         market = self.market
         ts = market.now_ns + NS
         day = _day(ts)
-        for _, fee, price in self.fees:
+        for charged, fee, price in self.fees:
+            # Posted now (its id), stamped with its fill's time: the moment the fee left
+            # the position (Alpaca documents a `date` only; docs/design.md, section 10).
             market.record_non_trade({
-                "activity_type": "CFEE", "date": day, "transaction_time": utc_us(ts),
+                "activity_type": "CFEE", "date": _day(charged),
+                "transaction_time": utc_us(charged),
                 "symbol": CRYPTO_PAIR.replace("/", ""), "qty": decimal_text(-fee),
                 "price": decimal_text(price), "net_amount": "0",
                 "description": "crypto fee, charged in the coin", "status": "executed",
@@ -101,6 +120,9 @@ class AssetMix:
         for contract in self.contracts.values():
             self._settle(contract, ts, day)
         self._split(ts, day)
+        # The books changed at `ts`: the broker's clock (`GET /v2/clock`) is there too,
+        # so a baseline taken after the day's end has a moment at or after its changes.
+        market.now_ns = max(market.now_ns, ts)
 
     def _settle(self, contract: OptionContract, ts: int, day: str) -> None:
         market = self.market

@@ -150,6 +150,8 @@ class Market:
                 raise ValueError(f"SimConfig.preexisting: {name} is not one of the session's "
                                  f"symbols ({', '.join(config.symbols)})")
             self.positions[name] = Position(Decimal(qty), Decimal(avg))
+        if self.assets is not None and config.preexisting:
+            self.positions.update(self.assets.preexisting())
         self.cash = STARTING_CASH
 
         self.orders: dict[str, Order] = {}

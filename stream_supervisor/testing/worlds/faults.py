@@ -126,9 +126,9 @@ def schedule_for_seed(seed: int) -> Schedule:
         crashes=crashes,
         max_batch=rng.choice((1, 8, 64)),
         lru_size=rng.choice((0, 16, 10_000)),
-        # Not with history yet: a baseline already holds the crypto fees and corporate
+        # With history too: a baseline already holds the crypto fees and corporate
         # actions before it, whose activities post after it (docs/design.md, section 10).
-        asset_mix=_asset_mix(seed) and not preexisting and start_delay == 0.0,
+        asset_mix=_asset_mix(seed),
     )
 
 

@@ -257,8 +257,7 @@ async def _world(
         chaos=schedule.chaos,
         start_time=EPOCH,
         scenario="sim",
-        # Not with history yet (docs/design.md, section 10, "Not yet").
-        asset_mix=schedule.asset_mix and not schedule.history,
+        asset_mix=schedule.asset_mix,
         # After the longest stall (20 s): the day's updates are delivered before it ends.
         activity_delay=30.0,
         preexisting=schedule.preexisting,
