@@ -25,8 +25,6 @@ from psycopg.types.json import Jsonb
 from . import pgconn
 from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
 from .adjustments import (
-    BASELINE,
-    REBASELINE,
     Adjustment,
     baseline_order,
     origin_of,
@@ -41,7 +39,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
-from .ledger import Cursor, apply_events, baseline_moments, cursor_of, touched
+from .ledger import Cursor, apply_events, cursor_of, recorded_moments, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -1040,8 +1038,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         if word.cursor is not None:
             conn.execute(_ADVANCE_CURSOR, {"acct": acct, "fill_time": word.cursor.fill_time,
                                            "activity_id": word.cursor.activity_id})
-        if word.reason in (BASELINE, REBASELINE):
-            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
-                conn.execute(_UPSERT_BASELINE_MOMENT,
-                             {"acct": acct, "sym": _text(symbol), "at": at})
+        for symbol, at in recorded_moments(
+                word.reason, word.taken_at, word.moments,
+                (c.adjustment.symbol for c in changes)).items():
+            conn.execute(_UPSERT_BASELINE_MOMENT, {"acct": acct, "sym": _text(symbol), "at": at})
     return [c.adjustment for c in changes]

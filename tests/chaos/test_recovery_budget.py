@@ -223,6 +223,7 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
     # ~0.15 MB/s in this run, 62 to 76 MB: whether it levels off is for the long soak,
     # benchmarks/recovery.py --soak.)
     warm = max(rss[:60])
+    print("soak RSS (MB, every 5 s):", [round(r, 1) for r in rss[::5]])  # for the record
     assert max(rss[60:]) <= warm * 2, (warm, [round(r) for r in rss[::5]])
 
 
