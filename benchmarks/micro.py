@@ -5,9 +5,10 @@
              and duplicates the LRU knows (real channels, the real actor)
   histogram  the writer's frame-to-commit histogram: 1,000 `observe` calls against one
              `observe_many` of the same 1,000 values
-  params     the writer's client side of a 1,000-update batch's two largest statements,
-             the key claim and the orders upsert: building their parameters and psycopg
-             dumping them (what `execute` does before anything reaches the server)
+  params     the writer's client side of a 1,000-update batch's statements (the key
+             claim, the orders upsert, the positions insert and update): building their
+             parameters and psycopg dumping them (what `execute` does before anything
+             reaches the server)
 
     python benchmarks/micro.py dedupe --root ../baseline    # a checkout to import
     python benchmarks/micro.py histogram
@@ -91,6 +92,7 @@ def histogram() -> dict[str, float]:
 
 
 def params() -> dict[str, float]:
+    import msgspec
     from psycopg._queries import PostgresQuery
     from psycopg.adapt import Transformer
 
@@ -101,7 +103,10 @@ def params() -> dict[str, float]:
     events = fills(1_000, "micro")
     acct = "micro"
     first = {ev.key: ev for ev in events}
-    orders = list(apply_events(acct, {}, {}, list(first.values())).orders.values())
+    applied = apply_events(acct, {}, {}, list(first.values()))
+    orders = list(applied.orders.values())
+    positions = list(applied.positions)
+    held = [msgspec.structs.replace(p, position_id=i) for i, p in enumerate(positions, 1)]
     by_stored_key = {k: k for k in first}
     mod: Any = pgstore
 
@@ -128,7 +133,11 @@ def params() -> dict[str, float]:
             run(sql, build)
         return round((time.process_time() - before) / rounds * 1e3, 3)
 
-    return {"orders": len(orders),
+    return {"orders": len(orders), "positions": len(positions),
+            "positions_insert_ms": cpu_ms(mod._INSERT_POSITIONS,
+                                          lambda: mod._insert_params(acct, positions)),
+            "positions_update_ms": cpu_ms(mod._UPDATE_POSITIONS,
+                                          lambda: mod._update_params(held)),
             "claim_ms": cpu_ms(mod._CLAIM_KEYS, claim),
             "orders_upsert_ms": cpu_ms(mod._UPSERT_ORDERS,
                                        lambda: mod._orders_params(acct, orders))}

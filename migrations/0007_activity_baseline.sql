@@ -19,10 +19,10 @@ CREATE TABLE baseline_moments (
 );
 
 COMMENT ON TABLE baseline_moments IS
-    'The broker-clock moment of the latest baseline (or rebaseline), per account and symbol: a non-trade activity whose effect is at or before it is already in the positions the baseline took, so it is stored (account_activities, outcome "in the baseline") and not applied. Moments only move forward.';
+    'The broker-clock moment of the latest baseline (or rebaseline), per account and symbol, and of the latest reconcile that adjusted a symbol (that symbol only): a non-trade activity whose effect is at or before it is already in the positions the baseline or reconcile took, so it is stored (account_activities, outcome "in the baseline") and not applied. Moments only move forward.';
 COMMENT ON COLUMN baseline_moments.account_id IS 'Broker account.';
 COMMENT ON COLUMN baseline_moments.symbol IS 'Stored spelling of the symbol; the empty string is the whole account: the broker''s clock (GET /v2/clock) read before any of the baseline''s reads.';
-COMMENT ON COLUMN baseline_moments.moment IS 'For the account (symbol ''''): the broker''s clock read before any of the baseline''s reads. For a symbol: the broker''s clock read at the start of the round the symbol settled in (at least the transaction_time of its newest fill read; a fill between the clock read and the positions read is in them, and so is its fee). docs/design.md, section 10.';
+COMMENT ON COLUMN baseline_moments.moment IS 'For the account (symbol ''''): the broker''s clock read before any of the baseline''s reads. For a symbol: the broker''s clock read at the start of the round the symbol settled in (at least the transaction_time of its newest fill read; a fill between the clock read and the positions read is in them, and so is its fee); for a symbol a reconcile adjusted (reconcile --apply, or the scheduled reconcile), the clock read before its positions read, where later. docs/design.md, section 10.';
 COMMENT ON COLUMN baseline_moments.recorded_at IS 'When this service wrote it.';
 
 CREATE TABLE position_changes (

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
+from .events import parse_timestamp
 from .orders import OrderState, merge_status
 from .positions import Position
 from .symbols import asset_class_of, canonical_symbol, multiplier
@@ -30,6 +31,19 @@ PRICE_TOLERANCE: Final = Decimal("1e-9")
 BASELINE: Final = "baseline"
 REBASELINE: Final = "rebaseline"
 RECONCILE: Final = "reconcile"
+
+
+def broker_clock(body: Mapping[str, Any], fallback: datetime) -> datetime:
+    """The `timestamp` of a `GET /v2/clock` body: the broker's time, which stamps the
+    moments positions are read at (docs/design.md, section 10); `fallback` (our clock)
+    when the broker gives none that parses."""
+    stamp = body.get("timestamp")
+    if not isinstance(stamp, str):
+        return fallback
+    try:
+        return parse_timestamp(stamp)[0]
+    except ValueError:
+        return fallback
 
 
 def origin_of(reason: str) -> str:

@@ -19,7 +19,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Final
 
-from .adjustments import BASELINE, REBASELINE, Adjustment, BrokerPosition, broker_position
+from .adjustments import (
+    BASELINE,
+    REBASELINE,
+    Adjustment,
+    BrokerPosition,
+    broker_clock,
+    broker_position,
+)
 from .errors import BrokerUnavailable
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
@@ -112,18 +119,13 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
 
 
-async def _broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
+async def broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
     """`GET /v2/clock`'s timestamp; our own clock if the broker has none to give (a
-    broker that keeps retrying errors fails the baseline, as any read does)."""
+    broker that keeps retrying errors fails the baseline, as any read does). A baseline
+    and `reconcile --apply` read it before the positions they take (section 10)."""
     try:
-        stamp = (await rest.clock()).get("timestamp")
+        return broker_clock(await rest.clock(), fallback)
     except BrokerUnavailable:
-        return fallback
-    if not isinstance(stamp, str):
-        return fallback
-    try:
-        return parse_timestamp(stamp)[0]
-    except ValueError:
         return fallback
 
 
@@ -141,7 +143,7 @@ async def take_snapshot(
     now) becomes its mark, so its row is right again and nothing of it counts twice."""
     # The moment is stamped by the broker's clock, read first: the cursor it becomes is
     # compared with fill times, which the broker stamps; ours may run ahead of its.
-    now = await _broker_now(rest, now)
+    now = await broker_now(rest, now)
     start = now - timedelta(seconds=max(window, MIN_WINDOW))
     # A FILL activity names a crypto pair without its slash (`BTCUSD`), positions and
     # orders with it once canonical: one spelling, or a pair's fill would not unsettle
@@ -178,7 +180,7 @@ async def take_snapshot(
     for attempt in range(1, MAX_ATTEMPTS + 1):
         # The round's moment: the broker's clock before its positions read (the first
         # round's is the clock read first).
-        clock = now if attempt == 1 else await _broker_now(rest, now)
+        clock = now if attempt == 1 else await broker_now(rest, now)
         positions = {b.symbol: b for b in map(broker_position, await rest.positions())}
         open_orders = await rest.open_orders()
         by_symbol = _by_symbol(open_orders)

@@ -25,6 +25,7 @@ from .activities import (
     position_change,
     touched_symbols,
 )
+from .adjustments import BASELINE, REBASELINE
 from .events import ACTIVITY_EVENT, FILL_EVENTS, KNOWN_EVENTS, REVISION_EVENTS, Event
 from .orders import OrderState, apply_order_event
 from .positions import Position, PositionStep, apply_fill
@@ -73,6 +74,22 @@ def baseline_moments(taken_at: datetime, per_symbol: Mapping[str, datetime]) -> 
         if symbol and at > taken_at:
             out[symbol] = at
     return out
+
+
+def recorded_moments(
+    reason: str, taken_at: datetime, per_symbol: Mapping[str, datetime],
+    adjusted: Iterable[str],
+) -> dict[str, datetime]:
+    """The rows a broker word writes to `baseline_moments` (docs/design.md, section 10).
+
+    A baseline or rebaseline: `baseline_moments`. A reconcile: each symbol it adjusted,
+    at its moment (the broker's clock read before the positions it set them to), and
+    nothing account-wide: the symbols it left alone were not set to the broker's, so an
+    activity of theirs is not in anything the reconcile took."""
+    if reason in (BASELINE, REBASELINE):
+        return baseline_moments(taken_at, per_symbol)
+    changed = set(adjusted)
+    return {symbol: at for symbol, at in per_symbol.items() if symbol and symbol in changed}
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,6 @@ from psycopg.types.json import Jsonb
 from . import pgconn
 from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
 from .adjustments import (
-    BASELINE,
-    REBASELINE,
     Adjustment,
     baseline_order,
     origin_of,
@@ -41,7 +39,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
-from .ledger import Cursor, apply_events, baseline_moments, cursor_of, touched
+from .ledger import Cursor, apply_events, cursor_of, recorded_moments, touched
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -81,11 +79,11 @@ TABLES: Final = (
 #: `position_changes` records what each activity did (0007).
 REQUIRED_MIGRATION: Final = "0007_activity_baseline"
 #: Prepare every statement on first use: the batch statements run on every batch with
-#: the same text (arrays, not per-row SQL), so each is parsed once per session. They are
-#: still planned per execution (`plan_cache_mode` in `_SESSION`): a generic plan is made
-#: without the parameters' values (how many keys, orders, symbols a batch holds), and the
-#: ones PostgreSQL settled on after five executions tripled the server's CPU per event as
-#: the tables grew (BENCHMARKS.md).
+#: the same text (arrays or one JSON document, not per-row SQL), so each is parsed once
+#: per session. They are still planned per execution (`plan_cache_mode` in `_SESSION`): a
+#: generic plan is made without the parameters' values (how many keys, orders, symbols a
+#: batch holds), and the ones PostgreSQL settled on after five executions tripled the
+#: server's CPU per event as the tables grew (BENCHMARKS.md).
 PREPARE_THRESHOLD: Final = 0
 #: A session left idle inside a transaction (a stuck thread) is ended by the server, so it
 #: cannot hold row locks for ever; it is never shorter than this.
@@ -109,9 +107,10 @@ _MIGRATION_APPLIED = (
     "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
 )
 
-# The batch statements take their rows as one JSON parameter (an array of arrays, in
-# batch order), encoded by msgspec: psycopg's array dumpers, one Python call per element,
-# cost more of the writer's Python than anything else but the ledger (BENCHMARKS.md).
+# The batch statements of every batch (the key claim, orders, positions) take their rows
+# as one JSON parameter (an array of arrays, in batch order), encoded by msgspec:
+# psycopg's array dumpers, one Python call per element, cost more of the writer's Python
+# than anything else but the ledger (BENCHMARKS.md).
 # Text is NUL-free by then (`_text`: jsonb refuses \u0000, as text columns refuse NUL),
 # decimals travel as their exact text and timestamps as RFC 3339.
 _CLAIM_KEYS = """
@@ -202,9 +201,9 @@ WITH upd AS (
         closing_activity_id = v.act,
         status = CASE WHEN v.closed_at IS NULL THEN 'open' ELSE 'closed' END,
         updated_at = now()
-    FROM unnest(%(ids)b::bigint[], %(qtys)s::numeric[], %(avgs)s::numeric[],
-                %(pnls)s::numeric[], %(peaks)s::numeric[], %(closed)b::timestamptz[],
-                %(acts)b::text[])
+    FROM (SELECT (r->>0)::bigint, (r->>1)::numeric, (r->>2)::numeric, (r->>3)::numeric,
+                 (r->>4)::numeric, (r->>5)::timestamptz, r->>6
+          FROM jsonb_array_elements(%(rows)s::jsonb) AS j(r))
         AS v(id, qty, avg, pnl, peak, closed_at, act)
     WHERE ap.id = v.id AND ap.status = 'open'
     RETURNING ap.*
@@ -221,12 +220,11 @@ WITH ins AS (
     SELECT %(acct)s, sym, side, qty, avg, oid, cid,
         CASE WHEN closed_at IS NULL THEN 'open' ELSE 'closed' END, pnl, opened_at, closed_at, peak,
         mult, cls, act
-    FROM unnest(%(syms)b::text[], %(sides)b::text[], %(qtys)s::numeric[], %(avgs)s::numeric[],
-                %(oids)b::text[], %(cids)b::text[], %(pnls)s::numeric[],
-                %(opened)b::timestamptz[], %(closed)b::timestamptz[], %(peaks)s::numeric[],
-                %(mults)s::numeric[], %(classes)b::text[], %(acts)b::text[])
-        WITH ORDINALITY AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak,
-                             mult, cls, act, n)
+    FROM (SELECT r->>0, r->>1, (r->>2)::numeric, (r->>3)::numeric, r->>4, r->>5,
+                 (r->>6)::numeric, (r->>7)::timestamptz, (r->>8)::timestamptz,
+                 (r->>9)::numeric, (r->>10)::numeric, r->>11, r->>12, n
+          FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS j(r, n))
+        AS v(sym, side, qty, avg, oid, cid, pnl, opened_at, closed_at, peak, mult, cls, act, n)
     ORDER BY n
     RETURNING *
 )
@@ -519,32 +517,22 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
 
 def _update_params(rows: Sequence[Position]) -> dict[str, Any]:
     return {
-        "ids": [p.position_id for p in rows],
-        "qtys": [abs(p.qty) for p in rows],
-        "avgs": [p.avg_entry_price for p in rows],
-        "pnls": [p.realized_pnl for p in rows],
-        "peaks": [abs(p.peak_qty) for p in rows],
-        "closed": [p.closed_at for p in rows],
-        "acts": [_opt_text(p.closing_activity_id) for p in rows],
+        "rows": _rows([
+            (p.position_id, abs(p.qty), p.avg_entry_price, p.realized_pnl, abs(p.peak_qty),
+             p.closed_at, _opt_text(p.closing_activity_id))
+            for p in rows]),
     }
 
 
 def _insert_params(account_id: str, rows: Sequence[Position]) -> dict[str, Any]:
     return {
         "acct": account_id,
-        "syms": [_text(p.symbol) for p in rows],
-        "sides": [p.side for p in rows],
-        "qtys": [abs(p.qty) for p in rows],
-        "avgs": [p.avg_entry_price for p in rows],
-        "oids": [_text(p.opened_by_order_id) for p in rows],
-        "cids": [_opt_text(p.opened_by_client_order_id) for p in rows],
-        "pnls": [p.realized_pnl for p in rows],
-        "opened": [p.opened_at for p in rows],
-        "closed": [p.closed_at for p in rows],
-        "peaks": [abs(p.peak_qty) for p in rows],
-        "mults": [p.multiplier for p in rows],
-        "classes": [_opt_text(p.asset_class) for p in rows],
-        "acts": [_opt_text(p.closing_activity_id) for p in rows],
+        "rows": _rows([
+            (_text(p.symbol), p.side, abs(p.qty), p.avg_entry_price,
+             _text(p.opened_by_order_id), _opt_text(p.opened_by_client_order_id),
+             p.realized_pnl, p.opened_at, p.closed_at, abs(p.peak_qty), p.multiplier,
+             _opt_text(p.asset_class), _opt_text(p.closing_activity_id))
+            for p in rows]),
     }
 
 
@@ -1050,8 +1038,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         if word.cursor is not None:
             conn.execute(_ADVANCE_CURSOR, {"acct": acct, "fill_time": word.cursor.fill_time,
                                            "activity_id": word.cursor.activity_id})
-        if word.reason in (BASELINE, REBASELINE):
-            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
-                conn.execute(_UPSERT_BASELINE_MOMENT,
-                             {"acct": acct, "sym": _text(symbol), "at": at})
+        for symbol, at in recorded_moments(
+                word.reason, word.taken_at, word.moments,
+                (c.adjustment.symbol for c in changes)).items():
+            conn.execute(_UPSERT_BASELINE_MOMENT, {"acct": acct, "sym": _text(symbol), "at": at})
     return [c.adjustment for c in changes]

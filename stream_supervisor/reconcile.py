@@ -6,7 +6,7 @@ position to the broker's, after which reconcile exits 0 and `check` passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,9 +20,10 @@ from .adjustments import (
     broker_position,
     compare,
 )
-from .baseline import take_baseline
+from .baseline import broker_now, take_baseline
 from .errors import ConfigError
 from .logs import get_logger
+from .rest import BrokerRest
 from .settings import Settings
 from .store import BrokerWord, Store, StoreSnapshot
 from .symbols import canonical_symbol
@@ -52,15 +53,21 @@ def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
 
 
 async def apply_differences(
-    store: Store, account_id: str, diffs: Sequence[Difference], *, taken_at: datetime
+    store: Store, account_id: str, diffs: Sequence[Difference], *, taken_at: datetime,
+    moment: datetime | None = None,
 ) -> list[Adjustment]:
-    """One adjustment per difference, setting the position to the broker's."""
+    """One adjustment per difference, setting the position to the broker's, in one
+    transaction. `moment`: the broker's clock read before the positions `diffs` hold;
+    each symbol adjusted records it (`baseline_moments`), so an activity posted later
+    whose effect is at or before it (a fee of a fill before the reconcile, a split) is
+    stored and not applied on top of the broker's quantity (docs/design.md, section 10)."""
     if not diffs:
         return []
     return await store.apply_broker_word(BrokerWord(
         account_id=account_id, reason=RECONCILE, taken_at=taken_at,
         positions=[d.broker_position for d in diffs if d.broker_position is not None],
         symbols=[d.symbol for d in diffs],
+        moments={} if moment is None else {d.symbol: moment for d in diffs},
     ))
 
 
@@ -75,36 +82,48 @@ def unapplied_activities(activities: Sequence[ActivityRecord]) -> list[str]:
 
 
 async def reconcile(settings: Settings, *, apply: bool = False) -> int:
-    async with http_rest(settings) as rest:
-        account_id = settings.account_id or await rest.account_id()
-        broker = [broker_position(p) for p in await rest.positions()]
-    taken_at = datetime.now(UTC)
     store = pg_store(settings)
     await store.open()
     try:
-        if apply and not await store.try_leadership(account_id):
-            raise ConfigError(
-                f"a running service holds the writer lock of account {account_id}: "
-                "stop it (or let its scheduled reconcile apply) before reconcile --apply")
-        snapshot = await store.snapshot(account_id)
-        compared, diffs = compare(snapshot.positions, broker, known_assets(snapshot))
-        for d in diffs:
-            log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
-                        broker=str(d.broker))
-            print(f"{d.symbol}: stored {d.ours}, broker {d.broker}")
-        for line in unapplied_activities(snapshot.activities):
-            log.warning("reconcile_unapplied_activity", detail=line)
-            print(line)
-        print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
-        if apply and diffs:
-            made = await apply_differences(store, account_id, diffs, taken_at=taken_at)
-            for adj in made:
-                log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
-                         before=str(adj.qty_before), after=str(adj.qty_after))
-            print(f"reconcile: {len(made)} adjustment(s) written to position_adjustments")
-            return 0
+        async with http_rest(settings) as rest:
+            account_id = settings.account_id or await rest.account_id()
+            if apply and not await store.try_leadership(account_id):
+                raise ConfigError(
+                    f"a running service holds the writer lock of account {account_id}: "
+                    "stop it (or let its scheduled reconcile apply) before reconcile --apply")
+            return await reconcile_account(store, rest, account_id, apply=apply)
     finally:
         await store.aclose()
+
+
+async def reconcile_account(
+    store: Store, rest: BrokerRest, account_id: str, *, apply: bool = False,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> int:
+    """Compare (and with `apply`, adjust) one account; with `apply` the caller holds its
+    writer lock. The broker's clock is read before its positions: the moment each
+    adjusted symbol records (section 10)."""
+    moment = await broker_now(rest, now())
+    broker = [broker_position(p) for p in await rest.positions()]
+    taken_at = now()
+    snapshot = await store.snapshot(account_id)
+    compared, diffs = compare(snapshot.positions, broker, known_assets(snapshot))
+    for d in diffs:
+        log.warning("reconcile_difference", symbol=d.symbol, ours=str(d.ours),
+                    broker=str(d.broker))
+        print(f"{d.symbol}: stored {d.ours}, broker {d.broker}")
+    for line in unapplied_activities(snapshot.activities):
+        log.warning("reconcile_unapplied_activity", detail=line)
+        print(line)
+    print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
+    if apply and diffs:
+        made = await apply_differences(store, account_id, diffs, taken_at=taken_at,
+                                       moment=moment)
+        for adj in made:
+            log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
+                     before=str(adj.qty_before), after=str(adj.qty_after))
+        print(f"reconcile: {len(made)} adjustment(s) written to position_adjustments")
+        return 0
     return 1 if diffs else 0
 
 

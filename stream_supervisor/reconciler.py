@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import trio
 
-from .adjustments import RECONCILE, Difference, broker_position, compare
+from .adjustments import RECONCILE, Difference, broker_clock, broker_position, compare
 from .errors import BrokerUnavailable, LostLeadership, StoreError
 from .logs import get_logger
 from .metrics import Metrics
@@ -76,6 +76,9 @@ class ScheduledReconcile:
         clock = await self.rest.clock()
         if not clock.get("is_open"):
             return ReconcileRun(market_open=False)
+        # The broker's clock, read before its positions: an adjusted symbol records it as
+        # its moment (docs/design.md, section 10).
+        moment = broker_clock(clock, self.wallclock())
         broker = [broker_position(p) for p in await self.rest.positions()]
         ours = await self.store.open_positions(self.account_id)
         _, diffs = compare(ours, broker)
@@ -92,7 +95,8 @@ class ScheduledReconcile:
             made = await self.store.apply_broker_word(BrokerWord(
                 account_id=self.account_id, reason=RECONCILE, taken_at=self.wallclock(),
                 positions=[d.broker_position for d in steady if d.broker_position is not None],
-                symbols=[d.symbol for d in steady]))
+                symbols=[d.symbol for d in steady],
+                moments={d.symbol: moment for d in steady}))
             for adj in made:
                 log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                          before=str(adj.qty_before), after=str(adj.qty_after))

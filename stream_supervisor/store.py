@@ -152,7 +152,9 @@ class BrokerWord:
     cursor: Cursor | None = None
     #: A baseline's per-symbol moments beyond `taken_at` (the broker's clock at the start
     #: of the round each symbol settled in): with `taken_at` for the whole account, they decide
-    #: which later-posted activities are already in its positions (section 10).
+    #: which later-posted activities are already in its positions (section 10). A
+    #: reconcile's: the broker's clock read before its positions read, per symbol; only
+    #: the symbols it adjusts record theirs (`ledger.recorded_moments`).
     moments: Mapping[str, datetime] = field(default_factory=dict)
 
 

@@ -20,7 +20,7 @@ from stream_supervisor.events import Event, Source, event_key, format_timestamp
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireActivity, WireOrder
-from stream_supervisor.reconcile import apply_differences, known_assets
+from stream_supervisor.reconcile import apply_differences, known_assets, reconcile_account
 from stream_supervisor.store import Batch, StoreSnapshot
 
 ACCOUNT = "acct-real"
@@ -346,6 +346,62 @@ async def test_reconcile_apply_brings_a_drifted_database_to_the_broker_and_check
     await commit(store, fill("t3", "sell", "20", "20", "110", "110", at(3), symbol="TSLA"))
     broker.held = broker.held[1:]
     await assert_as_the_broker(store, broker, database_url)
+
+
+class ClockedBroker(Broker):
+    """A broker whose `GET /v2/clock` gives its time (`self.now`)."""
+
+    def __init__(self, now: datetime) -> None:
+        super().__init__()
+        self.now = now
+
+    async def clock(self) -> dict[str, Any]:
+        return {"is_open": True, "timestamp": format_timestamp(self.now)}
+
+
+def fee(n: int, qty: str, t: datetime, symbol: str = "BTCUSD") -> Event:
+    from stream_supervisor.activities import non_trade_to_event
+
+    return non_trade_to_event(WireNonTrade(
+        id=f"20261130{n:09d}::fee", activity_type="CFEE", date=t.date().isoformat(),
+        transaction_time=format_timestamp(t), symbol=symbol, qty=D(qty)))
+
+
+async def test_reconcile_apply_holds_a_fee_posted_later_for_a_fill_before_it(
+        store: PgStore, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`reconcile --apply` after a crypto buy whose fee has not posted: the adjustment
+    brings the pair to the broker's (fee included); the CFEE posting later, charged at
+    the fill before the reconcile's clock, is stored and not applied again, and `check`
+    passes. A fee charged after the reconcile's clock is applied (docs/design.md,
+    section 10)."""
+    from stream_supervisor.activities import APPLIED, IN_BASELINE
+
+    await take_baseline(store, Broker(), ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    await commit(store, fill("c1", "buy", "1", "1", "50000", "50000", at(1), symbol="BTC/USD"))
+    broker = ClockedBroker(at(2))
+    broker.held = [{"symbol": "BTCUSD", "qty": "0.9975", "side": "long",
+                    "avg_entry_price": "50000", "asset_class": "crypto"}]
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True,
+                                   now=lambda: at(2.5)) == 0
+    assert "BTC/USD: stored 1, broker 0.9975" in capsys.readouterr().out
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.baseline_moments["BTC/USD"] == at(2)
+    await assert_as_the_broker(store, broker, database_url)
+    # The fill's fee posts (at the end of the day): already in the broker's quantity.
+    await commit(store, fee(1, "-0.0025", at(1)))
+    await assert_as_the_broker(store, broker, database_url)
+    # A buy after the reconcile, and its fee: both applied.
+    await commit(store, fill("c2", "buy", "1", "1", "50000", "50000", at(3),
+                             symbol="BTC/USD"),
+                 fee(2, "-0.0025", at(3)))
+    broker.held[0]["qty"] = "1.995"
+    await assert_as_the_broker(store, broker, database_url)
+    snap = await store.snapshot(ACCOUNT)
+    assert [a.outcome for a in snap.activities] == [IN_BASELINE, APPLIED]
+    # The reconcile read again finds nothing to do.
+    broker.now = at(4)
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 0
+    assert (await store.snapshot(ACCOUNT)).baseline_moments["BTC/USD"] == at(2)
 
 
 async def test_rebaseline_keeps_history_and_counts_nothing_twice(

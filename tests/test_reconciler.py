@@ -28,10 +28,11 @@ class Rest:
         self.open = True
         self.held: list[dict[str, Any]] = []
         self.calls: list[str] = []
+        self.now: str | None = None
 
     async def clock(self) -> dict[str, Any]:
         self.calls.append("clock")
-        return {"is_open": self.open}
+        return {"is_open": self.open, **({"timestamp": self.now} if self.now else {})}
 
     async def positions(self) -> list[dict[str, Any]]:
         self.calls.append("positions")
@@ -100,3 +101,20 @@ async def test_runs_on_its_interval(autojump_clock: trio.testing.MockClock) -> N
     with trio.move_on_after(150):
         await job.run()
     assert rest.calls.count("clock") == 2
+
+
+async def test_an_applied_difference_records_the_clock_read_before_its_positions() -> None:
+    """The moment an adjusted symbol records (docs/design.md, section 10) is the broker's
+    clock of the run that applied it, read before that run's positions; our wall clock
+    only when the broker gives none."""
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"}]
+    store = await _store_holding("10")
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    rest.now = "2026-11-30T15:00:30Z"
+    await job.once()
+    rest.now = "2026-11-30T15:01:30.5Z"
+    assert (await job.once()).applied == 1
+    assert rest.calls == ["clock", "positions"] * 2
+    moments = (await store.snapshot(ACCOUNT)).baseline_moments
+    assert moments == {"": T0, "AAPL": datetime(2026, 11, 30, 15, 1, 30, 500000, tzinfo=UTC)}

@@ -773,6 +773,61 @@ async def test_an_activity_a_baseline_already_holds_is_stored_not_applied(
     assert len(snap.position_changes) == 2
 
 
+async def test_a_reconcile_records_the_moment_of_each_symbol_it_adjusts(
+        backend: Backend) -> None:
+    """`reconcile --apply` (docs/design.md, section 10): each symbol it sets to the
+    broker's records the broker's clock read before its positions read, in the
+    adjustment's transaction; a symbol it left as it was, and the account as a whole,
+    record nothing. A later-posted activity at or before the moment is stored, not
+    applied; one after it is applied."""
+    from stream_supervisor.activities import (
+        ACCOUNT_WIDE,
+        APPLIED,
+        IN_BASELINE,
+        WireNonTrade,
+        non_trade_to_event,
+    )
+
+    acct = "acct-reconcile-moments"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+    def act(n: int, kind: str, symbol: str, qty: str, at: datetime) -> Event:
+        return non_trade_to_event(WireNonTrade(
+            id=f"20261130{n:09d}::rec", activity_type=kind, date="2026-11-30",
+            transaction_time=at.isoformat(), symbol=symbol, qty=Decimal(qty)))
+
+    store = await backend.make()
+    await store.apply_broker_word(BrokerWord(
+        acct, BASELINE, t0, [BrokerPosition("BTC/USD", Decimal(1), Decimal(50_000)),
+                             BrokerPosition("NVDA", Decimal(100), Decimal(100))],
+        cursor=Cursor(t0, None)))
+    t1 = t0 + timedelta(hours=1)
+    made = await store.apply_broker_word(BrokerWord(
+        acct, RECONCILE, t1 + timedelta(seconds=1),
+        [BrokerPosition("BTC/USD", Decimal("0.9975"), Decimal(50_000)),
+         BrokerPosition("NVDA", Decimal(100), Decimal(100))],
+        symbols=["BTC/USD", "NVDA"], moments={"BTC/USD": t1, "NVDA": t1}))
+    assert [a.symbol for a in made] == ["BTC/USD"]
+    restarted = await backend.make()
+    snap = await restarted.snapshot(acct)
+    assert snap.baseline_moments == {ACCOUNT_WIDE: t0, "BTC/USD": t1}
+    held_fee = act(1, "CFEE", "BTCUSD", "-0.0025", t1 - timedelta(minutes=5))
+    at_moment = act(2, "CFEE", "BTCUSD", "-0.001", t1)
+    later_fee = act(3, "CFEE", "BTCUSD", "-0.0005", t1 + timedelta(seconds=1))
+    split = act(4, "SPLIT", "NVDA", "100", t1 - timedelta(minutes=5))
+    await restarted.commit_batch(Batch(acct, [held_fee, at_moment, later_fee, split]))
+    snap = await restarted.snapshot(acct)
+    assert [a.outcome for a in snap.activities] == [IN_BASELINE, IN_BASELINE, APPLIED,
+                                                    APPLIED]
+    held = {p.symbol: p.qty for p in snap.positions if p.is_open}
+    assert held == {"BTC/USD": Decimal("0.997"), "NVDA": Decimal(200)}
+    # Moments only move forward: an older reconcile moment leaves the newer one.
+    await restarted.apply_broker_word(BrokerWord(
+        acct, RECONCILE, t1, [BrokerPosition("BTC/USD", Decimal("0.9"), Decimal(50_000))],
+        symbols=["BTC/USD"], moments={"BTC/USD": t0 + timedelta(minutes=1)}))
+    assert (await restarted.snapshot(acct)).baseline_moments["BTC/USD"] == t1
+
+
 async def test_each_change_an_activity_makes_is_recorded_in_both_stores(
         backend: Backend) -> None:
     """A transfer into a flat symbol opens a row, a partial assignment leaves the option

@@ -19,7 +19,7 @@ from decimal import Decimal
 import msgspec
 
 from ..activities import ActivityRecord, PositionChange
-from ..adjustments import BASELINE, REBASELINE, Adjustment, baseline_order, plan_adjustments
+from ..adjustments import Adjustment, baseline_order, plan_adjustments
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
     POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
@@ -31,8 +31,8 @@ from ..ledger import (
     Cursor,
     LedgerResult,
     apply_events,
-    baseline_moments,
     cursor_of,
+    recorded_moments,
     touched,
 )
 from ..orders import TERMINAL_STATUSES, OrderState
@@ -374,10 +374,10 @@ class MemoryStore:
             acct.cursor = word.cursor if acct.cursor is None else acct.cursor.advanced(word.cursor)
         made = [c.adjustment for c in changes]
         acct.adjustments.extend(made)
-        if word.reason in (BASELINE, REBASELINE):
-            for symbol, at in baseline_moments(word.taken_at, word.moments).items():
-                held = acct.baselines.get(symbol)
-                acct.baselines[symbol] = at if held is None else max(held, at)
+        for symbol, at in recorded_moments(word.reason, word.taken_at, word.moments,
+                                           (a.symbol for a in made)).items():
+            held = acct.baselines.get(symbol)
+            acct.baselines[symbol] = at if held is None else max(held, at)
         self.db.commits += 1
         return made
 

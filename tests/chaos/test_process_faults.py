@@ -90,6 +90,10 @@ async def test_sigkill_at_seeded_moments_then_restart_catches_up(
                                  f"{'done' if broker.finished else 'trading'}")
                     assert code == -signal.SIGKILL, proc.tail()
             async with SupervisorProcess(env, nursery, name="final life") as proc:
+                # Listening, so its SIGTERM handler is installed: the database may already
+                # match what the third life left, and a SIGTERM during a slow start-up
+                # would find Python's default action (exit -15) instead of a drain.
+                await proc.wait_for_event("listening", timeout=START_TIMEOUT)
                 mismatches, code, tail = await proc.match_then_drain(database_url, broker)
             nursery.cancel_scope.cancel()
     # What the drained process left behind, not only what was seen while it ran.
@@ -143,6 +147,7 @@ async def test_sigterm_during_a_batch_drains_exits_0_and_a_restart_resumes(
             assert not broker.finished, "the market should still be trading at the restart"
 
             async with SupervisorProcess(env, nursery, name="restart") as second:
+                await second.wait_for_event("listening", timeout=START_TIMEOUT)
                 mismatches, code, second_tail = await second.match_then_drain(
                     database_url, broker)
             nursery.cancel_scope.cancel()

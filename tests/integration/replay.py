@@ -10,7 +10,7 @@ broker's frames on a real socket.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,9 @@ class Script:
     authorize: bool = True
     #: if given, frames wait for it after `listening` (a test sets it when it is ready)
     start: trio.Event | None = None
+    #: if given, awaited after `listening` on every connection (its number from 0)
+    #: before the first frame of that connection
+    before_frames: Callable[[int], Awaitable[None]] | None = None
 
 
 class ReplayServer:
@@ -102,6 +105,8 @@ class ReplayServer:
                 {"stream": "listening", "data": {"streams": ["trade_updates"]}}))
             if self.script.start is not None:
                 await self.script.start.wait()
+            if self.script.before_frames is not None:
+                await self.script.before_frames(number)
             start = max(0, self.position - (self.script.resend_overlap if number else 0))
             frames = self.script.frames
             for i in range(start, len(frames)):
