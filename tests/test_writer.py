@@ -366,7 +366,16 @@ async def pg_writer(url: str, items: list[Item], *, max_batch: int = 1000,
                     metrics: Metrics | None = None) -> tuple[list[Ack], PgStore]:
     store = PgStore(url, statement_timeout_ms=5_000)
     await store.open()
-    assert await store.try_leadership(PG_ACCOUNT)
+    try:
+        # A previous step's store released the writer lock by closing its session; the
+        # server frees a session's advisory locks when its backend exits, a moment after
+        # the client closed it (seen on a loaded machine).
+        with trio.fail_after(10):
+            while not await store.try_leadership(PG_ACCOUNT):
+                await trio.sleep(0.02)
+    except BaseException:
+        await store.aclose()
+        raise
     metrics = metrics if metrics is not None else Metrics()
     inbox_send, inbox_recv = trio.open_memory_channel[Item](len(items) + 1)
     ack_send, ack_recv = trio.open_memory_channel[Ack](len(items) + 1)
