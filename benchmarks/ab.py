@@ -50,6 +50,8 @@ FIGURES: dict[str, list[tuple[str, tuple[str, ...], bool]]] = {
     "dup_heavy": [("frames/s", ("frames_per_s",), True),
                   ("fresh events/s", ("events_per_s",), True),
                   ("duplicates/s", ("duplicates_per_s",), True),
+                  ("undecoded duplicates", ("duplicates_undecoded",), True),
+                  ("mean batch", ("mean_batch",), True),
                   ("CPU us/event", ("cpu_us_per_event",), False)],
     "naive": [("events/s", ("events_per_s",), True)],
     "pipeline_traced": [("events/s", ("events_per_s",), True),

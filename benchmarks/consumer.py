@@ -381,6 +381,9 @@ async def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "backend_cpu_us_per_event": _per_event(probe.backend_cpu_start, probe.backend_cpu_end,
                                                probe.events_after_first_commit),
         "duplicates": probe.dups,
+        # Of those, dropped by their bytes without being decoded (dedupe.FrameMemo).
+        "duplicates_undecoded": int(metrics.value(
+            "stream_supervisor_duplicates_undecoded_total")),
         "latency": latency_summary(probe.latencies),
         "reconnects": int(metrics.value("stream_supervisor_reconnects_total")),
         "restarts": state.restarts,

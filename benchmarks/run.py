@@ -224,7 +224,10 @@ class Bench:
         cpu = meter.stop()
         pg_after = await trio.to_thread.run_sync(load.pg_activity, self.dbs.admin_uri)
         (self.logs / f"{label}.log").write_bytes(proc.stderr)
-        lines = proc.stdout.decode().strip().splitlines()
+        # The result is the last JSON line: py-spy, when it wraps the child, prints its
+        # own lines to the same stdout after it.
+        lines = [line for line in proc.stdout.decode().strip().splitlines()
+                 if line.startswith("{")]
         try:
             result: dict[str, Any] = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
@@ -293,7 +296,7 @@ class Bench:
         db = self.dbs.fresh("no_db")
         expect = self.distinct(len(frames))
         result = await self.consume("pipeline", "pipeline_no_db", frames, database_url=db,
-                                    expect_events=expect, no_write=True)
+                                    expect_events=expect, no_write=True, profile=True)
         bad = [] if result.get("events") == expect else [
             Mismatch("events", "committed", str(expect), str(result.get("events")))]
         return self.record("pipeline_no_db", result, bad)

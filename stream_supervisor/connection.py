@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from .backoff import Backoff, BackoffPolicy
 from .bounds import not_after_ns
 from .channels import drain, send_soon
+from .dedupe import FrameMemo
 from .errors import (
     FATAL,
     BrokerUnavailable,
@@ -110,6 +111,7 @@ class ConnectionActor:
         *,
         rng: random.Random | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        frames: FrameMemo | None = None,
     ) -> None:
         self.settings = settings
         self.wallclock = wallclock
@@ -128,6 +130,10 @@ class ConnectionActor:
         self._stream: trio.MemorySendChannel[Item] | None = None
         self._received: dict[str, Counter] = {}  # label children, looked up once
         self._wall_offset_ns = 0  # wall clock minus Trio's, epoch ns
+        #: Frames already decoded, by their bytes: once streaming, a byte-identical copy
+        #: of one whose key the dedupe actor holds is dropped undecoded (dedupe.FrameMemo).
+        self.frames = frames
+        self._dropped: dict[str, Counter] = {}  # duplicates_dropped children, by layer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect forever. `task_status.started()` fires on the first `listening`."""
@@ -346,12 +352,27 @@ class ConnectionActor:
                 self.state.beat("connection", now)
                 latest = self._not_after_ns()  # once per read, not per frame
                 received: dict[str, int] = {}  # per event type, counted once per read
+                # Frames that decode to an update are remembered by their bytes from the
+                # start; once streaming (recovery done: from here on nothing but the
+                # pipeline reads an update), a duplicate known by its bytes is dropped.
+                remember = self.frames
+                memo = remember if self._stream is not None else None
+                dropped: dict[str, int] = {}  # by layer, counted once per read
                 try:
                     for message in messages:
+                        if memo is not None and isinstance(message, bytes):
+                            known = memo.duplicate(message)
+                            if known is not None:
+                                layer, event = known
+                                dropped[layer] = dropped.get(layer, 0) + 1
+                                received[event] = received.get(event, 0) + 1
+                                continue
                         frame = decode_frame(message, received_at=now, max_bytes=max_bytes,
                                              not_after_ns=latest)
                         if isinstance(frame, Event):
                             received[frame.event] = received.get(frame.event, 0) + 1
+                            if remember is not None:
+                                remember.remember(frame.raw, frame.key, frame.event)
                             if self._live_from_ns is None and frame.is_fill:
                                 # Never before `listening`: the first fill may be a
                                 # replay of an older one.
@@ -378,6 +399,8 @@ class ConnectionActor:
                         # are ignored.
                 finally:
                     self._count_received(received)
+                    if dropped:
+                        self._count_dropped(dropped)
 
     async def _buffer(self, live: trio.MemorySendChannel[Item], item: Item) -> bool:
         """Into the live buffer, or once streaming into the stream buffer. While recovery
@@ -449,6 +472,17 @@ class ConnectionActor:
                 counter = self._received[event] = self.metrics.events_received.labels(
                     event, "stream")
             counter.inc(amount)
+
+
+    def _count_dropped(self, counts: dict[str, int]) -> None:
+        """Duplicates dropped undecoded: in `duplicates_dropped` under the layer that
+        knew their key, as the dedupe actor counts them, and in their own counter."""
+        for layer, amount in counts.items():
+            counter = self._dropped.get(layer)
+            if counter is None:
+                counter = self._dropped[layer] = self.metrics.duplicates_dropped.labels(layer)
+            counter.inc(amount)
+        self.metrics.duplicates_undecoded.inc(sum(counts.values()))
 
 
 def _reason_label(reason: str) -> str:

@@ -5,11 +5,16 @@ and a set of keys in flight to the writer. A key enters the LRU only after the w
 reports its batch committed, so a crash can never make us forget an event we have not
 stored; a duplicate of an in-flight key is dropped but the key is not learnt early. The
 `alpaca_event_dedupe` table behind it stays the authority.
+
+In front of it, `FrameMemo` (used by the connection actor, which alone sees the bytes):
+a frame byte for byte equal to a recent one that decoded to an update whose key this
+cache holds is that update again, and is dropped without being decoded
+(docs/design.md, section 4).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import trio
@@ -57,6 +62,17 @@ class KeyCache:
         self._in_flight.add(key)
         return None
 
+    def known(self, key: str) -> str | None:
+        """`lru` or `inflight` if the key is held, else None; never puts a key in flight
+        (the question `FrameMemo` asks for the connection actor: only the dedupe actor
+        adds keys). A committed key is touched, as `check` touches it."""
+        if key in self._committed:
+            self._committed.move_to_end(key)
+            return "lru"
+        if key in self._in_flight:
+            return "inflight"
+        return None
+
     def forget_in_flight(self) -> None:
         """A pipeline restart drops whatever was in flight (it was never committed, and
         REST backfill or the broker will bring it again); committed keys stay valid."""
@@ -86,6 +102,77 @@ class KeyCache:
                 lru[key] = None  # a new key goes in at the most recent end
         while len(lru) > self.capacity:
             lru.popitem(last=False)
+
+
+#: Frames `FrameMemo` remembers, the newest first out last: the benchmark's replays come
+#: 2,000 frames behind, a reconnect's within its overlap. At most this many times
+#: `FRAME_MEMO_MAX_BYTES` of frames held (16 MiB; about 4 MiB at the stream's ~1 KB).
+FRAME_MEMO_FRAMES = 4096
+#: A longer frame (a multi-leg order, say) is never remembered: it is decoded each time.
+FRAME_MEMO_MAX_BYTES = 4096
+
+
+class FrameMemo:
+    """Layer 0 of dedupe: the exact bytes of recent frames that decoded to an update,
+    with that update's key and event type.
+
+    A frame equal, byte for byte, to a remembered one decodes to the same update (the
+    decoder is a function of the bytes; the wall-clock bound only ever lets more through
+    as time passes), so if the key cache holds that update's key (committed, or in flight
+    to the writer) the frame is a duplicate the dedupe actor would drop, and the
+    connection actor drops it without decoding it: what a duplicate then costs is the
+    WebSocket framing, one dict lookup and one key lookup. Only frames that decoded to an
+    update are remembered: one refused (out of bounds, stamped in the future) is decoded,
+    and judged, again each time it comes. A remembered frame whose key the cache does not
+    hold (evicted, or released after the database refused the update) takes the normal
+    path, as does any frame that differs by one byte (a real replay with another
+    timestamp, say). Equality is on the bytes, never a hash alone.
+
+    Ownership: the connection actor remembers and asks (it alone has the bytes); the
+    dedupe actor still owns the key cache and is the only one to add keys to it
+    (`KeyCache.known` only reads, and touches a committed key as a hit does). Both run
+    on the one Trio thread. Memory: at most `capacity` frames of at most `max_frame_bytes`
+    each, oldest out first; the frames are the ones the updates in flight already hold.
+    """
+
+    __slots__ = ("_cache", "_frames", "_order", "capacity", "max_frame_bytes")
+
+    def __init__(self, cache: KeyCache, capacity: int = FRAME_MEMO_FRAMES,
+                 max_frame_bytes: int = FRAME_MEMO_MAX_BYTES) -> None:
+        self._cache = cache
+        self.capacity = capacity
+        self.max_frame_bytes = max_frame_bytes
+        self._frames: dict[bytes, tuple[str, str]] = {}  # frame -> (key, event type)
+        self._order: deque[bytes] = deque()  # the same frames, oldest first
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(frame) for frame in self._order)
+
+    def duplicate(self, frame: bytes) -> tuple[str, str] | None:
+        """(layer, event type) if `frame` is a remembered frame whose key the cache holds:
+        a duplicate, to drop undecoded. None: decode it."""
+        entry = self._frames.get(frame)
+        if entry is None:
+            return None
+        layer = self._cache.known(entry[0])
+        return None if layer is None else (layer, entry[1])
+
+    def remember(self, frame: bytes, key: str, event: str) -> None:
+        """`frame` decoded to an update with this key and event type."""
+        if len(frame) > self.max_frame_bytes or self.capacity <= 0:
+            return
+        frames = self._frames
+        before = len(frames)
+        frames[frame] = (key, event)
+        if len(frames) > before:  # new: the same bytes again only refresh the entry
+            order = self._order
+            order.append(frame)
+            if len(order) > self.capacity:
+                del frames[order.popleft()]
 
 
 async def dedupe_actor(

@@ -51,6 +51,10 @@ class Metrics:
         self.duplicates_dropped = Counter(
             p + "duplicates_dropped", "Duplicate updates dropped, by layer "
             "(lru, inflight, database, order)", ["layer"], registry=r)
+        self.duplicates_undecoded = Counter(
+            p + "duplicates_undecoded", "Duplicate frames dropped by their bytes, without "
+            "being decoded (also counted in duplicates_dropped, under lru or inflight)",
+            registry=r)
         self.batches = Counter(p + "batches", "Batches committed", registry=r)
         self.batch_retries = Counter(p + "batch_retries", "Batch commits retried", registry=r)
         self.batch_size = Histogram(

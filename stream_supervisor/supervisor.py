@@ -26,7 +26,7 @@ from .backoff import Backoff, BackoffPolicy
 from .baseline import needs_baseline, take_baseline
 from .channels import send_soon
 from .connection import ConnectionActor, ConnectionSettings
-from .dedupe import KeyCache, dedupe_actor
+from .dedupe import FrameMemo, KeyCache, dedupe_actor
 from .drain import Drains
 from .errors import (
     FATAL,
@@ -308,6 +308,8 @@ class Supervisor(Drains):
                 self.state,
                 rng=self.deps.rng,
                 wallclock=self.deps.wallclock,
+                # Layer 0 of dedupe, asking the dedupe actor's cache (dedupe.FrameMemo).
+                frames=FrameMemo(cache),
             )
             with trio.CancelScope() as pipeline_scope:
                 self._pipeline_scope = pipeline_scope

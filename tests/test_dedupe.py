@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from stream_supervisor.dedupe import KeyCache, dedupe_actor
+from stream_supervisor.dedupe import FrameMemo, KeyCache, dedupe_actor
 from stream_supervisor.events import DeadLetter, Event, fill_key
 from stream_supervisor.messages import Ack, Item
 from stream_supervisor.metrics import Metrics
@@ -222,3 +222,64 @@ async def test_acks_are_drained_while_the_outbox_is_full() -> None:
             assert await out_recv.receive() == fill("o", 1)
             await in_send.aclose()
             await ack_send.aclose()
+
+
+# --- FrameMemo (layer 0: a frame known by its bytes) -------------------------------------
+
+
+def test_known_reads_the_cache_and_never_puts_a_key_in_flight() -> None:
+    cache = KeyCache(10)
+    assert cache.known("a") is None
+    assert cache.in_flight == 0  # asking is not checking: the key is not in flight now
+    cache.check("a")
+    assert cache.known("a") == "inflight"
+    cache.committed(["a"])
+    assert cache.known("a") == "lru"
+
+
+def test_a_remembered_frame_is_a_duplicate_only_while_its_key_is_held() -> None:
+    cache = KeyCache(10)
+    memo = FrameMemo(cache)
+    frame = b'{"stream":"trade_updates","data":{"event":"fill"}}'
+    memo.remember(frame, "k", "fill")
+    assert memo.duplicate(frame) is None  # remembered, but the key is not held yet
+    cache.check("k")
+    assert memo.duplicate(bytes(bytearray(frame))) == ("inflight", "fill")  # equal bytes
+    cache.committed(["k"])
+    assert memo.duplicate(frame) == ("lru", "fill")
+    assert memo.duplicate(frame + b" ") is None  # one byte more: decode it
+
+
+def test_a_frame_whose_update_the_database_refused_is_not_a_duplicate() -> None:
+    cache = KeyCache(10)
+    memo = FrameMemo(cache)
+    memo.remember(b"frame", "bad", "new")
+    cache.check("bad")
+    cache.released(["bad"])  # dead-lettered by the writer: neither in flight nor learnt
+    assert memo.duplicate(b"frame") is None
+
+
+def test_a_frame_whose_key_left_the_lru_is_decoded_again() -> None:
+    cache = KeyCache(2)
+    memo = FrameMemo(cache)
+    memo.remember(b"frame-a", "a", "new")
+    cache.committed(["a", "b", "c"])  # "a" evicted from an LRU of two
+    assert memo.duplicate(b"frame-a") is None
+
+
+def test_the_memo_holds_at_most_its_capacity_of_frames_no_longer_than_its_limit() -> None:
+    cache = KeyCache(1000)
+    memo = FrameMemo(cache, capacity=100, max_frame_bytes=64)
+    keys = [f"k{i}" for i in range(250)]
+    cache.committed(keys)
+    for i, key in enumerate(keys):
+        memo.remember(f"frame-{i:03d}".encode().ljust(64, b"."), key, "new")
+    memo.remember(b"x" * 65, "k0", "new")  # over the limit: never remembered
+    assert len(memo) == 100
+    assert memo.held_bytes == 100 * 64
+    assert memo.duplicate(b"x" * 65) is None
+    assert memo.duplicate(b"frame-000".ljust(64, b".")) is None  # the oldest went first
+    assert memo.duplicate(b"frame-249".ljust(64, b".")) == ("lru", "new")
+    # The same bytes again refresh their entry, and take no second place.
+    memo.remember(b"frame-249".ljust(64, b"."), "k249", "new")
+    assert len(memo) == 100

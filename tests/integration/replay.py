@@ -59,6 +59,8 @@ class Script:
     #: if given, awaited after `listening` on every connection (its number from 0)
     #: before the first frame of that connection
     before_frames: Callable[[int], Awaitable[None]] | None = None
+    #: frame index -> awaited after that frame is sent (on every connection)
+    pause_after: dict[int, Callable[[], Awaitable[None]]] = field(default_factory=dict)
 
 
 class ReplayServer:
@@ -118,6 +120,9 @@ class ReplayServer:
                     await ws.send_message(frame)
                     self.sent += 1
                 self.position = max(self.position, i + 1)
+                pause = self.script.pause_after.get(i)
+                if pause is not None:
+                    await pause()
                 if self.script.drop_after.get(number) == i:
                     await ws.aclose(code=1011, reason="simulated drop")
                     return
