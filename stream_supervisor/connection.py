@@ -352,10 +352,13 @@ class ConnectionActor:
                 self.state.beat("connection", now)
                 latest = self._not_after_ns()  # once per read, not per frame
                 received: dict[str, int] = {}  # per event type, counted once per read
-                # Frames that decode to an update are remembered by their bytes from the
-                # start; once streaming (recovery done: from here on nothing but the
+                # Frames that decode to an update are remembered by their bytes, also
+                # while recovery runs; once streaming (recovery done: from here on nothing but the
                 # pipeline reads an update), a duplicate known by its bytes is dropped.
+                # Only while duplicates come: remembering costs fresh frames (FrameMemo).
                 remember = self.frames
+                if remember is not None and not remember.active(len(messages)):
+                    remember = None
                 memo = remember if self._stream is not None else None
                 dropped: dict[str, int] = {}  # by layer, counted once per read
                 try:

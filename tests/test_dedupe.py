@@ -283,3 +283,17 @@ def test_the_memo_holds_at_most_its_capacity_of_frames_no_longer_than_its_limit(
     # The same bytes again refresh their entry, and take no second place.
     memo.remember(b"frame-249".ljust(64, b"."), "k249", "new")
     assert len(memo) == 100
+
+
+def test_the_memo_is_active_only_while_duplicates_come() -> None:
+    cache = KeyCache(10)
+    memo = FrameMemo(cache, capacity=100)
+    assert not memo.active(10)  # no duplicate yet: fresh frames pay nothing
+    cache.hits += 1  # the dedupe actor dropped one
+    assert memo.active(60)
+    assert memo.active(60)  # 60 frames since it
+    assert not memo.active(60)  # 120 > 100 frames without a duplicate: asleep again
+    memo.remember(b"frame", "k", "new")
+    cache.committed(["k"])
+    assert memo.duplicate(b"frame") == ("lru", "new")  # one found here wakes it too
+    assert memo.active(1)

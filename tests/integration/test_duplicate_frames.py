@@ -76,9 +76,40 @@ def _dropped(metrics: Metrics) -> int:
     return int(sum(metrics.value(DROPPED, layer=layer) for layer in ("lru", "inflight")))
 
 
+def _woken(frames: list[bytes], metrics: Metrics) -> tuple[list[bytes], dict[int, Any]]:
+    """The memo remembers only while duplicates come (`FrameMemo.active`): one update
+    twice first, the second copy dropped by the dedupe actor, wakes it."""
+    return [frames[0], frames[0]], {1: _until(lambda: _dropped(metrics) >= 1)}
+
+
 async def test_a_byte_identical_resend_is_dropped_without_decoding(database_url: str) -> None:
     # The whole session, then once it is committed the whole session again, byte for
     # byte (a broker resending what it sent): every second copy is dropped by its bytes.
+    frames = fixture_frames()
+    metrics, state = Metrics(), SupervisorState()
+    wake, pauses = _woken(frames, metrics)
+    end = len(wake) + len(frames) - 1
+    pauses[end] = _until(lambda: state.committed_events >= len(frames))
+    script = Script(wake + frames + frames, pause_after=pauses)
+    await _run(database_url, script,
+               lambda sup, server: server.done.is_set() and _dropped(metrics) >= len(frames) + 2,
+               metrics=metrics, state=state)
+    snap = await _snapshot(database_url)
+    assert verify_against_truth(snap, TRUTH) == []
+    assert len(snap.event_keys) == len(frames)
+    # The whole resend, and nothing else: the first update's copies before it came while
+    # the memo slept (the second) or before it remembered the frame (the third).
+    assert metrics.value(UNDECODED) == len(frames)
+    assert _dropped(metrics) == len(frames) + 2
+    assert state.committed_events == len(frames)
+    # Still received, by event type, as a decoded copy would be counted.
+    assert metrics.value("stream_supervisor_events_received_total",
+                         source="stream") == 2 * len(frames) + 2
+
+
+async def test_without_duplicates_the_memo_sleeps(database_url: str) -> None:
+    # A stream without duplicates pays nothing for the memo, so the same resend as above
+    # with no duplicate before it is decoded (and dropped by the dedupe actor's LRU).
     frames = fixture_frames()
     metrics, state = Metrics(), SupervisorState()
     script = Script(frames + frames, pause_after={
@@ -86,15 +117,11 @@ async def test_a_byte_identical_resend_is_dropped_without_decoding(database_url:
     await _run(database_url, script,
                lambda sup, server: server.done.is_set() and _dropped(metrics) >= len(frames),
                metrics=metrics, state=state)
-    snap = await _snapshot(database_url)
-    assert verify_against_truth(snap, TRUTH) == []
-    assert len(snap.event_keys) == len(frames)
-    assert metrics.value(UNDECODED) == len(frames)
+    assert verify_against_truth(await _snapshot(database_url), TRUTH) == []
     assert metrics.value(DROPPED, layer="lru") == len(frames)
-    assert state.committed_events == len(frames)
-    # Still received, by event type, as a decoded copy would be counted.
-    assert metrics.value("stream_supervisor_events_received_total",
-                         source="stream") == 2 * len(frames)
+    # The memo woke at the resend's first duplicate, and dropped by their bytes only the
+    # copies of frames it remembered from then on: none, the originals came before.
+    assert metrics.value(UNDECODED) == 0
 
 
 async def test_a_copy_that_differs_by_one_byte_is_decoded(database_url: str) -> None:
@@ -103,15 +130,17 @@ async def test_a_copy_that_differs_by_one_byte_is_decoded(database_url: str) -> 
     frames = fixture_frames()
     near = [frame + b" " for frame in frames]
     metrics, state = Metrics(), SupervisorState()
-    script = Script(frames + near, pause_after={
-        len(frames) - 1: _until(lambda: state.committed_events >= len(frames))})
+    wake, pauses = _woken(frames, metrics)
+    pauses[len(wake) + len(frames) - 1] = _until(
+        lambda: state.committed_events >= len(frames))
+    script = Script(wake + frames + near, pause_after=pauses)
     await _run(database_url, script,
-               lambda sup, server: server.done.is_set() and _dropped(metrics) >= len(frames),
+               lambda sup, server: server.done.is_set() and _dropped(metrics) >= len(frames) + 2,
                metrics=metrics, state=state)
     snap = await _snapshot(database_url)
     assert verify_against_truth(snap, TRUTH) == []
     assert metrics.value(UNDECODED) == 0
-    assert metrics.value(DROPPED, layer="lru") == len(frames)
+    assert _dropped(metrics) == len(frames) + 2
 
 
 def _future_update(at: datetime) -> bytes:
@@ -142,14 +171,16 @@ async def test_a_frame_refused_once_is_judged_again_when_resent(database_url: st
         await _until(lambda: metrics.value("stream_supervisor_dead_letters_total") >= 1)()
         skew[0] = timedelta(hours=2)
 
-    script = Script([future, future], pause_after={0: refused_then_later})
+    wake, pauses = _woken(fixture_frames(), metrics)
+    pauses[len(wake)] = refused_then_later
+    script = Script([*wake, future, future], pause_after=pauses)
     await _run(database_url, script,
-               lambda sup, server: server.done.is_set() and state.committed_events >= 1,
+               lambda sup, server: server.done.is_set() and state.committed_events >= 2,
                metrics=metrics, state=state, wallclock=wallclock)
     with psycopg.connect(database_url) as conn:
         letters: list[Any] = conn.execute("SELECT reason, payload FROM dead_letters").fetchall()
     assert [bytes(row[1]) for row in letters] == [future]
     assert "timestamp" in letters[0][0]
-    assert state.committed_events == 1  # the second copy, decoded and stored
+    assert state.committed_events == 2  # the waking update, and the second copy
     assert metrics.value(UNDECODED) == 0
-    assert _dropped(metrics) == 0
+    assert _dropped(metrics) == 1  # the waking duplicate
