@@ -5,6 +5,10 @@
              and duplicates the LRU knows (real channels, the real actor)
   histogram  the writer's frame-to-commit histogram: 1,000 `observe` calls against one
              `observe_many` of the same 1,000 values
+  frames     what a duplicate costs the connection actor, per frame of the benchmark's
+             stream: decoding it (what a duplicate cost before `dedupe.FrameMemo`, and
+             what every fresh frame costs), finding it in the memo by its bytes, and
+             what remembering adds to a fresh frame (the lookup that misses, the insert)
   params     the writer's client side of a 1,000-update batch's statements (the key
              claim, the orders upsert, the positions insert and update): building their
              parameters and psycopg dumping them (what `execute` does before anything
@@ -13,6 +17,7 @@
     python benchmarks/micro.py dedupe --root ../baseline    # a checkout to import
     python benchmarks/micro.py histogram
     python benchmarks/micro.py params --root ../baseline
+    python benchmarks/micro.py frames
 """
 
 from __future__ import annotations
@@ -143,15 +148,56 @@ def params() -> dict[str, float]:
                                        lambda: mod._orders_params(acct, orders))}
 
 
+def frames() -> dict[str, float]:
+    from benchmarks.workload import generate
+    from stream_supervisor.dedupe import FrameMemo, KeyCache
+    from stream_supervisor.events import Event
+    from stream_supervisor.protocol import decode_frame
+
+    stream = generate(TURN * TURNS // 2, seed=7, symbols=50, prefixes=[]).frames
+    n = min(len(stream), 4096)
+    stream = stream[:n]
+
+    def copies() -> list[bytes]:
+        # As the socket delivers them: new bytes objects, whose hash is not cached yet.
+        return [bytes(bytearray(frame)) for frame in stream]
+
+    decoded = [decode_frame(frame) for frame in stream]
+    keys = [(e.key, e.event) for e in decoded if isinstance(e, Event)]
+    assert len(keys) == n
+    cache = KeyCache(n)
+    memo = FrameMemo(cache, capacity=n)
+    fresh = copies()
+    before = time.process_time()
+    for frame, (key, event) in zip(fresh, keys, strict=True):
+        if memo.duplicate(frame) is None:  # a miss: the lookup a fresh frame pays
+            memo.remember(frame, key, event)
+    remember_us = (time.process_time() - before) / n * 1e6
+    again = copies()
+    before = time.process_time()
+    for frame in again:
+        decode_frame(frame)
+    decode_us = (time.process_time() - before) / n * 1e6
+    cache.committed([key for key, _event in keys])
+    dups = copies()
+    before = time.process_time()
+    for frame in dups:
+        assert memo.duplicate(frame) is not None
+    known_us = (time.process_time() - before) / n * 1e6
+    return {"frames": n, "decode_us": decode_us, "known_duplicate_us": known_us,
+            "fresh_frame_lookup_and_remember_us": remember_us}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("dedupe", "histogram", "params"))
+    ap.add_argument("which", choices=("dedupe", "histogram", "params", "frames"))
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                     help="the checkout whose stream_supervisor to import")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
-    run = {"dedupe": dedupe, "histogram": histogram, "params": params}[args.which]
+    run = {"dedupe": dedupe, "histogram": histogram, "params": params,
+           "frames": frames}[args.which]
     print(args.root, run())
     return 0
 

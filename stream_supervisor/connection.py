@@ -353,9 +353,9 @@ class ConnectionActor:
                 latest = self._not_after_ns()  # once per read, not per frame
                 received: dict[str, int] = {}  # per event type, counted once per read
                 # Frames that decode to an update are remembered by their bytes, also
-                # while recovery runs; once streaming (recovery done: from here on nothing but the
-                # pipeline reads an update), a duplicate known by its bytes is dropped.
-                # Only while duplicates come: remembering costs fresh frames (FrameMemo).
+                # while recovery runs; once streaming (recovery done: from here on only
+                # the pipeline reads an update), a duplicate known by its bytes is
+                # dropped. Only while duplicates come: remembering costs fresh frames.
                 remember = self.frames
                 if remember is not None and not remember.active(len(messages)):
                     remember = None
@@ -475,7 +475,6 @@ class ConnectionActor:
                 counter = self._received[event] = self.metrics.events_received.labels(
                     event, "stream")
             counter.inc(amount)
-
 
     def _count_dropped(self, counts: dict[str, int]) -> None:
         """Duplicates dropped undecoded: in `duplicates_dropped` under the layer that
