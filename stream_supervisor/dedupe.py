@@ -137,7 +137,7 @@ class FrameMemo:
     on the one Trio thread. Memory: at most `capacity` frames of at most `max_frame_bytes`
     each, oldest out first; the frames are the ones the updates in flight already hold.
 
-    Remembering costs a fresh frame about a microsecond (hashing its bytes, the insert),
+    Remembering costs a fresh frame a microsecond or two (hashing its bytes, the insert),
     a few percent of what the pipeline spends on it, for nothing on a stream without
     duplicates; so the memo is `active` only while duplicates come: from the first one
     the dedupe actor drops (or the memo itself) until `capacity` frames have passed
