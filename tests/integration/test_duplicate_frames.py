@@ -23,7 +23,7 @@ from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor
 
 from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script, fixture_frames
-from .test_pipeline import ACCOUNT, TRUTH, _snapshot
+from .test_pipeline import ACCOUNT, FAST_BACKOFF, TRUTH, _snapshot
 
 UNDECODED = "stream_supervisor_duplicates_undecoded_total"
 DROPPED = "stream_supervisor_duplicates_dropped_total"
@@ -32,7 +32,8 @@ DROPPED = "stream_supervisor_duplicates_dropped_total"
 def _settings(database_url: str, server: ReplayServer) -> Settings:
     return Settings(key_id=KEY_ID, secret_key=SECRET_KEY, base_url="http://127.0.0.1:9",
                     stream_url=server.url, database_url=database_url, account_id=ACCOUNT,
-                    ping_interval=2.0, ping_timeout=2.0, drain_timeout=10.0, baseline=False)
+                    ping_interval=2.0, ping_timeout=2.0, drain_timeout=10.0, baseline=False,
+                    backoff=FAST_BACKOFF)
 
 
 async def _run(
@@ -43,6 +44,7 @@ async def _run(
     metrics: Metrics,
     state: SupervisorState,
     wallclock: Callable[[], datetime] | None = None,
+    rest: FixtureRest | None = None,
 ) -> Supervisor:
     server = ReplayServer(script)
     async with trio.open_nursery() as nursery:
@@ -50,7 +52,7 @@ async def _run(
         with trio.fail_after(30):
             async with (
                 open_supervisor(_settings(database_url, server), metrics=metrics, state=state,
-                                rest=FixtureRest(ACCOUNT), rng=random.Random(7),
+                                rest=rest or FixtureRest(ACCOUNT), rng=random.Random(7),
                                 wallclock=wallclock, install_signal_handlers=False) as sup,
                 trio.open_nursery() as inner,
             ):
@@ -184,3 +186,45 @@ async def test_a_frame_refused_once_is_judged_again_when_resent(database_url: st
     assert state.committed_events == 2  # the waking update, and the second copy
     assert metrics.value(UNDECODED) == 0
     assert _dropped(metrics) == 1  # the waking duplicate
+
+
+class _SlowSecondRecovery(FixtureRest):
+    """REST whose FILL activities answer late from the second backfill on: the frames a
+    reconnect's server sends first arrive while recovery still runs."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(account_id)
+        self.backfills = 0
+
+    async def fill_activities(self, *, after: str | None, page_token: str | None,
+                              page_size: int = 100) -> list[Any]:
+        if page_token is None:
+            self.backfills += 1
+        if self.backfills >= 2:
+            await trio.sleep(0.5)
+        return await super().fill_activities(after=after, page_token=page_token,
+                                             page_size=page_size)
+
+
+async def test_frames_read_while_recovery_runs_are_decoded(database_url: str) -> None:
+    # The memo awake (a duplicate first), the connection dropped after frame 60, and the
+    # reconnect's overlap resent while its recovery still reads REST: those copies go
+    # to the live buffer and through the normal path (a replay older than the connection
+    # is shown to recovery's stale check, section 12), never dropped by their bytes.
+    frames = fixture_frames()
+    metrics, state = Metrics(), SupervisorState()
+    wake, pauses = _woken(frames, metrics)
+    overlap = 10
+    drop_at = len(wake) + 60
+    pauses[drop_at] = _until(lambda: state.committed_events >= 61)
+    script = Script(wake + frames, drop_after={0: drop_at}, resend_overlap=overlap,
+                    pause_after=pauses)
+    rest = _SlowSecondRecovery(ACCOUNT)
+    await _run(database_url, script,
+               lambda sup, server: (server.done.is_set()
+                                    and state.committed_events >= len(frames)),
+               metrics=metrics, state=state, rest=rest)
+    assert rest.backfills >= 2
+    assert verify_against_truth(await _snapshot(database_url), TRUTH) == []
+    assert metrics.value(DROPPED, layer="lru") >= overlap
+    assert metrics.value(UNDECODED) == 0
