@@ -141,7 +141,8 @@ class FrameMemo:
     a few percent of what the pipeline spends on it, for nothing on a stream without
     duplicates; so the memo is `active` only while duplicates come: from the first one
     the dedupe actor drops (or the memo itself) until `capacity` frames have passed
-    without one. The duplicates in between take the normal path, as before.
+    without one, when it lets go of every frame it held. The duplicates in between take
+    the normal path, as before.
     """
 
     __slots__ = ("_cache", "_frames", "_hits", "_order", "_quiet", "_seen",
@@ -168,6 +169,11 @@ class FrameMemo:
             return True
         quiet = self._quiet
         if quiet >= self.capacity:
+            if self._order:
+                # Asleep: what it held goes, so a quiet account (one of many in a fleet)
+                # keeps no frames.
+                self._frames.clear()
+                self._order.clear()
             return False
         self._quiet = quiet + frames
         return True

@@ -291,8 +291,10 @@ def test_the_memo_is_active_only_while_duplicates_come() -> None:
     assert not memo.active(10)  # no duplicate yet: fresh frames pay nothing
     cache.hits += 1  # the dedupe actor dropped one
     assert memo.active(60)
+    memo.remember(b"old", "o", "new")
     assert memo.active(60)  # 60 frames since it
     assert not memo.active(60)  # 120 > 100 frames without a duplicate: asleep again
+    assert len(memo) == 0  # and holding nothing
     memo.remember(b"frame", "k", "new")
     cache.committed(["k"])
     assert memo.duplicate(b"frame") == ("lru", "new")  # one found here wakes it too
