@@ -31,6 +31,7 @@ from .errors import (
     collapse,
 )
 from .events import DeadLetter, Event
+from .heap import release_after_settling
 from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
@@ -281,6 +282,8 @@ class ConnectionActor:
                             break
                         await self._forward(item, stale_before=stale_before)
                     await self.recovery.recheck_stale()
+                    # The live buffer is freed: give its memory back (heap.py).
+                    nursery.start_soon(release_after_settling)
                     outbox = self.outbox
                     async for first in receive_stream:
                         self._note_wall_offset()
