@@ -253,7 +253,10 @@ class ConnectionActor:
                     self._recovery_scope = scope
                     try:
                         if self._end_reason is None:
-                            await self.recovery.backfill(lambda: self._live_from_ns)
+                            await self.recovery.backfill(
+                                lambda: self._live_from_ns,
+                                lambda: (receive_live.statistics().current_buffer_used,
+                                         self.settings.live_buffer))
                             recovered = True
                     finally:
                         self._recovery_scope = None
