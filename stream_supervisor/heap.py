@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 import trio
+
+from .logs import get_logger
+
+log = get_logger("stream_supervisor.heap")
 
 #: Seconds after the live buffer is forwarded before trimming: the writer commits what
 #: it held meanwhile (a few batches), and those updates are freed by then.
@@ -45,7 +51,22 @@ def release_freed_memory() -> bool:
     return _TRIM is not None and bool(_TRIM(0))
 
 
+def resident_mb() -> float | None:
+    """This process's resident set in MB (None where /proc does not say)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 async def release_after_settling(delay: float = SETTLE) -> None:
-    """`release_freed_memory` once the pipeline has taken what a recovery buffered."""
+    """`release_freed_memory` once the pipeline has taken what a recovery buffered,
+    logged with the resident set before and after."""
     await trio.sleep(delay)
-    release_freed_memory()
+    before = resident_mb()
+    released = release_freed_memory()
+    after = resident_mb()
+    log.info("freed_memory_released", released=released,
+             rss_mb_before=None if before is None else round(before, 1),
+             rss_mb_after=None if after is None else round(after, 1))

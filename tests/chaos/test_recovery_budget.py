@@ -270,6 +270,9 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
     limiter = broker.rate_limiter
     print("soak RSS (MB, every 5 s):", [round(r, 1) for r in rss[::5]])  # for the record
     print("soak recoveries:", soak_recoveries(events))
+    print("soak memory released after recoveries (RSS MB before, after):",
+          [(e["rss_mb_before"], e["rss_mb_after"]) for e in events
+           if e["event"] == "freed_memory_released"])
     print("soak:", {"rate": rate, "seconds": seconds, "fills": broker.fills_total,
                     "disconnects": broker.stats["disconnects"],
                     "service_requests": limiter.by_caller.get(SERVICE, 0),
