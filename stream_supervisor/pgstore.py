@@ -327,6 +327,7 @@ LIMIT %s
 # 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_RELEASE_LEADER_LOCKS = "SELECT pg_advisory_unlock_all()"
 
 _HAS_KEY = "SELECT EXISTS (SELECT 1 FROM alpaca_event_dedupe WHERE event_key = %s)"
 
@@ -755,7 +756,23 @@ class PgStore:
         # Shielded (with a deadline): a caller being cancelled must still close the
         # connection, or it and any writer lock it holds linger until garbage collection.
         with trio.move_on_after(5, shield=True):
-            await self._run(self._discard)
+            await self._run(self._close)
+
+    def _close(self) -> None:
+        """Give the writer lock back before closing: the server frees a session's
+        advisory locks only when its backend exits, a moment after the client has gone,
+        so a standby replica taking over after a graceful stop would find it still held
+        and wait a retry for nothing."""
+        conn = self._conn
+        if self._leader_of is not None and conn is not None and not (conn.broken
+                                                                     or conn.closed):
+            try:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.execute(_RELEASE_LEADER_LOCKS)
+            except psycopg.Error:
+                pass  # closing frees it anyway, only later
+        self._discard()
 
     async def recent_keys(self, account_id: str, limit: int) -> list[str]:
         if limit <= 0:

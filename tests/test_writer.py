@@ -367,9 +367,8 @@ async def pg_writer(url: str, items: list[Item], *, max_batch: int = 1000,
     store = PgStore(url, statement_timeout_ms=5_000)
     await store.open()
     try:
-        # A previous step's store released the writer lock by closing its session; the
-        # server frees a session's advisory locks when its backend exits, a moment after
-        # the client closed it (seen on a loaded machine).
+        # A previous step's store gave the writer lock back as it closed; one that was
+        # dropped without closing holds it until its backend exits, a moment later.
         with trio.fail_after(10):
             while not await store.try_leadership(PG_ACCOUNT):
                 await trio.sleep(0.02)
