@@ -198,11 +198,15 @@ class RestApi:
         low = 0 if after_ns is None else bisect.bisect_right(
             self._order_keys, (after_ns, math.inf))
         index = self._order_index
-        positions: Iterable[int] = (range(low, len(index)) if direction == "asc"
-                                    else range(len(index) - 1, low - 1, -1))
+        # Not yet submitted (`created_ns` 0): before every other, and only without `after`.
+        waiting = self._unsubmitted if after_ns is None else []
+        chosen: Iterable[Order] = (
+            itertools.chain(waiting, (index[i] for i in range(low, len(index))))
+            if direction == "asc"
+            else itertools.chain((index[i] for i in range(len(index) - 1, low - 1, -1)),
+                                 reversed(waiting)))
         out: list[dict[str, Any]] = []
-        for i in positions:
-            o = index[i]
+        for o in chosen:
             if status == "all" or (o.status in _OPEN_STATUSES) == (status == "open"):
                 out.append(o.snapshot())
                 if len(out) >= limit:
