@@ -1,14 +1,14 @@
 """Giving the C allocator's freed memory back to the system after a recovery.
 
 While REST reads an outage, the live stream waits in the live buffer as decoded updates
-(500 updates/s for a minute is 30,000 of them, some 25 MB). Once forwarded they are
-freed, but glibc keeps freed memory inside its heap for reuse and returns only the free
-space at the heap's very top; the rest stays resident. Over a soak the resident set then
-shows the largest buffer any recovery ever held, not what the service holds now. After
-each recovery's buffer has gone through the pipeline, `release_freed_memory` asks glibc
-to return its free pages (`malloc_trim(0)`: milliseconds, once per recovery), so the
-resident set falls back between recoveries (BENCHMARKS.md, the soak). Elsewhere than
-glibc (musl, macOS) it does nothing.
+(500 updates/s for a minute is 30,000 of them, some 40 MB). Once forwarded they are
+freed; glibc keeps what it freed inside its heap, returning only the free space at the
+heap's very top. After each recovery's buffer has gone through the pipeline,
+`release_freed_memory` asks glibc to return its free pages (`malloc_trim(0)`:
+milliseconds, once per recovery). Most of a buffer's memory is pymalloc's, whose arenas
+the objects that outlive the recovery keep allocated: the trim returns the smaller,
+glibc part (docs/design.md, section 12, memory across recoveries). Elsewhere than glibc
+(musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
