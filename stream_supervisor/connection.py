@@ -32,6 +32,7 @@ from .errors import (
     collapse,
 )
 from .events import DeadLetter, Event
+from .heap import release_after_settling
 from .logs import get_logger
 from .messages import Item
 from .metrics import Metrics
@@ -258,7 +259,10 @@ class ConnectionActor:
                     self._recovery_scope = scope
                     try:
                         if self._end_reason is None:
-                            await self.recovery.backfill(lambda: self._live_from_ns)
+                            await self.recovery.backfill(
+                                lambda: self._live_from_ns,
+                                lambda: (receive_live.statistics().current_buffer_used,
+                                         self.settings.live_buffer))
                             recovered = True
                     finally:
                         self._recovery_scope = None
@@ -287,6 +291,8 @@ class ConnectionActor:
                             break
                         await self._forward(item, stale_before=stale_before)
                     await self.recovery.recheck_stale()
+                    # The live buffer is freed: give its memory back (heap.py).
+                    nursery.start_soon(release_after_settling)
                     outbox = self.outbox
                     async for first in receive_stream:
                         self._note_wall_offset()

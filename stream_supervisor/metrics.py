@@ -104,8 +104,9 @@ class Metrics:
             p + "rest_budget_wait_seconds", "Seconds REST requests waited for the budget",
             registry=r)
         self.recovery_behind = Gauge(
-            p + "recovery_behind", "1 while recovery reads fills more slowly than the "
-            "account makes them, within the REST budget", registry=r)
+            p + "recovery_behind", "1 while recovery cannot keep up within the REST "
+            "budget: the live buffer would overflow before REST reaches the stream",
+            registry=r)
         self.recovery_fill_rate = Gauge(
             p + "recovery_fill_rate", "Fills a second the account made during the latest "
             "backfill's range, by the broker's activity times", registry=r)

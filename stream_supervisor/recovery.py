@@ -70,8 +70,16 @@ REST_REREAD = timedelta(seconds=5)
 #: has shown in this life, never less than `REST_REREAD` and never more than the
 #: configured overlap (docs/design.md, section 12).
 DISORDER_FACTOR = 2
-#: Seconds into a backfill when it first judges whether the account outruns the budget.
+#: Seconds into a backfill when it first judges whether it can keep up, and between
+#: judgements after that (`judge_pace`).
 JUDGE_PACE_AFTER = 30.0
+JUDGE_PACE_EVERY = 10.0
+#: A recovery is behind when it would use more than `BEHIND_HIGH` of what holds it up:
+#: the live buffer by the time REST reaches the stream, or REST's pace when nothing
+#: bounds the range. Once behind, it is caught up again only below `BEHIND_LOW`, so a
+#: recovery near the line does not flap the gauge and the warning.
+BEHIND_HIGH = 0.9
+BEHIND_LOW = 0.7
 #: The refresh reads this many orders (or fewer) one by one rather than list them: a
 #: few orders a busy account has in flight cost less than its list of minutes.
 FEW_ORDERS = 10
@@ -80,6 +88,57 @@ FEW_ORDERS = 10
 RELIST_AFTER = 1.0
 
 Forward = Callable[[Item], Awaitable[None]]
+#: The live buffer's frames held and its capacity, while a recovery runs.
+LiveHeld = Callable[[], tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PaceVerdict:
+    """Whether a recovery keeps up, with the figures the warning gives."""
+
+    behind: bool
+    load: float
+    """The share of what holds the recovery up that it is projected to use."""
+    fills_per_s: float
+    """The account's fills a second over the range read so far (broker time)."""
+    read_fills_per_s: float
+    """Fills this recovery reads a second (wall time), at most the sustainable."""
+    projected_s: float | None
+    """Seconds until REST reaches the live stream, None when nothing bounds the range."""
+    buffer_projected: int | None
+    """Frames the live buffer is projected to hold by then."""
+
+
+def judge_pace(*, fills: int, first_ns: int | None, last_ns: int | None, took: float,
+               sustainable: float, live_from_ns: int | None,
+               live: tuple[int, int] | None, was_behind: bool) -> PaceVerdict | None:
+    """Can this recovery keep up? (docs/design.md, section 12, when the account
+    outruns the budget.)
+
+    REST has a bounded range to read when the live stream holds fills (`live_from_ns`):
+    it reads up to there, while the live buffer fills at the rate it has so far. The
+    recovery keeps up if the buffer can hold what arrives until REST gets there: the
+    range left (broker time) times the account's fill rate over what was read, at the
+    pace this recovery reads, against the buffer's capacity. That the account fills
+    faster than REST can read (the old test) does not matter then: the range is fixed.
+    When the stream holds no fill, nothing bounds the range and REST must outrun the
+    account: the fill rate against the pace. None until something was read."""
+    if (first_ns is None or last_ns is None or last_ns <= first_ns or fills <= 0
+            or took <= 0):
+        return None
+    rate = fills / ((last_ns - first_ns) / 1e9)
+    read = min(fills / took, sustainable) if sustainable > 0 else fills / took
+    if live_from_ns is None or live is None or live[1] <= 0:
+        load = rate / read
+        projected_s = buffer_projected = None
+    else:
+        held, capacity = live
+        left_ns = max(0, live_from_ns + LIVE_OVERLAP_NS - last_ns)
+        projected_s = rate * left_ns / 1e9 / read
+        buffer_projected = round(held + held / took * projected_s)
+        load = buffer_projected / capacity
+    behind = load > (BEHIND_LOW if was_behind else BEHIND_HIGH)
+    return PaceVerdict(behind, load, rate, read, projected_s, buffer_projected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +295,9 @@ class GapRecovery:
         self.activities_new = 0
         #: (activities read, of which new) of the latest pages.
         self.recent_pages: deque[tuple[int, int]] = deque(maxlen=1_000)
+        #: The latest judgement of whether recovery keeps up (`judge_pace`): kept across
+        #: recoveries for its hysteresis.
+        self.behind = False
         self.order_list_requests = 0  # the refresh's order list, over this life
 
     def observe(self, event: Event) -> None:
@@ -309,10 +371,12 @@ class GapRecovery:
             self.observe(item)
         await self._send(item)
 
-    async def backfill(self, live_from_ns: Callable[[], int | None] = lambda: None) -> None:
+    async def backfill(self, live_from_ns: Callable[[], int | None] = lambda: None,
+                       live_held: LiveHeld = lambda: None) -> None:
         """Fills since the durable cursor (minus the overlap), page by page, then the
         order refresh. `live_from_ns` gives the broker time of the first fill the live
-        socket holds (None while it holds none): backfill stops once past it."""
+        socket holds (None while it holds none): backfill stops once past it.
+        `live_held` gives the live buffer's frames and capacity, for `judge_pace`."""
         s = self.settings
         start = backfill_start(
             self.state.committed_cursor, self.wallclock(), s.backfill_overlap,
@@ -324,34 +388,46 @@ class GapRecovery:
         began = trio.current_time()
         fills = pages = first_fills = 0
         first_ns = last_ns = None
-        judged = False
+        judge_at = began + JUDGE_PACE_AFTER
+        warned = [False]  # this recovery said so already
         # Closed on the way out, also when a closed socket cancels the recovery.
         async with aclosing(self._pages(start, live_from_ns)) as paged:
-            async for page in paged:
-                pages += 1
-                events = await self._decode(page)
-                if self.assets is not None:
-                    events = await self.assets.spelled(events)
-                if not events:
-                    continue
-                priced = await self._price_gaps(sort_backfill(events), book)
-                received: dict[str, int] = {}
-                for ev in priced:
-                    received[ev.event] = received.get(ev.event, 0) + 1
-                    await self._forward(ev)
-                for event, amount in received.items():
-                    self.metrics.events_received.labels(event, "rest").inc(amount)
-                self.metrics.backfill_fills.inc(len(priced))
-                fills += len(priced)
-                first_fills += sum(1 for ev in priced
-                                   if ev.is_fill and ev.fill_qty == ev.cum_qty)
-                first_ns = priced[0].ts_ns if first_ns is None else first_ns
-                last_ns = priced[-1].ts_ns
-                if not judged and trio.current_time() - began >= JUDGE_PACE_AFTER:
-                    # Said while it runs: a recovery this long may never finish.
-                    judged = True
-                    self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
-        self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began)
+            try:
+                async for page in paged:
+                    pages += 1
+                    events = await self._decode(page)
+                    if self.assets is not None:
+                        events = await self.assets.spelled(events)
+                    if not events:
+                        continue
+                    priced = await self._price_gaps(sort_backfill(events), book)
+                    received: dict[str, int] = {}
+                    for ev in priced:
+                        received[ev.event] = received.get(ev.event, 0) + 1
+                        await self._forward(ev)
+                    for event, amount in received.items():
+                        self.metrics.events_received.labels(event, "rest").inc(amount)
+                    self.metrics.backfill_fills.inc(len(priced))
+                    fills += len(priced)
+                    first_fills += sum(1 for ev in priced
+                                       if ev.is_fill and ev.fill_qty == ev.cum_qty)
+                    first_ns = priced[0].ts_ns if first_ns is None else first_ns
+                    last_ns = priced[-1].ts_ns
+                    if trio.current_time() >= judge_at:
+                        # Said while it runs: a recovery this long may never finish.
+                        judge_at = trio.current_time() + JUDGE_PACE_EVERY
+                        self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began,
+                                         live_from_ns(), live_held(), warned)
+            except trio.Cancelled:
+                held = live_held()
+                if held is not None and held[0] >= held[1]:
+                    # Cut short by a full live buffer: it could not keep up, whatever was
+                    # projected.
+                    self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began,
+                                     live_from_ns(), held, warned, overflowed=True)
+                raise
+        self._judge_pace(fills, first_ns, last_ns, trio.current_time() - began,
+                         live_from_ns(), live_held(), warned)
         # The refresh lists afresh: the list that priced the pages is as old as they.
         listed = self.order_list_requests
         refreshed = await self.refresh_orders(
@@ -367,22 +443,38 @@ class GapRecovery:
                  connection_id=self.state.connection_id)
 
     def _judge_pace(self, fills: int, first_ns: int | None, last_ns: int | None,
-                    took: float) -> None:
-        """Say so when the account makes fills faster than the REST share can read them:
-        recovery then falls behind after every disconnect (docs/design.md, section 12)."""
+                    took: float, live_from_ns: int | None, live: tuple[int, int] | None,
+                    warned: list[bool], *, overflowed: bool = False) -> None:
+        """`judge_pace`, kept in `behind` and the gauges, and said once a recovery when
+        it cannot keep up, with the figures (docs/design.md, section 12)."""
         budget = getattr(self.rest, "budget", None)
-        if first_ns is None or last_ns is None or last_ns <= first_ns or budget is None:
+        if budget is None:
             return
-        rate = fills / ((last_ns - first_ns) / 1e9)
         sustainable = float(budget.sustainable_fills_per_second(MAX_PAGE_SIZE))
-        self.metrics.recovery_fill_rate.set(rate)
-        behind = rate > sustainable
-        self.metrics.recovery_behind.set(1 if behind else 0)
-        if behind:
-            log.warning("recovery_over_budget", fills_per_s=round(rate, 1),
-                        sustainable_fills_per_s=round(sustainable, 1),
-                        requests_per_window=budget.per_window, fills=fills,
-                        took_s=round(took, 1))
+        verdict = judge_pace(fills=fills, first_ns=first_ns, last_ns=last_ns, took=took,
+                             sustainable=sustainable, live_from_ns=live_from_ns, live=live,
+                             was_behind=self.behind)
+        if verdict is None and not overflowed:
+            return
+        self.behind = overflowed or (verdict is not None and verdict.behind)
+        if verdict is not None:
+            self.metrics.recovery_fill_rate.set(verdict.fills_per_s)
+        self.metrics.recovery_behind.set(1 if self.behind else 0)
+        if self.behind and not warned[0]:
+            warned[0] = True
+            log.warning(
+                "recovery_over_budget",
+                fills_per_s=None if verdict is None else round(verdict.fills_per_s, 1),
+                read_fills_per_s=(None if verdict is None
+                                  else round(verdict.read_fills_per_s, 1)),
+                sustainable_fills_per_s=round(sustainable, 1),
+                requests_per_window=budget.per_window, fills=fills, took_s=round(took, 1),
+                projected_s=(None if verdict is None or verdict.projected_s is None
+                             else round(verdict.projected_s, 1)),
+                live_buffer_held=None if live is None else live[0],
+                live_buffer_projected=None if verdict is None else verdict.buffer_projected,
+                live_buffer_size=None if live is None else live[1],
+                overflowed=overflowed)
 
     async def _decode(self, page: Sequence[WireActivity]) -> list[Event]:
         latest = not_after_ns(self.wallclock(), self.settings.future_tolerance)

@@ -8,20 +8,28 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from stream_supervisor import recovery as recovery_module
 from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.messages import Item
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.recovery import (
+    BEHIND_HIGH,
+    BEHIND_LOW,
+    LIVE_OVERLAP_NS,
     GapRecovery,
+    LiveHeld,
     RecoverySettings,
     StreamEdge,
     activity_time,
     backfill_start,
+    judge_pace,
 )
 from stream_supervisor.rest_http import HttpBrokerRest, RestSettings
 from stream_supervisor.state import SupervisorState
@@ -31,16 +39,19 @@ from stream_supervisor.testing.worlds.transport import BrokerTransport
 START = datetime(2026, 11, 24, 15, 0, tzinfo=UTC)
 
 
-def played(orders: int, rate: float, seed: int = 8) -> SimulatedBroker:
+def played(orders: int, rate: float, seed: int = 8, rest_rate_limit: int = 0
+           ) -> SimulatedBroker:
     broker = SimulatedBroker(SimConfig(seed=seed, orders=orders, rate=rate, start_time=START,
-                                       rest_rate_limit=0))
+                                       rest_rate_limit=rest_rate_limit))
     while broker.step() is not None:
         pass
     return broker
 
 
 async def recover(broker: SimulatedBroker, state: SupervisorState | None = None,
-                  lookback: float = 3600.0) -> tuple[GapRecovery, list[Item]]:
+                  lookback: float = 3600.0, live_from_ns: int | None = None,
+                  live_held: LiveHeld = lambda: None,
+                  metrics: Metrics | None = None) -> tuple[GapRecovery, list[Item]]:
     forwarded: list[Item] = []
 
     async def forward(item: Item) -> None:
@@ -54,8 +65,9 @@ async def recover(broker: SimulatedBroker, state: SupervisorState | None = None,
         recovery = GapRecovery(
             RecoverySettings(backfill_overlap=300.0, first_start_lookback=lookback,
                              order_refresh_interval=0.0),
-            rest, forward, Metrics(), state or SupervisorState(), wallclock=lambda: end)
-        await recovery.backfill()
+            rest, forward, metrics or Metrics(), state or SupervisorState(),
+            wallclock=lambda: end)
+        await recovery.backfill(lambda: live_from_ns, live_held)
     return recovery, forwarded
 
 
@@ -199,3 +211,93 @@ async def test_a_second_recovery_reads_on_from_the_first(
         / 100) + 2
     assert second.activities_read < first.activities_read / 2
 
+
+
+# --- can recovery keep up? (recovery_over_budget) ------------------------------------------
+
+
+class _Warnings:
+    """Stands in for the recovery module's logger: keeps its warnings."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.warnings.append((event, kw))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_judging_the_pace_by_what_the_live_buffer_can_hold() -> None:
+    """The soak's case: the account fills at 272/s, REST reads 150/s, yet a reconnect
+    covers a fixed range (the outage and its margins) while the live buffer holds the
+    rest: it keeps up. Behind only when the buffer would overflow before REST gets
+    there, or, with no live fill to bound the range, when the account outruns REST."""
+    second = 1_000_000_000
+    common: dict[str, Any] = {"first_ns": 0, "sustainable": 150.0, "was_behind": False}
+    # 30 s in: 4,500 fills read (of 272/s), 15 s of the market left before the live
+    # stream's first fill; 15,000 frames buffered.
+    kept = judge_pace(fills=4_500, last_ns=int(4_500 / 272 * second), took=30.0,
+                      live_from_ns=int(4_500 / 272 * second) + 10 * second,
+                      live=(15_000, 100_000), **common)
+    assert kept is not None and not kept.behind
+    assert kept.fills_per_s > kept.read_fills_per_s  # the old judgement's "behind"
+    assert kept.projected_s == pytest.approx(272 * 15 / 150, rel=0.01)
+    assert kept.buffer_projected == pytest.approx(15_000 + 500 * 272 * 15 / 150, rel=0.01)
+    # The same with a buffer of 30,000: it would overflow before REST gets there.
+    full = judge_pace(fills=4_500, last_ns=int(4_500 / 272 * second), took=30.0,
+                      live_from_ns=int(4_500 / 272 * second) + 10 * second,
+                      live=(15_000, 30_000), **common)
+    assert full is not None and full.behind and full.load > BEHIND_HIGH
+    # Nothing bounds the range (no live fill yet): the fill rate against REST's pace.
+    open_ended = judge_pace(fills=4_500, last_ns=int(4_500 / 272 * second), took=30.0,
+                            live_from_ns=None, live=(0, 100_000), **common)
+    assert open_ended is not None and open_ended.behind
+    slow = judge_pace(fills=1_500, last_ns=int(1_500 / 100 * second), took=10.0,
+                      live_from_ns=None, live=None, **common)
+    assert slow is not None and not slow.behind
+    # Hysteresis: between the two marks, a recovery stays as the one before it was.
+    between = (BEHIND_LOW + BEHIND_HIGH) / 2
+    for was in (False, True):
+        verdict = judge_pace(fills=100, first_ns=0, last_ns=second, took=1.0,
+                             sustainable=150.0, live_from_ns=second - LIVE_OVERLAP_NS,
+                             live=(round(between * 10_000), 10_000), was_behind=was)
+        assert verdict is not None and verdict.behind is was
+    assert judge_pace(fills=0, first_ns=None, last_ns=None, took=1.0, sustainable=150.0,
+                      live_from_ns=None, live=None, was_behind=False) is None
+
+
+async def test_a_recovery_that_completes_within_the_buffer_says_nothing_and_one_that_cannot_warns(
+        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through `backfill` on the simulated broker in virtual time: the account filled
+    faster than the budget reads (the old judgement warned at every recovery), the live
+    stream's first fill at the market's end, frames arriving at 500/s. A buffer of
+    100,000 holds them: no warning, the gauge 0. One of 3,000 cannot: the warning with
+    its figures, the gauge 1."""
+    warnings = _Warnings(recovery_module.log)
+    monkeypatch.setattr(recovery_module, "log", warnings)
+    outcomes = []
+    for capacity in (100_000, 3_000):
+        broker = played(orders=1_500, rate=1_000.0, rest_rate_limit=200)
+        began = trio.current_time()
+
+        def held(capacity: int = capacity, began: float = began) -> tuple[int, int]:
+            return min(capacity, round(500 * (trio.current_time() - began))), capacity
+
+        metrics = Metrics()
+        recovery, _ = await recover(broker, live_from_ns=broker.market.now_ns,
+                                    live_held=held, metrics=metrics)
+        fill_rate = broker.fills_total / ((broker.market.now_ns - broker.market.epoch_ns) / 1e9)
+        budget = recovery.rest.budget  # type: ignore[attr-defined]
+        assert fill_rate > budget.sustainable_fills_per_second(100)  # outruns REST
+        outcomes.append((len(warnings.warnings),
+                         metrics.recovery_behind._value.get()))
+    assert outcomes[0] == (0, 0), warnings.warnings
+    assert outcomes[1] == (1, 1), warnings.warnings
+    event, figures = warnings.warnings[0]
+    assert event == "recovery_over_budget"
+    assert figures["live_buffer_size"] == 3_000
+    assert figures["live_buffer_projected"] > 0.9 * 3_000
+    assert figures["fills_per_s"] > figures["sustainable_fills_per_s"]

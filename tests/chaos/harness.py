@@ -446,8 +446,16 @@ class SupervisorProcess:
         self._readers_done: trio.Event | None = None
 
     async def __aenter__(self) -> Self:
+        command = [sys.executable, "-m", "stream_supervisor", "run"]
+        trace = os.environ.get("STREAM_SUPERVISOR_TEST_MEMTRACE")
+        if trace:  # debugging a soak's memory: stream_supervisor/testing/memtrace.py
+            every = os.environ.get("STREAM_SUPERVISOR_TEST_MEMTRACE_EVERY", "60")
+            command[2:3] = ["stream_supervisor.testing.memtrace", f"{trace}.{self.name}",
+                            every, "--"]
+            mode = os.environ.get("STREAM_SUPERVISOR_TEST_MEMTRACE_MODE", "tracemalloc")
+            self.env = {**self.env, "STREAM_SUPERVISOR_TEST_MEMTRACE_MODE": mode}
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "stream_supervisor", "run"],
+            command,
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

@@ -169,24 +169,66 @@ async def test_sigkill_mid_recovery_keeps_the_committed_pages_and_a_restart_matc
     assert broker.rate_limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
 
 
+#: The soak's warm-up ends this long after the first reconnect's recovery is done: the
+#: live buffer it held has gone through the pipeline and its memory back to the system
+#: (stream_supervisor/heap.py).
+WARM_SETTLE = 10.0
+#: The issue's rule: the resident set after warm-up stays within this of the warm level.
+RSS_FLAT = 1.15
+
+
+def soak_recoveries(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each backfill's start and end (the service's own log): how long it took, fills
+    and pages read."""
+    out: list[dict[str, Any]] = []
+    started: datetime | None = None
+    for e in events:
+        if e["event"] == "backfill_started":
+            started = datetime.fromisoformat(e["timestamp"])
+            after = datetime.fromisoformat(e["after"])
+        elif e["event"] == "backfill_done" and started is not None:
+            took = datetime.fromisoformat(e["timestamp"]) - started
+            out.append({"at": started.strftime("%H:%M:%S"),
+                        # How far before its start the backfill began reading.
+                        "reads_back_s": round((started - after).total_seconds(), 1),
+                        "took_s": round(took.total_seconds(), 1), "fills": e["fills"],
+                        "pages": e["pages"], "order_requests": e["order_requests"]})
+            started = None
+    return out
+
+
 async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
     """Two minutes at 200 updates/s against the real `run` process, the broker dropping
     the stream every 40 s and refusing it for 5 s after each (only REST covers those),
     the user's bot spending its 100 requests a minute throughout.
 
+    Memory: after warm-up the service's resident set stays within 15% of the warm level
+    (the issue's rule). Warm-up runs until `WARM_SETTLE` seconds after the first
+    reconnect's recovery is done, so the warm level includes one whole recovery's live
+    buffer at this load: every later recovery covers an outage of the same length, and
+    must not need more. With the small LRU set below (5,000 keys) and the recovery
+    maps' bounds (`recovery.SEEN_ORDERS`, `FORWARDED_ORDERS`: 50,000 and 20,000 orders,
+    not reached at CI's 200 updates/s), the working set is reached by then.
+
     The long soak of the service alone (its own process, so its resident set apart from
     the simulated broker's books) is this test with `STREAM_SUPERVISOR_SOAK_SECONDS` and
     `STREAM_SUPERVISOR_SOAK_RATE` (and `STREAM_SUPERVISOR_SOAK_DISCONNECT_EVERY`, seconds
-    of the market's frames) set (BENCHMARKS.md, section Recovery)."""
+    of the market's frames) set (BENCHMARKS.md, section Recovery). Runs longer than two
+    minutes give the service a 5 s ping timeout (`STREAM_SUPERVISOR_SOAK_PING_TIMEOUT`
+    overrides): the harness's 1 s is for short scenarios, and a loaded machine can hold
+    a pong that long on the simulated broker's loop."""
     rate = float(os.environ.get("STREAM_SUPERVISOR_SOAK_RATE", "200"))
     seconds = float(os.environ.get("STREAM_SUPERVISOR_SOAK_SECONDS", "120"))
     every = float(os.environ.get("STREAM_SUPERVISOR_SOAK_DISCONNECT_EVERY", "40"))
+    ping_timeout = os.environ.get("STREAM_SUPERVISOR_SOAK_PING_TIMEOUT",
+                                  "1" if seconds <= 120 else "5")
     config = SimConfig(seed=1903, orders=int(rate * seconds / 5), rate=rate, scenario="soak",
                        start_time=datetime.now(UTC),
                        chaos=ChaosConfig(disconnect_every=int(rate * every),
                                          outage_after_disconnect=5.0))
     broker = SimulatedBroker(config)
     rss: list[float] = []
+    warm_end: list[int] = []  # the sample at which warm-up ended
     with trio.fail_after(seconds + 360):
         async with trio.open_nursery() as nursery:
             server: SimServer = await nursery.start(serve, broker)
@@ -194,15 +236,24 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
             # A small LRU, so memory reaches its working size early in two minutes.
             env = process_env(database_url, server, config,
                               STREAM_SUPERVISOR_FIRST_START_LOOKBACK="60",
-                              STREAM_SUPERVISOR_LRU_SIZE="5000")
+                              STREAM_SUPERVISOR_LRU_SIZE="5000",
+                              STREAM_SUPERVISOR_PING_TIMEOUT=ping_timeout)
             async with SupervisorProcess(env, nursery, name="soak") as proc:
                 # The market's clock starts with it: started now, its times are the wall
                 # clock's, as the broker's are.
                 await nursery.start(broker.run_market)
 
                 async def sample() -> None:
+                    settled_at: float | None = None
                     while True:
                         rss.append(rss_mb(proc.pid))
+                        if settled_at is None and sum(
+                                '"event": "backfill_done"' in line
+                                for line in proc.stdout) >= 2:
+                            settled_at = trio.current_time() + WARM_SETTLE
+                        if (not warm_end and settled_at is not None
+                                and trio.current_time() >= settled_at):
+                            warm_end.append(len(rss))
                         await trio.sleep(1.0)
 
                 nursery.start_soon(sample)
@@ -216,9 +267,26 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
                     alive=lambda: proc.returncode is None)
                 path_figures = await final_verify(database_url, broker)
                 tail = proc.tail()
-                gaps = [e for e in proc.events() if e["event"] == "fill_gap"]
+                events = proc.events()
+                if os.environ.get("STREAM_SUPERVISOR_SOAK_LOG"):  # the service's log, kept
+                    await trio.Path(os.environ["STREAM_SUPERVISOR_SOAK_LOG"]).write_text(
+                        "\n".join(proc.stdout) + "\n")
             nursery.cancel_scope.cancel()
+    gaps = [e for e in events if e["event"] == "fill_gap"]
     limiter = broker.rate_limiter
+    print("soak RSS (MB, every 5 s):", [round(r, 1) for r in rss[::5]])  # for the record
+    print("soak recoveries:", soak_recoveries(events))
+    print("soak memory released after recoveries (RSS MB before, after):",
+          [(e["rss_mb_before"], e["rss_mb_after"]) for e in events
+           if e["event"] == "freed_memory_released"])
+    print("soak:", {"rate": rate, "seconds": seconds, "fills": broker.fills_total,
+                    "disconnects": broker.stats["disconnects"],
+                    "service_requests": limiter.by_caller.get(SERVICE, 0),
+                    "service_peak_in_window": limiter.peak_in_window[SERVICE],
+                    "refused": limiter.refused, "warm_end_s": warm_end[:1],
+                    "peak_rss_mb": round(max(rss), 1),
+                    "over_budget_warnings": sum(e["event"] == "recovery_over_budget"
+                                                for e in events)})
     assert broker.stats["disconnects"] >= 2
     assert mismatches == [], summarize(mismatches) + "\n" + tail
     assert path_figures == [], summarize(path_figures) + "\n" + tail
@@ -226,18 +294,12 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
     assert limiter.refused == {}, limiter.refused  # no 429, for us or the user's bot
     assert limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
     assert limiter.by_caller[USER_BOT_AGENT] >= seconds / 60 * LIMIT * (1 - SHARE) * 0.9
-    # The service's memory stays bounded: never twice its size a minute in, once the
-    # first outage's recovery has filled and drained the live buffer. (It still creeps,
-    # ~0.15 MB/s in this run, 62 to 76 MB: whether it levels off is for the long soak,
-    # benchmarks/recovery.py --soak.)
-    warm = max(rss[:60])
-    print("soak RSS (MB, every 5 s):", [round(r, 1) for r in rss[::5]])  # for the record
-    print("soak:", {"rate": rate, "seconds": seconds, "fills": broker.fills_total,
-                    "disconnects": broker.stats["disconnects"],
-                    "service_requests": limiter.by_caller.get(SERVICE, 0),
-                    "service_peak_in_window": limiter.peak_in_window[SERVICE],
-                    "warm_rss_mb": round(warm, 1), "peak_rss_mb": round(max(rss), 1)})
-    assert max(rss[60:]) <= warm * 2, (warm, [round(r) for r in rss[::5]])
+    # The service's memory is flat after warm-up (the issue's rule; see the docstring
+    # for the warm-up), and there is an after: at least one more recovery's worth.
+    assert warm_end, "the first reconnect's recovery never finished"
+    warm, after = max(rss[:warm_end[0]]), rss[warm_end[0]:]
+    assert len(soak_recoveries(events)) >= 3, soak_recoveries(events)
+    assert max(after) <= warm * RSS_FLAT, (warm, max(after), [round(r) for r in rss[::5]])
 
 
 async def test_a_live_buffer_full_during_recovery_drops_the_socket_and_rest_covers_it(

@@ -152,13 +152,18 @@ def test_strategy_tags_and_account_salt_leave_the_market_as_it_was() -> None:
 
 
 async def test_a_burst_plays_its_updates_without_pacing(autojump_clock: object) -> None:
-    """In virtual time: the burst's 100 updates take none, the others 1/50 s each."""
+    """In virtual time: the burst's 100 updates take none; the others go out when their
+    market time is due (1/50 s apart on average), so the market's clock keeps to the
+    wall clock's."""
     broker = SimulatedBroker(config(seed=5, orders=60, rate=50.0, burst=(20, 100)))
+    market_from = broker.market.now_ns
     started = trio.current_time()
     await broker.run_market()
-    paced = broker.updates_total - 100
-    # A step can make two updates at once (a same-millisecond pair), hence the slack.
-    assert abs((trio.current_time() - started) - paced / 50.0) <= 2 / 50.0
+    times = [parse_timestamp(u["timestamp"])[1] for u in broker.market.updates]
+    burst = (times[119] - times[19]) / 1e9  # the burst's span of market time
+    market = (broker.market.now_ns - market_from) / 1e9
+    assert abs((trio.current_time() - started) - (market - burst)) <= 2 / 50.0
+    assert abs(market - burst - (broker.updates_total - 100) / 50.0) <= 0.1 * market
 
 
 def test_replaced_orders_keep_their_fills_and_the_replacement_fills_the_rest() -> None:

@@ -85,3 +85,58 @@ def test_rest_views_follow_the_market() -> None:
     account = broker.account()
     assert account["id"] == broker.account_id and account["status"] == "ACTIVE"
     assert account["currency"] == "USD" and account["account_number"]
+
+
+def test_after_and_until_by_bisection_answer_as_a_scan_would() -> None:
+    """The indexes (activity ids by millisecond, orders by submission) that keep a long
+    soak's REST answers cheap give what reading every record would: the records whose
+    time passes the filters, in the same order, from any `after`, `until`, page token
+    and direction."""
+    import random
+
+    from stream_supervisor.testing.broker.rest import _OPEN_STATUSES
+    from stream_supervisor.testing.broker.wire import utc_us
+
+    broker = SimulatedBroker(config(seed=22, orders=400))
+    rest = broker._rest
+    market = broker.market
+    rng = random.Random(5)
+    steps = 0
+    while broker.step() is not None:
+        steps += 1
+        if steps % 97:
+            continue
+        times = sorted(market.activity_ns.values()) or [market.now_ns]
+        for _ in range(3):
+            after_ns = rng.choice(times) + rng.choice((-1_000, 0, 1_000, 500_000))
+            until_ns = after_ns + rng.randint(0, 3 * 10**9)
+            ids = market.activity_ids
+            token = rng.choice(ids) if ids and rng.random() < 0.3 else None
+            for direction in ("asc", "desc"):
+                for until in (None, utc_us(until_ns)):
+                    got = rest.fill_activities(after=utc_us(after_ns), until=until,
+                                               direction=direction, page_token=token,
+                                               page_size=100)
+                    order = range(len(ids)) if direction == "asc" else range(
+                        len(ids) - 1, -1, -1)
+                    want = [market.activities[i] for i in order
+                            if (token is None or (ids[i] > token if direction == "asc"
+                                                  else ids[i] < token))
+                            and market.activity_ns[ids[i]] > after_ns - after_ns % 1000
+                            and (until is None
+                                 or market.activity_ns[ids[i]] < until_ns - until_ns % 1000)
+                            ][:100]
+                    assert got == want
+            for status in ("all", "open", "closed"):
+                for direction in ("asc", "desc"):
+                    for after in (None, utc_us(after_ns)):
+                        got_orders = rest.orders(status=status, after=after,
+                                                 direction=direction, limit=50)
+                        listed = sorted(
+                            (o for o in market.orders.values() if o.parent_id is None
+                             and (status == "all"
+                                  or (o.status in _OPEN_STATUSES) == (status == "open"))
+                             and (after is None
+                                  or o.created_ns > after_ns - after_ns % 1000)),
+                            key=lambda o: o.created_ns, reverse=direction == "desc")
+                        assert got_orders == [o.snapshot() for o in listed[:50]]
