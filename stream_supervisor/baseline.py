@@ -129,13 +129,40 @@ async def broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
         return fallback
 
 
+def _moved_by_its_fills(was: BrokerPosition | None, now: BrokerPosition | None,
+                        fills: Sequence[WireActivity], before: datetime,
+                        after: datetime) -> bool:
+    """Whether a symbol's position moved between two rounds' reads by its fills alone.
+
+    `fills` are those the earlier round found; `before` and `after` are the broker's
+    clock read either side of that round's positions read. A fill stamped after `after`
+    came after the positions read, one stamped at or before `before` came before it (it
+    is in `was`); one stamped between is undecided, and so is the answer (False: the
+    next round's read decides). Otherwise the quantity read now must be the earlier one
+    plus exactly the later fills: a split, an expiry or an assignment between the reads
+    (without a fill) would not add up. Prices are not compared: the broker's average is
+    its own rounding."""
+    if not fills:
+        return False
+    qty = was.qty if was is not None else Decimal(0)
+    for fill in fills:
+        if fill.side not in ("buy", "sell"):
+            return False
+        stamp = parse_timestamp(fill.transaction_time)[0]
+        if before < stamp <= after:
+            return False
+        if stamp > after:
+            qty += fill.qty if fill.side == "buy" else -fill.qty
+    return qty == (now.qty if now is not None else Decimal(0))
+
+
 async def take_snapshot(
     rest: BrokerRest, *, now: datetime, window: float, known: Sequence[str] = ()
 ) -> BrokerSnapshot:
     """A consistent moment of each symbol: the activities of the window are read before
     and after the positions and open orders; a symbol no new activity touched, whose
-    position is also what the previous round read (or that filled in it), is settled in
-    that round (its position, open orders and fills then, at the broker's clock read
+    position is also what the previous round read (also one that filled in it), is
+    settled in that round (its position, open orders and fills then, at the broker's clock read
     before the round), the others are read again until each has had a quiet round.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
@@ -176,12 +203,18 @@ async def take_snapshot(
     # Per symbol, the broker's clock read at the start of the round it settled in.
     clocks: dict[str, datetime] = {}
     previous: dict[str, BrokerPosition] | None = None
-    busy: set[str] = set()
+    # The previous round: its clock reads either side of its positions read, and the
+    # fills it found, by symbol (`_moved_by_its_fills`).
+    before = after = now
+    filled: dict[str, list[WireActivity]] = {}
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        # The round's moment: the broker's clock before its positions read (the first
-        # round's is the clock read first).
-        clock = now if attempt == 1 else await broker_now(rest, now)
+        # The round's moment: the broker's clock read after the previous round's
+        # positions read and before this one's (the first round's is the clock read
+        # first). Read again right after the positions, it brackets them: a fill stamped
+        # after it came after them, one stamped before the round's moment before them.
+        clock = after
         positions = {b.symbol: b for b in map(broker_position, await rest.positions())}
+        after = await broker_now(rest, now)
         open_orders = await rest.open_orders()
         by_symbol = _by_symbol(open_orders)
         parents.update((o.id, o) for o in open_orders if o.legs)
@@ -201,10 +234,16 @@ async def take_snapshot(
             # A change without a fill (a split, an expiry, an assignment) between the
             # clock read and the positions read would be in the positions yet after the
             # moment: a symbol settles only once a read finds it as the previous round
-            # did. One that filled in the previous round settles on a quiet round alone
-            # (each change of it there was a fill; section 10 says what that leaves).
-            if symbol not in busy and (
-                    previous is None or positions.get(symbol) != previous.get(symbol)):
+            # did, so nothing changed it between the two reads and the moment between
+            # them is exact. One that filled in the previous round may instead have moved
+            # by exactly those of its fills that came after that round's positions read;
+            # a change without a fill landing beside them (a short put assigned while its
+            # stock trades) would not add up, and is caught the same way.
+            if previous is None:
+                continue
+            if positions.get(symbol) != previous.get(symbol) and not _moved_by_its_fills(
+                    previous.get(symbol), positions.get(symbol), filled.get(symbol, []),
+                    before, clock):
                 continue
             settled.add(symbol)
             clocks[symbol] = clock
@@ -214,7 +253,10 @@ async def take_snapshot(
             known_acts[symbol] = [a for a in acts if spelled[a.symbol] == symbol]
         if symbols <= settled:
             break
-        previous, busy = positions, touched
+        previous, before = positions, clock
+        filled = {}
+        for act in fresh:
+            filled.setdefault(spelled[act.symbol], []).append(act)
     else:
         raise BrokerUnavailable(
             f"the account kept filling: {len(symbols - settled)} symbol(s) had no quiet "

@@ -233,8 +233,10 @@ async def test_the_snapshot_is_read_again_until_no_fill_lands_in_between() -> No
 
 async def test_each_symbol_settles_in_a_round_of_its_own_while_others_fill() -> None:
     # MSFT and TSLA take turns filling during every read, so no round is quiet for the
-    # whole account; each symbol is quiet in every other round, which is enough.
-    broker = Broker()
+    # whole account; each symbol is quiet in every other round, which is enough: its
+    # position moved by exactly its fills stamped after the previous round's positions
+    # read (the clock read right after that read is `at((reads + 1) / 10)`).
+    broker = TickingBroker()
     cum = {"MSFT": 0, "TSLA": 0}
     reads = 0
     real_positions = broker.positions
@@ -248,7 +250,7 @@ async def test_each_symbol_settles_in_a_round_of_its_own_while_others_fill() -> 
         broker.activities.append(WireActivity(
             id=f"{reads:03d}::{symbol}", order_id=symbol.lower(), symbol=symbol, side="buy",
             price=D(100), qty=D(1), cum_qty=D(cum[symbol]),
-            transaction_time=format_timestamp(at(-30 + reads))))
+            transaction_time=format_timestamp(at((reads + 1) / 10 + 0.05))))
         broker.held = [position(sym, str(q), "100") for sym, q in cum.items() if q]
         return answer
 
@@ -257,6 +259,7 @@ async def test_each_symbol_settles_in_a_round_of_its_own_while_others_fill() -> 
     # Round 1: TSLA fills. Round 2: MSFT fills, TSLA settles at 1. Round 3: TSLA fills
     # again, MSFT settles at 1. Each with its order's mark as of its own round.
     assert snapshot.attempts == 3
+    assert snapshot.moments == {"TSLA": at(0.25), "MSFT": at(0.35)}
     assert sorted((p.symbol, p.qty) for p in snapshot.positions) == [
         ("MSFT", D(1)), ("TSLA", D(1))]
     assert sorted((o.order_id, o.filled_qty) for o in snapshot.orders) == [
@@ -521,6 +524,58 @@ async def test_a_split_between_the_clock_and_the_positions_read_is_held_not_appl
     assert result.positions == []
 
 
+async def test_a_split_beside_a_fill_waits_for_a_read_that_finds_the_position_unchanged(
+) -> None:
+    """A symbol fills after the first round's positions read, and splits between the
+    second round's clock read and its positions read. The second round is quiet (no new
+    fill), but the position moved by the fill and the split together: settled there, its
+    moment would precede the split, and the SPLIT posting later would add its shares a
+    second time (the outage worlds' seed 140: a short put assigned while its stock
+    traded, the stock doubled). It settles in the third round, which finds it as the
+    second did, and the split is held."""
+    from stream_supervisor.activities import IN_BASELINE, non_trade_to_event
+    from stream_supervisor.ledger import apply_events, baseline_moments
+    from stream_supervisor.positions import Position
+
+    broker = TickingBroker()
+    broker.held = [position("NVDA", "100", "100")]
+    reads = 0
+    real_positions = broker.positions
+
+    async def positions() -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the split lands after the second round's clock read
+            broker.held = [position("NVDA", "440", "25")]
+        answer = await real_positions()
+        if reads == 1:  # a buy of 10 fills after the first positions read
+            broker.activities.append(WireActivity(
+                id="1::nvda", order_id="n1", symbol="NVDA", side="buy", price=D(100),
+                qty=D(10), cum_qty=D(10), transaction_time=format_timestamp(at(0.25)),
+                order_status="filled"))
+            broker.held = [position("NVDA", "110", "100")]
+            broker.orders["n1"] = WireOrder(id="n1", symbol="NVDA", side="buy",
+                                            status="filled", filled_qty=D(10),
+                                            filled_avg_price=D(100))
+        return answer
+
+    broker.positions = positions  # type: ignore[method-assign]
+    snapshot = await take_snapshot(broker, now=at(0), window=600)
+    assert snapshot.attempts == 3
+    assert snapshot.moments == {"NVDA": at(0.3)}
+    assert [(p.symbol, p.qty) for p in snapshot.positions] == [("NVDA", D(440))]
+    split = non_trade_to_event(WireNonTrade(
+        id="1::split", activity_type="SPLIT", transaction_time=format_timestamp(at(0.27)),
+        symbol="NVDA", qty=D(330)))
+    [held] = snapshot.positions
+    row = Position(ACCOUNT, "NVDA", held.qty, held.avg_entry_price, "baseline", None, at(0),
+                   position_id=1)
+    result = apply_events(ACCOUNT, {}, {"NVDA": row}, [split],
+                          baseline_moments(snapshot.taken_at, snapshot.moments))
+    assert [r.outcome for r in result.activities] == [IN_BASELINE]
+    assert result.positions == []
+
+
 async def test_a_crypto_fill_named_without_its_slash_unsettles_its_pair() -> None:
     """A FILL activity says `BTCUSD`, positions `BTC/USD` once canonical: a fill landing
     in the first round is the pair's, which is read again; its moment and its order's
@@ -548,10 +603,10 @@ async def test_a_crypto_fill_named_without_its_slash_unsettles_its_pair() -> Non
     broker.positions = positions  # type: ignore[method-assign]
     snapshot = await take_snapshot(broker, now=at(0), window=600)
     assert [(p.symbol, p.qty) for p in snapshot.positions] == [("BTC/USD", D("0.49875"))]
-    # Unsettled by its fill in round 1; a symbol that filled in the round before settles
-    # on a quiet round alone.
-    assert snapshot.attempts == 2
-    assert snapshot.moments == {"BTC/USD": at(0.2)}
+    # Unsettled by its fill in round 1, moved by it in round 2: settled in round 3, which
+    # finds it as round 2 did.
+    assert snapshot.attempts == 3
+    assert snapshot.moments == {"BTC/USD": at(0.3)}
     assert [(o.order_id, o.symbol, o.filled_qty) for o in snapshot.orders] == [
         ("c1", "BTC/USD", D("0.5"))]
 
