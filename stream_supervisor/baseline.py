@@ -161,9 +161,10 @@ async def take_snapshot(
 ) -> BrokerSnapshot:
     """A consistent moment of each symbol: the activities of the window are read before
     and after the positions and open orders; a symbol no new activity touched, whose
-    position is also what the previous round read (also one that filled in it), is
-    settled in that round (its position, open orders and fills then, at the broker's clock read
-    before the round), the others are read again until each has had a quiet round.
+    position is also what the previous round read (or, if it filled in that round, moved
+    by exactly those fills: `_moved_by_its_fills`), is settled in that round (its
+    position, open orders and fills then, at the broker's clock read before its positions
+    read), the others are read again until each has had a quiet round.
 
     `known`: orders we hold as still working. One the broker no longer lists as open
     finished while we were away; its final `filled_qty` (in the broker's positions by

@@ -492,8 +492,7 @@ async def test_a_split_between_the_clock_and_the_positions_read_is_held_not_appl
     positions read: the positions hold the split, stamped after the round's moment. A
     symbol settles only when a read finds it as the previous one did, at that round's
     moment, so the SPLIT posted later is stored, not applied again."""
-    from stream_supervisor.activities import IN_BASELINE, non_trade_to_event
-    from stream_supervisor.ledger import apply_events, baseline_moments
+    from stream_supervisor.activities import IN_BASELINE
 
     broker = TickingBroker()
     broker.held = [position("NVDA", "100", "100")]
@@ -511,17 +510,26 @@ async def test_a_split_between_the_clock_and_the_positions_read_is_held_not_appl
     snapshot = await take_snapshot(broker, now=at(0), window=600)
     assert snapshot.attempts == 2
     assert snapshot.taken_at == at(0.1) and snapshot.moments == {"NVDA": at(0.2)}
-    split = non_trade_to_event(WireNonTrade(
-        id="1::split", activity_type="SPLIT", transaction_time=format_timestamp(at(0.15)),
-        symbol="NVDA", qty=D(300)))
-    [held] = snapshot.positions
-    from stream_supervisor.positions import Position
-    row = Position(ACCOUNT, "NVDA", held.qty, held.avg_entry_price, "baseline", None, at(0),
-                   position_id=1)
-    result = apply_events(ACCOUNT, {}, {"NVDA": row}, [split],
-                          baseline_moments(snapshot.taken_at, snapshot.moments))
+    result = _split_posted_later(snapshot, at(0.15), "300")
     assert [r.outcome for r in result.activities] == [IN_BASELINE]
     assert result.positions == []
+
+
+def _split_posted_later(snapshot: Any, stamp: datetime, added: str) -> Any:
+    """The SPLIT of the snapshot's one NVDA position, stamped `stamp`, applied to the row
+    the baseline made of it under the baseline's moments."""
+    from stream_supervisor.activities import non_trade_to_event
+    from stream_supervisor.ledger import apply_events, baseline_moments
+    from stream_supervisor.positions import Position
+
+    split = non_trade_to_event(WireNonTrade(
+        id="1::split", activity_type="SPLIT", transaction_time=format_timestamp(stamp),
+        symbol="NVDA", qty=D(added)))
+    [held] = snapshot.positions
+    row = Position(ACCOUNT, "NVDA", held.qty, held.avg_entry_price, "baseline", None, at(0),
+                   position_id=1)
+    return apply_events(ACCOUNT, {}, {"NVDA": row}, [split],
+                        baseline_moments(snapshot.taken_at, snapshot.moments))
 
 
 async def test_a_split_beside_a_fill_waits_for_a_read_that_finds_the_position_unchanged(
@@ -533,9 +541,7 @@ async def test_a_split_beside_a_fill_waits_for_a_read_that_finds_the_position_un
     second time (the outage worlds' seed 140: a short put assigned while its stock
     traded, the stock doubled). It settles in the third round, which finds it as the
     second did, and the split is held."""
-    from stream_supervisor.activities import IN_BASELINE, non_trade_to_event
-    from stream_supervisor.ledger import apply_events, baseline_moments
-    from stream_supervisor.positions import Position
+    from stream_supervisor.activities import IN_BASELINE
 
     broker = TickingBroker()
     broker.held = [position("NVDA", "100", "100")]
@@ -564,14 +570,7 @@ async def test_a_split_beside_a_fill_waits_for_a_read_that_finds_the_position_un
     assert snapshot.attempts == 3
     assert snapshot.moments == {"NVDA": at(0.3)}
     assert [(p.symbol, p.qty) for p in snapshot.positions] == [("NVDA", D(440))]
-    split = non_trade_to_event(WireNonTrade(
-        id="1::split", activity_type="SPLIT", transaction_time=format_timestamp(at(0.27)),
-        symbol="NVDA", qty=D(330)))
-    [held] = snapshot.positions
-    row = Position(ACCOUNT, "NVDA", held.qty, held.avg_entry_price, "baseline", None, at(0),
-                   position_id=1)
-    result = apply_events(ACCOUNT, {}, {"NVDA": row}, [split],
-                          baseline_moments(snapshot.taken_at, snapshot.moments))
+    result = _split_posted_later(snapshot, at(0.27), "330")
     assert [r.outcome for r in result.activities] == [IN_BASELINE]
     assert result.positions == []
 
