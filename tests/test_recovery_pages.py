@@ -212,6 +212,44 @@ async def test_a_second_recovery_reads_on_from_the_first(
     assert second.activities_read < first.activities_read / 2
 
 
+async def test_the_page_that_reaches_the_live_range_leaves_its_last_millisecond_to_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Two fills of one order in one millisecond, the higher one's id sorting first, and
+    a page that ends between them as it passes where the live socket's range begins.
+    Handed out, the higher fill would reach the ledger alone, past a gap priced at its
+    own price, and the lower one, live, would be stale: quantities right, the symbol's
+    P&L path wrong (the two-minute soak's TSLA, 0.73 off). The page's last millisecond
+    is the live buffer's, whole."""
+    broker = played(orders=400, rate=10.0)  # 100 ms between updates: a page spans 10 s
+    market = broker.market
+    acts = market.activities  # in id order, as REST pages them
+    ms = [market.activity_ns[a["id"]] // 1_000_000 for a in acts]
+    # A pair whose higher fill sorts first, 100th of a page starting at an update's ms.
+    k = next(k for k in range(100, len(acts) - 1)
+             if ms[k] == ms[k + 1] and acts[k]["order_id"] == acts[k + 1]["order_id"]
+             and Decimal(acts[k]["cum_qty"]) > Decimal(acts[k + 1]["cum_qty"])
+             and ms[k - 99] != ms[k - 100] and ms[k - 1] != ms[k])
+    start_ns = ms[k - 99] * 1_000_000 - 500_000
+    end_ns = market.now_ns + 1_000_000_000  # where `recover` stands
+    live_from = ms[k] * 1_000_000 - LIVE_OVERLAP_NS - 1_000_000
+    _, forwarded = await recover(broker, lookback=(end_ns - start_ns) / 1e9,
+                                 live_from_ns=live_from)
+    fills = [ev for ev in forwarded if isinstance(ev, Event) and ev.is_fill]
+    # Every fill continues from its order's fill forwarded before it, or from one
+    # before the backfill's start.
+    at_ns = {(a["order_id"], Decimal(a["cum_qty"])): market.activity_ns[a["id"]]
+             for a in acts}
+    reached: dict[str, Decimal] = {}
+    for ev in fills:
+        assert ev.fill_qty is not None
+        before = ev.cum_qty - ev.fill_qty
+        assert before == reached.get(ev.order_id, Decimal(0)) or (
+            ev.order_id not in reached and at_ns[(ev.order_id, before)] < start_ns), ev
+        reached[ev.order_id] = ev.cum_qty
+    # The page's millisecond before the last, and nothing of the last.
+    assert {ev.activity_id for ev in fills} == {a["id"] for a in acts[k - 99:k]}
+
+
 
 # --- can recovery keep up? (recovery_over_budget) ------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any, Final, Self
 
@@ -692,3 +693,43 @@ def committed_rows(database_url: str, account_id: str) -> int:
         row = conn.execute("SELECT count(*) FROM alpaca_event_dedupe WHERE account_id = %s",
                            [account_id]).fetchone()
     return int(row[0]) if row else 0
+
+
+def fill_paths(database_url: str, broker: SimulatedBroker, symbols: Iterable[str]) -> str:
+    """For each symbol, the broker's fills in its own order (time, then each order's
+    cumulative quantity: two fills of one order in one millisecond sort by uuid in their
+    ids) beside the order the store applied them in (the dedupe table's `seq`), where
+    they differ: what explains a path figure (average entry, realized P&L) that does."""
+    truth = broker.ground_truth()
+    lines: list[str] = []
+    with psycopg.connect(database_url, autocommit=True, application_name=OBSERVER_APP) as conn:
+        applied = conn.execute(
+            "SELECT event_key, source, seq FROM alpaca_event_dedupe"
+            " WHERE account_id = %s AND event_key LIKE 'fill:%%' ORDER BY seq",
+            [truth["account_id"]]).fetchall()
+    for symbol in symbols:
+        ours = {oid for oid, o in truth["orders"].items() if o["symbol"] == symbol}
+        want = sorted(((f["activity_id"], oid, f) for oid, o in truth["orders"].items()
+                       if oid in ours for f in o["fills"]),
+                      key=lambda t: (t[0][:17], t[1], Decimal(t[2]["cum_qty"])))
+        want_keys = [(oid, Decimal(f["cum_qty"])) for _, oid, f in want]
+        got = [row for row in applied if row[0].split(":")[1] in ours]
+        got_keys = [(row[0].split(":")[1], Decimal(row[0].split(":")[2])) for row in got]
+        differ = [i for i in range(max(len(want_keys), len(got_keys)))
+                  if i >= len(want_keys) or i >= len(got_keys) or want_keys[i] != got_keys[i]]
+        lines.append(f"{symbol}: {len(want_keys)} broker fills, {len(got_keys)} applied,"
+                     f" {len(differ)} in another place; missing"
+                     f" {sorted(set(want_keys) - set(got_keys))[:5]}")
+        shown: set[int] = set()
+        for first in differ[:6]:
+            for i in range(max(0, first - 2), first + 3):
+                if i in shown or i >= max(len(want), len(got)):
+                    continue
+                shown.add(i)
+                w = (f"{want[i][0][:17]} {want[i][1][:8]}@{want_keys[i][1]}"
+                     f" qty {want[i][2]['qty']} @ {want[i][2]['price']}"
+                     f" streamed={want[i][2]['streamed']}" if i < len(want) else "-")
+                g = (f"{got_keys[i][0][:8]}@{got_keys[i][1]} {got[i][1]} seq {got[i][2]}"
+                     if i < len(got) else "-")
+                lines.append(f"  {i}: broker {w} | applied {g}")
+    return "\n".join(lines)

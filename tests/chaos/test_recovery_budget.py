@@ -39,6 +39,7 @@ from .harness import (
     SupervisorProcess,
     chaos_settings,
     committed_rows,
+    fill_paths,
     final_verify,
     process_env,
     wait_until_matches,
@@ -266,6 +267,8 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
                     database_url, broker, timeout=seconds + 240, strict_prices=False,
                     alive=lambda: proc.returncode is None)
                 path_figures = await final_verify(database_url, broker)
+                paths = (fill_paths(database_url, broker,
+                                    {m.subject for m in path_figures}) if path_figures else "")
                 tail = proc.tail()
                 events = proc.events()
                 if os.environ.get("STREAM_SUPERVISOR_SOAK_LOG"):  # the service's log, kept
@@ -289,7 +292,7 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
                                                 for e in events)})
     assert broker.stats["disconnects"] >= 2
     assert mismatches == [], summarize(mismatches) + "\n" + tail
-    assert path_figures == [], summarize(path_figures) + "\n" + tail
+    assert path_figures == [], summarize(path_figures) + "\n" + paths + "\n" + tail
     assert gaps == [], gaps  # no fill priced past a gap without its order's average
     assert limiter.refused == {}, limiter.refused  # no 429, for us or the user's bot
     assert limiter.peak_in_window[SERVICE] <= LIMIT * SHARE
