@@ -267,8 +267,9 @@ async def test_two_minute_soak_within_the_budget(database_url: str) -> None:
                     database_url, broker, timeout=seconds + 240, strict_prices=False,
                     alive=lambda: proc.returncode is None)
                 path_figures = await final_verify(database_url, broker)
-                paths = (fill_paths(database_url, broker,
-                                    {m.subject for m in path_figures}) if path_figures else "")
+                paths = await trio.to_thread.run_sync(
+                    fill_paths, database_url, broker,
+                    {m.subject for m in path_figures}) if path_figures else ""
                 tail = proc.tail()
                 events = proc.events()
                 if os.environ.get("STREAM_SUPERVISOR_SOAK_LOG"):  # the service's log, kept
