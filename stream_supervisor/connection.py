@@ -294,13 +294,16 @@ class ConnectionActor:
                     # The live buffer is freed: give its memory back (heap.py).
                     nursery.start_soon(release_after_settling)
                     outbox = self.outbox
+                    observe = self.recovery.observe_live
                     async for first in receive_stream:
                         self._note_wall_offset()
+                        offset = self._wall_offset_ns
                         # Whatever else is already buffered goes in the same turn, and
-                        # without a coroutine per item while the outbox has room.
+                        # without a coroutine per item while the outbox has room
+                        # (`_observe_live`, inlined: every update passes here).
                         for item in drain(first, receive_stream):
                             if isinstance(item, Event):
-                                self._observe_live(item)
+                                observe(item, int(item.received_at * 1e9) + offset)
                             try:
                                 outbox.send_nowait(item)
                             except trio.WouldBlock:

@@ -57,12 +57,13 @@ def _max_opt(a: _T | None, b: _T | None) -> _T | None:
 
 
 def cursor_of(events: Iterable[Event]) -> Cursor:
-    """The cursor a set of committed events moves the account to."""
-    cursor = Cursor()
-    for ev in events:
-        if ev.event in FILL_EVENTS:
-            cursor = cursor.advanced(Cursor(ev.timestamp, ev.activity_id))
-    return cursor
+    """The cursor a set of committed events moves the account to: the newest fill's time
+    and the greatest activity id among them (each batch's, so no `Cursor` per fill)."""
+    fills = [ev for ev in events if ev.event in FILL_EVENTS]
+    if not fills:
+        return Cursor()
+    ids = [ev.activity_id for ev in fills if ev.activity_id is not None]
+    return Cursor(max(ev.timestamp for ev in fills), max(ids) if ids else None)
 
 
 def baseline_moments(taken_at: datetime, per_symbol: Mapping[str, datetime]) -> dict[str, datetime]:

@@ -51,6 +51,7 @@ from .store import (
     StoreSnapshot,
     replay_outcome,
 )
+from .threadhop import run_in_thread
 
 T = TypeVar("T")
 
@@ -489,9 +490,25 @@ def stored_dead_letter(row: Sequence[Any]) -> StoredDeadLetter:
     )
 
 
+#: How JSON spells NUL (msgspec escapes it so): a batch's encoded rows holding it hold a
+#: NUL somewhere (or the six characters themselves, after a backslash, which is harmless).
+_JSON_NUL: Final = b"\\u0000"
+
+
+def _scrubbed(value: Any) -> Any:
+    return _text(value) if isinstance(value, str) else value
+
+
 def _rows(rows: list[tuple[Any, ...]]) -> str:
-    """A batch statement's rows as its one JSON parameter."""
-    return _json_encode(rows).decode()
+    """A batch statement's rows as its one JSON parameter, every text NUL-free (`_text`).
+
+    Checked on the encoded batch, in one scan, rather than value by value: the text of
+    almost every batch holds no NUL, and a function call per column cost the writer more
+    than the encoding (BENCHMARKS.md). Only a batch that does is encoded again, scrubbed."""
+    encoded = _json_encode(rows)
+    if _JSON_NUL in encoded:
+        encoded = _json_encode([tuple(map(_scrubbed, row)) for row in rows])
+    return encoded.decode()
 
 
 def _claim_params(account_id: str, first: dict[str, Event],
@@ -499,7 +516,7 @@ def _claim_params(account_id: str, first: dict[str, Event],
     """The keys to claim (stored spelling -> the batch's), each with its first update."""
     return {
         "acct": account_id,
-        "rows": _rows([(k, _text(first[key].event), first[key].source)
+        "rows": _rows([(k, first[key].event, first[key].source)
                        for k, key in by_stored_key.items()]),
     }
 
@@ -508,10 +525,9 @@ def _orders_params(account_id: str, orders: Iterable[OrderState]) -> dict[str, A
     return {
         "acct": account_id,
         "rows": _rows([
-            (_text(o.order_id), _opt_text(o.client_order_id), _text(o.symbol), _text(o.side),
-             _opt_text(o.order_type), _opt_text(o.asset_class), o.order_qty, o.filled_qty,
-             o.filled_avg_price, _text(o.status), o.created_at, o.updated_at, o.revised_at,
-             _opt_text(o.order_class), _opt_text(o.parent_order_id))
+            (o.order_id, o.client_order_id, o.symbol, o.side, o.order_type, o.asset_class,
+             o.order_qty, o.filled_qty, o.filled_avg_price, o.status, o.created_at,
+             o.updated_at, o.revised_at, o.order_class, o.parent_order_id)
             for o in orders]),
     }
 
@@ -520,7 +536,7 @@ def _update_params(rows: Sequence[Position]) -> dict[str, Any]:
     return {
         "rows": _rows([
             (p.position_id, abs(p.qty), p.avg_entry_price, p.realized_pnl, abs(p.peak_qty),
-             p.closed_at, _opt_text(p.closing_activity_id))
+             p.closed_at, p.closing_activity_id)
             for p in rows]),
     }
 
@@ -529,10 +545,9 @@ def _insert_params(account_id: str, rows: Sequence[Position]) -> dict[str, Any]:
     return {
         "acct": account_id,
         "rows": _rows([
-            (_text(p.symbol), p.side, abs(p.qty), p.avg_entry_price,
-             _text(p.opened_by_order_id), _opt_text(p.opened_by_client_order_id),
-             p.realized_pnl, p.opened_at, p.closed_at, abs(p.peak_qty), p.multiplier,
-             _opt_text(p.asset_class), _opt_text(p.closing_activity_id))
+            (p.symbol, p.side, abs(p.qty), p.avg_entry_price, p.opened_by_order_id,
+             p.opened_by_client_order_id, p.realized_pnl, p.opened_at, p.closed_at,
+             abs(p.peak_qty), p.multiplier, p.asset_class, p.closing_activity_id)
             for p in rows]),
     }
 
@@ -638,7 +653,7 @@ class PgStore:
     async def _run(self, fn: Callable[[], T]) -> T:
         # Not abandoned on cancel: the connection must never be used by two threads, so a
         # cancelled caller waits for the statement, which statement_timeout bounds.
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        return await run_in_thread(fn, self._limiter)
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = pgconn.connect(

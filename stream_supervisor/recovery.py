@@ -31,7 +31,7 @@ import trio
 
 from .bounds import not_after_ns
 from .errors import BrokerUnavailable, DecodeError
-from .events import DeadLetter, Event, format_timestamp, parse_timestamp
+from .events import FILL_EVENTS, DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
 from .logs import get_logger
 from .messages import Item
@@ -304,21 +304,27 @@ class GapRecovery:
         """Remember an update's order status (every forwarded update passes here). Only
         orders not yet terminal are kept: the refresh asks about no other, and memory
         then follows the orders in flight, not every order of the day."""
-        if event.is_fill:
+        # Every update of the stream passes here, on the event loop: kept tight.
+        order_id = event.order_id
+        if event.event in FILL_EVENTS:
             reached = self._forwarded_cum
-            before = reached.get(event.order_id)
+            before = reached.get(order_id)
             if before is None or event.cum_qty > before:
-                reached[event.order_id] = event.cum_qty
-            reached.move_to_end(event.order_id)
+                reached[order_id] = event.cum_qty
+            reached.move_to_end(order_id)
             if len(reached) > FORWARDED_ORDERS:
                 reached.popitem(last=False)
         seen = self._seen_status
-        status = merge_status(seen.get(event.order_id, event.status), event.status)
+        status = event.status
+        old = seen.get(order_id)
+        if old is not None and old != status:  # the same status again needs no merge
+            status = merge_status(old, status)
         if status in TERMINAL_STATUSES:
-            seen.pop(event.order_id, None)
+            if old is not None:
+                del seen[order_id]
             return
-        seen[event.order_id] = status
-        seen.move_to_end(event.order_id)
+        seen[order_id] = status
+        seen.move_to_end(order_id)
         if len(seen) > SEEN_ORDERS:
             seen.popitem(last=False)
 
@@ -326,7 +332,7 @@ class GapRecovery:
         """`observe` for a live update forwarded after a completed recovery, newer than
         the connection: a fill moves the stream's edge (`StreamEdge`)."""
         self.observe(event)
-        if event.is_fill:
+        if event.event in FILL_EVENTS:
             if self.edge is None:
                 self.edge = StreamEdge(min(event.ts_ns, received_wall_ns + LIVE_OVERLAP_NS))
             else:
