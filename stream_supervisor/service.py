@@ -30,8 +30,9 @@ log = get_logger("stream_supervisor.service")
 #: default is 5 ms). The writer's database calls run in a worker thread and release the
 #: GIL while they wait; when a result arrives while the event loop is busy reading and
 #: decoding, the writer waited up to a whole interval for it, a few times per batch.
-#: At 0.5 ms a batch committed in half the time under load; 0.1 ms took another 5% off
-#: the pipeline's time on an idle machine, and 0.05 ms nothing more (BENCHMARKS.md).
+#: At 0.5 ms a batch committed in half the time under load. At 0.1 ms the pipeline ran
+#: 1.05-1.08x faster again on an idle machine, duplicates 0.98x, for 2% more CPU an
+#: update; 0.05 ms gained nothing more, 2 ms lost 16% (BENCHMARKS.md, issue 18).
 GIL_SWITCH_INTERVAL = 0.0001
 
 
