@@ -5,21 +5,24 @@ which yields to the scheduler even when the limiter is free: the calling task go
 back of the run queue, and the thread starts only after every other runnable task has had
 its turn. For the writer that turn is the connection actor decoding a whole socket read
 and the dedupe actor forwarding it, about 2 ms per batch in which the database and the
-writer thread both wait (BENCHMARKS.md, "The hand-off"). `run_in_thread` starts the thread
-at once when the limiter is free and waits only for its result; everything else is as
-`trio.to_thread.run_sync(fn, limiter=limiter)` does it for a function that never calls
-back into Trio: one call at a time per limiter, not abandoned on cancel (a cancelled
-caller waits for the thread, then sees `Cancelled`), and the caller's context variables.
+writer thread both wait (BENCHMARKS.md, issue 18, fourth session). `run_in_thread` starts
+the thread at once when the limiter is free and waits only for its result; everything
+else is as `trio.to_thread.run_sync(fn, limiter=limiter)` does it for a function that
+never calls back into Trio: one call at a time per limiter, not abandoned on cancel (a
+cancelled caller waits for the thread, gets its result, and sees `Cancelled` at its next
+checkpoint), and the caller's context variables.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import outcome
 import trio
+
+if TYPE_CHECKING:
+    import outcome  # Trio's own dependency: only its types are named here
 
 T = TypeVar("T")
 
