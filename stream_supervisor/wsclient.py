@@ -5,10 +5,19 @@ message to the caller through a memory channel, two task switches per trade upda
 which cost more than decoding the update (benchmarks/, BENCHMARKS.md). Here the caller's
 own task reads: one `receive_some` of up to 64 KiB, every message it completes returned
 at once by `get_messages`. wsproto (the sans-I/O library trio-websocket is built on)
-still does the upgrade, framing, UTF-8 and close-code rules, so this module is only the
-I/O around it: pings and pongs, the close handshake, fragment assembly with a size
-limit (a longer message is cut, not a reason to close: the decoder dead-letters it). The
-simulated broker's server side still uses trio-websocket.
+does the upgrade, the close-code rules and every frame that is not an ordinary message,
+so this module is mostly the I/O around it: pings and pongs, the close handshake,
+fragment assembly with a size limit (a longer message is cut, not a reason to close: the
+decoder dead-letters it). The simulated broker's server side still uses trio-websocket.
+
+One exception, for speed: the frames a broker sends nearly always (one unmasked text or
+binary frame per message, no extension bits, at most `FAST_FRAME_BYTES`) are split out
+of the read here, a header and a slice each, instead of passing through wsproto's frame
+parser, which costs five times as much a frame (BENCHMARKS.md, "Fifth session"). Any
+other frame, and any frame while a fragmented message is open, goes to wsproto whole and
+at a frame boundary, so wsproto still judges everything unusual (masking from a server,
+reserved bits, bad opcodes, lengths not minimally encoded, control frames, fragments,
+invalid UTF-8) and closes with the code it always did.
 
 `websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
 stream, runs the upgrade, and always closes both. Contract, as for the whole transport
@@ -46,6 +55,13 @@ from .transport import Connector, WebSocket
 
 #: Bytes asked of the socket per read: about sixty trade updates.
 RECEIVE_BYTES = 64 * 1024
+#: The longest frame (header included) split out here; a longer one is read by wsproto,
+#: its payload handed over as it arrives, so at most this much of a frame is held.
+FAST_FRAME_BYTES = 64 * 1024
+#: First header bytes of the frames split out here: FIN set, no reserved bits, text (1)
+#: or binary (2). Their second byte must not have the mask bit.
+_FAST_TEXT = 0x81
+_FAST_BINARY = 0x82
 #: What is kept of the body of a refused upgrade, for the error message.
 REJECT_BODY_BYTES = 200
 #: Close codes (RFC 6455 section 7.4.1).
@@ -65,6 +81,9 @@ class WebSocketClient:
         self._max_message_size = max_message_size
         self._send_lock = trio.StrictFIFOLock()
         self._ready: deque[str | bytes] = deque()  # complete messages not yet returned
+        self._pending = b""  # the start of a frame not yet complete (split out here)
+        self._owed = 0  # bytes of a frame wsproto is reading, not yet given to it
+        self._fragmented = False  # wsproto holds an open fragmented message
         self._parts: list[str | bytes] = []  # fragments of the message being assembled
         self._part_bytes = 0
         self._cut = False  # the message being assembled is over the limit: rest discarded
@@ -103,8 +122,88 @@ class WebSocketClient:
         except _STREAM_ERRORS as exc:
             self._lost(f"{type(exc).__name__}: {exc}")
             return
-        # End of stream without a close frame is wsproto's 1006 (abnormal closure) event.
-        self._ws.receive_data(bytes(data) if data else None)
+        if not data:
+            # End of stream without a close frame is wsproto's 1006 (abnormal closure)
+            # event. A frame cut short here goes to wsproto first: what it says of a
+            # header it would refuse comes before that, as without the fast path.
+            if self._pending:
+                pending, self._pending = self._pending, b""
+                await self._to_wsproto(pending)
+                if self._closed is not None:
+                    return
+            self._ws.receive_data(None)
+            await self._handle_events()
+            return
+        await self._split(bytes(data))
+
+    async def _split(self, data: bytes) -> None:
+        """Split a read into frames: ordinary messages straight into `_ready`, every other
+        frame to wsproto, whole and in order, so that wsproto always starts at a frame
+        boundary. The start of an ordinary frame still to come is kept for the next read;
+        a longer frame, or one whose header wsproto must judge, goes to wsproto as it
+        arrives (`_owed`)."""
+        buf = self._pending + data if self._pending else data
+        end = len(buf)
+        i = 0
+        ready = self._ready
+        limit = self._max_message_size
+        while i < end and self._closed is None:
+            if self._owed:
+                take = min(self._owed, end - i)
+                self._owed -= take
+                await self._to_wsproto(buf[i:i + take])
+                i += take
+                continue
+            if end - i < 2:
+                break
+            b0 = buf[i]
+            b1 = buf[i + 1]
+            length = b1 & 0x7F
+            minimal = True
+            if length < 126:
+                head = 2
+            elif length == 126:
+                if end - i < 4:
+                    break
+                length = (buf[i + 2] << 8) | buf[i + 3]
+                head = 4
+                minimal = length >= 126
+            else:
+                if end - i < 10:
+                    break
+                length = int.from_bytes(buf[i + 2:i + 10], "big")
+                head = 10
+                minimal = 0xFFFF < length < 1 << 63
+            if b1 & 0x80:
+                head += 4  # masked: wsproto refuses it from a server
+            size = head + length
+            if ((b0 == _FAST_BINARY or b0 == _FAST_TEXT) and b1 < 0x80 and minimal
+                    and size <= FAST_FRAME_BYTES and not self._fragmented):
+                if size > end - i:
+                    break  # the rest of this frame comes with a later read
+                payload = buf[i + head:i + size]
+                piece: str | bytes = payload
+                if b0 == _FAST_TEXT:
+                    try:
+                        piece = payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self._owed = size  # wsproto closes with 1007
+                        continue
+                i += size
+                if len(piece) > limit:
+                    self._message_part(piece, True)
+                else:
+                    ready.append(piece)
+                continue
+            # wsproto reads this frame, from what has come of it: a control frame, a
+            # fragment, anything unusual, or one longer than is held here.
+            if (b0 & 0x0F) < 8:  # a data frame: FIN says whether a message stays open
+                self._fragmented = not (b0 & 0x80)
+            self._owed = size
+        self._pending = buf[i:] if i < end and self._closed is None else b""
+
+    async def _to_wsproto(self, data: bytes) -> None:
+        self._ws.receive_data(data)
         await self._handle_events()
 
     async def _handle_events(self) -> None:
@@ -243,7 +342,11 @@ class WebSocketClient:
 async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
                          max_message_size: int) -> WebSocketClient:
     """The HTTP upgrade over an open stream. Messages that arrive in the same read as the
-    101 response are kept for the first `get_messages`."""
+    101 response are kept for the first `get_messages`.
+
+    wsproto is given the response's head only (up to the blank line that ends it): what
+    follows a 101 is frames, split by the client like every later read, so that wsproto
+    never holds part of one. After any other status what follows is the body, wsproto's."""
     protocol = WSConnection(ConnectionType.CLIENT)
     client = WebSocketClient(stream, protocol, max_message_size=max_message_size)
     try:
@@ -252,6 +355,8 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
         raise TransportClosed(f"handshake failed: {type(exc).__name__}: {exc}") from None
     rejected: RejectConnection | None = None
     body = b""
+    seen = b""  # the last bytes of the head given to wsproto: its end may span two reads
+    frames = b""  # what followed the head in the read that ended it
     while True:
         try:
             data = await stream.receive_some(RECEIVE_BYTES)
@@ -262,14 +367,28 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
                 raise UpgradeRejected(rejected.status_code,
                                       body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))
             raise TransportClosed("handshake failed: connection closed during the upgrade")
+        data = bytes(data)
+        if rejected is None:
+            end = (seen + data).find(b"\r\n\r\n")
+            if end >= 0:
+                cut = end + 4 - len(seen)
+                data, frames = data[:cut], data[cut:]
+            seen = (seen + data)[-3:]
         try:
-            protocol.receive_data(bytes(data))
+            protocol.receive_data(data)
             events = list(protocol.handshake.events())
+            if frames and rejected is None and not any(
+                    isinstance(e, AcceptConnection) for e in events):
+                # Not a 101: what followed the head is the body of the refusal.
+                protocol.receive_data(frames)
+                events += protocol.handshake.events()
+                frames = b""
         except ProtocolError as exc:
             raise TransportClosed(f"handshake failed: {exc}") from None
         for event in events:
             if isinstance(event, AcceptConnection):
-                await client._handle_events()  # frames that came with the 101
+                if frames:
+                    await client._split(frames)  # frames that came with the 101
                 return client
             if isinstance(event, RejectConnection):
                 rejected = event

@@ -17,7 +17,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -374,3 +374,145 @@ def test_any_framing_and_chunking_yields_the_messages_in_order(
         return got
 
     assert trio.run(main) == [payload for payload, _, _ in messages]
+
+
+# --- the frame fast path against wsproto alone -----------------------------------------
+#
+# Ordinary frames are split out of each read by the client itself; every other frame goes
+# to wsproto whole. Whatever the server sends, valid or not, and however TCP cuts it, the
+# client must see what wsproto alone would: the same messages, then the same close.
+
+
+def _frame(first: int, payload: bytes, *, masked: bool = False, wide: int = 0) -> bytes:
+    """One frame's bytes, built by hand so that it may break any rule: `first` is the
+    FIN, RSV and opcode byte; `wide` forces a 2- (126) or 8-byte (127) length field."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if wide == 127 or (not wide and n > 0xFFFF):
+        head = struct.pack("!BBQ", first, mask_bit | 127, n)
+    elif wide == 126 or (not wide and n > 125):
+        head = struct.pack("!BBH", first, mask_bit | 126, n)
+    else:
+        head = struct.pack("!BB", first, mask_bit | n)
+    if masked:
+        key = b"\x01\x02\x03\x04"
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        head += key
+    return head + payload
+
+
+_ordinary = st.one_of(
+    st.builds(lambda b: _frame(0x82, b), st.binary(max_size=300)),
+    st.builds(lambda t: _frame(0x81, t.encode()), st.text(max_size=200)),
+    # Longer than the fast path holds; just under FAST_FRAME_BYTES with its header.
+    st.builds(lambda n: _frame(0x82, b"z" * n), st.sampled_from([70_000, 65_520])),
+)
+_unusual = st.one_of(
+    st.builds(lambda b: _frame(0x02, b), st.binary(max_size=50)),  # a first fragment
+    st.builds(lambda b: _frame(0x00, b), st.binary(max_size=50)),  # a continuation
+    st.builds(lambda b: _frame(0x80, b), st.binary(max_size=50)),  # the last one
+    st.builds(lambda b: _frame(0x89, b), st.binary(max_size=20)),  # ping
+    st.builds(lambda b: _frame(0x8A, b), st.binary(max_size=20)),  # unsolicited pong
+    st.just(_frame(0x88, struct.pack("!H", 1000) + b"bye")),  # close
+    st.just(_frame(0x88, b"\x03")),  # a close payload of one byte
+    st.just(_frame(0x81, b"\xff\xfe")),  # invalid UTF-8
+    st.just(_frame(0x82, b"masked", masked=True)),
+    st.just(_frame(0xC2, b"rsv1")),
+    st.just(_frame(0x83, b"opcode 3")),
+    st.just(_frame(0x82, b"short", wide=126)),  # a length not minimally encoded
+    st.just(_frame(0x82, b"x" * 200, wide=127)),
+    st.just(_frame(0x09, b"a fragmented ping")),
+    st.just(_frame(0x89, b"p" * 126)),  # a control frame over 125 bytes
+    st.just(b"\x82\xff" + b"\xff" * 8),  # a 64-bit length with its top bit set
+)
+
+
+def _reference(wire: bytes) -> tuple[list[str | bytes], str]:
+    """What wsproto alone makes of `wire` then the end of the stream: the complete
+    messages and the close, as the client words it."""
+    conn = Connection(ConnectionType.CLIENT)  # what a WSConnection holds once open
+    messages: list[str | bytes] = []
+    parts: list[str | bytes] = []
+    for data in (wire, None):
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+                if event.message_finished:
+                    messages.append("".join(p for p in parts if isinstance(p, str))
+                                    if isinstance(parts[0], str)
+                                    else b"".join(p for p in parts if isinstance(p, bytes)))
+                    parts = []
+            elif isinstance(event, CloseConnection):
+                return messages, f"closed {event.code}" + (
+                    f" {event.reason}" if event.reason else "")
+    raise AssertionError("wsproto reports every end of stream as a close")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.lists(st.one_of(_ordinary, _ordinary, _ordinary, _unusual),
+                    min_size=1, max_size=14),
+    cut_short=st.integers(0, 20),
+    cuts=st.lists(st.integers(0, 300_000), max_size=20),
+)
+def test_the_frame_fast_path_sees_what_wsproto_alone_sees(
+    frames: list[bytes], cut_short: int, cuts: list[int]
+) -> None:
+    """Any mix of ordinary and unusual (also invalid) frames, the last possibly cut
+    short by the end of the stream, written in arbitrary pieces."""
+    wire = b"".join(frames)
+    wire = wire[:max(0, len(wire) - cut_short)]
+    expected = _reference(wire)
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        sent = peer.accept() + wire
+        points = sorted({c % (len(sent) + 1) for c in cuts} | {0, len(sent)})
+        for start, end in itertools.pairwise(points):
+            await peer.stream.send_all(sent[start:end])
+        await peer.stream.send_eof()
+        await hold_open(peer)
+
+    async def main() -> tuple[list[str | bytes], str]:
+        got: list[str | bytes] = []
+        async with scripted(script) as url, websocket_connector()(url) as ws:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        got += await ws.get_messages()
+                    except TransportClosed as exc:
+                        return got, exc.reason
+
+    assert trio.run(main) == expected
+
+
+async def test_ordinary_frames_do_not_pass_through_wsprotos_frame_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path is taken: of a read holding two messages and a ping, wsproto's
+    connection is given only the ping's bytes (and the end of the stream)."""
+    fed: list[bytes | None] = []
+    original = WSConnection.receive_data
+
+    def spy(self: WSConnection, data: bytes | None) -> None:
+        if self.state is ConnectionState.OPEN:
+            fed.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(WSConnection, "receive_data", spy)
+    ping = _frame(0x89, b"hi")
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + _frame(0x82, b"one") + ping
+                                   + _frame(0x81, b"two"))
+        await hold_open(peer)
+
+    async with scripted(script) as url, websocket_connector()(url) as ws:
+        got: list[str | bytes] = []
+        with trio.fail_after(5):
+            while len(got) < 2:
+                got += await ws.get_messages()
+    assert got == [b"one", "two"]
+    assert fed[0] == ping
