@@ -9,6 +9,10 @@
              stream: decoding it (what a duplicate cost before `dedupe.FrameMemo`, and
              what every fresh frame costs), finding it in the memo by its bytes, and
              what remembering adds to a fresh frame (the lookup that misses, the insert)
+  framing    the WebSocket client's framing, per frame of the benchmark's stream sent as
+             the broker sends it (one binary frame per update, read 64 KiB at a time):
+             wsproto's frame parser alone, and the client's whole read path (with
+             `--root` on an older checkout: its own path, all through wsproto)
   params     the writer's client side of a 1,000-update batch's statements (the key
              claim, the orders upsert, the positions insert and update): building their
              parameters and psycopg dumping them (what `execute` does before anything
@@ -18,6 +22,7 @@
     python benchmarks/micro.py histogram
     python benchmarks/micro.py params --root ../baseline
     python benchmarks/micro.py frames
+    python benchmarks/micro.py framing --root ../baseline
 """
 
 from __future__ import annotations
@@ -188,16 +193,67 @@ def frames() -> dict[str, float]:
             "fresh_frame_lookup_and_remember_us": remember_us}
 
 
+def framing() -> dict[str, float]:
+    import trio
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.connection import Connection
+    from wsproto.events import AcceptConnection, BytesMessage, Request
+
+    from benchmarks.workload import generate
+    from stream_supervisor.wsclient import RECEIVE_BYTES, WebSocketClient
+
+    stream = generate(TURN * TURNS // 2, seed=7, symbols=50, prefixes=[]).frames
+    client_ws = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client_ws.send(Request(host="bench", target="/stream")))
+    assert any(isinstance(e, Request) for e in server.events())
+    client_ws.receive_data(server.send(AcceptConnection()))
+    assert any(isinstance(e, AcceptConnection) for e in client_ws.events())
+    wire = b"".join(server.send(BytesMessage(data=frame)) for frame in stream)
+    reads = [wire[i:i + RECEIVE_BYTES] for i in range(0, len(wire), RECEIVE_BYTES)]
+    n = len(stream)
+
+    alone = Connection(ConnectionType.CLIENT)
+    before = time.process_time()
+    got = 0
+    for data in reads:
+        alone.receive_data(data)
+        for event in alone.events():  # a frame cut by a read comes in two parts
+            got += isinstance(event, BytesMessage) and event.message_finished
+    wsproto_us = (time.process_time() - before) / n * 1e6
+    assert got == n
+
+    async def client_path() -> float:
+        # The stream is never touched: ordinary frames need no reply.
+        client = WebSocketClient(None, client_ws, max_message_size=1 << 24)  # type: ignore[arg-type]
+        split = getattr(client, "_split", None)
+        count = 0
+        start = time.process_time()
+        for data in reads:
+            if split is not None:
+                await split(data)
+            else:  # a checkout from before the fast path
+                client._ws.receive_data(data)
+                await client._handle_events()
+            count += len(client._ready)
+            client._ready.clear()
+        assert count == n
+        return (time.process_time() - start) / n * 1e6
+
+    return {"frames": n, "bytes_per_frame": len(wire) / n, "wsproto_alone_us": wsproto_us,
+            "client_us": trio.run(client_path)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("dedupe", "histogram", "params", "frames"))
+    ap.add_argument("which", choices=("dedupe", "histogram", "params", "frames", "framing"))
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                     help="the checkout whose stream_supervisor to import")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
     run = {"dedupe": dedupe, "histogram": histogram, "params": params,
-           "frames": frames}[args.which]
+           "frames": frames, "framing": framing}[args.which]
     print(args.root, run())
     return 0
 
