@@ -17,7 +17,12 @@ parser, which costs five times as much a frame (BENCHMARKS.md, "Fifth session").
 other frame, and any frame while a fragmented message is open, goes to wsproto whole and
 at a frame boundary, so wsproto still judges everything unusual (masking from a server,
 reserved bits, bad opcodes, lengths not minimally encoded, control frames, fragments,
-invalid UTF-8) and closes with the code it always did.
+invalid UTF-8) and closes with the code it always did. One difference is timing only:
+wsproto may refuse a frame from its first two bytes, while here a frame waits for its
+whole header (and an ordinary-looking one for all of itself, at most 64 KiB) before it
+is judged; from a peer that then goes quiet the recorded reason is the ping timeout.
+`tests/test_wsclient.py` holds the client to what wsproto alone makes of the same bytes,
+over any reads, and through a cancelled turn, a failed pong and the close handshake.
 
 `websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
 stream, runs the upgrade, and always closes both. Contract, as for the whole transport
@@ -27,6 +32,7 @@ upgrade); messages already read are returned before the failure is.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -62,6 +68,9 @@ FAST_FRAME_BYTES = 64 * 1024
 #: or binary (2). Their second byte must not have the mask bit.
 _FAST_TEXT = 0x81
 _FAST_BINARY = 0x82
+#: The end of an HTTP head, as h11 (wsproto's HTTP parser) finds it: a blank line, with or
+#: without its CR.
+_HEAD_END = re.compile(rb"\n\r?\n")
 #: What is kept of the body of a refused upgrade, for the error message.
 REJECT_BODY_BYTES = 200
 #: Close codes (RFC 6455 section 7.4.1).
@@ -84,6 +93,7 @@ class WebSocketClient:
         self._pending = b""  # the start of a frame not yet complete (split out here)
         self._owed = 0  # bytes of a frame wsproto is reading, not yet given to it
         self._fragmented = False  # wsproto holds an open fragmented message
+        self._unsplit = False  # `_pending` holds the rest of a read not yet split
         self._parts: list[str | bytes] = []  # fragments of the message being assembled
         self._part_bytes = 0
         self._cut = False  # the message being assembled is over the limit: rest discarded
@@ -114,7 +124,10 @@ class WebSocketClient:
         while not self._ready:
             if self._closed is not None:
                 raise TransportClosed(self._closed)
-            await self._receive()
+            if self._unsplit:
+                await self._split(b"")  # the rest of a read whose turn was cancelled
+            else:
+                await self._receive()
 
     async def _receive(self) -> None:
         try:
@@ -126,11 +139,10 @@ class WebSocketClient:
             # End of stream without a close frame is wsproto's 1006 (abnormal closure)
             # event. A frame cut short here goes to wsproto first: what it says of a
             # header it would refuse comes before that, as without the fast path.
-            if self._pending:
-                pending, self._pending = self._pending, b""
-                await self._to_wsproto(pending)
-                if self._closed is not None:
-                    return
+            pending, self._pending = self._pending, b""
+            self._unsplit = False
+            if pending and await self._to_wsproto(pending):
+                return
             self._ws.receive_data(None)
             await self._handle_events()
             return
@@ -141,18 +153,36 @@ class WebSocketClient:
         frame to wsproto, whole and in order, so that wsproto always starts at a frame
         boundary. The start of an ordinary frame still to come is kept for the next read;
         a longer frame, or one whose header wsproto must judge, goes to wsproto as it
-        arrives (`_owed`)."""
+        arrives (`_owed`).
+
+        Whenever `_pending` holds bytes, wsproto stands at the frame boundary they start
+        with, also while this turn waits on wsproto's events (a pong being sent): if the
+        turn is cancelled there, the rest of the read is in `_pending` and `_unsplit`
+        says so. Only a close that wsproto reports ends the splitting; a send that failed
+        (`_closed` set by another task, or by a pong) does not, so that messages already
+        read are still returned before the failure is (as the module's contract says)."""
         buf = self._pending + data if self._pending else data
+        self._pending = b""
+        self._unsplit = False
         end = len(buf)
         i = 0
         ready = self._ready
         limit = self._max_message_size
-        while i < end and self._closed is None:
+        while i < end:
             if self._owed:
                 take = min(self._owed, end - i)
                 self._owed -= take
-                await self._to_wsproto(buf[i:i + take])
+                chunk = buf[i:i + take]
                 i += take
+                if i < end:
+                    self._pending = buf[i:]
+                    self._unsplit = True
+                if await self._to_wsproto(chunk):
+                    self._pending = b""
+                    self._unsplit = False
+                    return  # the connection is over: nothing after the close counts
+                self._pending = b""
+                self._unsplit = False
                 continue
             if end - i < 2:
                 break
@@ -200,13 +230,15 @@ class WebSocketClient:
             if (b0 & 0x0F) < 8:  # a data frame: FIN says whether a message stays open
                 self._fragmented = not (b0 & 0x80)
             self._owed = size
-        self._pending = buf[i:] if i < end and self._closed is None else b""
+        self._pending = buf[i:]
 
-    async def _to_wsproto(self, data: bytes) -> None:
+    async def _to_wsproto(self, data: bytes) -> bool:
+        """Hand wsproto bytes (synchronously, before any wait) and act on its events; True
+        once it has reported the end of the connection."""
         self._ws.receive_data(data)
-        await self._handle_events()
+        return await self._handle_events()
 
-    async def _handle_events(self) -> None:
+    async def _handle_events(self) -> bool:
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 self._message_part(event.data, event.message_finished)
@@ -216,11 +248,13 @@ class WebSocketClient:
             elif isinstance(event, Pong):
                 self._pong(event.payload)
             elif isinstance(event, CloseConnection):
-                reason = f"closed {event.code}" + (f" {event.reason}" if event.reason else "")
+                # Over before the reply is sent: a cancelled reply leaves it over too.
+                self._lost(f"closed {event.code}"
+                           + (f" {event.reason}" if event.reason else ""))
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     await self._send_quietly(self._ws.send(event.response()))
-                self._lost(reason)
-                return
+                return True
+        return False
 
     def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
         """Assemble fragments. A message over the limit keeps only its first limit + 1
@@ -323,6 +357,12 @@ class WebSocketClient:
         """The close handshake: send our close frame and read (discarding messages) until
         the peer's reply or the end of the stream. The caller bounds the wait; closing
         the stream itself is the caller's (it opened it)."""
+        if self._pending and self._ws.state in (ConnectionState.OPEN,
+                                                ConnectionState.LOCAL_CLOSING):
+            # wsproto reads on from where the splitting stopped: a frame boundary.
+            self._ws.receive_data(self._pending)
+            self._pending = b""
+            self._unsplit = False
         if self._closed is None and self._ws.state is ConnectionState.OPEN:
             await self._send_close(NORMAL_CLOSURE, "client closing")
             self._closed = "closed by client"
@@ -344,7 +384,8 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
     """The HTTP upgrade over an open stream. Messages that arrive in the same read as the
     101 response are kept for the first `get_messages`.
 
-    wsproto is given the response's head only (up to the blank line that ends it): what
+    wsproto is given the response's head only (up to the blank line that ends it, found
+    as h11 finds it, bare LFs included): what
     follows a 101 is frames, split by the client like every later read, so that wsproto
     never holds part of one. After any other status what follows is the body, wsproto's."""
     protocol = WSConnection(ConnectionType.CLIENT)
@@ -369,11 +410,11 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
             raise TransportClosed("handshake failed: connection closed during the upgrade")
         data = bytes(data)
         if rejected is None:
-            end = (seen + data).find(b"\r\n\r\n")
-            if end >= 0:
-                cut = end + 4 - len(seen)
+            blank = _HEAD_END.search(seen + data)
+            if blank is not None:
+                cut = blank.end() - len(seen)
                 data, frames = data[:cut], data[cut:]
-            seen = (seen + data)[-3:]
+            seen = (seen + data)[-2:]
         try:
             protocol.receive_data(data)
             events = list(protocol.handshake.events())
