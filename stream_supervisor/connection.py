@@ -290,7 +290,13 @@ class ConnectionActor:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         await self._forward(item, stale_before=stale_before)
-                    await self.recovery.recheck_stale()
+                    # The orders replays left not terminal are read in the background,
+                    # as the periodic refresh reads: live updates flow meanwhile, and the
+                    # snapshots land among them, which `merge_status` orders. Waiting for
+                    # the reads held every live update behind them, a REST request each
+                    # at the recovery's paced share of the budget (BENCHMARKS.md, "Many
+                    # accounts").
+                    nursery.start_soon(self.recovery.recheck_stale)
                     # The live buffer is freed: give its memory back (heap.py).
                     nursery.start_soon(release_after_settling)
                     outbox = self.outbox

@@ -156,3 +156,59 @@ async def test_live_updates_from_a_broker_clock_behind_ours_are_not_read_again(
                 sup.request_drain("test")
             nursery.cancel_scope.cancel()
     assert rest.order_reads == 0
+
+
+class SlowOrderReads(CanceledAtBroker):
+    """The same books, with each order read waiting for `release`: the recovery's paced
+    share of the REST budget, which a fleet's start or a busy bot can make seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = trio.Event()
+        self.release = trio.Event()
+
+    async def order(self, order_id: str) -> WireOrder | None:
+        self.reading.set()
+        await self.release.wait()
+        return await super().order(order_id)
+
+    async def orders_since(self, *, after: str, limit: int = 500) -> list[WireOrder]:
+        self.reading.set()
+        await self.release.wait()
+        return await super().orders_since(after=after, limit=limit)
+
+
+async def test_live_updates_are_not_held_behind_the_read_of_a_replayed_order(
+        database_url: str) -> None:
+    """The replayed order's read waits (the REST budget); a live update that comes
+    meanwhile is committed before the read returns, and the read still repairs the
+    replayed order once it does."""
+    gate = trio.Event()
+    live = _update("new", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                   "7d1c2b3a-0000-4000-8000-00000000c002")
+    server = ReplayServer(Script([_replayed_pending_cancel(), live],
+                                 pause_after={0: gate.wait}))
+    rest = SlowOrderReads()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with (
+                open_supervisor(_settings(server, database_url), metrics=Metrics(),
+                                state=SupervisorState(), rest=rest, rng=random.Random(7),
+                                install_signal_handlers=False) as sup,
+                trio.open_nursery() as inner,
+            ):
+                inner.start_soon(sup.run)
+                await rest.reading.wait()  # the replayed order is being read again
+                gate.set()  # the broker sends a live update
+                with trio.move_on_after(10) as held:
+                    while sup.state.committed_events < 2:
+                        await trio.sleep(0.05)
+                assert not held.cancelled_caught, "the live update waited for the read"
+                assert not rest.release.is_set() and rest.order_reads == 0
+                rest.release.set()
+                while await _stored_status(database_url) != "canceled":
+                    await trio.sleep(0.1)
+                sup.request_drain("test")
+            nursery.cancel_scope.cancel()
+    assert rest.order_reads >= 1
