@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,7 @@ from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireOrder, decode_order
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
+from stream_supervisor.supervisor import Supervisor
 from stream_supervisor.wiring import open_supervisor
 
 from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script
@@ -96,6 +99,24 @@ def _settings(server: ReplayServer, database_url: str) -> Settings:
     )
 
 
+@asynccontextmanager
+async def _running(server: ReplayServer, rest: FixtureRest,
+                   database_url: str) -> AsyncIterator[Supervisor]:
+    """The server and the supervisor running; drained and stopped on leaving."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        async with (
+            open_supervisor(_settings(server, database_url), metrics=Metrics(),
+                            state=SupervisorState(), rest=rest, rng=random.Random(7),
+                            install_signal_handlers=False) as sup,
+            trio.open_nursery() as inner,
+        ):
+            inner.start_soon(sup.run)
+            yield sup
+            sup.request_drain("test")
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_replayed_update_after_the_refresh_is_read_again(database_url: str) -> None:
     server = ReplayServer(Script([_replayed_pending_cancel()]))
     rest = CanceledAtBroker()
@@ -138,23 +159,13 @@ async def test_live_updates_from_a_broker_clock_behind_ours_are_not_read_again(
     server = ReplayServer(Script(frames, start=gate))
     rest = CanceledAtBroker()
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            async with (
-                open_supervisor(_settings(server, database_url), metrics=Metrics(),
-                                state=SupervisorState(), rest=rest, rng=random.Random(7),
-                                install_signal_handlers=False) as sup,
-                trio.open_nursery() as inner,
-            ):
-                inner.start_soon(sup.run)
-                while not sup.state.caught_up:
-                    await trio.sleep(0.05)
-                gate.set()  # recovery is done: the broker starts trading
-                while sup.state.committed_events < len(frames):
-                    await trio.sleep(0.05)
-                await trio.sleep(0.5)
-                sup.request_drain("test")
-            nursery.cancel_scope.cancel()
+        async with _running(server, rest, database_url) as sup:
+            while not sup.state.caught_up:
+                await trio.sleep(0.05)
+            gate.set()  # recovery is done: the broker starts trading
+            while sup.state.committed_events < len(frames):
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)
     assert rest.order_reads == 0
 
 
@@ -190,25 +201,15 @@ async def test_live_updates_are_not_held_behind_the_read_of_a_replayed_order(
                                  pause_after={0: gate.wait}))
     rest = SlowOrderReads()
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            async with (
-                open_supervisor(_settings(server, database_url), metrics=Metrics(),
-                                state=SupervisorState(), rest=rest, rng=random.Random(7),
-                                install_signal_handlers=False) as sup,
-                trio.open_nursery() as inner,
-            ):
-                inner.start_soon(sup.run)
-                await rest.reading.wait()  # the replayed order is being read again
-                gate.set()  # the broker sends a live update
-                with trio.move_on_after(10) as held:
-                    while sup.state.committed_events < 2:
-                        await trio.sleep(0.05)
-                assert not held.cancelled_caught, "the live update waited for the read"
-                assert not rest.release.is_set() and rest.order_reads == 0
-                rest.release.set()
-                while await _stored_status(database_url) != "canceled":
-                    await trio.sleep(0.1)
-                sup.request_drain("test")
-            nursery.cancel_scope.cancel()
+        async with _running(server, rest, database_url) as sup:
+            await rest.reading.wait()  # the replayed order is being read again
+            gate.set()  # the broker sends a live update
+            with trio.move_on_after(10) as held:
+                while sup.state.committed_events < 2:
+                    await trio.sleep(0.05)
+            assert not held.cancelled_caught, "the live update waited for the read"
+            assert not rest.release.is_set() and rest.order_reads == 0
+            rest.release.set()
+            while await _stored_status(database_url) != "canceled":
+                await trio.sleep(0.1)
     assert rest.order_reads >= 1
