@@ -3,6 +3,8 @@
 The server side is wsproto's server state machine writing exact bytes, so each test
 controls what arrives in which TCP write: frames glued to the 101 response, several
 messages per read, fragments split across reads, pings, close frames, a bare EOF.
+The frame fast path's tests (the last section) script the reads themselves, on an
+in-memory stream, and hold the client to what wsproto alone makes of the same bytes.
 """
 
 from __future__ import annotations
