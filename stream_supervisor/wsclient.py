@@ -177,12 +177,11 @@ class WebSocketClient:
                 if i < end:
                     self._pending = buf[i:]
                     self._unsplit = True
-                if await self._to_wsproto(chunk):
-                    self._pending = b""
-                    self._unsplit = False
-                    return  # the connection is over: nothing after the close counts
+                over = await self._to_wsproto(chunk)
                 self._pending = b""
                 self._unsplit = False
+                if over:
+                    return  # the connection is over: nothing after the close counts
                 continue
             if end - i < 2:
                 break
