@@ -79,13 +79,27 @@ class Child:
 
     async def _read(self, stream: trio.abc.ReceiveStream) -> None:
         buffer = b""
-        async for chunk in stream:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            self.lines.extend(line.decode("utf-8", "replace") for line in lines)
+        try:
+            async for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") for line in lines)
+        except BaseException:
+            # A phase that fails (a wait timing out) cancels its nursery: its children
+            # must not outlive it, still writing while the next phase runs.
+            if self.process is not None and self.process.returncode is None:
+                self.process.kill()
+                with trio.CancelScope(shield=True):
+                    await self.process.wait()
+            raise
 
     def logged(self, event: str) -> bool:
         return any(f'"event": "{event}"' in line for line in self.lines)
+
+    def last(self, event: str) -> dict[str, Any] | None:
+        """The fields of the latest line logging `event`."""
+        tag = f'"event": "{event}"'
+        return next((json.loads(line) for line in reversed(self.lines) if tag in line), None)
 
     def rss(self, field: str = "VmRSS") -> int:
         """Bytes of the child's resident set (`VmHWM` for its peak)."""
@@ -286,23 +300,36 @@ async def bench_takeover(database_url: str, accounts: int, tmp: Path) -> dict[st
         def held() -> int:
             return _count(database_url, _LOCKS, [LEADER_LOCK_PREFIX, ids])
 
-        await _wait(lambda: held() == accounts and all(c.logged("replicas_changed")
-                                                       for c in replicas), 180)
-        await trio.sleep(3.0)  # settled: every replica leads its share
-        await _wait(lambda: held() == accounts, 60)
-        victim = replicas[1]
-        replica_id = next(json.loads(line)["replica_id"] for line in victim.lines
-                          if '"event": "replicas_changed"' in line)
+        def session(replica: Child) -> str:
+            return f"stream-supervisor@{(replica.last('replicas_changed') or {})['replica_id']}"[:63]
+
+        def settled() -> bool:
+            """Every replica sees all three and holds the writer locks of its share.
+
+            Until then an account may still sit with the replica that started first,
+            waiting to be drained and handed over: a victim killed then may lead
+            nothing, and the takeover it was meant to time never happens.
+            """
+            seen = [c.last("replicas_changed") for c in replicas]
+            if any(s is None or s["replicas"] != len(replicas) for s in seen):
+                return False
+            holders = _holders(database_url, ids)
+            return sum(holders.values()) == accounts and all(
+                holders.get(session(c), 0) == s["share"]
+                for c, s in zip(replicas, seen, strict=True) if s is not None)
+
+        await _wait(settled, 180)
         holders = await trio.to_thread.run_sync(_holders, database_url, ids)
-        victim_share = holders.get(f"stream-supervisor@{replica_id}"[:63], 0)
-        assert victim.process is not None
+        victim = max(replicas, key=lambda c: holders.get(session(c), 0))
+        victim_share = holders.get(session(victim), 0)
+        assert victim.process is not None and victim_share > 0, holders
         victim.process.send_signal(signal.SIGKILL)
         killed = time.perf_counter()
         await _wait(lambda: held() < accounts, 30, 0.01)
         await _wait(lambda: held() == accounts, 120, 0.02)
         takeover = time.perf_counter() - killed
         await victim.stop(signal.SIGKILL)
-        codes = [await c.stop() for c in (replicas[0], replicas[2])]
+        codes = [await c.stop() for c in replicas if c is not victim]
         nursery.cancel_scope.cancel()
     return {"accounts": accounts, "replicas": 3, "killed_replica_led": victim_share,
             "leaders_before_kill": sorted(holders.values()),
