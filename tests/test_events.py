@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream_supervisor import events
 from stream_supervisor.errors import TimestampError
 from stream_supervisor.events import (
     decimal_text,
@@ -125,6 +126,71 @@ def test_any_offset_spelling_gives_the_same_instant(
         (instant - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1)
     )
     assert ns % 1000 == nanos
+
+
+def _two(low: int = 0) -> st.SearchStrategy[str]:
+    return st.integers(low, 99).map(lambda n: f"{n:02d}")
+
+
+#: Strings of the pattern's shape, fields in and out of range: every spelling the
+#: pattern lets through, so both paths of `parse_timestamp` meet each kind.
+_shaped = st.builds(
+    lambda y, mo, d, sep, h, mi, s, frac, off: f"{y:04d}-{mo}-{d}{sep}{h}:{mi}:{s}{frac}{off}",
+    st.one_of(st.integers(0, 9999), st.sampled_from([1, 1969, 1970, 2024, 9999])),
+    _two(), _two(), st.sampled_from("Tt "), _two(), _two(), _two(),
+    st.one_of(st.just(""), st.integers(1, 9).flatmap(
+        lambda n: st.integers(0, 10**n - 1).map(lambda v: f".{v:0{n}d}"))),
+    st.one_of(st.sampled_from(["Z", "z", "+00:00", "-00:00", "+0000"]),
+              st.builds(lambda sign, hh, colon, mm: f"{sign}{hh}{colon}{mm}",
+                        st.sampled_from("+-"), _two(), st.sampled_from(["", ":"]), _two())),
+)
+
+
+def _outcome(parse: object, text: str) -> tuple[object, ...]:
+    try:
+        ts, ns = parse(text)  # type: ignore[operator]
+    except TimestampError as exc:
+        return ("refused", str(exc))
+    return ("parsed", ts, ts.tzinfo is UTC, ns)
+
+
+def _reference(text: str) -> tuple[datetime, int]:
+    m = events._RFC3339.match(text)
+    assert m is not None, text
+    return events._parse_fields(m, text)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=_shaped)
+def test_the_c_parser_path_answers_as_the_field_by_field_parse(text: str) -> None:
+    """Timestamps the broker sends go to `datetime.fromisoformat`, which alone takes more
+    than RFC 3339 (offset minutes past 59, for one): whatever it is given, the answer,
+    value or refusal with its message, is the field-by-field parse's."""
+    assert _outcome(parse_timestamp, text) == _outcome(_reference, text)
+
+
+@pytest.mark.parametrize("text", [
+    "2026-01-01T00:00:00+05:60",  # fromisoformat reads it as +06:00
+    "2026-01-01T00:00:00+0599",
+    "2026-01-01T24:00:00Z",
+    "2026-01-01t05:00:00.5z",
+    "9999-12-31T23:59:59.999999999-00:01",
+    "0001-01-01T00:00:00.000000001+00:01",
+    "1969-12-31T23:59:59.999999999Z",
+])
+def test_edges_answer_as_the_field_by_field_parse(text: str) -> None:
+    assert _outcome(parse_timestamp, text) == _outcome(_reference, text)
+
+
+def test_the_broker_spelling_takes_the_c_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise AssertionError("the field-by-field parse ran")
+
+    monkeypatch.setattr(events, "_parse_fields", refuse)
+    ts, ns = parse_timestamp("2026-11-23T20:47:37.758317057Z")
+    assert (ts, ns) == (datetime(2026, 11, 23, 20, 47, 37, 758317, tzinfo=UTC),
+                        1795466857 * 10**9 + 758317057)
+    assert parse_timestamp("2026-11-23T15:47:37.758317057-05:00") == (ts, ns)
 
 
 def test_format_timestamp_round_trips_in_utc() -> None:
