@@ -177,13 +177,13 @@ def parse_timestamp(text: str) -> tuple[datetime, int]:
     `datetime` keeps microseconds; the nanosecond integer keeps the exact instant, which
     event keys use so that `...123456789Z` and `...123456788Z` stay distinct.
 
-    It runs on every frame (a sixth of decoding one, BENCHMARKS.md), so what the broker
-    sends (`Z`, or an offset whose hours and minutes are in range) goes to the C parser,
-    `datetime.fromisoformat`, once the strict pattern has accepted its shape: that parser
-    alone takes more than RFC 3339 (other shapes, offset minutes past 59; hour 24 is kept
-    from it too, whatever a Python version makes of it). Whatever it refuses, and every
-    other spelling, goes to `_parse_fields`, which decides, so both paths give one answer
-    (`tests/test_events.py` holds them to it).
+    It runs on every frame (it took a third of decoding one, BENCHMARKS.md), so what the
+    broker sends (`Z`, or an offset whose hours and minutes are in range) goes to the C
+    parser, `datetime.fromisoformat`, once the strict pattern has accepted its shape: that
+    parser alone takes more than RFC 3339 (other shapes, offset minutes past 59; hour 24
+    is kept from it too, whatever a Python version makes of it). Whatever it refuses, and
+    every other spelling, goes to `_parse_fields`, which decides, so both paths give one
+    answer (`tests/test_events.py` holds them to it).
     """
     m = _RFC3339.match(text)
     if m is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -146,9 +147,9 @@ _shaped = st.builds(
 )
 
 
-def _outcome(parse: object, text: str) -> tuple[object, ...]:
+def _outcome(parse: Callable[[str], tuple[datetime, int]], text: str) -> tuple[object, ...]:
     try:
-        ts, ns = parse(text)  # type: ignore[operator]
+        ts, ns = parse(text)
     except TimestampError as exc:
         return ("refused", str(exc))
     return ("parsed", ts, ts.tzinfo is UTC, ns)
