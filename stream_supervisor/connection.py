@@ -161,7 +161,11 @@ class ConnectionActor:
                             await self._handshake(ws)
                             connected_at = trio.current_time()
                             mark_started()
-                            await self._session(ws)
+                            try:
+                                await self._session(ws)
+                            finally:
+                                if self.frames is not None:
+                                    self.frames.session_ended()
                     except BaseExceptionGroup as group:
                         raise collapse(group, prefer=FATAL) from None
                     reason = "closed by server"
@@ -397,6 +401,10 @@ class ConnectionActor:
                                 self._live_from_ns = max(frame.ts_ns, self._listening_ns)
                             stream = self._stream
                             if stream is not None:
+                                if memo is not None:
+                                    # A copy read before the dedupe actor has it is then
+                                    # dropped by its bytes, not decoded (dedupe.FrameMemo).
+                                    memo.forwarded(frame.key)
                                 # Streaming, with room: no coroutine per frame.
                                 try:
                                     stream.send_nowait(frame)

@@ -8,8 +8,8 @@ stored; a duplicate of an in-flight key is dropped but the key is not learnt ear
 
 In front of it, `FrameMemo` (used by the connection actor, which alone sees the bytes):
 a frame byte for byte equal to a recent one that decoded to an update whose key this
-cache holds is that update again, and is dropped without being decoded
-(docs/design.md, section 4).
+cache holds (committed, in flight, or on its way here from a streaming session) is that
+update again, and is dropped without being decoded (docs/design.md, section 4).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class KeyCache:
         self.capacity = capacity
         self._committed: OrderedDict[str, None] = OrderedDict()
         self._in_flight: set[str] = set()
+        #: Keys of updates the connection actor has put on their way to the dedupe actor
+        #: since the session began, which it has not checked yet (`forwarded`).
+        self._on_the_way: set[str] = set()
         #: The newest key a commit stored (not merely found stored): a restart checks it
         #: is still there, which a database that lost acknowledged commits fails.
         self.last_committed: str | None = None
@@ -57,6 +60,9 @@ class KeyCache:
     def check(self, key: str) -> str | None:
         """`lru` or `inflight` if the key is a known duplicate, else None (and the key is
         now in flight)."""
+        on_the_way = self._on_the_way
+        if on_the_way:
+            on_the_way.discard(key)  # here now: in flight or dropped from this turn on
         if key in self._committed:
             self._committed.move_to_end(key)
             return "lru"
@@ -72,14 +78,28 @@ class KeyCache:
         if key in self._committed:
             self._committed.move_to_end(key)
             return "lru"
-        if key in self._in_flight:
+        if key in self._in_flight or key in self._on_the_way:
             return "inflight"
         return None
+
+    def forwarded(self, key: str) -> None:
+        """The connection actor is handing an update with this key to the pipeline, on the
+        stream buffer of a session past its recovery: a channel from which nothing is let
+        go while the session and the pipeline last, so the update reaches `check`, which
+        clears the mark, before any copy of it read later. Marked before it is sent, so
+        the check cannot come first. `known` counts it in flight meanwhile."""
+        self._on_the_way.add(key)
+
+    def session_ended(self) -> None:
+        """A session's end may leave updates it read short of the dedupe actor (a session
+        cancelled with its buffers full): none is on its way any more."""
+        self._on_the_way.clear()
 
     def forget_in_flight(self) -> None:
         """A pipeline restart drops whatever was in flight (it was never committed, and
         REST backfill or the broker will bring it again); committed keys stay valid."""
         self._in_flight.clear()
+        self._on_the_way.clear()
 
     def released(self, keys: Iterable[str]) -> None:
         """The writer dead-lettered these instead of storing them: out of flight, not
@@ -121,10 +141,12 @@ class FrameMemo:
 
     A frame equal, byte for byte, to a remembered one decodes to the same update (the
     decoder is a function of the bytes; the wall-clock bound only ever lets more through
-    as time passes), so if the key cache holds that update's key (committed, or in flight
-    to the writer) the frame is a duplicate the dedupe actor would drop, and the
-    connection actor drops it without decoding it: what a duplicate then costs is the
-    WebSocket framing, one dict lookup and one key lookup. Only frames that decoded to an
+    as time passes), so if the key cache holds that update's key (committed, in flight
+    to the writer, or on its way to the dedupe actor: `forwarded`) the frame is a
+    duplicate the dedupe actor would drop, and the connection actor drops it without
+    decoding it: what a duplicate then costs is the WebSocket framing, one dict lookup
+    and one key lookup. (On its way: a copy that comes while the first is still queued
+    ahead of the dedupe actor, as most do when the writer is the bottleneck.) Only frames that decoded to an
     update are remembered: one refused (out of bounds, stamped in the future) is decoded,
     and judged, again each time it comes. A remembered frame whose key the cache does not
     hold (evicted, or released after the database refused the update) takes the normal
@@ -196,6 +218,15 @@ class FrameMemo:
             return None
         self._hits += 1
         return layer, entry[1]
+
+    def forwarded(self, key: str) -> None:
+        """An update decoded from a frame is on its way to the dedupe actor, on a
+        session's stream buffer (`KeyCache.forwarded`): a copy read before the dedupe
+        actor gets to it is dropped here undecoded, as one read after would be there."""
+        self._cache.forwarded(key)
+
+    def session_ended(self) -> None:
+        self._cache.session_ended()
 
     def remember(self, frame: bytes, key: str, event: str) -> None:
         """`frame` decoded to an update with this key and event type."""

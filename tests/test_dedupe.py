@@ -250,6 +250,35 @@ def test_a_remembered_frame_is_a_duplicate_only_while_its_key_is_held() -> None:
     assert memo.duplicate(frame + b" ") is None  # one byte more: decode it
 
 
+def test_an_update_on_its_way_is_held_until_the_dedupe_actor_checks_it() -> None:
+    cache = KeyCache(10)
+    memo = FrameMemo(cache)
+    frame = b'{"stream":"trade_updates","data":{"event":"new"}}'
+    memo.remember(frame, "k", "new")
+    memo.forwarded("k")  # the connection actor put its first copy on the stream buffer
+    assert memo.duplicate(bytes(bytearray(frame))) == ("inflight", "new")  # a copy behind it
+    assert cache.in_flight == 0  # marked, not in flight: only the check puts it there
+    assert cache.check("k") is None  # the first copy itself is no duplicate
+    assert cache.known("k") == "inflight"  # now for the in-flight set
+    cache.released(["k"])  # the database refused it: a later copy is judged again
+    assert memo.duplicate(frame) is None
+
+
+def test_a_session_end_or_pipeline_restart_forgets_what_was_on_its_way() -> None:
+    # A session cancelled with updates still queued loses them: their copies in the next
+    # session must be decoded and taken, not dropped for a first copy that never came.
+    cache = KeyCache(10)
+    memo = FrameMemo(cache)
+    memo.remember(b"frame-a", "a", "new")
+    memo.remember(b"frame-b", "b", "new")
+    memo.forwarded("a")
+    memo.session_ended()
+    assert memo.duplicate(b"frame-a") is None and cache.known("a") is None
+    memo.forwarded("b")
+    cache.forget_in_flight()
+    assert memo.duplicate(b"frame-b") is None and cache.known("b") is None
+
+
 def test_a_frame_whose_update_the_database_refused_is_not_a_duplicate() -> None:
     cache = KeyCache(10)
     memo = FrameMemo(cache)

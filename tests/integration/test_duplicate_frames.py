@@ -109,6 +109,30 @@ async def test_a_byte_identical_resend_is_dropped_without_decoding(database_url:
                          source="stream") == 2 * len(frames) + 2
 
 
+async def test_a_copy_right_behind_its_first_is_dropped_without_decoding(
+        database_url: str) -> None:
+    # Each update twice in a row, as a broker resending at once would: the second copy
+    # mostly arrives in the same socket read as the first, which is then still queued on
+    # the stream buffer, short of the dedupe actor. It is dropped by its bytes all the
+    # same (the key is on its way, `KeyCache.forwarded`), not decoded to be dropped there.
+    frames = fixture_frames()
+    metrics, state = Metrics(), SupervisorState()
+    wake, pauses = _woken(frames, metrics)
+    pairs = [copy for frame in frames[1:] for copy in (frame, frame)]
+    script = Script(wake + pairs, pause_after=pauses)
+    await _run(database_url, script,
+               lambda sup, server: (server.done.is_set()
+                                    and state.committed_events >= len(frames)
+                                    and _dropped(metrics) >= len(frames)),
+               metrics=metrics, state=state)
+    snap = await _snapshot(database_url)
+    assert verify_against_truth(snap, TRUTH) == []
+    assert len(snap.event_keys) == len(frames) and state.committed_events == len(frames)
+    assert metrics.value(UNDECODED) == len(frames) - 1  # every second copy of a pair
+    assert metrics.value(DROPPED, layer="inflight") + metrics.value(
+        DROPPED, layer="lru") == len(frames)  # and the waking one
+
+
 async def test_without_duplicates_the_memo_sleeps(database_url: str) -> None:
     # A stream without duplicates pays nothing for the memo, so the same resend as above
     # with no duplicate before it is decoded (and dropped by the dedupe actor's LRU).
