@@ -146,12 +146,13 @@ class FrameMemo:
     duplicate the dedupe actor would drop, and the connection actor drops it without
     decoding it: what a duplicate then costs is the WebSocket framing, one dict lookup
     and one key lookup. (On its way: a copy that comes while the first is still queued
-    ahead of the dedupe actor, as most do when the writer is the bottleneck.) Only frames that decoded to an
-    update are remembered: one refused (out of bounds, stamped in the future) is decoded,
-    and judged, again each time it comes. A remembered frame whose key the cache does not
-    hold (evicted, or released after the database refused the update) takes the normal
-    path, as does any frame that differs by one byte (a real replay with another
-    timestamp, say). Equality is on the bytes, never a hash alone.
+    ahead of the dedupe actor, as most do when the writer is the bottleneck.) Only
+    frames that decoded to an update are remembered: one refused (out of bounds, stamped
+    in the future) is decoded, and judged, again each time it comes. A remembered frame
+    whose key the cache does not hold (evicted, or released after the database refused
+    the update) takes the normal path, as does any frame that differs by one byte (a
+    real replay with another timestamp, say). Equality is on the bytes, never a hash
+    alone.
 
     Ownership: the connection actor remembers and asks (it alone has the bytes); the
     dedupe actor still owns the key cache and is the only one to add keys to it
