@@ -384,9 +384,9 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
     101 response are kept for the first `get_messages`.
 
     wsproto is given the response's head only (up to the blank line that ends it, found
-    as h11 finds it, bare LFs included): what
-    follows a 101 is frames, split by the client like every later read, so that wsproto
-    never holds part of one. After any other status what follows is the body, wsproto's."""
+    as h11 finds it, bare LFs included): what follows a 101 is frames, split by the client
+    like every later read, so that wsproto never holds part of one. After any other status
+    what follows is the body, wsproto's."""
     protocol = WSConnection(ConnectionType.CLIENT)
     client = WebSocketClient(stream, protocol, max_message_size=max_message_size)
     try:
