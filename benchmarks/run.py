@@ -462,7 +462,40 @@ def summarize(bench: Bench, params: Params) -> dict[str, Any]:
     others = [r["cpu"]["others_cores"] for r in o.values()
               if isinstance(r.get("cpu"), dict) and r["cpu"].get("others_cores") is not None]
     summary["others_cores_max"] = max(others) if others else None
+    summary.update(cpu_bounds(get("pipeline", "cpu_us_per_event"),
+                              get("pipeline", "user_cpu_us_per_event"),
+                              get("pipeline", "backend_cpu_us_per_event"),
+                              min(ceilings) if ceilings else None, os.cpu_count() or 1))
     return summary
+
+
+def cpu_bounds(supervisor_us: float | None, user_us: float | None, backend_us: float | None,
+               limit: float | None, cpus: int) -> dict[str, float | None]:
+    """How far the pipeline's own CPU cost per update lets the fraction of the limit go,
+    however well the work were spread over time. Two bounds, each an upper one:
+
+    - one interpreter: the supervisor's user CPU nearly all runs holding the interpreter
+      lock (Python, and the C extensions it calls), so at most one core's worth of it
+      per second: 10**6 / user_us updates a second;
+    - the machine: the supervisor and its PostgreSQL backend together (the simulated
+      broker, which sends pre-encoded frames, left out) on every core at once:
+      cpus * 10**6 / (supervisor_us + backend_us).
+
+    Each is given as a fraction of the same limit as `fraction_of_limit`: a target above
+    a bound cannot be met without cutting the CPU an update costs."""
+    def fraction(rate: float | None) -> float | None:
+        return rate / limit if rate and limit else None
+
+    one = 1e6 / user_us if user_us else None
+    both = (cpus * 1e6 / (supervisor_us + backend_us)
+            if supervisor_us and backend_us else None)
+    return {
+        "pipeline_cpu_us_per_event": supervisor_us,
+        "pipeline_user_cpu_us_per_event": user_us,
+        "pipeline_backend_cpu_us_per_event": backend_us,
+        "fraction_one_interpreter_allows": fraction(one),
+        "fraction_the_cores_allow": fraction(both),
+    }
 
 
 FIGURE_KEYS = (
@@ -473,7 +506,9 @@ FIGURE_KEYS = (
     "dup_only_duplicates_per_s", "dup_only_vs_socket_only",
     "latency_p50_ms_at_1k", "latency_p99_ms_at_1k", "latency_max_ms_at_1k",
     "latency_p50_ms_at_5k", "latency_p99_ms_at_5k", "latency_max_ms_at_5k", "peak_rss_mb",
-    "others_cores_max",
+    "others_cores_max", "pipeline_cpu_us_per_event", "pipeline_user_cpu_us_per_event",
+    "pipeline_backend_cpu_us_per_event", "fraction_one_interpreter_allows",
+    "fraction_the_cores_allow",
 )
 
 
@@ -539,6 +574,14 @@ def markdown(s: dict[str, Any]) -> str:
         ("db_copy (database ceiling)", "rows/s", "db_copy_rows_per_s", 0, ""),
         ("db_copy, per event of the stream", "events/s", "db_copy_events_per_s", 0, ""),
         ("fraction of limit", "", "fraction_of_limit", 2, "fraction_of_limit"),
+        ("pipeline: supervisor CPU per update", "us", "pipeline_cpu_us_per_event", 1, ""),
+        ("pipeline: of which user CPU", "us", "pipeline_user_cpu_us_per_event", 1, ""),
+        ("pipeline: PostgreSQL backend CPU per update", "us",
+         "pipeline_backend_cpu_us_per_event", 1, ""),
+        ("fraction one interpreter allows at that cost", "", "fraction_one_interpreter_allows",
+         2, ""),
+        ("fraction the machine's cores allow at that cost", "", "fraction_the_cores_allow", 2,
+         ""),
         ("dup_heavy (half duplicates)", "frames/s", "dup_heavy_frames_per_s", 0, ""),
         ("dup_heavy: fresh updates", "events/s", "dup_heavy_fresh_per_s", 0, ""),
         ("dup_heavy: duplicates", "frames/s", "dup_heavy_duplicates_per_s", 0, ""),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run import main
+from benchmarks.run import cpu_bounds, main
 
 REQUIRED_KEYS = (
     "pipeline_events_per_s",
@@ -25,7 +25,32 @@ REQUIRED_KEYS = (
     "latency_p99_ms_at_1k",
     "latency_p99_ms_at_5k",
     "peak_rss_mb",
+    "pipeline_cpu_us_per_event",
+    "pipeline_user_cpu_us_per_event",
+    "pipeline_backend_cpu_us_per_event",
+    "fraction_one_interpreter_allows",
+    "fraction_the_cores_allow",
 )
+
+
+def test_cpu_bounds_turn_the_cost_of_an_update_into_the_fraction_it_allows() -> None:
+    # 25 us of supervisor CPU (20 of it user) and 15 us in PostgreSQL an update, against a
+    # limit of 100,000 updates/s on 2 cores: one interpreter keeps up with 50,000/s at
+    # most, both cores with 2 * 10**6 / 40 = 50,000/s.
+    bounds = cpu_bounds(25.0, 20.0, 15.0, 100_000.0, 2)
+    assert bounds["fraction_one_interpreter_allows"] == pytest.approx(0.5)
+    assert bounds["fraction_the_cores_allow"] == pytest.approx(0.5)
+    assert bounds["pipeline_user_cpu_us_per_event"] == 20.0
+    # Cheaper updates raise both bounds; one core more raises only the machine's.
+    cheaper = cpu_bounds(20.0, 10.0, 5.0, 100_000.0, 4)
+    assert cheaper["fraction_one_interpreter_allows"] == pytest.approx(1.0)
+    assert cheaper["fraction_the_cores_allow"] == pytest.approx(1.6)
+    # A figure that was not measured (a server on another machine: no backend CPU) gives
+    # no bound rather than a wrong one.
+    unknown = cpu_bounds(25.0, 20.0, None, 100_000.0, 2)
+    assert unknown["fraction_the_cores_allow"] is None
+    assert unknown["fraction_one_interpreter_allows"] == pytest.approx(0.5)
+    assert cpu_bounds(25.0, 20.0, 15.0, None, 2)["fraction_the_cores_allow"] is None
 
 
 @pytest.mark.slow
