@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -98,6 +98,14 @@ def proc_cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def store_backends(store: PgStore) -> list[int]:
+    """The backend pids of a store's open connections: the main session and the
+    claim-ahead ones. They are private: this is measurement, not an interface."""
+    inner: Any = store
+    conns = [inner._conn, *(side.conn for side in inner._sides)]
+    return [c.info.backend_pid for c in conns if c is not None and not c.closed]
+
+
 def _per_event(start: float | None, end: float | None, events: int) -> float | None:
     if start is None or end is None or events <= 0:
         return None
@@ -132,7 +140,10 @@ class Probe:
     # (Python and the C extensions it calls), so one core at most whatever the threads.
     user_cpu_start: float | None = None
     user_cpu_end: float | None = None
-    backend_pid: int | None = None
+    # The store's backends (its main session and its claim-ahead connections, which open
+    # later): CPU at the start per pid, and the sum of what each used by the end.
+    backends: Callable[[], list[int]] | None = None
+    backend_cpu_at_start: dict[int, float] = field(default_factory=dict)
     backend_cpu_start: float | None = None
     backend_cpu_end: float | None = None
     events_after_first_commit: int = 0
@@ -172,8 +183,26 @@ class Probe:
             self.end = now
             self.cpu_end = time.process_time()
             self.user_cpu_end = resource.getrusage(resource.RUSAGE_SELF).ru_utime
-            self.backend_cpu_end = proc_cpu_seconds(self.backend_pid)
+            self.backend_cpu_end = self._backends_cpu()
             self.done.set()
+
+    def start_backends(self, backends: Callable[[], list[int]]) -> None:
+        self.backends = backends
+        self.backend_cpu_at_start = {pid: cpu for pid in backends()
+                                     if (cpu := proc_cpu_seconds(pid)) is not None}
+        self.backend_cpu_start = 0.0 if self.backend_cpu_at_start else None
+
+    def _backends_cpu(self) -> float | None:
+        """CPU the store's backends used since `start_backends` (a backend opened since
+        then counts from zero)."""
+        if self.backends is None or self.backend_cpu_start is None:
+            return None
+        used = 0.0
+        for pid in self.backends():
+            cpu = proc_cpu_seconds(pid)
+            if cpu is not None:
+                used += cpu - self.backend_cpu_at_start.get(pid, 0.0)
+        return used
 
 
 class TimedStore:
@@ -193,10 +222,7 @@ class TimedStore:
         if probe.cpu_start is None:
             probe.cpu_start = time.process_time()
             probe.user_cpu_start = resource.getrusage(resource.RUSAGE_SELF).ru_utime
-            # The store's connection is private: this is measurement, not an interface.
-            conn = getattr(self._inner, "_conn", None)
-            probe.backend_pid = conn.info.backend_pid if conn is not None else None
-            probe.backend_cpu_start = proc_cpu_seconds(probe.backend_pid)
+            probe.start_backends(partial(store_backends, self._inner))
         tracer = self._tracer
         if tracer is not None:
             tracer.store_called()
@@ -219,6 +245,14 @@ class NoWriteStore(TimedStore):
     """The real store for everything but the batches, whose commit is a thread hop that
     does nothing: the supervisor's Python side (transport, decode, actors, writer loop)
     with no database work, i.e. how fast the pipeline could go if PostgreSQL were free."""
+
+    async def claim_ahead(self, batch: Batch) -> bool:
+        """Nothing is claimed (no commit will finish it), but the writer's path is the
+        one it takes with a real store under load."""
+        return bool(batch.events)
+
+    async def release_ahead(self) -> None:
+        """Nothing is held."""
 
     async def commit_batch(self, batch: Batch) -> BatchResult:
         probe = self._probe

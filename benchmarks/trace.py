@@ -25,6 +25,10 @@ running: Trio's thread hand-off), rt1 (the claim-and-lock round trip with its Py
 core (`ledger.apply_events`), rt2 (parameters, writes and COMMIT, which waits for the
 WAL flush), back_hop (thread done -> event loop running again: the GIL hand-off back),
 bookkeeping (commit returned -> ack built: the writer's metrics and records).
+
+A batch the writer took ahead (`writer.take_ahead`, while the batch before it committed)
+had its keys claimed then: its rt1 is the locks and reads alone, and its build and its
+updates' commit phase include the wait for the batch before it.
 """
 
 from __future__ import annotations
@@ -169,6 +173,9 @@ class Tracer:
         self.marks = _Marks()
         self.batches: list[_BatchTrace] = []
         self._current: _BatchTrace | None = None
+        # A batch the writer took while the current one committed (claim ahead): it
+        # becomes the current one once the current one is acknowledged.
+        self._upcoming: _BatchTrace | None = None
         self.gc_counts: Counter[int] = Counter()
         self.gc_seconds: dict[int, float] = {}
         self.gc_pauses: list[tuple[float, float, int]] = []  # start, seconds, generation
@@ -214,17 +221,27 @@ class Tracer:
             await real_dedupe(cache, inbox, _Stamping(outbox, marks), *args, **kw)
 
         real_take = writer.take_batch
+        real_take_ahead = writer.take_ahead
 
-        def take_batch(first: Any, inbox: Any, limit: int) -> Any:
-            items = real_take(first, inbox, limit)
+        def taken(items: Any) -> _BatchTrace:
             now = perf()
             batch = _BatchTrace(now, len(items))
             for item in items:
                 key = getattr(item, "key", "")
                 if key and marks.stamp(key, 3, now):
                     batch.keys.append(key)
-            tracer._current = batch
             tracer.batches.append(batch)
+            return batch
+
+        def take_batch(first: Any, inbox: Any, limit: int) -> Any:
+            items = real_take(first, inbox, limit)
+            tracer._current = taken(items)
+            return items
+
+        def take_ahead(inbox: Any, limit: int) -> Any:
+            items = real_take_ahead(inbox, limit)
+            if items:
+                tracer._upcoming = taken(items)
             return items
 
         real_ack = writer._ack
@@ -233,15 +250,17 @@ class Tracer:
             b = tracer._current
             if b is not None:
                 b.acked = perf()
+            if tracer._upcoming is not None:
+                tracer._current, tracer._upcoming = tracer._upcoming, None
             return real_ack(events, outcome)
 
         real_commit = pgstore._commit
 
-        def commit(conn: Any, batch: Any) -> Any:
+        def commit(conn: Any, batch: Any, *args: Any) -> Any:
             b = tracer._current
             if b is not None and math.isnan(b.thread_start):
                 b.thread_start = perf()
-            result = real_commit(conn, batch)
+            result = real_commit(conn, batch, *args)
             if b is not None:
                 b.thread_end = perf()
             return result
@@ -259,7 +278,8 @@ class Tracer:
 
         patches: list[tuple[Any, str, Any]] = [
             (connection, "decode_frame", decode), (supervisor, "dedupe_actor", dedupe_actor),
-            (writer, "take_batch", take_batch), (writer, "_ack", ack),
+            (writer, "take_batch", take_batch), (writer, "take_ahead", take_ahead),
+            (writer, "_ack", ack),
             (pgstore, "_commit", commit), (pgstore, "apply_events", core)]
         for module, name, replacement in patches:
             self._undo.append(partial(setattr, module, name, getattr(module, name)))

@@ -13,7 +13,10 @@ code that binds each statement's parameters so a reader checks both in one place
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -40,6 +43,7 @@ from .errors import (
 )
 from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
 from .ledger import Cursor, apply_events, cursor_of, recorded_moments, touched
+from .logs import get_logger
 from .orders import TERMINAL_STATUSES, OrderState
 from .positions import Position
 from .store import (
@@ -54,6 +58,8 @@ from .store import (
 from .threadhop import run_in_thread
 
 T = TypeVar("T")
+
+log = get_logger("stream_supervisor.pgstore")
 
 _json_encode: Final = msgspec.json.Encoder().encode
 
@@ -328,6 +334,11 @@ LIMIT %s
 # 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+#: Whether the store's main session (by its backend's pid) still holds its writer lock: a
+#: batch finished on a claim-ahead connection asks before it commits (design.md, 7).
+_LEADER_HELD = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %(pid)s AND granted)
+"""
 _RELEASE_LEADER_LOCKS = "SELECT pg_advisory_unlock_all()"
 
 _HAS_KEY = "SELECT EXISTS (SELECT 1 FROM alpaca_event_dedupe WHERE event_key = %s)"
@@ -621,6 +632,26 @@ def _replay_params(account_id: str, marks: Sequence[ReplayMark],
 # --- the store -------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Side:
+    """One of the two connections that claim batches ahead, with its own worker-thread
+    limiter: one statement at a time on it, as on the main connection."""
+
+    limiter: trio.CapacityLimiter
+    conn: psycopg.Connection[Any] | None = None
+
+
+@dataclass(eq=False)
+class _Ahead:
+    """A batch whose transaction is open on `side`, with its keys claimed once the claim
+    has returned (`claimed`: those that were new)."""
+
+    batch: Batch
+    side: _Side
+    claimed: frozenset[str] | None = None
+    dropped: bool = False
+
+
 class PgStore:
     """`store.Store` on PostgreSQL. Not shared between tasks running concurrently beyond
     what the limiter serialises: one connection, one statement at a time."""
@@ -644,6 +675,17 @@ class PgStore:
         self._leader_of: str | None = None
         # Why the last connection was dropped: what a LostLeadership names as its cause.
         self._dropped_because: str | None = None
+        # The main session's backend, once it holds the writer lock: batches finished on a
+        # claim-ahead connection check that it still does.
+        self._leader_pid: int | None = None
+        # Claim ahead (docs/design.md, section 4): two connections of the writer's, taken
+        # in turn, so that the batch claimed ahead never waits for the side the batch
+        # before it is finishing on; and the batch claimed ahead, if any.
+        self._sides = (_Side(trio.CapacityLimiter(1)), _Side(trio.CapacityLimiter(1)))
+        self._turn = 0
+        self._ahead: _Ahead | None = None
+        # The last batch failed: nothing is claimed ahead until one commits again.
+        self._failing = False
 
     def __repr__(self) -> str:
         return f"PgStore({pgconn.describe(self._conninfo)})"
@@ -740,7 +782,10 @@ class PgStore:
     async def try_leadership(self, account_id: str) -> bool:
         def attempt(conn: psycopg.Connection[Any]) -> bool:
             row = conn.execute(_TRY_LEADER_LOCK, [LEADER_LOCK_PREFIX + account_id]).fetchone()
-            return bool(row and row[0])
+            held = bool(row and row[0])
+            if held:
+                self._leader_pid = conn.info.backend_pid
+            return held
 
         held = await self._run(lambda: self._guarded("leader lock", attempt))
         if held:
@@ -771,6 +816,9 @@ class PgStore:
         # Shielded (with a deadline): a caller being cancelled must still close the
         # connection, or it and any writer lock it holds linger until garbage collection.
         with trio.move_on_after(5, shield=True):
+            await self.release_ahead()
+            for side in self._sides:
+                await run_in_thread(partial(self._discard_side, side), side.limiter)
             await self._run(self._close)
 
     def _close(self) -> None:
@@ -825,7 +873,125 @@ class PgStore:
         return await self._run(lambda: self._guarded("open_order_ids", op))
 
     async def commit_batch(self, batch: Batch) -> BatchResult:
-        return await self._run(lambda: self._guarded("commit_batch", lambda c: _commit(c, batch)))
+        ahead = self._ahead
+        try:
+            if (ahead is not None and ahead.batch is batch and ahead.claimed is not None
+                    and not ahead.dropped):
+                self._ahead = None
+                result = await run_in_thread(
+                    partial(self._finish_on, ahead.side, batch, ahead.claimed),
+                    ahead.side.limiter)
+            else:
+                result = await self._run(
+                    lambda: self._guarded("commit_batch", lambda c: _commit(c, batch)))
+        except Exception:
+            # What a later batch claimed meanwhile is given up, and nothing more is
+            # claimed until a batch commits: this one's retries, on the main connection,
+            # never wait behind another batch's claims.
+            self._failing = True
+            await self.release_ahead()
+            raise
+        self._failing = False
+        return result
+
+    # -- claim ahead (docs/design.md, section 4) -----------------------------------------
+
+    async def claim_ahead(self, batch: Batch) -> bool:
+        """Open `batch`'s transaction on a connection of its own and claim its keys there
+        while the batch before it commits; `commit_batch(batch)` then finishes that
+        transaction (locks, reads, the core, the writes, COMMIT). The claim is the largest
+        part of a batch's database work: it runs beside the previous batch's instead of
+        after it. True if claimed; False, with nothing held, if not: `commit_batch` then
+        does everything itself, as always. Not while the batch before it is failing, nor
+        while another batch's claim waits for its commit (one batch ahead at most)."""
+        if (self._ahead is not None or not batch.events or self._failing
+                or (self._leader_of is not None and self._leader_pid is None)):
+            return False
+        side = self._sides[self._turn]
+        self._turn = 1 - self._turn
+        ahead = self._ahead = _Ahead(batch, side)
+        claimed = await run_in_thread(partial(self._claim_on, side, batch), side.limiter)
+        if ahead.dropped or self._ahead is not ahead:
+            # Given up while its keys were being claimed: the claims roll back.
+            await run_in_thread(partial(self._reset, side), side.limiter)
+            return False
+        if claimed is None:
+            self._ahead = None
+            return False
+        ahead.claimed = claimed
+        return True
+
+    async def release_ahead(self) -> None:
+        """Give up the batch claimed ahead, if any (the writer stops, or a batch failed):
+        its transaction rolls back, and its keys are free to claim again."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        ahead.dropped = True
+        await run_in_thread(partial(self._reset, ahead.side), ahead.side.limiter)
+
+    def _claim_on(self, side: _Side, batch: Batch) -> frozenset[str] | None:
+        """In the side's thread: BEGIN and the key claim, left open. None if that failed
+        (the batch's commit then claims its keys itself, and reports any failure)."""
+        try:
+            conn = side.conn
+            if conn is None or conn.closed or conn.broken:
+                side.conn = conn = self._connect()
+            elif not _back_to_idle(conn):
+                self._discard_side(side)
+                return None
+            return _claim_ahead(conn, batch)
+        except StoreError as exc:
+            log.debug("claim_ahead_failed", error=str(exc)[:300])
+            return None
+        except psycopg.Error as exc:
+            log.debug("claim_ahead_failed", error=self._error("claim ahead", exc)[:300])
+            self._reset(side)
+            return None
+        except BaseException:
+            self._discard_side(side)
+            raise
+
+    def _finish_on(self, side: _Side, batch: Batch, claimed: frozenset[str]) -> BatchResult:
+        """In the side's thread: the rest of the transaction `_claim_on` opened. A failure
+        means what it means on the main connection, but a lost claim-ahead connection is
+        no lost leadership (the writer lock is the main session's): the retry goes there."""
+        conn = side.conn
+        if conn is None or conn.closed:
+            raise StoreUnavailable("commit_batch: the connection that claimed the batch's "
+                                   "keys is gone")
+        leader_pid = self._leader_pid if self._leader_of is not None else None
+        try:
+            return _commit(conn, batch, claimed, leader_pid)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed or not _back_to_idle(conn):
+                message = self._error("commit_batch: connection lost", exc)
+                self._discard_side(side)
+                raise StoreUnavailable(message) from None
+            raise _refusal(self._error("commit_batch", exc), exc) from None
+        except LostLeadership:
+            self._reset(side)
+            raise
+        except BaseException:
+            self._discard_side(side)
+            raise
+
+    def _reset(self, side: _Side) -> None:
+        """Roll back whatever the side's connection holds open; drop it if that fails."""
+        conn = side.conn
+        if conn is not None and not _back_to_idle(conn):
+            self._discard_side(side)
+
+    def _discard_side(self, side: _Side) -> None:
+        conn, side.conn = side.conn, None
+        if conn is not None:
+            try:
+                if not conn.broken and not conn.closed:
+                    conn.rollback()
+            except psycopg.Error:
+                pass
+            finally:
+                conn.close()
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
@@ -895,27 +1061,52 @@ def _back_to_idle(conn: psycopg.Connection[Any]) -> bool:
 # --- the batch transaction -------------------------------------------------------------
 
 
-def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
-    acct = batch.account_id
+def _first_of(batch: Batch) -> dict[str, Event]:
+    """Each key's first update in the batch, in batch order."""
     first: dict[str, Event] = {}
     for ev in batch.events:
         first.setdefault(ev.key, ev)
+    return first
+
+
+def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
+    """Open the batch's transaction and claim its keys; the transaction stays open for
+    `_commit(conn, batch, claimed)`. Returns the keys that were new."""
+    first = _first_of(batch)
+    by_stored_key = {_text(k): k for k in first}
+    with conn.pipeline():
+        conn.execute("BEGIN")
+        if not batch.durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
+        claimed = conn.execute(_CLAIM_KEYS, _claim_params(batch.account_id, first,
+                                                          by_stored_key))
+    return frozenset(by_stored_key[r[0]] for r in claimed.fetchall())
+
+
+def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] | None = None,
+            leader_pid: int | None = None) -> BatchResult:
+    """The batch's transaction. `ahead`: the keys `_claim_ahead` claimed as new in the
+    transaction it left open on `conn`, which this finishes; `leader_pid`: the backend
+    that must still hold the writer lock when it commits (a claim-ahead connection's)."""
+    acct = batch.account_id
+    first = _first_of(batch)
     # Keys are claimed in batch order (`seq` then says which are newest); rows are locked
     # in id / symbol order, so two writers racing on one account do not deadlock there.
     by_stored_key = {_text(k): k for k in first}
     keys = list(by_stored_key)
-    claim = _claim_params(acct, first, by_stored_key)
+    claim = _claim_params(acct, first, by_stored_key) if ahead is None else None
     # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
     touched_orders, touched_symbols = touched(first.values())
     order_ids = {_text(oid): oid for oid in touched_orders}
     symbols = {_text(sym): sym for sym in touched_symbols}
 
-    with conn.pipeline(), conn.transaction():
-        if not batch.durable:
+    with conn.pipeline(), conn.transaction() if ahead is None else nullcontext():
+        if ahead is None and not batch.durable:
             conn.execute("SET LOCAL synchronous_commit = off")
-        # Round trip 1: claim keys, lock what they may touch, read the cursor.
-        claimed, orders_cur, positions_cur, cursor_cur, moments_cur = (
-            conn.cursor() for _ in range(5))
+        # Round trip 1: claim keys (unless claimed ahead), lock what they may touch, read
+        # the cursor.
+        claimed, orders_cur, positions_cur, cursor_cur, moments_cur, leader_cur = (
+            conn.cursor() for _ in range(6))
         # Only a batch with a non-trade activity needs the baseline's moments.
         activity_symbols = sorted({_text(ev.symbol) for ev in first.values()
                                    if ev.event == ACTIVITY_EVENT})
@@ -923,13 +1114,19 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             moments_cur.execute(_LOAD_BASELINE_MOMENTS,
                                 {"acct": acct, "symbols": [ACCOUNT_WIDE, *activity_symbols]})
         if keys:
-            claimed.execute(_CLAIM_KEYS, claim)
+            if claim is not None:
+                claimed.execute(_CLAIM_KEYS, claim)
             orders_cur.execute(_LOCK_ORDERS, {"ids": sorted(order_ids)})
             positions_cur.execute(
                 _LOCK_OPEN_POSITIONS, {"acct": acct, "symbols": sorted(symbols)}
             )
         cursor_cur.execute(_LOAD_CURSOR, {"acct": acct})
-        new_keys = {by_stored_key[r[0]] for r in claimed.fetchall()} if keys else set()
+        if leader_pid is not None:
+            leader_cur.execute(_LEADER_HELD, {"pid": leader_pid})
+        if ahead is not None:
+            new_keys = set(ahead)
+        else:
+            new_keys = {by_stored_key[r[0]] for r in claimed.fetchall()} if keys else set()
         orders = (
             {order_ids[o.order_id]: o for o in map(_order, orders_cur.fetchall())} if keys else {}
         )
@@ -940,6 +1137,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         stored_cursor = _cursor(cursor_cur.fetchone())
         moments = ({symbols.get(r[0], r[0]): r[1] for r in moments_cur.fetchall()}
                    if activity_symbols else None)
+        if leader_pid is not None and not _held(leader_cur.fetchone()):
+            raise LostLeadership(
+                f"the session holding the writer lock of account {acct} (backend "
+                f"{leader_pid}) no longer holds it: this batch is not committed")
 
         # The pure core, on the new events only, in batch order.
         new_events = [ev for key, ev in first.items() if key in new_keys]
@@ -974,6 +1175,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
             conn.execute(_ADVANCE_STREAM_POSITION,
                          {"stream": _text(batch.stream_position.stream),
                           "event_id": _text(batch.stream_position.event_id)})
+        if ahead is not None:
+            conn.execute("COMMIT")
     # Committed (the transaction block exited cleanly): read what the cursor upsert said,
     # which also covers a concurrent writer having moved it further.
     if cursor != stored_cursor:
@@ -990,6 +1193,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
         cursor=cursor,
         dead_letters=len(batch.dead_letters),
     )
+
+
+def _held(row: Sequence[Any] | None) -> bool:
+    return bool(row is not None and row[0])
 
 
 def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:

@@ -79,6 +79,9 @@ class Settings:
     database_url: str = field(default="", repr=False)
     account_id: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
+    #: Claim the next batch's keys while one commits, on two more connections per
+    #: account while busy (docs/design.md, section 4, "Claim ahead").
+    claim_ahead: bool = True
     channel_size: int = DEFAULT_CHANNEL_SIZE
     lru_size: int = DEFAULT_LRU_SIZE
     ping_interval: float = DEFAULT_PING_INTERVAL
@@ -205,6 +208,7 @@ def _dsn_password(dsn: str) -> str | None:
 _PREFIXED: Final[dict[str, str]] = {
     "ACCOUNT_ID": "account_id",
     "MAX_BATCH": "max_batch",
+    "CLAIM_AHEAD": "claim_ahead",
     "CHANNEL_SIZE": "channel_size",
     "LRU_SIZE": "lru_size",
     "PING_INTERVAL": "ping_interval",

@@ -196,6 +196,19 @@ class Store(Protocol):
         StoreDataError if a value of it cannot be stored (nothing of it was)."""
         ...
 
+    async def claim_ahead(self, batch: Batch) -> bool:
+        """Prepare `batch`'s commit while the batch before it commits, for `commit_batch`
+        of this same batch to finish (docs/design.md, section 4, "Claim ahead"): PgStore
+        claims its keys in a transaction of their own connection. True if prepared, and
+        the writer may then prepare the next batch while this one commits; False if not,
+        when `commit_batch` does everything itself. Never raises a StoreError."""
+        ...
+
+    async def release_ahead(self) -> None:
+        """Give up a batch `claim_ahead` prepared that will not be committed now (the
+        writer stops, or the batch before it failed): whatever it holds is let go."""
+        ...
+
     async def snapshot(self, account_id: str) -> StoreSnapshot: ...
 
     async def open_positions(self, account_id: str) -> list[Position]:

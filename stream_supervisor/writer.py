@@ -2,7 +2,10 @@
 
 It takes everything already queued, up to `max_batch`, and commits it as one
 transaction; it never waits to fill a batch, so a quiet stream gets one-event batches
-and low latency while a busy one gets large batches. A failed batch is retried (with
+and low latency while a busy one gets large batches. When more is queued, it takes the
+next batch while one commits and has the store claim its keys meanwhile (claim ahead,
+docs/design.md section 4), so that two batches' database work overlaps; batches still
+commit one at a time, in order. A failed batch is retried (with
 backoff) until it commits, never dropped; only then are its keys acknowledged to the
 dedupe actor. Two failures are not retried as they are (docs/design.md, sections 4 and
 8): a value the database refuses (`StoreDataError`) makes the writer split the batch in
@@ -47,6 +50,9 @@ RETRY_POLICY = BackoffPolicy(initial=0.1, factor=2.0, cap=5.0)
 REPEATS_BEFORE_CRASH = 5
 #: A dead letter's reason keeps this much of the database's message.
 REASON_CHARS = 500
+#: How long a stopping writer waits to let go of a batch claimed ahead (a claim in flight
+#: ends within the statement timeout; the connection's close ends it otherwise).
+RELEASE_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +61,33 @@ class WriterSettings:
     max_batch: int
     retry: BackoffPolicy = RETRY_POLICY
     repeats_before_crash: int = REPEATS_BEFORE_CRASH
+    claim_ahead: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings, account_id: str) -> WriterSettings:
-        return cls(account_id=account_id, max_batch=s.max_batch)
+        return cls(account_id=account_id, max_batch=s.max_batch, claim_ahead=s.claim_ahead)
 
 
 def take_batch(first: Item, inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:
     """`first` plus whatever is already queued, up to `limit` items, without waiting."""
     return list(drain(first, inbox, limit))
+
+
+def take_ahead(inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:
+    """Whatever is queued now, up to `limit` items, without waiting: the next batch,
+    taken while the one before it commits."""
+    items: list[Item] = []
+    while len(items) < limit:
+        try:
+            items.append(inbox.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return items
+
+
+def batch_of(account_id: str, items: Sequence[Item]) -> Batch:
+    return Batch(account_id, [i for i in items if isinstance(i, Event)],
+                 [i for i in items if isinstance(i, DeadLetter)])
 
 
 async def commit_with_retry(
@@ -235,23 +259,70 @@ async def writer_actor(
     state.beat("writer", trio.current_time())
     task_status.started()
     async with acks, inbox:
-        async for first in inbox:
-            items = take_batch(first, inbox, settings.max_batch)
-            events = [i for i in items if isinstance(i, Event)]
-            dead = [i for i in items if isinstance(i, DeadLetter)]
-            started = trio.current_time()
-            outcome = await committer.commit(Batch(settings.account_id, events, dead))
-            done = trio.current_time()
-            state.beat("writer", done)
-            metrics.commit_seconds.observe(done - started)
-            # One histogram update per batch, not per update (metrics.BatchHistogram).
-            metrics.frame_to_commit_seconds.observe_many(
-                [done - ev.received_at for ev in events if ev.received_at])
-            for batch, result in outcome.commits:
-                _record(result, batch, done - started, metrics, state)
-            if outcome.refused:
-                metrics.updates_refused.inc(len(outcome.refused))
-            await acks.send(_ack(events, outcome))
+        try:
+            await _write(settings, store, inbox, acks, metrics, state, committer)
+        finally:
+            # A batch claimed ahead that will not be committed by this writer: its claims
+            # must not linger in an open transaction (a later writer would wait on them).
+            with trio.move_on_after(RELEASE_WAIT_S, shield=True):
+                await store.release_ahead()
+
+
+async def _write(
+    settings: WriterSettings,
+    store: Store,
+    inbox: trio.MemoryReceiveChannel[Item],
+    acks: trio.MemorySendChannel[Ack],
+    metrics: Metrics,
+    state: SupervisorState,
+    committer: _Committer,
+) -> None:
+    account = settings.account_id
+    upcoming: Batch | None = None  # taken while the batch before it committed
+    upcoming_claimed = False
+
+    async def take_next() -> None:
+        nonlocal upcoming, upcoming_claimed
+        items = take_ahead(inbox, settings.max_batch)
+        if items:
+            upcoming = batch_of(account, items)
+            upcoming_claimed = await store.claim_ahead(upcoming)
+
+    while True:
+        if upcoming is not None:
+            batch, claimed, upcoming = upcoming, upcoming_claimed, None
+        else:
+            try:
+                first = await inbox.receive()
+            except trio.EndOfChannel:
+                return
+            batch = batch_of(account, take_batch(first, inbox, settings.max_batch))
+            claimed = False
+        events = batch.events
+        # More is queued: claim this batch's keys first (unless done while the one before
+        # it committed), so that the next batch's claim can run while this one commits.
+        # Claims are made in batch order, each after the one before it has returned.
+        if (events and not claimed and settings.claim_ahead
+                and inbox.statistics().current_buffer_used):
+            claimed = await store.claim_ahead(batch)
+        started = trio.current_time()
+        if claimed:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take_next)
+                outcome = await committer.commit(batch)
+        else:
+            outcome = await committer.commit(batch)
+        done = trio.current_time()
+        state.beat("writer", done)
+        metrics.commit_seconds.observe(done - started)
+        # One histogram update per batch, not per update (metrics.BatchHistogram).
+        metrics.frame_to_commit_seconds.observe_many(
+            [done - ev.received_at for ev in events if ev.received_at])
+        for part, result in outcome.commits:
+            _record(result, part, done - started, metrics, state)
+        if outcome.refused:
+            metrics.updates_refused.inc(len(outcome.refused))
+        await acks.send(_ack(events, outcome))
 
 
 def _ack(events: Sequence[Event], outcome: Outcome) -> Ack:

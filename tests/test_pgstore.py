@@ -336,3 +336,116 @@ async def test_a_graceful_close_gives_the_writer_lock_back_at_once(database_url:
                                   [key]).fetchone()
             assert row is not None and row[0], f"still held after close {attempt + 1}"
             standby.execute("SELECT pg_advisory_unlock_all()")
+
+
+# --- claim ahead (docs/design.md, section 4) --------------------------------------------
+
+
+def open_transactions(url: str, application_name: str) -> int:
+    rows = sql(url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                    "AND state LIKE 'idle in transaction%%'", application_name)
+    return int(rows[0][0])
+
+
+async def test_keys_claimed_ahead_are_held_by_an_open_transaction_until_the_commit(
+    database_url: str,
+) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead")
+    assert await store.try_leadership(ACCOUNT)
+    batch = Batch(ACCOUNT, STREAM[:30])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(batch)
+    # Claimed, not committed: another session sees none of it yet.
+    assert open_transactions(database_url, "ss-test-ahead") == 1
+    assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(0,)]
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(batch)
+    assert result.applied_keys == {e.key for e in STREAM[:30]}
+    assert open_transactions(database_url, "ss-test-ahead") == 0
+    await replay(store, STREAM[30:], 50)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_a_failing_batch_leaves_no_claim_of_the_next_one_open(database_url: str) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-fail")
+    bad = msgspec.structs.replace(STREAM[5], fill_price=Decimal("1E-20000"),
+                                  cum_avg_price=Decimal("1E-20000"))
+    failing = Batch(ACCOUNT, [*STREAM[:5], bad])
+    behind = Batch(ACCOUNT, STREAM[6:40])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(failing)
+        with pytest.RaisesGroup(StoreDataError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.claim_ahead, behind)
+                await store.commit_batch(failing)
+        # Whichever came first, the claim of the batch behind or the failure: nothing
+        # is held open while the failed batch is isolated and retried.
+        assert open_transactions(database_url, "ss-test-ahead-fail") == 0
+        assert not await store.claim_ahead(behind)  # nor claimed until a batch commits
+        await store.commit_batch(Batch(ACCOUNT, STREAM[:5]))
+        assert await store.claim_ahead(behind)
+        result = await store.commit_batch(behind)
+    assert result.applied_keys == {e.key for e in STREAM[6:40]}
+    await store.aclose()
+
+
+async def test_a_batch_claimed_ahead_never_commits_once_the_writer_lock_is_gone(
+    database_url: str,
+) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-lock")
+    assert await store.try_leadership(ACCOUNT)
+    batch = Batch(ACCOUNT, STREAM[:30])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(batch)
+    # The session holding the lock dies (not the one holding the claim): the lock is free
+    # for another replica, so this process must not commit through its other connection.
+    killed = sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                               "WHERE locktype = 'advisory' AND granted AND pid IN (SELECT pid "
+                               "FROM pg_stat_activity WHERE application_name = %s)",
+                 "ss-test-ahead-lock")
+    assert killed == [(True,)]
+    with trio.fail_after(WAIT), pytest.raises(LostLeadership, match="no longer holds it"):
+        await store.commit_batch(batch)
+    assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(0,)]
+    assert open_transactions(database_url, "ss-test-ahead-lock") == 0
+    await store.aclose()
+
+
+async def test_a_lost_claim_ahead_connection_is_retried_on_the_main_one(database_url: str) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-side")
+    assert await store.try_leadership(ACCOUNT)
+    batch = Batch(ACCOUNT, STREAM[:30])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(batch)
+    killed = sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = %s "
+                               "AND state LIKE 'idle in transaction%%'", "ss-test-ahead-side")
+    assert killed == [(True,)]
+    with trio.fail_after(WAIT), pytest.raises(StoreUnavailable):
+        await store.commit_batch(batch)
+    # Not a lost leadership: the writer's retry commits on the main session, which still
+    # holds the lock.
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(batch)
+    assert result.applied_keys == {e.key for e in STREAM[:30]}
+    rival = await opened(database_url)
+    assert not await rival.try_leadership(ACCOUNT)
+    await rival.aclose()
+    await replay(store, STREAM[30:], 50)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_closing_the_store_lets_go_of_a_batch_claimed_ahead(database_url: str) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-close")
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(Batch(ACCOUNT, STREAM[:30]))
+    await store.aclose()
+    assert sql(database_url, "SELECT count(*) FROM pg_stat_activity "
+                             "WHERE application_name = 'ss-test-ahead-close'") == [(0,)]
+    # Nobody waits for those keys: another store commits them at once.
+    other = await opened(database_url, statement_timeout_ms=2_000)
+    result = await replay(other, STREAM[:30], 30)
+    assert result[0].applied_keys == {e.key for e in STREAM[:30]}
+    await other.aclose()

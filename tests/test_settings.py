@@ -40,6 +40,7 @@ def test_defaults() -> None:
     assert s.backoff == BackoffPolicy()
     assert s.key_id == s.secret_key == s.database_url == ""
     assert s.account_id is None and s.first_start_lookback is None
+    assert s.claim_ahead is True
     assert s.secrets() == []
 
 
@@ -86,8 +87,10 @@ def test_prefixed_variables_are_parsed() -> None:
             "STREAM_SUPERVISOR_BACKOFF_INITIAL": "0.25",
             "STREAM_SUPERVISOR_BACKOFF_CAP": "9",
             "STREAM_SUPERVISOR_BACKOFF_429_FLOOR": "20",
+            "STREAM_SUPERVISOR_CLAIM_AHEAD": "off",
         }
     )
+    assert s.claim_ahead is False
     assert s.max_batch == 250 and s.ping_interval == 2.5 and s.account_id == "acct-7"
     assert s.first_start_lookback == 3600.0 and s.log_format == "json"
     assert s.backoff == BackoffPolicy(initial=0.25, cap=9.0, rate_limited_floor=20.0)
@@ -112,6 +115,7 @@ def test_prefixed_variables_are_parsed() -> None:
         ("STREAM_SUPERVISOR_FIRST_START_LOOKBACK", "yesterday"),
         ("STREAM_SUPERVISOR_BACKOFF_FACTOR", "x2"),
         ("STREAM_SUPERVISOR_LOG_FORMAT", "xml"),
+        ("STREAM_SUPERVISOR_CLAIM_AHEAD", "sometimes"),
     ],
 )
 def test_a_bad_value_names_the_variable(var: str, value: str) -> None:

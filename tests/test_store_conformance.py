@@ -325,6 +325,77 @@ async def test_a_failed_batch_leaves_nothing_and_a_retry_applies_it(backend: Bac
     assert [(d.reason, d.payload) for d in snap.dead_letters] == [("bad json", b"{")]
 
 
+# --- claim ahead: the writer prepares the next batch while one commits ---------------
+
+
+async def replay_ahead(store: Store, events: Sequence[Event], size: int) -> list[BatchResult]:
+    """What a busy writer does: each batch's keys claimed while the one before commits."""
+    parts = [Batch(ACCOUNT, b) for b in batches(events, size)]
+    results: list[BatchResult] = []
+    with trio.fail_after(WAIT):
+        await store.claim_ahead(parts[0])
+        for i, batch in enumerate(parts):
+            async with trio.open_nursery() as nursery:
+                if i + 1 < len(parts):
+                    nursery.start_soon(store.claim_ahead, parts[i + 1])
+                results.append(await store.commit_batch(batch))
+    return results
+
+
+@pytest.mark.parametrize("size", [1, 17, 1000])
+async def test_batches_claimed_ahead_end_where_batches_one_by_one_do(
+    backend: Backend, size: int
+) -> None:
+    store = await backend.make()
+    results = await replay_ahead(store, STREAM, size)
+    snap = await store.snapshot(ACCOUNT)
+
+    assert full_mismatches(snap) == []
+    assert sum(r.fills_applied for r in results) == TRUTH["fills_total"]
+    assert snap.event_keys == {e.key for e in STREAM}
+    assert snap.cursor == Cursor(max(e.timestamp for e in STREAM if e.is_fill), None)
+    # Everything again, claimed ahead too: every key is found stored, nothing applies.
+    again = await replay_ahead(store, STREAM + REST, 7)
+    assert all(not r.applied_keys for r in again)
+    assert set().union(*(r.duplicate_keys for r in again)) == {e.key for e in STREAM + REST}
+    assert comparable(await store.snapshot(ACCOUNT))[:3] == comparable(snap)[:3]
+
+
+async def test_a_batch_given_up_ahead_is_claimed_by_its_own_commit(backend: Backend) -> None:
+    store = await backend.make()
+    batch = Batch(ACCOUNT, STREAM[:40])
+    with trio.fail_after(WAIT):
+        await store.claim_ahead(batch)
+        await store.release_ahead()
+        # Its claims were let go: the commit claims the keys itself, all of them new.
+        result = await store.commit_batch(batch)
+    assert result.applied_keys == {e.key for e in STREAM[:40]}
+    assert (await store.snapshot(ACCOUNT)).event_keys == {e.key for e in STREAM[:40]}
+
+
+async def test_a_failed_batch_gives_up_the_claims_of_the_one_behind_it(
+    backend: Backend,
+) -> None:
+    store = await backend.make()
+    half = len(STREAM) // 2
+    poison = DeadLetter(reason=POISON, payload=b"{}")
+    failing = Batch(ACCOUNT, STREAM[:half], [poison])
+    behind = Batch(ACCOUNT, STREAM[half:])
+    with trio.fail_after(WAIT):
+        await store.claim_ahead(failing)
+        with pytest.RaisesGroup(StoreError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.claim_ahead, behind)
+                await store.commit_batch(failing)
+        # The writer's order: the failed batch again (it may not wait behind the claims
+        # of the one after it), then that one, which claims its keys itself.
+        first = await store.commit_batch(Batch(ACCOUNT, STREAM[:half]))
+        second = await store.commit_batch(behind)
+    assert first.applied_keys == {e.key for e in STREAM[:half]}
+    assert second.applied_keys == {e.key for e in STREAM[half:]}
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+
+
 async def test_ambiguous_commit_retried_applies_nothing_twice(backend: Backend) -> None:
     failed: list[Batch] = []
 

@@ -363,8 +363,9 @@ def _poisons() -> dict[str, Event]:
 
 
 async def pg_writer(url: str, items: list[Item], *, max_batch: int = 1000,
-                    metrics: Metrics | None = None) -> tuple[list[Ack], PgStore]:
-    store = PgStore(url, statement_timeout_ms=5_000)
+                    metrics: Metrics | None = None, store_type: type[PgStore] = PgStore,
+                    claim_ahead: bool = True) -> tuple[list[Ack], PgStore]:
+    store = store_type(url, statement_timeout_ms=5_000)
     await store.open()
     try:
         # A previous step's store gave the writer lock back as it closed; one that was
@@ -382,7 +383,8 @@ async def pg_writer(url: str, items: list[Item], *, max_batch: int = 1000,
         inbox_send.send_nowait(item)
     inbox_send.close()
     settings = WriterSettings(account_id=PG_ACCOUNT, max_batch=max_batch,
-                              retry=BackoffPolicy(initial=0.01, factor=2.0, cap=0.05))
+                              retry=BackoffPolicy(initial=0.01, factor=2.0, cap=0.05),
+                              claim_ahead=claim_ahead)
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -431,6 +433,57 @@ async def test_a_refused_update_is_dead_lettered_and_the_rest_commits_once(
     await rival.aclose()
     again = await store.commit_batch(Batch(PG_ACCOUNT, valid[:3]))
     assert again.duplicate_keys == {ev.key for ev in valid[:3]}
+    await store.aclose()
+
+
+class _CountingClaims(PgStore):
+    """The real store, counting the batches it claimed ahead."""
+
+    claimed = 0
+
+    async def claim_ahead(self, batch: Batch) -> bool:
+        done = await super().claim_ahead(batch)
+        self.claimed += done
+        return done
+
+
+async def test_a_busy_writer_claims_each_batch_while_the_one_before_commits(
+    database_url: str,
+) -> None:
+    # Everything is queued before the writer starts: each batch is taken, and its keys
+    # claimed, while the one before it commits. A refused update in the middle fails its
+    # batch: the claims of the batch behind it are given up while the refusal is isolated,
+    # then claiming ahead resumes. Every valid update is stored once, acked in order.
+    valid = _valid(300)
+    poison = _poisons()["price"]
+    items: list[Item] = [*valid[:150], poison, *valid[150:]]
+    acks, store = await pg_writer(database_url, items, max_batch=16,
+                                  store_type=_CountingClaims)
+    assert isinstance(store, _CountingClaims)
+    snap = await store.snapshot(PG_ACCOUNT)
+    assert snap.event_keys == {ev.key for ev in valid}
+    assert snap.net_position("XYZ") == 300
+    assert [d.reason[:27] for d in snap.dead_letters] == ["refused by the database [22"]
+    assert [k for ack in acks for k in ack.keys] == [ev.key for ev in valid]
+    assert [k for ack in acks for k in ack.rejected] == [poison.key]
+    batches = len(acks)
+    assert batches == 19  # ceil(301 / 16)
+    # Claimed ahead: every batch but, at most, the one behind the refused batch (its
+    # claim is given up, or refused, while the refusal is isolated) and the one after.
+    assert store.claimed >= batches - 2
+    await store.aclose()
+
+
+async def test_with_claim_ahead_off_batches_commit_one_after_another(
+    database_url: str,
+) -> None:
+    valid = _valid(100)
+    acks, store = await pg_writer(database_url, list(valid), max_batch=16,
+                                  store_type=_CountingClaims, claim_ahead=False)
+    assert isinstance(store, _CountingClaims)
+    assert store.claimed == 0
+    assert [k for ack in acks for k in ack.keys] == [ev.key for ev in valid]
+    assert (await store.snapshot(PG_ACCOUNT)).net_position("XYZ") == 100
     await store.aclose()
 
 

@@ -217,6 +217,14 @@ class MemoryStore:
             if order.status not in TERMINAL_STATUSES
         ]
 
+    async def claim_ahead(self, batch: Batch) -> bool:
+        """Nothing to prepare in memory (a commit is one step): a batch of updates is
+        ready, so the writer's claim-ahead path runs in the simulation too."""
+        return bool(batch.events)
+
+    async def release_ahead(self) -> None:
+        """Nothing is held ahead in memory."""
+
     async def commit_batch(self, batch: Batch) -> BatchResult:
         self._check()
         if self.fail_before_commit is not None and self.fail_before_commit(batch):
