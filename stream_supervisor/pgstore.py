@@ -912,8 +912,10 @@ class PgStore:
         ahead = self._ahead = _Ahead(batch, side)
         claimed = await run_in_thread(partial(self._claim_on, side, batch), side.limiter)
         if ahead.dropped or self._ahead is not ahead:
-            # Given up while its keys were being claimed: the claims roll back.
-            await run_in_thread(partial(self._reset, side), side.limiter)
+            # Given up while its keys were being claimed: the claims roll back, even if
+            # the caller is being cancelled (no transaction may be left holding them).
+            with trio.CancelScope(shield=True):
+                await run_in_thread(partial(self._reset, side), side.limiter)
             return False
         if claimed is None:
             self._ahead = None
@@ -928,7 +930,8 @@ class PgStore:
         if ahead is None:
             return
         ahead.dropped = True
-        await run_in_thread(partial(self._reset, ahead.side), ahead.side.limiter)
+        with trio.CancelScope(shield=True):  # whatever happens, nothing stays held
+            await run_in_thread(partial(self._reset, ahead.side), ahead.side.limiter)
 
     def _claim_on(self, side: _Side, batch: Batch) -> frozenset[str] | None:
         """In the side's thread: BEGIN and the key claim, left open. None if that failed
@@ -957,8 +960,11 @@ class PgStore:
         means what it means on the main connection, but a lost claim-ahead connection is
         no lost leadership (the writer lock is the main session's): the retry goes there."""
         conn = side.conn
-        if conn is None or conn.closed:
-            raise StoreUnavailable("commit_batch: the connection that claimed the batch's "
+        if (conn is None or conn.closed
+                or conn.info.transaction_status != pq.TransactionStatus.INTRANS):
+            # Never finish outside the transaction that claimed the keys: each statement
+            # would commit on its own.
+            raise StoreUnavailable("commit_batch: the transaction that claimed the batch's "
                                    "keys is gone")
         leader_pid = self._leader_pid if self._leader_of is not None else None
         try:

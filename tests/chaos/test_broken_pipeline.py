@@ -42,14 +42,14 @@ class CrashOnFinalFill:
         self.seen = 0
         self.lost_orders: set[str] = set()
 
-    def __call__(self, conn: psycopg.Connection[Any], batch: Batch) -> Any:
+    def __call__(self, conn: psycopg.Connection[Any], batch: Batch, *args: Any) -> Any:
         finals = {ev.order_id for ev in batch.events if ev.event == "fill"}
         self.seen += 1
         if finals and not self.lost_orders and self.seen > self.after_batches:
             self.lost_orders = finals
             self.before_crash(conn, batch)
             raise InjectedCrash(f"injected writer crash on orders {sorted(finals)}")
-        return self.real(conn, batch)
+        return self.real(conn, batch, *args)
 
 
 class EagerCache:
@@ -76,12 +76,15 @@ class EagerCache:
 
 
 def advance_cursor_outside_the_batch(conn: psycopg.Connection[Any], batch: Batch) -> None:
-    """The broken store: the cursor is moved in its own (autocommit) statement, so it
+    """The broken store: the cursor is moved in a statement of its own, in another
+    session (the batch's may already be in its transaction, claimed ahead), so it
     survives the batch that never commits."""
     cursor = cursor_of(batch.events)
-    conn.execute(pgstore._ADVANCE_CURSOR, {"acct": batch.account_id,
-                                           "fill_time": cursor.fill_time,
-                                           "activity_id": cursor.activity_id})
+    with psycopg.connect(conn.info.dsn, password=conn.info.password,
+                         autocommit=True) as other:
+        other.execute(pgstore._ADVANCE_CURSOR, {"acct": batch.account_id,
+                                                "fill_time": cursor.fill_time,
+                                                "activity_id": cursor.activity_id})
 
 
 # No reorder or skipped partials: a single lost final fill must show as a wrong order.
