@@ -334,10 +334,15 @@ LIMIT %s
 # 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
-#: Whether the store's main session (by its backend's pid) still holds its writer lock: a
-#: batch finished on a claim-ahead connection asks before it commits (design.md, 7).
+#: Whether the store's main session (by its backend's pid) still holds the account's
+#: writer lock: a batch finished on a claim-ahead connection asks before it writes
+#: (design.md, section 7). pg_locks shows a lock on a bigint key as two oids.
 _LEADER_HELD = """
-SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = %(pid)s AND granted)
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND pid = %(pid)s AND objsubid = 1
+      AND classid = ((hashtextextended(%(lock)s, 0) >> 32) & x'FFFFFFFF'::bigint)::oid
+      AND objid = (hashtextextended(%(lock)s, 0) & x'FFFFFFFF'::bigint)::oid)
 """
 _RELEASE_LEADER_LOCKS = "SELECT pg_advisory_unlock_all()"
 
@@ -966,9 +971,10 @@ class PgStore:
             # would commit on its own.
             raise StoreUnavailable("commit_batch: the transaction that claimed the batch's "
                                    "keys is gone")
-        leader_pid = self._leader_pid if self._leader_of is not None else None
+        leader = (None if self._leader_of is None or self._leader_pid is None
+                  else (self._leader_pid, LEADER_LOCK_PREFIX + self._leader_of))
         try:
-            return _commit(conn, batch, claimed, leader_pid)
+            return _commit(conn, batch, claimed, leader)
         except psycopg.Error as exc:
             if conn.broken or conn.closed or not _back_to_idle(conn):
                 message = self._error("commit_batch: connection lost", exc)
@@ -1090,10 +1096,10 @@ def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
 
 
 def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] | None = None,
-            leader_pid: int | None = None) -> BatchResult:
+            leader: tuple[int, str] | None = None) -> BatchResult:
     """The batch's transaction. `ahead`: the keys `_claim_ahead` claimed as new in the
-    transaction it left open on `conn`, which this finishes; `leader_pid`: the backend
-    that must still hold the writer lock when it commits (a claim-ahead connection's)."""
+    transaction it left open on `conn`, which this finishes; `leader`: the backend (pid)
+    that must still hold the writer lock (its name) before this writes anything."""
     acct = batch.account_id
     first = _first_of(batch)
     # Keys are claimed in batch order (`seq` then says which are newest); rows are locked
@@ -1127,8 +1133,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] |
                 _LOCK_OPEN_POSITIONS, {"acct": acct, "symbols": sorted(symbols)}
             )
         cursor_cur.execute(_LOAD_CURSOR, {"acct": acct})
-        if leader_pid is not None:
-            leader_cur.execute(_LEADER_HELD, {"pid": leader_pid})
+        if leader is not None:
+            leader_cur.execute(_LEADER_HELD, {"pid": leader[0], "lock": leader[1]})
         if ahead is not None:
             new_keys = set(ahead)
         else:
@@ -1143,10 +1149,10 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] |
         stored_cursor = _cursor(cursor_cur.fetchone())
         moments = ({symbols.get(r[0], r[0]): r[1] for r in moments_cur.fetchall()}
                    if activity_symbols else None)
-        if leader_pid is not None and not _held(leader_cur.fetchone()):
+        if leader is not None and not _held(leader_cur.fetchone()):
             raise LostLeadership(
                 f"the session holding the writer lock of account {acct} (backend "
-                f"{leader_pid}) no longer holds it: this batch is not committed")
+                f"{leader[0]}) no longer holds it: this batch is not committed")
 
         # The pure core, on the new events only, in batch order.
         new_events = [ev for key, ev in first.items() if key in new_keys]

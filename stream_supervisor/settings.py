@@ -80,8 +80,9 @@ class Settings:
     account_id: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     #: Claim the next batch's keys while one commits, on two more connections per
-    #: account while busy (docs/design.md, section 4, "Claim ahead").
-    claim_ahead: bool = True
+    #: account while busy (docs/design.md, section 4, "Claim ahead"). None: on for one
+    #: account, off with an accounts file (see `claims_ahead`).
+    claim_ahead: bool | None = None
     channel_size: int = DEFAULT_CHANNEL_SIZE
     lru_size: int = DEFAULT_LRU_SIZE
     ping_interval: float = DEFAULT_PING_INTERVAL
@@ -123,6 +124,13 @@ class Settings:
     accounts_file: str | None = None
     #: Serve only this account of the file (the systemd template unit's instance name).
     account_name: str | None = None
+
+    @property
+    def claims_ahead(self) -> bool:
+        """Whether the writer claims ahead: as set, or by default for one account only.
+        A fleet's database is sized by connections per account, and claiming ahead
+        takes two more per busy account: there it is asked for, never assumed."""
+        return self.claim_ahead if self.claim_ahead is not None else self.accounts_file is None
 
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
@@ -270,6 +278,8 @@ def _parse(var: str, raw: str, kind: object) -> Any:
             if not math.isfinite(value) or value < 0:
                 raise ValueError("must be a finite, non-negative number")
             return value
+        if kind == "bool | None":
+            return None if text.lower() in ("", "auto") else _parse(var, text, bool)
         if kind == "float | None":
             return None if text.lower() in ("", "today") else _parse(var, text, float)
         if kind == "str | None":

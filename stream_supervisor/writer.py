@@ -65,7 +65,7 @@ class WriterSettings:
 
     @classmethod
     def from_settings(cls, s: Settings, account_id: str) -> WriterSettings:
-        return cls(account_id=account_id, max_batch=s.max_batch, claim_ahead=s.claim_ahead)
+        return cls(account_id=account_id, max_batch=s.max_batch, claim_ahead=s.claims_ahead)
 
 
 def take_batch(first: Item, inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:

@@ -96,6 +96,22 @@ def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
 
 
 @pytest.mark.slow
+def test_the_claim_ahead_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str,
+                                                           tmp_path: Path) -> None:
+    from benchmarks.claim_ahead import main as claim_ahead_main
+
+    out = tmp_path / "ahead.json"
+    assert claim_ahead_main(["--database-url", pg_admin_uri, "--updates", "1500",
+                             "--size", "50", "--rounds", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["verified"] is True and results["updates"] >= 1500
+    for variant in ("serial", "ahead"):
+        assert results[variant]["updates_per_s"] > 0
+        assert len(results["rounds"][variant]) == 2
+    assert results["ahead_vs_serial"] > 0
+
+
+@pytest.mark.slow
 def test_the_poison_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str, tmp_path: Path) -> None:
     from benchmarks.poison import main as poison_main
 

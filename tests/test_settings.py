@@ -40,7 +40,7 @@ def test_defaults() -> None:
     assert s.backoff == BackoffPolicy()
     assert s.key_id == s.secret_key == s.database_url == ""
     assert s.account_id is None and s.first_start_lookback is None
-    assert s.claim_ahead is True
+    assert s.claim_ahead is None and s.claims_ahead is True
     assert s.secrets() == []
 
 
@@ -90,7 +90,7 @@ def test_prefixed_variables_are_parsed() -> None:
             "STREAM_SUPERVISOR_CLAIM_AHEAD": "off",
         }
     )
-    assert s.claim_ahead is False
+    assert s.claim_ahead is False and not s.claims_ahead
     assert s.max_batch == 250 and s.ping_interval == 2.5 and s.account_id == "acct-7"
     assert s.first_start_lookback == 3600.0 and s.log_format == "json"
     assert s.backoff == BackoffPolicy(initial=0.25, cap=9.0, rate_limited_floor=20.0)
@@ -222,3 +222,13 @@ def test_a_frame_limit_beyond_what_the_transport_holds_is_refused() -> None:
     for value in (TRANSPORT_MAX_MESSAGE + 1, 0):
         with pytest.raises(ConfigError, match="STREAM_SUPERVISOR_MAX_FRAME_BYTES"):
             load_settings({"STREAM_SUPERVISOR_MAX_FRAME_BYTES": str(value)})
+
+
+def test_claim_ahead_is_on_for_one_account_and_asked_for_in_a_fleet() -> None:
+    one = load_settings(env={"STREAM_SUPERVISOR_CLAIM_AHEAD": "auto"})
+    assert one.claim_ahead is None and one.claims_ahead
+    fleet = load_settings(env={"STREAM_SUPERVISOR_ACCOUNTS_FILE": "/etc/accounts.toml"})
+    assert not fleet.claims_ahead
+    asked = load_settings(env={"STREAM_SUPERVISOR_ACCOUNTS_FILE": "/etc/accounts.toml",
+                               "STREAM_SUPERVISOR_CLAIM_AHEAD": "on"})
+    assert asked.claims_ahead
