@@ -53,6 +53,10 @@ REASON_CHARS = 500
 #: How long a stopping writer waits to let go of a batch claimed ahead (a claim in flight
 #: ends within the statement timeout; the connection's close ends it otherwise).
 RELEASE_WAIT_S = 5.0
+#: Claim ahead only with at least this much queued (or a full batch, if smaller): a few
+#: updates' claim saves less than the extra thread hop costs, and left queued they join
+#: the batch taken after the commit instead (docs/design.md, section 4, "Claim ahead").
+AHEAD_MIN_QUEUED = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +284,15 @@ async def _write(
     account = settings.account_id
     upcoming: Batch | None = None  # taken while the batch before it committed
     upcoming_claimed = False
+    worth_it = min(AHEAD_MIN_QUEUED, settings.max_batch)
+
+    def backlog() -> bool:
+        return inbox.statistics().current_buffer_used >= worth_it
 
     async def take_next() -> None:
         nonlocal upcoming, upcoming_claimed
-        items = take_ahead(inbox, settings.max_batch)
-        if items:
-            upcoming = batch_of(account, items)
+        if backlog():
+            upcoming = batch_of(account, take_ahead(inbox, settings.max_batch))
             upcoming_claimed = await store.claim_ahead(upcoming)
 
     while True:
@@ -299,11 +306,10 @@ async def _write(
             batch = batch_of(account, take_batch(first, inbox, settings.max_batch))
             claimed = False
         events = batch.events
-        # More is queued: claim this batch's keys first (unless done while the one before
-        # it committed), so that the next batch's claim can run while this one commits.
+        # A backlog: claim this batch's keys first (unless done while the one before it
+        # committed), so that the next batch's claim can run while this one commits.
         # Claims are made in batch order, each after the one before it has returned.
-        if (events and not claimed and settings.claim_ahead
-                and inbox.statistics().current_buffer_used):
+        if events and not claimed and settings.claim_ahead and backlog():
             claimed = await store.claim_ahead(batch)
         started = trio.current_time()
         if claimed:
