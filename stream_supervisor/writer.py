@@ -53,10 +53,6 @@ REASON_CHARS = 500
 #: How long a stopping writer waits to let go of a batch claimed ahead (a claim in flight
 #: ends within the statement timeout; the connection's close ends it otherwise).
 RELEASE_WAIT_S = 5.0
-#: Claim ahead only with at least this much queued (or a full batch, if smaller): a few
-#: updates' claim saves less than the extra thread hop costs, and left queued they join
-#: the batch taken after the commit instead (docs/design.md, section 4, "Claim ahead").
-AHEAD_MIN_QUEUED = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,10 +280,13 @@ async def _write(
     account = settings.account_id
     upcoming: Batch | None = None  # taken while the batch before it committed
     upcoming_claimed = False
-    worth_it = min(AHEAD_MIN_QUEUED, settings.max_batch)
+    # Claim ahead only while a full batch waits (the writer is what holds the stream
+    # up): below that, what is queued is better left to grow into the batch taken after
+    # the commit, and a few updates' claim saves less than its thread hop costs.
+    full = max(1, min(settings.max_batch, inbox.statistics().max_buffer_size))
 
     def backlog() -> bool:
-        return inbox.statistics().current_buffer_used >= worth_it
+        return inbox.statistics().current_buffer_used >= full
 
     async def take_next() -> None:
         nonlocal upcoming, upcoming_claimed
