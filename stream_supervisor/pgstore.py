@@ -334,15 +334,21 @@ LIMIT %s
 # 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+#: The session's own backend, as the server knows it (a pooler in session mode may show
+#: the client another pid), and when it started: a pid alone can be reused.
+_BACKEND_IDENTITY = """
+SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+"""
 #: Whether the store's main session (by its backend's pid) still holds the account's
 #: writer lock: a batch finished on a claim-ahead connection asks before it writes
 #: (design.md, section 7). pg_locks shows a lock on a bigint key as two oids.
 _LEADER_HELD = """
 SELECT EXISTS (
-    SELECT 1 FROM pg_locks
-    WHERE locktype = 'advisory' AND granted AND pid = %(pid)s AND objsubid = 1
-      AND classid = ((hashtextextended(%(lock)s, 0) >> 32) & x'FFFFFFFF'::bigint)::oid
-      AND objid = (hashtextextended(%(lock)s, 0) & x'FFFFFFFF'::bigint)::oid)
+    SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.pid = %(pid)s
+      AND a.backend_start = %(started)s AND l.objsubid = 1
+      AND l.classid = ((hashtextextended(%(lock)s, 0) >> 32) & x'FFFFFFFF'::bigint)::oid
+      AND l.objid = (hashtextextended(%(lock)s, 0) & x'FFFFFFFF'::bigint)::oid)
 """
 _RELEASE_LEADER_LOCKS = "SELECT pg_advisory_unlock_all()"
 
@@ -680,9 +686,9 @@ class PgStore:
         self._leader_of: str | None = None
         # Why the last connection was dropped: what a LostLeadership names as its cause.
         self._dropped_because: str | None = None
-        # The main session's backend, once it holds the writer lock: batches finished on a
-        # claim-ahead connection check that it still does.
-        self._leader_pid: int | None = None
+        # The main session's backend (pid, start), once it holds the writer lock: batches
+        # finished on a claim-ahead connection check that it still does.
+        self._leader_backend: tuple[int, Any] | None = None
         # Claim ahead (docs/design.md, section 4): two connections of the writer's, taken
         # in turn, so that the batch claimed ahead never waits for the side the batch
         # before it is finishing on; and the batch claimed ahead, if any.
@@ -789,7 +795,8 @@ class PgStore:
             row = conn.execute(_TRY_LEADER_LOCK, [LEADER_LOCK_PREFIX + account_id]).fetchone()
             held = bool(row and row[0])
             if held:
-                self._leader_pid = conn.info.backend_pid
+                me = conn.execute(_BACKEND_IDENTITY).fetchone()
+                self._leader_backend = (int(me[0]), me[1]) if me is not None else None
             return held
 
         held = await self._run(lambda: self._guarded("leader lock", attempt))
@@ -821,10 +828,12 @@ class PgStore:
         # Shielded (with a deadline): a caller being cancelled must still close the
         # connection, or it and any writer lock it holds linger until garbage collection.
         with trio.move_on_after(5, shield=True):
-            await self.release_ahead()
+            # The main session first: it gives the writer lock back, whatever the claim-ahead
+            # connections then take to close (their open claims roll back with them).
+            await self._run(self._close)
+            self._ahead = None
             for side in self._sides:
                 await run_in_thread(partial(self._discard_side, side), side.limiter)
-            await self._run(self._close)
 
     def _close(self) -> None:
         """Give the writer lock back before closing: the server frees a session's
@@ -883,9 +892,17 @@ class PgStore:
             if (ahead is not None and ahead.batch is batch and ahead.claimed is not None
                     and not ahead.dropped):
                 self._ahead = None
-                result = await run_in_thread(
-                    partial(self._finish_on, ahead.side, batch, ahead.claimed),
-                    ahead.side.limiter)
+                try:
+                    result = await run_in_thread(
+                        partial(self._finish_on, ahead.side, batch, ahead.claimed),
+                        ahead.side.limiter)
+                except BaseException:
+                    # Also when cancelled before the finish started: nothing may stay open
+                    # on the side (after a finish that ran, this finds it idle).
+                    with trio.CancelScope(shield=True):
+                        await run_in_thread(partial(self._reset, ahead.side),
+                                            ahead.side.limiter)
+                    raise
             else:
                 result = await self._run(
                     lambda: self._guarded("commit_batch", lambda c: _commit(c, batch)))
@@ -906,11 +923,15 @@ class PgStore:
         while the batch before it commits; `commit_batch(batch)` then finishes that
         transaction (locks, reads, the core, the writes, COMMIT). The claim is the largest
         part of a batch's database work: it runs beside the previous batch's instead of
-        after it. True if claimed; False, with nothing held, if not: `commit_batch` then
-        does everything itself, as always. Not while the batch before it is failing, nor
-        while another batch's claim waits for its commit (one batch ahead at most)."""
-        if (self._ahead is not None or not batch.events or self._failing
-                or (self._leader_of is not None and self._leader_pid is None)):
+        after it. True if claimed (at once if `batch` is the one already claimed and still
+        held); False, with nothing held, if not: `commit_batch` then does everything
+        itself, as always. Not while the batch before it is failing, nor while another
+        batch's claim waits for its commit (one batch ahead at most)."""
+        held = self._ahead
+        if held is not None:
+            return held.batch is batch and held.claimed is not None and not held.dropped
+        if (not batch.events or self._failing
+                or (self._leader_of is not None and self._leader_backend is None)):
             return False
         side = self._sides[self._turn]
         self._turn = 1 - self._turn
@@ -969,10 +990,11 @@ class PgStore:
                 or conn.info.transaction_status != pq.TransactionStatus.INTRANS):
             # Never finish outside the transaction that claimed the keys: each statement
             # would commit on its own.
+            self._discard_side(side)
             raise StoreUnavailable("commit_batch: the transaction that claimed the batch's "
                                    "keys is gone")
-        leader = (None if self._leader_of is None or self._leader_pid is None
-                  else (self._leader_pid, LEADER_LOCK_PREFIX + self._leader_of))
+        leader = (None if self._leader_of is None or self._leader_backend is None
+                  else (*self._leader_backend, LEADER_LOCK_PREFIX + self._leader_of))
         try:
             return _commit(conn, batch, claimed, leader)
         except psycopg.Error as exc:
@@ -1083,11 +1105,13 @@ def _first_of(batch: Batch) -> dict[str, Event]:
 
 def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
     """Open the batch's transaction and claim its keys; the transaction stays open for
-    `_commit(conn, batch, claimed)`. Returns the keys that were new."""
+    `_commit(conn, batch, claimed)`. Returns the keys that were new. READ COMMITTED
+    whatever the database's default: the transaction begins before the batch before it
+    commits, and its locks and reads, later, must see that batch's rows."""
     first = _first_of(batch)
     by_stored_key = {_text(k): k for k in first}
     with conn.pipeline():
-        conn.execute("BEGIN")
+        conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         if not batch.durable:
             conn.execute("SET LOCAL synchronous_commit = off")
         claimed = conn.execute(_CLAIM_KEYS, _claim_params(batch.account_id, first,
@@ -1096,10 +1120,10 @@ def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
 
 
 def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] | None = None,
-            leader: tuple[int, str] | None = None) -> BatchResult:
+            leader: tuple[int, Any, str] | None = None) -> BatchResult:
     """The batch's transaction. `ahead`: the keys `_claim_ahead` claimed as new in the
-    transaction it left open on `conn`, which this finishes; `leader`: the backend (pid)
-    that must still hold the writer lock (its name) before this writes anything."""
+    transaction it left open on `conn`, which this finishes; `leader`: the backend (pid,
+    start) that must still hold the writer lock (its name) before this writes anything."""
     acct = batch.account_id
     first = _first_of(batch)
     # Keys are claimed in batch order (`seq` then says which are newest); rows are locked
@@ -1134,7 +1158,8 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] |
             )
         cursor_cur.execute(_LOAD_CURSOR, {"acct": acct})
         if leader is not None:
-            leader_cur.execute(_LEADER_HELD, {"pid": leader[0], "lock": leader[1]})
+            leader_cur.execute(_LEADER_HELD,
+                               {"pid": leader[0], "started": leader[1], "lock": leader[2]})
         if ahead is not None:
             new_keys = set(ahead)
         else:

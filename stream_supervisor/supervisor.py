@@ -450,8 +450,10 @@ class Supervisor(Drains):
     async def _replay_requested(self, store: Store, account_id: str) -> None:
         """Replay the dead letters `dead-letters --replay` marked while this process leads:
         through the store connection that holds the writer lock, with the writer's
-        `commit_batch` (the store runs one call at a time, so it never overlaps a batch).
-        A replayed update the LRU does not know is harmless: layer 1 drops a later copy."""
+        `commit_batch` (one call at a time on that connection; a batch claimed ahead may
+        be finishing on its own meanwhile, and the dedupe table and the row locks keep
+        both exactly once, as between two writers). A replayed update the LRU does not
+        know is harmless: layer 1 drops a later copy."""
         while not self.state.draining:
             await trio.sleep(REPLAY_POLL)
             try:

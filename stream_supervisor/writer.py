@@ -50,9 +50,6 @@ RETRY_POLICY = BackoffPolicy(initial=0.1, factor=2.0, cap=5.0)
 REPEATS_BEFORE_CRASH = 5
 #: A dead letter's reason keeps this much of the database's message.
 REASON_CHARS = 500
-#: How long a stopping writer waits to let go of a batch claimed ahead (a claim in flight
-#: ends within the statement timeout; the connection's close ends it otherwise).
-RELEASE_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +261,8 @@ async def writer_actor(
         finally:
             # A batch claimed ahead that will not be committed by this writer: its claims
             # must not linger in an open transaction (a later writer would wait on them).
-            with trio.move_on_after(RELEASE_WAIT_S, shield=True):
+            # Shielded: the wait is for a claim in flight, which the statement timeout ends.
+            with trio.CancelScope(shield=True):
                 await store.release_ahead()
 
 
@@ -305,29 +303,41 @@ async def _write(
             batch = batch_of(account, take_batch(first, inbox, settings.max_batch))
             claimed = False
         events = batch.events
-        # A backlog: claim this batch's keys first (unless done while the one before it
-        # committed), so that the next batch's claim can run while this one commits.
-        # Claims are made in batch order, each after the one before it has returned.
-        if events and not claimed and settings.claim_ahead and backlog():
+        # A backlog: claim this batch's keys first, so that the next batch's claim can run
+        # while this one commits. Claims are made in batch order, each after the one before
+        # it returned. Asked again for a batch claimed while the one before it committed:
+        # the store answers at once if it still holds the claim, and claims it now if it
+        # gave the claim up (the batch before it failed).
+        if events and settings.claim_ahead and (claimed or backlog()):
             claimed = await store.claim_ahead(batch)
         started = trio.current_time()
         if claimed:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(take_next)
                 outcome = await committer.commit(batch)
+                # Acknowledged as soon as it committed, not when the next claim returns.
+                await _finish(batch, outcome, started, acks, metrics, state)
         else:
             outcome = await committer.commit(batch)
-        done = trio.current_time()
-        state.beat("writer", done)
-        metrics.commit_seconds.observe(done - started)
-        # One histogram update per batch, not per update (metrics.BatchHistogram).
-        metrics.frame_to_commit_seconds.observe_many(
-            [done - ev.received_at for ev in events if ev.received_at])
-        for part, result in outcome.commits:
-            _record(result, part, done - started, metrics, state)
-        if outcome.refused:
-            metrics.updates_refused.inc(len(outcome.refused))
-        await acks.send(_ack(events, outcome))
+            await _finish(batch, outcome, started, acks, metrics, state)
+
+
+async def _finish(batch: Batch, outcome: Outcome, started: float,
+                  acks: trio.MemorySendChannel[Ack], metrics: Metrics,
+                  state: SupervisorState) -> None:
+    """A taken batch is committed: the writer's records, then the ack."""
+    events = batch.events
+    done = trio.current_time()
+    state.beat("writer", done)
+    metrics.commit_seconds.observe(done - started)
+    # One histogram update per batch, not per update (metrics.BatchHistogram).
+    metrics.frame_to_commit_seconds.observe_many(
+        [done - ev.received_at for ev in events if ev.received_at])
+    for part, result in outcome.commits:
+        _record(result, part, done - started, metrics, state)
+    if outcome.refused:
+        metrics.updates_refused.inc(len(outcome.refused))
+    await acks.send(_ack(events, outcome))
 
 
 def _ack(events: Sequence[Event], outcome: Outcome) -> Ack:

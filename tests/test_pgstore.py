@@ -26,7 +26,15 @@ from stream_supervisor.events import DeadLetter
 from stream_supervisor.pgstore import LEADER_LOCK_PREFIX, PgStore
 from stream_supervisor.store import Batch
 
-from .test_store_conformance import ACCOUNT, STREAM, TRUTH, fill, full_mismatches, replay
+from .test_store_conformance import (
+    ACCOUNT,
+    STREAM,
+    TRUTH,
+    fill,
+    full_mismatches,
+    replay,
+    replay_ahead,
+)
 
 SECRET = "s3cr3t-Pa55word"
 WAIT = 30
@@ -449,3 +457,55 @@ async def test_closing_the_store_lets_go_of_a_batch_claimed_ahead(database_url: 
     result = await replay(other, STREAM[:30], 30)
     assert result[0].applied_keys == {e.key for e in STREAM[:30]}
     await other.aclose()
+
+
+async def test_a_commit_cancelled_before_it_started_leaves_no_claim_open(
+    database_url: str,
+) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-cancel")
+    batch = Batch(ACCOUNT, STREAM[:30])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(batch)
+        with trio.CancelScope() as scope:
+            scope.cancel()  # the commit never reaches its thread
+            await store.commit_batch(batch)
+    assert scope.cancelled_caught
+    assert open_transactions(database_url, "ss-test-ahead-cancel") == 0
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(batch)  # claims the keys itself, all new
+    assert result.applied_keys == {e.key for e in STREAM[:30]}
+    await store.aclose()
+
+
+async def test_a_batch_claimed_ahead_is_read_committed_whatever_the_default(
+    database_url: str,
+) -> None:
+    # The claim's transaction begins before the batch before it commits; under a
+    # REPEATABLE READ default its row locks would find that batch's updates and fail.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        dbname = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{dbname}" '
+                     "SET default_transaction_isolation = 'repeatable read'")
+    store = await opened(database_url)
+    results = await replay_ahead(store, STREAM, 17)
+    assert sum(r.fills_applied for r in results) == TRUTH["fills_total"]
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
+
+
+async def test_claiming_again_the_batch_already_claimed_answers_at_once(
+    database_url: str,
+) -> None:
+    store = await opened(database_url, application_name="ss-test-ahead-again")
+    batch, other = Batch(ACCOUNT, STREAM[:30]), Batch(ACCOUNT, STREAM[30:60])
+    with trio.fail_after(WAIT):
+        assert await store.claim_ahead(batch)
+        assert await store.claim_ahead(batch)  # still held: no second transaction
+        assert not await store.claim_ahead(other)  # one batch ahead at most
+    assert open_transactions(database_url, "ss-test-ahead-again") == 1
+    with trio.fail_after(WAIT):
+        await store.release_ahead()
+        assert await store.claim_ahead(batch)  # given up: claimed again, now
+        result = await store.commit_batch(batch)
+    assert result.applied_keys == {e.key for e in STREAM[:30]}
+    await store.aclose()
