@@ -747,13 +747,7 @@ class PgStore:
             self._dropped_because = because
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                if not conn.broken and not conn.closed:
-                    conn.rollback()
-            except psycopg.Error:
-                pass
-            finally:
-                conn.close()
+            _close_quietly(conn)
 
     def _guarded(self, what: str, op: Callable[[psycopg.Connection[Any]], T]) -> T:
         conn = self._connection()
@@ -1019,13 +1013,7 @@ class PgStore:
     def _discard_side(self, side: _Side) -> None:
         conn, side.conn = side.conn, None
         if conn is not None:
-            try:
-                if not conn.broken and not conn.closed:
-                    conn.rollback()
-            except psycopg.Error:
-                pass
-            finally:
-                conn.close()
+            _close_quietly(conn)
 
     async def snapshot(self, account_id: str) -> StoreSnapshot:
         return await self._run(lambda: self._guarded("snapshot", lambda c: _snapshot(c, account_id)))
@@ -1079,6 +1067,17 @@ def _refusal(message: str, exc: psycopg.Error) -> StoreError:
             state[:2] in _DATA_CLASSES or state in _DATA_STATES))):
         return StoreDataError(message, sqlstate=state, detail=detail)
     return StoreRejected(message, sqlstate=state, detail=detail)
+
+
+def _close_quietly(conn: psycopg.Connection[Any]) -> None:
+    """Roll back whatever is open (the server would anyway) and close, come what may."""
+    try:
+        if not conn.broken and not conn.closed:
+            conn.rollback()
+    except psycopg.Error:
+        pass
+    finally:
+        conn.close()
 
 
 def _back_to_idle(conn: psycopg.Connection[Any]) -> bool:

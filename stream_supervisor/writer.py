@@ -257,7 +257,7 @@ async def writer_actor(
     task_status.started()
     async with acks, inbox:
         try:
-            await _write(settings, store, inbox, acks, metrics, state, committer)
+            await _write(committer, inbox, acks)
         finally:
             # A batch claimed ahead that will not be committed by this writer: its claims
             # must not linger in an open transaction (a later writer would wait on them).
@@ -266,15 +266,11 @@ async def writer_actor(
                 await store.release_ahead()
 
 
-async def _write(
-    settings: WriterSettings,
-    store: Store,
-    inbox: trio.MemoryReceiveChannel[Item],
-    acks: trio.MemorySendChannel[Ack],
-    metrics: Metrics,
-    state: SupervisorState,
-    committer: _Committer,
-) -> None:
+async def _write(committer: _Committer, inbox: trio.MemoryReceiveChannel[Item],
+                 acks: trio.MemorySendChannel[Ack]) -> None:
+    """The writer's loop: take, (claim ahead,) commit, acknowledge, until `inbox` ends."""
+    settings, store = committer.settings, committer.store
+    metrics, state = committer.metrics, committer.state
     account = settings.account_id
     upcoming: Batch | None = None  # taken while the batch before it committed
     upcoming_claimed = False

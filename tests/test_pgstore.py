@@ -408,7 +408,8 @@ async def test_a_batch_claimed_ahead_never_commits_once_the_writer_lock_is_gone(
         assert await store.claim_ahead(batch)
     # The session holding the lock dies (not the one holding the claim): the lock is free
     # for another replica, so this process must not commit through its other connection.
-    killed = sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_locks "
+    # Waiting for the backend to exit (up to 10 s): its locks go with it.
+    killed = sql(database_url, "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks "
                                "WHERE locktype = 'advisory' AND granted AND pid IN (SELECT pid "
                                "FROM pg_stat_activity WHERE application_name = %s)",
                  "ss-test-ahead-lock")
@@ -426,7 +427,7 @@ async def test_a_lost_claim_ahead_connection_is_retried_on_the_main_one(database
     batch = Batch(ACCOUNT, STREAM[:30])
     with trio.fail_after(WAIT):
         assert await store.claim_ahead(batch)
-    killed = sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    killed = sql(database_url, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
                                "WHERE application_name = %s "
                                "AND state LIKE 'idle in transaction%%'", "ss-test-ahead-side")
     assert killed == [(True,)]
@@ -450,8 +451,11 @@ async def test_closing_the_store_lets_go_of_a_batch_claimed_ahead(database_url: 
     with trio.fail_after(WAIT):
         assert await store.claim_ahead(Batch(ACCOUNT, STREAM[:30]))
     await store.aclose()
-    assert sql(database_url, "SELECT count(*) FROM pg_stat_activity "
-                             "WHERE application_name = 'ss-test-ahead-close'") == [(0,)]
+    # Every session closed: each backend exits a moment after its client hung up.
+    with trio.fail_after(WAIT):
+        while sql(database_url, "SELECT count(*) FROM pg_stat_activity "
+                                "WHERE application_name = 'ss-test-ahead-close'") != [(0,)]:
+            await trio.sleep(0.02)
     # Nobody waits for those keys: another store commits them at once.
     other = await opened(database_url, statement_timeout_ms=2_000)
     result = await replay(other, STREAM[:30], 30)
