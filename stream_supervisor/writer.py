@@ -2,10 +2,10 @@
 
 It takes everything already queued, up to `max_batch`, and commits it as one
 transaction; it never waits to fill a batch, so a quiet stream gets one-event batches
-and low latency while a busy one gets large batches. When more is queued, it takes the
-next batch while one commits and has the store claim its keys meanwhile (claim ahead,
-docs/design.md section 4), so that two batches' database work overlaps; batches still
-commit one at a time, in order. A failed batch is retried (with
+and low latency while a busy one gets large batches. While a full batch waits, it takes
+the next batch as one starts committing and has the store claim its keys meanwhile
+(claim ahead, docs/design.md section 4), so that two batches' database work overlaps;
+batches still commit one at a time, in order. A failed batch is retried (with
 backoff) until it commits, never dropped; only then are its keys acknowledged to the
 dedupe actor. Two failures are not retried as they are (docs/design.md, sections 4 and
 8): a value the database refuses (`StoreDataError`) makes the writer split the batch in
