@@ -73,13 +73,11 @@ def take_batch(first: Item, inbox: trio.MemoryReceiveChannel[Item], limit: int) 
 def take_ahead(inbox: trio.MemoryReceiveChannel[Item], limit: int) -> list[Item]:
     """Whatever is queued now, up to `limit` items, without waiting: the next batch,
     taken while the one before it commits."""
-    items: list[Item] = []
-    while len(items) < limit:
-        try:
-            items.append(inbox.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return items
+    try:
+        first = inbox.receive_nowait()
+    except (trio.WouldBlock, trio.EndOfChannel):
+        return []
+    return list(drain(first, inbox, limit))
 
 
 def batch_of(account_id: str, items: Sequence[Item]) -> Batch:
