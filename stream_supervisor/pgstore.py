@@ -652,14 +652,23 @@ class _Side:
     conn: psycopg.Connection[Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """What claiming a batch's keys found, kept for the commit that finishes it: each
+    key's first update, the keys as stored (NUL replaced) -> as given, and the new ones."""
+
+    first: dict[str, Event]
+    by_stored_key: dict[str, str]
+    new_keys: frozenset[str]
+
+
 @dataclass(eq=False)
 class _Ahead:
-    """A batch whose transaction is open on `side`, with its keys claimed once the claim
-    has returned (`claimed`: those that were new)."""
+    """A batch whose transaction is open on `side`, with its claim once it has returned."""
 
     batch: Batch
     side: _Side
-    claimed: frozenset[str] | None = None
+    claimed: _Claim | None = None
     dropped: bool = False
 
 
@@ -750,26 +759,32 @@ class PgStore:
             _close_quietly(conn)
 
     def _guarded(self, what: str, op: Callable[[psycopg.Connection[Any]], T]) -> T:
-        conn = self._connection()
+        return self._attempt(self._connection(), self._discard, what, op)
+
+    def _attempt(self, conn: psycopg.Connection[Any], drop: Callable[[str], None], what: str,
+                 op: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """`op(conn)`, its failures as the writer must see them; `drop(why)` closes the
+        connection (the main one, or a claim-ahead one) when the session cannot go on."""
         try:
             return op(conn)
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 message = self._error(f"{what}: connection lost", exc)
-                self._discard(message)
+                drop(message)
                 raise StoreUnavailable(message) from None
             if not _back_to_idle(conn):
                 message = self._error(f"{what}: could not roll back", exc)
-                self._discard(message)
+                drop(message)
                 raise StoreUnavailable(message) from None
             # The server refused the statement and the session is idle and clean again:
             # it stays, and with it the writer lock. ROLLBACK also makes psycopg forget what
             # the session had prepared, so nothing stale survives a refusal either.
             raise _refusal(self._error(what, exc), exc) from None
         except BaseException as exc:
-            # Not a database failure (a bug in pure code, say): undo the transaction and
-            # let it propagate unchanged, so the supervisor's crash policy sees it.
-            self._discard(f"{what}: {type(exc).__name__} while the transaction was open")
+            # Not a database failure (a bug in pure code, say, or a lost writer lock found
+            # by a batch claimed ahead): undo the transaction and let it propagate
+            # unchanged, so the supervisor's crash policy sees it.
+            drop(f"{what}: {type(exc).__name__} while the transaction was open")
             raise
 
     # -- Store --------------------------------------------------------------------------
@@ -953,7 +968,7 @@ class PgStore:
         with trio.CancelScope(shield=True):  # whatever happens, nothing stays held
             await run_in_thread(partial(self._reset, ahead.side), ahead.side.limiter)
 
-    def _claim_on(self, side: _Side, batch: Batch) -> frozenset[str] | None:
+    def _claim_on(self, side: _Side, batch: Batch) -> _Claim | None:
         """In the side's thread: BEGIN and the key claim, left open. None if that failed
         (the batch's commit then claims its keys itself, and reports any failure)."""
         try:
@@ -975,7 +990,7 @@ class PgStore:
             self._discard_side(side)
             raise
 
-    def _finish_on(self, side: _Side, batch: Batch, claimed: frozenset[str]) -> BatchResult:
+    def _finish_on(self, side: _Side, batch: Batch, claimed: _Claim) -> BatchResult:
         """In the side's thread: the rest of the transaction `_claim_on` opened. A failure
         means what it means on the main connection, but a lost claim-ahead connection is
         no lost leadership (the writer lock is the main session's): the retry goes there."""
@@ -989,20 +1004,8 @@ class PgStore:
                                    "keys is gone")
         leader = (None if self._leader_of is None or self._leader_backend is None
                   else (*self._leader_backend, LEADER_LOCK_PREFIX + self._leader_of))
-        try:
-            return _commit(conn, batch, claimed, leader)
-        except psycopg.Error as exc:
-            if conn.broken or conn.closed or not _back_to_idle(conn):
-                message = self._error("commit_batch: connection lost", exc)
-                self._discard_side(side)
-                raise StoreUnavailable(message) from None
-            raise _refusal(self._error("commit_batch", exc), exc) from None
-        except LostLeadership:
-            self._reset(side)
-            raise
-        except BaseException:
-            self._discard_side(side)
-            raise
+        return self._attempt(conn, lambda _why: self._discard_side(side), "commit_batch",
+                             lambda c: _commit(c, batch, claimed, leader))
 
     def _reset(self, side: _Side) -> None:
         """Roll back whatever the side's connection holds open; drop it if that fails."""
@@ -1102,9 +1105,9 @@ def _first_of(batch: Batch) -> dict[str, Event]:
     return first
 
 
-def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
+def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> _Claim:
     """Open the batch's transaction and claim its keys; the transaction stays open for
-    `_commit(conn, batch, claimed)`. Returns the keys that were new. READ COMMITTED
+    `_commit(conn, batch, claim)`, which the claim saves work of. READ COMMITTED
     whatever the database's default: the transaction begins before the batch before it
     commits, and its locks and reads, later, must see that batch's rows."""
     first = _first_of(batch)
@@ -1115,19 +1118,23 @@ def _claim_ahead(conn: psycopg.Connection[Any], batch: Batch) -> frozenset[str]:
             conn.execute("SET LOCAL synchronous_commit = off")
         claimed = conn.execute(_CLAIM_KEYS, _claim_params(batch.account_id, first,
                                                           by_stored_key))
-    return frozenset(by_stored_key[r[0]] for r in claimed.fetchall())
+    return _Claim(first, by_stored_key,
+                  frozenset(by_stored_key[r[0]] for r in claimed.fetchall()))
 
 
-def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] | None = None,
+def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: _Claim | None = None,
             leader: tuple[int, Any, str] | None = None) -> BatchResult:
-    """The batch's transaction. `ahead`: the keys `_claim_ahead` claimed as new in the
-    transaction it left open on `conn`, which this finishes; `leader`: the backend (pid,
-    start) that must still hold the writer lock (its name) before this writes anything."""
+    """The batch's transaction. `ahead`: what `_claim_ahead` found in the transaction it
+    left open on `conn`, which this finishes; `leader`: the backend (pid, start) that must
+    still hold the writer lock (its name) before this writes anything."""
     acct = batch.account_id
-    first = _first_of(batch)
     # Keys are claimed in batch order (`seq` then says which are newest); rows are locked
     # in id / symbol order, so two writers racing on one account do not deadlock there.
-    by_stored_key = {_text(k): k for k in first}
+    if ahead is None:
+        first = _first_of(batch)
+        by_stored_key = {_text(k): k for k in first}
+    else:
+        first, by_stored_key = ahead.first, ahead.by_stored_key
     keys = list(by_stored_key)
     claim = _claim_params(acct, first, by_stored_key) if ahead is None else None
     # Stored spelling -> the caller's, so loaded state is found under the events' own ids.
@@ -1160,7 +1167,7 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: frozenset[str] |
             leader_cur.execute(_LEADER_HELD,
                                {"pid": leader[0], "started": leader[1], "lock": leader[2]})
         if ahead is not None:
-            new_keys = set(ahead)
+            new_keys = set(ahead.new_keys)
         else:
             new_keys = {by_stored_key[r[0]] for r in claimed.fetchall()} if keys else set()
         orders = (
