@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,11 @@ import trio
 
 from benchmarks import machine as load
 from benchmarks.consumer import proc_cpu_seconds, store_backends
+from benchmarks.run import Databases
 from benchmarks.workload import generate
-from stream_supervisor.embedded import create_database, drop_database, start_embedded_postgres
+from stream_supervisor.embedded import start_embedded_postgres
 from stream_supervisor.events import Event
 from stream_supervisor.logs import configure_logging
-from stream_supervisor.migrate import apply_migrations
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.store import Batch
@@ -109,26 +108,21 @@ async def one_round(url: str, account: str, batches: list[Batch], ahead: bool,
             "verified": not mismatches, "mismatches": [str(m) for m in mismatches[:5]]}
 
 
-async def measure(admin: str, run_id: str, updates: int, size: int, rounds: int
-                  ) -> dict[str, Any]:
+async def measure(admin: str, updates: int, size: int, rounds: int) -> dict[str, Any]:
     workload = generate(updates, seed=11, symbols=50, prefixes=[])
     events = [e for e in map(decode_frame, workload.frames) if isinstance(e, Event)]
     account = workload.account_id
     batches = [Batch(account, events[i:i + size]) for i in range(0, len(events), size)]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
-    databases: list[str] = []
+    databases = Databases(admin)  # a migrated template, a fresh copy per round
     try:
         for r in range(rounds):
             for name in VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS)):
-                db = f"bench_ahead_{run_id}_{r}_{name}"
-                databases.append(db)
-                url = create_database(admin, db)
-                apply_migrations(url)
+                url = databases.fresh(f"ahead_{r}_{name}")
                 runs[name].append(await one_round(url, account, batches, name == "ahead",
                                                   workload.truth))
     finally:
-        for db in databases:
-            drop_database(admin, db)
+        databases.drop_all()
 
     def median(name: str, key: str) -> float:
         return round(statistics.median(float(r[key]) for r in runs[name]), 1)
@@ -166,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         embedded = start_embedded_postgres(tmp / "pgdata", delete_on_stop=True)
         admin = embedded.uri
     try:
-        result = trio.run(measure, admin, uuid.uuid4().hex[:8], args.updates, args.size,
-                          args.rounds)
+        result = trio.run(measure, admin, args.updates, args.size, args.rounds)
     finally:
         if embedded is not None:
             embedded.stop()
