@@ -355,14 +355,20 @@ def open_transactions(url: str, application_name: str) -> int:
     return int(rows[0][0])
 
 
-async def test_keys_claimed_ahead_are_held_by_an_open_transaction_until_the_commit(
-    database_url: str,
-) -> None:
-    store = await opened(database_url, application_name="ss-test-ahead")
+async def leader_with_a_claim(url: str, application_name: str) -> tuple[PgStore, Batch]:
+    """A store holding the writer lock, with the stream's first 30 updates claimed ahead."""
+    store = await opened(url, application_name=application_name)
     assert await store.try_leadership(ACCOUNT)
     batch = Batch(ACCOUNT, STREAM[:30])
     with trio.fail_after(WAIT):
         assert await store.claim_ahead(batch)
+    return store, batch
+
+
+async def test_keys_claimed_ahead_are_held_by_an_open_transaction_until_the_commit(
+    database_url: str,
+) -> None:
+    store, batch = await leader_with_a_claim(database_url, "ss-test-ahead")
     # Claimed, not committed: another session sees none of it yet.
     assert open_transactions(database_url, "ss-test-ahead") == 1
     assert sql(database_url, "SELECT count(*) FROM alpaca_event_dedupe") == [(0,)]
@@ -401,11 +407,7 @@ async def test_a_failing_batch_leaves_no_claim_of_the_next_one_open(database_url
 async def test_a_batch_claimed_ahead_never_commits_once_the_writer_lock_is_gone(
     database_url: str,
 ) -> None:
-    store = await opened(database_url, application_name="ss-test-ahead-lock")
-    assert await store.try_leadership(ACCOUNT)
-    batch = Batch(ACCOUNT, STREAM[:30])
-    with trio.fail_after(WAIT):
-        assert await store.claim_ahead(batch)
+    store, batch = await leader_with_a_claim(database_url, "ss-test-ahead-lock")
     # The session holding the lock dies (not the one holding the claim): the lock is free
     # for another replica, so this process must not commit through its other connection.
     # Waiting for the backend to exit (up to 10 s): its locks go with it.
@@ -422,11 +424,7 @@ async def test_a_batch_claimed_ahead_never_commits_once_the_writer_lock_is_gone(
 
 
 async def test_a_lost_claim_ahead_connection_is_retried_on_the_main_one(database_url: str) -> None:
-    store = await opened(database_url, application_name="ss-test-ahead-side")
-    assert await store.try_leadership(ACCOUNT)
-    batch = Batch(ACCOUNT, STREAM[:30])
-    with trio.fail_after(WAIT):
-        assert await store.claim_ahead(batch)
+    store, batch = await leader_with_a_claim(database_url, "ss-test-ahead-side")
     killed = sql(database_url, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
                                "WHERE application_name = %s "
                                "AND state LIKE 'idle in transaction%%'", "ss-test-ahead-side")
