@@ -902,9 +902,13 @@ class PgStore:
                     and not ahead.dropped):
                 self._ahead = None
                 try:
-                    result = await run_in_thread(
-                        partial(self._finish_on, ahead.side, batch, ahead.claimed),
-                        ahead.side.limiter)
+                    # The main connection's turn too: the store's other writes (a
+                    # reconcile's broker word, replay marks) and a batch's take turns, as
+                    # they did before claim ahead (docs/design.md, section 4).
+                    async with self._limiter:
+                        result = await run_in_thread(
+                            partial(self._finish_on, ahead.side, batch, ahead.claimed),
+                            ahead.side.limiter)
                 except BaseException:
                     # Also when cancelled before the finish started: nothing may stay open
                     # on the side (after a finish that ran, this finds it idle).

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import trio
 
+from stream_supervisor.adjustments import RECONCILE, BrokerPosition
 from stream_supervisor.errors import (
     ConfigError,
     LostLeadership,
@@ -24,11 +25,12 @@ from stream_supervisor.errors import (
 )
 from stream_supervisor.events import DeadLetter
 from stream_supervisor.pgstore import LEADER_LOCK_PREFIX, PgStore
-from stream_supervisor.store import Batch
+from stream_supervisor.store import Batch, BatchResult, BrokerWord
 
 from .test_store_conformance import (
     ACCOUNT,
     STREAM,
+    T0,
     TRUTH,
     fill,
     full_mismatches,
@@ -510,4 +512,59 @@ async def test_claiming_again_the_batch_already_claimed_answers_at_once(
         assert await store.claim_ahead(batch)  # given up: claimed again, now
         result = await store.commit_batch(batch)
     assert result.applied_keys == {e.key for e in STREAM[:30]}
+    await store.aclose()
+
+
+async def test_a_batch_finishing_ahead_waits_for_the_reconcile_that_replaces_its_row(
+    database_url: str,
+) -> None:
+    """The store's other writes (here the reconcile's broker word, on the main session)
+    and the finish of a batch claimed ahead (on a side session) take turns, as every write
+    did before claim ahead. Interleaved, the batch would wait on the open row the word
+    closes and, reading committed, not see the row the word opens in its place: it would
+    open a second row and be refused by the one-open-row-per-symbol index."""
+    store = await opened(database_url, application_name="ss-test-ahead-word")
+    assert await store.try_leadership(ACCOUNT)
+    with trio.fail_after(WAIT):
+        await store.commit_batch(Batch(ACCOUNT, [fill("o0", "buy", "1", "1", "10", 0)]))
+        batch = Batch(ACCOUNT, [fill("o1", "buy", "1", "1", "10", 1)])
+        assert await store.claim_ahead(batch)
+    word = BrokerWord(ACCOUNT, RECONCILE, T0 + timedelta(minutes=2),
+                      [BrokerPosition("XYZ", Decimal(5), Decimal(10))], symbols=["XYZ"])
+    outcome: dict[str, object] = {}
+
+    async def reconcile() -> None:
+        outcome["word"] = await store.apply_broker_word(word)
+
+    async def finish() -> None:
+        try:
+            outcome["batch"] = await store.commit_batch(batch)
+        except StoreError as exc:
+            outcome["batch"] = exc
+
+    def waiting_on_a_lock() -> int:
+        return len(sql(database_url, "SELECT pid FROM pg_stat_activity "
+                                     "WHERE application_name = 'ss-test-ahead-word' "
+                                     "AND wait_event_type = 'Lock'"))
+
+    # Someone else's lock holds the word after it has locked and closed the open row, and
+    # opened the one that replaces it (its adjustment record is what waits).
+    with psycopg.connect(database_url) as blocker, trio.fail_after(WAIT):
+        blocker.execute("LOCK TABLE position_adjustments IN ACCESS EXCLUSIVE MODE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reconcile)
+            while waiting_on_a_lock() < 1:
+                await trio.sleep(0.02)
+            nursery.start_soon(finish)
+            # Time for the batch's row locks to reach the row the word holds, if they may.
+            with trio.move_on_after(1):
+                while waiting_on_a_lock() < 2:
+                    await trio.sleep(0.02)
+            blocker.commit()
+    assert isinstance(outcome["batch"], BatchResult), outcome["batch"]
+    assert outcome["batch"].fills_applied == 1
+    # The broker said 5; the batch's fill came after: 6, in the one open row.
+    rows = sql(database_url, "SELECT qty, alpaca_order_id FROM active_positions "
+                             "WHERE status = 'open'")
+    assert rows == [(Decimal(6), "reconcile")]
     await store.aclose()
