@@ -8,6 +8,11 @@ machine says so (issue 18: figures people can trust).
   PostgreSQL server and its backends): the rest is other people's work competing for
   the same cores, as cores busy on average.
 - `uptime()`: the line `uptime` prints, recorded with every figure.
+- `host_loop_ms`: how fast this host runs Python right now, before each repetition. A
+  virtual machine's load average says nothing of its neighbours on the host: on idle
+  machines of this kind (load average under 1) ten times this loop took 0.52 s on one
+  day and 1.19 s on the next, and the pipeline figure moved with it (35,416 against
+  26,000-odd updates/s). Figures from runs far apart in it are not comparable.
 - `pg_activity`: checkpoints and WAL flushes of the server, before and after a scenario.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -37,6 +43,26 @@ def uptime() -> str:
         return f"load average: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
 
 
+#: The loop `host_loop_ms` times: long enough to span several scheduler ticks, short
+#: enough that five of them cost a repetition well under a second on a slow day.
+HOST_LOOP_ADDITIONS = 1_000_000
+
+
+def host_loop_ms(runs: int = 5, additions: int = HOST_LOOP_ADDITIONS) -> float:
+    """The median wall time, in ms, of `runs` runs of a fixed pure-Python loop (integer
+    additions): the kind of work the supervisor's interpreter does, timed by the clock
+    the figures are in, so time the host gives to others (steal, a busy sibling thread)
+    shows in it as it shows in them. Lower is faster."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        total = 0
+        for i in range(additions):
+            total += i
+        times.append((time.perf_counter() - started) * 1e3)
+    return round(statistics.median(times), 1)
+
+
 def busy_at_start(max_load_per_cpu: float = MAX_LOAD_PER_CPU) -> tuple[bool, str]:
     cpus = os.cpu_count() or 1
     load = os.getloadavg()[0]
@@ -54,6 +80,14 @@ def _machine_busy_ticks() -> tuple[int, int]:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])
     return total - idle, total
+
+
+def _machine_steal_ticks() -> int:
+    """Jiffies the hypervisor gave to other guests while ours wanted a CPU (0 on bare
+    metal, or where the kernel does not say)."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()[1:]
+    return int(fields[7]) if len(fields) > 7 else 0
 
 
 def _proc_ticks(pid: int, children: bool = False) -> int:
@@ -90,6 +124,7 @@ class CpuMeter:
         self.postmaster = postmaster_pid
         self._begin: tuple[float, int, int, float, float, int] | None = None
         self._backends: dict[int, int] = {}
+        self._steal = 0
 
     def _ours(self) -> tuple[float, float, int]:
         me = resource.getrusage(resource.RUSAGE_SELF)
@@ -109,6 +144,7 @@ class CpuMeter:
             self._backends = {pid: _proc_ticks(pid) for pid in _children_of(self.postmaster)}
         busy, total = _machine_busy_ticks()
         me, kids, pg = self._ours()
+        self._steal = _machine_steal_ticks()
         self._begin = (time.monotonic(), busy, total, me, kids, pg)
 
     def stop(self) -> dict[str, Any]:
@@ -120,6 +156,7 @@ class CpuMeter:
         machine = (busy - busy0) / _TICK
         ours = (me - me0) + (kids - kids0) + (pg - pg0) / _TICK
         others = max(0.0, machine - ours)
+        steal = (_machine_steal_ticks() - self._steal) / _TICK
         return {
             "wall_s": round(wall, 3),
             "machine_cpu_s": round(machine, 3),
@@ -127,6 +164,8 @@ class CpuMeter:
             "others_cpu_s": round(others, 3),
             # Cores other people's work kept busy on average while this scenario ran.
             "others_cores": round(others / wall, 2) if wall > 0 else None,
+            # Of that, the CPUs the hypervisor gave to other guests (counted in `others`).
+            "steal_cores": round(steal / wall, 2) if wall > 0 else None,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         }
 

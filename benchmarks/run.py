@@ -462,6 +462,9 @@ def summarize(bench: Bench, params: Params) -> dict[str, Any]:
     others = [r["cpu"]["others_cores"] for r in o.values()
               if isinstance(r.get("cpu"), dict) and r["cpu"].get("others_cores") is not None]
     summary["others_cores_max"] = max(others) if others else None
+    steal = [r["cpu"]["steal_cores"] for r in o.values()
+             if isinstance(r.get("cpu"), dict) and r["cpu"].get("steal_cores") is not None]
+    summary["steal_cores_max"] = max(steal) if steal else None
     summary.update(cpu_bounds(get("pipeline", "cpu_us_per_event"),
                               get("pipeline", "user_cpu_us_per_event"),
                               get("pipeline", "backend_cpu_us_per_event"),
@@ -506,9 +509,9 @@ FIGURE_KEYS = (
     "dup_only_duplicates_per_s", "dup_only_vs_socket_only",
     "latency_p50_ms_at_1k", "latency_p99_ms_at_1k", "latency_max_ms_at_1k",
     "latency_p50_ms_at_5k", "latency_p99_ms_at_5k", "latency_max_ms_at_5k", "peak_rss_mb",
-    "others_cores_max", "pipeline_cpu_us_per_event", "pipeline_user_cpu_us_per_event",
-    "pipeline_backend_cpu_us_per_event", "fraction_one_interpreter_allows",
-    "fraction_the_cores_allow",
+    "others_cores_max", "steal_cores_max", "host_loop_ms", "pipeline_cpu_us_per_event",
+    "pipeline_user_cpu_us_per_event", "pipeline_backend_cpu_us_per_event",
+    "fraction_one_interpreter_allows", "fraction_the_cores_allow",
 )
 
 
@@ -596,6 +599,8 @@ def markdown(s: dict[str, Any]) -> str:
         ("latency max @ 5,000/s", "ms", "latency_max_ms_at_5k", 1, ""),
         ("peak RSS of the supervisor", "MB", "peak_rss_mb", 1, "peak_rss_mb"),
         ("others' work during a scenario (max)", "cores", "others_cores_max", 2, ""),
+        ("of which the hypervisor's steal (max)", "cores", "steal_cores_max", 2, ""),
+        ("host speed: a fixed Python loop (lower is faster)", "ms", "host_loop_ms", 1, ""),
     ]
     m, p = s["machine"], s["parameters"]
     lines = []
@@ -626,7 +631,9 @@ def markdown(s: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"`uptime` at start: {m['uptime_start']}")
     for i, rep in enumerate(s["repetitions"], 1):
-        lines.append(f"`uptime` before repetition {i}: {rep['load']['uptime']}")
+        lines.append(f"`uptime` before repetition {i}: {rep['load']['uptime']}"
+                     + (f" (host loop {rep['load']['host_loop_ms']} ms)"
+                        if rep["load"].get("host_loop_ms") is not None else ""))
     lines.append(f"`uptime` at end: {m['uptime_end']}")
     tail = tail_markdown(s["scenarios"])
     if tail:
@@ -743,13 +750,16 @@ async def run(params: Params, admin_uri: str, only: set[str], profile: Path | No
             await nursery.start(server.serve)
             for i in range(params.reps):
                 before = {"uptime": load.uptime(),
-                          "loadavg": [round(x, 2) for x in os.getloadavg()]}
-                print(f"benchmark: repetition {i + 1} of {params.reps} ({before['uptime']})",
-                      file=sys.stderr, flush=True)
+                          "loadavg": [round(x, 2) for x in os.getloadavg()],
+                          "host_loop_ms": await trio.to_thread.run_sync(load.host_loop_ms)}
+                print(f"benchmark: repetition {i + 1} of {params.reps} ({before['uptime']}; "
+                      f"host loop {before['host_loop_ms']} ms)", file=sys.stderr, flush=True)
                 bench = Bench(params, workload, dbs, server, logs,
                               profile if i == 0 else None)
                 await run_once(bench, params, only, i == 0)
-                reps.append((bench, summarize(bench, params), before))
+                figures = summarize(bench, params)
+                figures["host_loop_ms"] = before["host_loop_ms"]
+                reps.append((bench, figures, before))
             nursery.cancel_scope.cancel()
     finally:
         if not keep:

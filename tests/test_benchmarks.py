@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.machine import host_loop_ms
 from benchmarks.run import cpu_bounds, main
 
 REQUIRED_KEYS = (
@@ -75,7 +76,12 @@ def test_tiny_run_of_every_scenario_writes_verified_json(pg_admin_uri: str,
     assert results["reps"] == 1 and results["spread"]["pipeline_events_per_s"]
     assert results["machine"]["uptime_start"] and "busy" in results["machine"]
     assert all(isinstance(s["cpu"]["others_cores"], float)
+               and isinstance(s["cpu"]["steal_cores"], float)
                for s in results["scenarios"].values() if "cpu" in s)
+    # And how fast the host ran Python before each repetition, which the load average
+    # of a virtual machine cannot tell.
+    assert results["host_loop_ms"] > 0
+    assert results["repetitions"][0]["load"]["host_loop_ms"] == results["host_loop_ms"]
     # Duplicates the LRU knows never reach the writer: none committed, all dropped there.
     only = results["scenarios"]["dup_only"]
     assert only["events"] == 0 and only["duplicates"]["lru"] == only["frames"] > 0
@@ -124,6 +130,15 @@ def test_the_poison_benchmark_at_a_tiny_size_verifies(pg_admin_uri: str, tmp_pat
     # Binary splitting: one half refused and one committed per level, then the letter.
     assert 2 <= results["poisoned"]["commits_median"] <= 8
     assert isinstance(results["poison_cost_ms"], float)
+
+
+def test_the_host_loop_times_a_fixed_piece_of_work() -> None:
+    """Ten times the work takes longer (the figure measures work, not a constant), and a
+    median of runs in ms, rounded for the report."""
+    short = host_loop_ms(runs=3, additions=20_000)
+    long = host_loop_ms(runs=3, additions=2_000_000)
+    assert 0 <= short < long
+    assert long == round(long, 1)
 
 
 def test_a_busy_machine_is_refused_unless_told(tmp_path: Path,
