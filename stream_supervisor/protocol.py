@@ -401,6 +401,12 @@ def _legs(order: WireOrder, parent_event: str, ts: datetime, ts_ns: int, source:
     for i, leg in enumerate(order.legs or ()):
         _check_order(leg, f"order.legs[{i}].")
         if leg.filled_qty > 0 and source == "stream":
+            if leg.filled_avg_price is None:
+                # Its cumulative average is what prices a leg's fills: without it the
+                # quantity could not reach a position (a dead letter names it, and the
+                # leg's next update or its FILL activities carry the fill).
+                raise DecodeError(f"order.legs[{i}] has filled_qty {leg.filled_qty} "
+                                  "but no filled_avg_price")
             event = "fill" if leg.status == "filled" else "partial_fill"
         else:
             event = "refresh" if source == "rest" else parent_event

@@ -24,7 +24,7 @@ from stream_supervisor.activities import (
     non_trade_to_event,
 )
 from stream_supervisor.check import run_checks
-from stream_supervisor.events import Event
+from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.reconcile import compare_positions, unapplied_activities
 from stream_supervisor.store import Batch, Store, StoreSnapshot
@@ -212,6 +212,24 @@ async def test_each_leg_of_a_multi_leg_order_reaches_its_own_symbol_once(
     assert not [p for p in snap.positions if p.symbol == ""]
     if isinstance(store, PgStore):
         assert run_checks(request.getfixturevalue("database_url"), ACCOUNT) == []
+
+
+async def test_a_leg_filled_without_an_average_price_is_a_dead_letter_not_a_crash(
+        store: Store) -> None:
+    """Nothing could price such a leg's fill: the update is refused with the reason (the
+    writer never sees it), and the order's next update, priced, applies the fill."""
+    parent = order("mleg-1", "", "", "2", "1", None, "partially_filled", "",
+                   order_class="mleg", legs=[
+                       order("leg-1", CALL, "buy", "2", "1", None, "partially_filled",
+                             "us_option")])
+    raw = msgspec.json.encode({"stream": "trade_updates", "data": {
+        "event": "partial_fill", "order": parent, "timestamp": _ts(1)}})
+    letter = protocol.decode_frame(raw)
+    assert isinstance(letter, DeadLetter)
+    assert "order.legs[0] has filled_qty 1 but no filled_avg_price" in letter.reason
+    snap = await commit(store, [mleg("partially_filled", "partial_fill", 2, "1",
+                                     [("1", "2.10"), ("1", "1.30")])])
+    assert open_row(snap, CALL).qty == D(1)
 
 
 # --- crypto --------------------------------------------------------------------------
