@@ -32,6 +32,9 @@ RESET_SLACK: Final = 0.5
 """Seconds past the announced reset before we count on a new window."""
 MIN_RETRY_AFTER: Final = 1.0
 """A 429 never leads to a retry sooner than this, whatever it says."""
+MAX_RETRY_AFTER: Final = 120.0
+"""Nor to a wait longer than this: one answer (a proxy's, a misconfigured gateway's)
+must not park every REST read, and with them recovery, for a day."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +52,13 @@ class RateHeaders:
         """From response headers (any case); `wall_now` is Unix time, for the reset."""
         low = {k.lower(): v for k, v in headers.items()}
         reset = _number(low.get("x-ratelimit-reset"))
+        retry = _number(low.get("retry-after"))
         return cls(
             limit=_count(low.get("x-ratelimit-limit")),
             remaining=_count(low.get("x-ratelimit-remaining")),
             # A clock far off ours must not park us: at most one window.
             reset_in=None if reset is None else min(max(reset - wall_now, 0.0), WINDOW),
-            retry_after=_number(low.get("retry-after")),
+            retry_after=None if retry is None else min(retry, MAX_RETRY_AFTER),
         )
 
 

@@ -20,7 +20,7 @@ import trio
 
 from .activities import WireNonTrade, decode_non_trade
 from .backoff import Backoff, BackoffPolicy
-from .budget import DEFAULT_SHARE, RateHeaders, RestBudget
+from .budget import DEFAULT_SHARE, MAX_RETRY_AFTER, RateHeaders, RestBudget
 from .errors import BrokerAuthError, BrokerUnavailable
 from .logs import get_logger
 from .metrics import Metrics
@@ -245,4 +245,4 @@ def _retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
-    return min(max(seconds, 0.0), 120.0)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)

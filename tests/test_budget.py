@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream_supervisor.budget import (
+    MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
     PACE_MARGIN,
     RateHeaders,
@@ -140,6 +141,10 @@ def test_headers_parse_and_a_far_clock_is_capped() -> None:
     far = RateHeaders.parse({"x-ratelimit-reset": "99999999999"}, 1000.0)
     assert far.reset_in == 60.0
     assert RateHeaders.parse({"X-Ratelimit-Remaining": "soon"}, 0.0).remaining is None
+    # A Retry-After of a day parks nothing for a day: two minutes at most, as for 5xx.
+    day = RateHeaders.parse({"Retry-After": "86400"}, 0.0)
+    assert day.retry_after == MAX_RETRY_AFTER == 120.0
+    assert RestBudget().answered(10.0, day, 429) == MAX_RETRY_AFTER
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "-0.2", "nan", "half"])
