@@ -233,11 +233,13 @@ def apply_events(
         if not delta.exact:
             result.inexact_fills += 1
         held = current.get(ev.symbol)
-        if revision:
-            step = revise_position(held, account_id, delta, ev.side)
-        elif held is None or held.qty == 0:
+        if held is None or held.qty == 0:
+            # A row opens (a revision too may open one): it takes the symbol's terms.
             cls, mult = contract_terms(ev.symbol, ev.asset_class)
-            step = apply_fill(held, account_id, delta, mult, cls)
+            step = (revise_position(held, account_id, delta, ev.side, mult, cls) if revision
+                    else apply_fill(held, account_id, delta, mult, cls))
+        elif revision:
+            step = revise_position(held, account_id, delta, ev.side)
         else:
             step = apply_fill(held, account_id, delta)
         place(ev.symbol, step)

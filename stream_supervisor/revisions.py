@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from .events import Event
 from .orders import FillDelta, OrderOutcome, OrderState, merge_status, new_order_state
-from .positions import ZERO, Position, PositionStep, apply_fill
+from .positions import ONE, ZERO, Position, PositionStep, apply_fill
 
 
 def apply_revision(prev: OrderState | None, event: Event) -> OrderOutcome:
@@ -69,8 +69,10 @@ def _sign(x: Decimal) -> int:
 
 
 def revise_position(current: Position | None, account_id: str, delta: FillDelta,
-                    side: str) -> PositionStep:
-    """A revision's effect on its symbol's open position.
+                    side: str, multiplier: Decimal = ONE,
+                    asset_class: str | None = None) -> PositionStep:
+    """A revision's effect on its symbol's open position (`multiplier` and `asset_class`
+    describe the symbol, for a row it opens where none is open: `positions.apply_fill`).
 
     More quantity (a correction upwards, or a bust reporting fills we never saw) is an
     ordinary fill. Less quantity undoes a fill: on a position in the order's direction it
@@ -83,13 +85,13 @@ def revise_position(current: Position | None, account_id: str, delta: FillDelta,
     side_sign = 1 if side == "buy" else -1
     q, p = delta.qty, delta.price
     if q != 0 and _sign(q) == side_sign:
-        return apply_fill(current, account_id, delta)
+        return apply_fill(current, account_id, delta, multiplier, asset_class)
     if current is None or current.qty == 0:
         if q == 0:
             return PositionStep(current, None, ZERO)
         # Flat, and the revision takes quantity back: the busted fill had closed the
         # position (or this order opened and closed it); it reopens at the busted price.
-        return apply_fill(None, account_id, delta)
+        return apply_fill(None, account_id, delta, multiplier, asset_class)
     qty, avg = current.qty, current.avg_entry_price
     if q == 0:
         if _sign(qty) == side_sign:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,3 +195,22 @@ def test_any_delivery_with_revisions_ends_at_the_brokers_figures(
         assert order.filled_avg_price is not None
         assert abs(order.filled_avg_price - avg) < D("1e-20")
         assert abs(book.open["AAPL"].avg_entry_price - avg) < D("1e-20")
+
+
+def test_a_bust_that_reopens_an_option_position_reopens_it_as_contracts() -> None:
+    """A bust of the sell that closed a long call: the row it reopens is the option's,
+    100 shares a contract, not one of shares at the premium."""
+    call = "AAPL240119C00190000"
+    book = Book()
+    book.apply([msgspec.structs.replace(
+        ev("fill", "1", "1.50", qty="1", price="1.50", at=1, symbol=call),
+        asset_class="us_option")])
+    book.apply([msgspec.structs.replace(
+        ev("fill", "1", "2.50", qty="1", price="2.50", at=2, order="o2", side="sell",
+           symbol=call), asset_class="us_option")])
+    assert book.net(call) == 0 and book.realized == D(100)
+    book.apply([msgspec.structs.replace(
+        ev("trade_bust", "0", "0", qty="-1", price="2.50", at=3, order="o2", side="sell",
+           symbol=call), asset_class="us_option")])
+    pos = book.open[call]
+    assert (pos.qty, pos.multiplier, pos.asset_class) == (D(1), D(100), "us_option")
