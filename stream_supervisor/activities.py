@@ -312,6 +312,8 @@ def apply_activity(
 
     - CFEE: the fee (`qty`, negative, in the coin) leaves the position; average unchanged.
     - OPEXP: the option closes at price 0: the premium paid is lost, the premium received kept.
+      More contracts than the row holds (we are behind the broker) change nothing
+      (`MORE_THAN_HELD`, as for OPASN, OPEXC, CFEE and ACATS): reconcile says so.
     - OPASN, OPEXC: `|qty|` contracts close at price 0 (their premium realized as at expiry)
       and the underlying moves by contracts x multiplier at the strike: a long call
       exercised or a short put assigned buys it, a long put exercised or a short call
@@ -386,6 +388,10 @@ def apply_activity(
         record.effects[ev.symbol] = new_qty - row.qty
     else:  # OPEXP (or an assignment of a symbol not in OCC form): from the side held
         contracts = abs(qty) if qty else abs(row.qty)
+        if contracts > abs(row.qty):
+            # We hold fewer than expired: closing more would open the other side at 0.
+            record.outcome = MORE_THAN_HELD
+            return out
         change = -contracts * _sign(row.qty)
         step = _closing(apply_fill(row, account_id, _delta(ev, ev.symbol, change, ZERO)), aid)
         record.effects[ev.symbol] = change
@@ -413,6 +419,11 @@ def _assigned(account_id: str, current: Mapping[str, Position], ev: Event,
     if option_held is None:
         if row is None or row.qty == 0:
             record.outcome = NO_POSITION
+            return out
+        if contracts > abs(row.qty):
+            # More contracts than we hold: neither leg is applied (the option's would
+            # open the other side at 0, the stock's move is the broker's, not ours).
+            record.outcome = MORE_THAN_HELD
             return out
         change = -contracts * _sign(row.qty)
         out.steps.append((ev.symbol, _closing(

@@ -18,6 +18,7 @@ import trio
 from stream_supervisor import protocol
 from stream_supervisor.activities import (
     APPLIED,
+    MORE_THAN_HELD,
     NOT_UNDERSTOOD,
     WireNonTrade,
     decode_non_trade,
@@ -149,6 +150,23 @@ async def test_an_assigned_short_put_becomes_100_shares_at_the_strike(store: Sto
     assert (put.closed_at is not None, put.realized_pnl) == (True, D(300))
     shares = open_row(snap, "AAPL")
     assert (shares.qty, shares.avg_entry_price, shares.multiplier) == (D(100), D(190), D(1))
+
+
+async def test_an_expiry_or_assignment_of_more_contracts_than_held_changes_nothing(
+        store: Store) -> None:
+    """Behind the broker already (a contract it holds we never saw): closing more than
+    the row holds would open the other side at price 0, and the stock's move would
+    count contracts we never had. Stored, not applied, and reported."""
+    expiry = activity("OPEXP", CALL, "-2", 50)
+    assignment = activity("OPASN", PUT, "2", 51)
+    snap = await commit(store, fills("o-buy", CALL, "buy", [("1", "1.50")], 1, "us_option"),
+                        fills("o-sell", PUT, "sell", [("1", "3.00")], 2, "us_option"),
+                        [expiry, assignment])
+    assert open_row(snap, CALL).qty == D(1) and open_row(snap, PUT).qty == D(-1)
+    assert open_row(snap, "AAPL") is None
+    assert [(a.activity_type, a.outcome) for a in snap.activities] == [
+        ("OPEXP", MORE_THAN_HELD), ("OPASN", MORE_THAN_HELD)]
+    assert len(unapplied_activities(snap.activities)) == 2
 
 
 async def test_an_exercised_long_call_adds_shares_to_a_position_held(store: Store) -> None:
