@@ -105,11 +105,17 @@ def plan_adjustments(
     reason: str,
     taken_at: datetime,
     symbols: Iterable[str] | None = None,
+    expected: Mapping[str, Decimal] | None = None,
 ) -> list[SymbolChange]:
     """Set each symbol (all held by either side when `symbols` is None) to the broker's
     quantity. A symbol already equal changes nothing; any other closes our open row (if
     any) and opens the broker's (if not flat). Never a silent overwrite: every change is
-    an `Adjustment` carrying both quantities."""
+    an `Adjustment` carrying both quantities.
+
+    `expected`: our quantity per symbol when the difference was found. A symbol whose
+    open row holds another now is left as it is: a fill committed since then is in ours
+    and (being newer than the broker's positions read) not in the broker's, and setting
+    the broker's quantity would erase it."""
     theirs = {b.symbol: b for b in broker}
     ours = {canonical_symbol(sym): row for sym, row in open_rows.items()}
     wanted = sorted(set(ours) | set(theirs)) if symbols is None else sorted(set(symbols))
@@ -118,6 +124,8 @@ def plan_adjustments(
         row = ours.get(symbol)
         target = theirs.get(symbol)
         before = row.qty if row is not None else ZERO
+        if expected is not None and symbol in expected and before != expected[symbol]:
+            continue
         after = target.qty if target is not None else ZERO
         # A baseline takes the broker's average too: fills we never saw (while away past
         # the activities window) can leave the quantity as it was and move the average.

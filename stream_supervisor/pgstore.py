@@ -1285,7 +1285,8 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         stored = {r[0]: (_order(r), r[-1]) for r in conn.execute(
             _LOCK_BASELINE_ORDERS, [sorted(o.order_id for o in word.orders)]).fetchall()}
         changes = plan_adjustments(acct, open_rows, word.positions, reason=word.reason,
-                                   taken_at=word.taken_at, symbols=word.symbols)
+                                   taken_at=word.taken_at, symbols=word.symbols,
+                                   expected=word.expected)
         for broker in word.orders:
             prev, base = stored.get(broker.order_id, (None, Decimal(0)))
             state, new_base = baseline_order(prev, base, broker)

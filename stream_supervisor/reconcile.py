@@ -14,7 +14,6 @@ from typing import Any
 from .activities import APPLIED, ActivityRecord
 from .adjustments import (
     REBASELINE,
-    RECONCILE,
     Adjustment,
     Difference,
     broker_position,
@@ -25,7 +24,7 @@ from .errors import ConfigError
 from .logs import get_logger
 from .rest import BrokerRest
 from .settings import Settings
-from .store import BrokerWord, Store, StoreSnapshot
+from .store import Store, StoreSnapshot, reconcile_word
 from .symbols import canonical_symbol
 from .wiring import http_rest, pg_store
 
@@ -57,18 +56,12 @@ async def apply_differences(
     moment: datetime | None = None,
 ) -> list[Adjustment]:
     """One adjustment per difference, setting the position to the broker's, in one
-    transaction. `moment`: the broker's clock read before the positions `diffs` hold;
-    each symbol adjusted records it (`baseline_moments`), so an activity posted later
-    whose effect is at or before it (a fee of a fill before the reconcile, a split) is
-    stored and not applied on top of the broker's quantity (docs/design.md, section 10)."""
+    transaction (`store.reconcile_word`: a symbol whose quantity is no longer what
+    `diffs` found as ours, a fill committed since, is left for the next run)."""
     if not diffs:
         return []
-    return await store.apply_broker_word(BrokerWord(
-        account_id=account_id, reason=RECONCILE, taken_at=taken_at,
-        positions=[d.broker_position for d in diffs if d.broker_position is not None],
-        symbols=[d.symbol for d in diffs],
-        moments={} if moment is None else {d.symbol: moment for d in diffs},
-    ))
+    return await store.apply_broker_word(
+        reconcile_word(account_id, diffs, taken_at=taken_at, moment=moment))
 
 
 def unapplied_activities(activities: Sequence[ActivityRecord]) -> list[str]:

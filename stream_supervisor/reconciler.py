@@ -18,14 +18,14 @@ from decimal import Decimal
 
 import trio
 
-from .adjustments import RECONCILE, Difference, broker_clock, broker_position, compare
+from .adjustments import Difference, broker_clock, broker_position, compare
 from .errors import BrokerUnavailable, LostLeadership, StoreError
 from .logs import get_logger
 from .metrics import Metrics
 from .rest import BrokerRest
 from .settings import Settings
 from .state import SupervisorState
-from .store import BrokerWord, Store
+from .store import Store, reconcile_word
 
 log = get_logger("stream_supervisor.reconciler")
 
@@ -92,11 +92,10 @@ class ScheduledReconcile:
         self._previous = seen
         applied = 0
         if self.settings.reconcile_apply and steady:
-            made = await self.store.apply_broker_word(BrokerWord(
-                account_id=self.account_id, reason=RECONCILE, taken_at=self.wallclock(),
-                positions=[d.broker_position for d in steady if d.broker_position is not None],
-                symbols=[d.symbol for d in steady],
-                moments={d.symbol: moment for d in steady}))
+            # Only where ours is still what was compared: a fill the writer committed
+            # meanwhile is not in the broker's positions read, and would be erased.
+            made = await self.store.apply_broker_word(reconcile_word(
+                self.account_id, steady, taken_at=self.wallclock(), moment=moment))
             for adj in made:
                 log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                          before=str(adj.qty_before), after=str(adj.qty_after))

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from .activities import ActivityRecord, PositionChange
-from .adjustments import Adjustment, BrokerPosition
+from .adjustments import RECONCILE, Adjustment, BrokerPosition, Difference
 from .events import DeadLetter, Event
 from .ledger import Cursor, Drift
 from .orders import OrderState
@@ -156,6 +156,26 @@ class BrokerWord:
     #: reconcile's: the broker's clock read before its positions read, per symbol; only
     #: the symbols it adjusts record theirs (`ledger.recorded_moments`).
     moments: Mapping[str, datetime] = field(default_factory=dict)
+    #: A reconcile's: our signed quantity per symbol when it found the difference. A
+    #: symbol that holds another inside the transaction is left for the next run
+    #: (`adjustments.plan_adjustments`).
+    expected: Mapping[str, Decimal] | None = None
+
+
+def reconcile_word(account_id: str, diffs: Sequence[Difference], *, taken_at: datetime,
+                   moment: datetime | None = None) -> BrokerWord:
+    """What a reconcile applies for `diffs`: each symbol set to the broker's quantity
+    where ours is still what was compared (`expected`), recording `moment` (the broker's
+    clock read before its positions read) as the moment of each symbol it adjusts, so an
+    activity posting later whose effect the broker's quantity already holds is stored and
+    not applied on top of it (docs/design.md, section 10)."""
+    return BrokerWord(
+        account_id=account_id, reason=RECONCILE, taken_at=taken_at,
+        positions=[d.broker_position for d in diffs if d.broker_position is not None],
+        symbols=[d.symbol for d in diffs],
+        moments={} if moment is None else {d.symbol: moment for d in diffs},
+        expected={d.symbol: d.ours for d in diffs},
+    )
 
 
 class Store(Protocol):

@@ -4,19 +4,21 @@ and then only for a difference two runs in a row saw unchanged."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import trio
 
 from stream_supervisor.adjustments import BASELINE, BrokerPosition
+from stream_supervisor.events import Event, fill_key
 from stream_supervisor.health import readiness
 from stream_supervisor.metrics import Metrics
+from stream_supervisor.positions import Position
 from stream_supervisor.reconciler import ScheduledReconcile
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
-from stream_supervisor.store import BrokerWord
+from stream_supervisor.store import Batch, BrokerWord
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 
 ACCOUNT = "acct-sched"
@@ -118,3 +120,51 @@ async def test_an_applied_difference_records_the_clock_read_before_its_positions
     assert rest.calls == ["clock", "positions"] * 2
     moments = (await store.snapshot(ACCOUNT)).baseline_moments
     assert moments == {"": T0, "AAPL": datetime(2026, 11, 30, 15, 1, 30, 500000, tzinfo=UTC)}
+
+
+class _FillAfterRead(MemoryStore):
+    """The writer commits a fill right after the reconcile read our positions."""
+
+    def __init__(self, fill: Event) -> None:
+        super().__init__(MemoryDatabase())
+        self.fill: Event | None = fill
+
+    async def open_positions(self, account_id: str) -> list[Position]:
+        rows = await super().open_positions(account_id)
+        if self.fill is not None:
+            fill, self.fill = self.fill, None
+            await self.commit_batch(Batch(account_id, [fill]))
+        return rows
+
+
+async def test_a_fill_committed_after_the_read_is_not_erased_by_the_adjustment() -> None:
+    """10 held, the broker said 15 twice (5 of ours missing): while the second run
+    compared, a sale of 5 committed. Setting the broker's 15 then would erase the sale
+    (its positions read did not have it yet): the symbol is left as it is, and the next
+    runs compare again."""
+    at = T0 + timedelta(seconds=5)
+    sale = Event(key=fill_key("late", Decimal(5)), event="fill", source="stream",
+                 order_id="late", symbol="AAPL", side="sell", status="filled",
+                 cum_qty=Decimal(5), timestamp=at, ts_ns=int(at.timestamp()) * 10**9,
+                 order_qty=Decimal(5), cum_avg_price=Decimal(101), fill_qty=Decimal(5),
+                 fill_price=Decimal(101))
+    store = _FillAfterRead(sale)
+    await store.apply_broker_word(BrokerWord(
+        ACCOUNT, BASELINE, T0, [BrokerPosition("AAPL", Decimal(10), Decimal(100))]))
+    held = store.fill
+    store.fill = None
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "15", "side": "long", "avg_entry_price": "100"}]
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    assert (await job.once()).applied == 0  # seen once
+    store.fill = held
+    assert (await job.once()).applied == 0  # seen twice, but ours moved meanwhile
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 5
+    # The broker's next reads have the sale too: still 5 apart, now seen twice alike.
+    rest.held[0]["qty"] = "10"
+    run = await job.once()
+    assert [(d.ours, d.broker) for d in run.differences] == [(5, 10)] and run.applied == 0
+    assert (await job.once()).applied == 1
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.net_position("AAPL") == 10
+    assert [(a.qty_before, a.qty_after) for a in snap.adjustments[1:]] == [(5, 10)]

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from stream_supervisor import bounds, protocol
-from stream_supervisor.adjustments import BASELINE, RECONCILE, BrokerPosition
+from stream_supervisor.adjustments import BASELINE, RECONCILE, BrokerPosition, Difference
 from stream_supervisor.deadletters import list_dead_letters
 from stream_supervisor.errors import StoreDataError, StoreError
 from stream_supervisor.events import DeadLetter, Event, fill_key
@@ -36,6 +36,7 @@ from stream_supervisor.store import (
     Store,
     StoredDeadLetter,
     StoreSnapshot,
+    reconcile_word,
 )
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 from stream_supervisor.testing.verify import verify_against_truth
@@ -678,6 +679,31 @@ async def test_replay_marks_record_the_outcome_in_the_batch(backend: Backend) ->
     outcomes = {d.id: d.replay_result for d in backend.stored_letters(ACCOUNT)}
     assert outcomes == {ids[0]: "stored", ids[1]: "already stored",
                         ids[2]: "still refused: out of bounds"}
+
+
+async def test_a_reconcile_leaves_a_symbol_whose_quantity_moved_since_it_compared(
+        backend: Backend) -> None:
+    """`expected` (our quantity when the difference was found) is checked against the
+    locked row in the adjustment's own transaction, in both stores: a symbol a fill has
+    moved since is left, with no adjustment and no moment; the others are set."""
+    store = await backend.make()
+    acct = "acct-expected"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+    await store.apply_broker_word(BrokerWord(acct, BASELINE, t0, [
+        BrokerPosition("AAPL", Decimal(10), Decimal(100)),
+        BrokerPosition("MSFT", Decimal(4), Decimal(50))]))
+    later = t0 + timedelta(minutes=1)
+    diffs = [Difference("AAPL", Decimal(9), Decimal(15),
+                        BrokerPosition("AAPL", Decimal(15), Decimal(100))),
+             Difference("MSFT", Decimal(4), Decimal(6),
+                        BrokerPosition("MSFT", Decimal(6), Decimal(50)))]
+    made = await store.apply_broker_word(reconcile_word(acct, diffs, taken_at=later,
+                                                        moment=later))
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [
+        ("MSFT", Decimal(4), Decimal(6))]
+    snap = await store.snapshot(acct)
+    assert (snap.net_position("AAPL"), snap.net_position("MSFT")) == (10, 6)
+    assert snap.baseline_moments == {"": t0, "MSFT": later}
 
 
 async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:

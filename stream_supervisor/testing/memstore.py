@@ -356,7 +356,8 @@ class MemoryStore:
         open_rows = {p.symbol: p for p in acct.positions.values() if p.is_open}
         changes = plan_adjustments(word.account_id, open_rows, word.positions,
                                    reason=word.reason, taken_at=word.taken_at,
-                                   symbols=word.symbols)
+                                   symbols=word.symbols,
+                                   expected=word.expected)
         orders = dict(acct.orders)
         baselines = dict(acct.baseline_qty)
         for broker in word.orders:
