@@ -21,6 +21,7 @@ from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, BrokerWord
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 
+D = Decimal
 ACCOUNT = "acct-sched"
 T0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
 
@@ -163,8 +164,8 @@ async def test_a_fill_committed_after_the_read_is_not_erased_by_the_adjustment()
     # The broker's next reads have the sale too: still 5 apart, now seen twice alike.
     rest.held[0]["qty"] = "10"
     run = await job.once()
-    assert [(d.ours, d.broker) for d in run.differences] == [(5, 10)] and run.applied == 0
+    assert [(d.ours, d.broker) for d in run.differences] == [(D(5), D(10))] and run.applied == 0
     assert (await job.once()).applied == 1
     snap = await store.snapshot(ACCOUNT)
     assert snap.net_position("AAPL") == 10
-    assert [(a.qty_before, a.qty_after) for a in snap.adjustments[1:]] == [(5, 10)]
+    assert [(a.qty_before, a.qty_after) for a in snap.adjustments[1:]] == [(D(5), D(10))]

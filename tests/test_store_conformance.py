@@ -702,7 +702,7 @@ async def test_a_reconcile_leaves_a_symbol_whose_quantity_moved_since_it_compare
     assert [(a.symbol, a.qty_before, a.qty_after) for a in made] == [
         ("MSFT", Decimal(4), Decimal(6))]
     snap = await store.snapshot(acct)
-    assert (snap.net_position("AAPL"), snap.net_position("MSFT")) == (10, 6)
+    assert (snap.net_position("AAPL"), snap.net_position("MSFT")) == (Decimal(10), Decimal(6))
     assert snap.baseline_moments == {"": t0, "MSFT": later}
 
 
