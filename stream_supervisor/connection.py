@@ -126,6 +126,7 @@ class ConnectionActor:
         self._recv_scope: trio.CancelScope | None = None
         self._recovery_scope: trio.CancelScope | None = None
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
+        self._early: list[Item] = []  # updates that came before `listening`
         self._live_from_ns: int | None = None  # broker time of the first live fill
         # Set once recovery is done: from then on the reader queues on the stream buffer.
         self._stream: trio.MemorySendChannel[Item] | None = None
@@ -199,6 +200,7 @@ class ConnectionActor:
 
     async def _handshake(self, ws: WebSocket) -> None:
         s = self.settings
+        self._early = []
         with trio.fail_after(s.handshake_timeout):
             await ws.send_message(authenticate_message(s.key_id, s.secret_key))
             while True:
@@ -226,8 +228,12 @@ class ConnectionActor:
                 if isinstance(reply, ErrorReply):
                     raise ProtocolViolation(f"error during listen: {reply.message}")
                 if isinstance(reply, Event | DeadLetter):
-                    # An update racing the listen reply: real data, keep it.
-                    await self._forward(reply)
+                    # An update racing the listen reply: real data, kept for the live
+                    # buffer (`_session`), where it waits for recovery like any update
+                    # read while recovery runs. Forwarded now, ahead of the backfill,
+                    # its fill could be committed first and move the cursor past the
+                    # fills REST has not brought back yet.
+                    self._early.append(reply)
         self.state.connection = "listening"
         self._listening_ns = int(self.wallclock().timestamp() * 1e9)
         self._live_from_ns = None
@@ -237,7 +243,8 @@ class ConnectionActor:
         """Read, ping and recover until the connection fails.
 
         Frames read while recovery runs wait in the live buffer (`live_buffer` of them at
-        most); once it is done they are forwarded, then what the reader queues on the
+        most), behind any update that came before `listening`; once it is done they are
+        forwarded, then what the reader queues on the
         stream buffer (`stream_buffer`, a channel's size: the reader waits when it is full).
         Frames already read are never dropped once recovery is done: when the socket
         fails, the reader stops and closes both buffers, and everything in them is still
@@ -253,6 +260,12 @@ class ConnectionActor:
         self._end_reason = None
         self._recv_scope = None
         self._stream = None
+        # What came before `listening` is first in the live buffer, ahead of everything
+        # read after it (a handshake's worth: beyond a full buffer, an update would be
+        # one older than the connection, which recovery reads from REST anyway).
+        early, self._early = self._early, []
+        for item in early[:self.settings.live_buffer]:
+            send_live.send_nowait(item)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read, ws, send_live, send_stream)
             nursery.start_soon(self._ping, ws)

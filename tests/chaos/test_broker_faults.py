@@ -40,8 +40,9 @@ def _duplicates(r: random.Random) -> Knobs:
 
 
 def _replay(r: random.Random) -> Knobs:
-    # Replays only happen on a reconnect: give it some.
-    return {"replay_on_connect": r.randint(5, 40), "disconnect_every": r.randint(20, 45)}
+    # Replays only happen on a reconnect: give it some. Half of them race `listening`.
+    return {"replay_on_connect": r.randint(5, 40), "disconnect_every": r.randint(20, 45),
+            "replay_before_listening": r.random() < 0.5}
 
 
 def _disconnect_every(r: random.Random) -> Knobs:

@@ -61,6 +61,9 @@ class Script:
     before_frames: Callable[[int], Awaitable[None]] | None = None
     #: frame index -> awaited after that frame is sent (on every connection)
     pause_after: dict[int, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    #: connection number -> frames sent after its `listen` and before the `listening`
+    #: reply (updates racing the reply, which Alpaca does not promise never to send)
+    before_listening: dict[int, Sequence[bytes]] = field(default_factory=dict)
 
 
 class ReplayServer:
@@ -103,6 +106,9 @@ class ReplayServer:
                 return
             listen = json.loads(await ws.get_message())
             assert listen["action"] == "listen"
+            for early in self.script.before_listening.get(number, ()):
+                await ws.send_message(early)
+                self.sent += 1
             await ws.send_message(json.dumps(
                 {"stream": "listening", "data": {"streams": ["trade_updates"]}}))
             if self.script.start is not None:

@@ -79,6 +79,10 @@ class ChaosConfig:
     """Never stream this fraction of `partial_fill` updates (REST still has the fill)."""
     replay_on_connect: int = 0
     """After `listen`, replay up to this many of the most recent updates again."""
+    replay_before_listening: bool = False
+    """Send that replay before the `listening` reply, not after it: updates racing the
+    reply, which the real stream does not promise never to send (docs/design.md,
+    section 2)."""
     reject_429_for: float = 0.0
     """Seconds after the server started during which every upgrade gets HTTP 429."""
     reject_429_connects: int = 0

@@ -43,6 +43,7 @@ KNOB_HELP: dict[str, str] = {
     "text_frame_prob": "fraction of frames sent as text instead of binary",
     "skip_partial_prob": "fraction of partial_fill updates never streamed (REST has them)",
     "replay_on_connect": "after listen, replay up to this many recent updates again",
+    "replay_before_listening": "send that replay before the listening reply, not after it",
     "reject_429_for": "seconds after start during which every upgrade gets HTTP 429",
     "reject_429_connects": "the first N upgrade attempts get HTTP 429",
     "outage_after_disconnect": "after a chaos disconnect, answer every upgrade with HTTP 429 "

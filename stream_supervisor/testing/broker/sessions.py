@@ -186,6 +186,8 @@ class _Session:
                 # once the reply went out, so no update precedes "listening".
                 if wanted:
                     self._subscribe()
+                    if self.chaos.config.replay_before_listening and not await self._replay_now():
+                        return
                 else:
                     self._unsubscribe()
                 if not await self._control({"stream": "listening", "data": {"streams": wanted}}):
@@ -193,6 +195,18 @@ class _Session:
                 self.stats["listen"] += 1
                 if wanted:
                     self._feed_ready.set()
+
+    async def _replay_now(self) -> bool:
+        """The replay, sent at once (ahead of the `listening` reply); False if the
+        connection went meanwhile."""
+        replay, self._replay = self._replay, []
+        for index in replay:
+            if not await self._send(self.market.frame(index)):
+                return False
+            self.feeds.mark_sent(index)
+            self.stats["replay_frames"] += 1
+            self.stats["frames_before_listening"] += 1
+        return True
 
     def _subscribe(self) -> None:
         if self._feed is not None:

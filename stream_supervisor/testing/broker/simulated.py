@@ -31,6 +31,7 @@ STAT_KEYS: Final = (
     "update_frames",
     "dup_frames",
     "replay_frames",
+    "frames_before_listening",
     "text_frames",
     "injected_frames",
     "skipped_partials",

@@ -43,6 +43,12 @@ def _poison_prob(seed: int) -> float:
     return rng.uniform(0.02, 0.1) if rng.random() < 0.35 else 0.0
 
 
+def _replay_before_listening(seed: int) -> bool:
+    """For half the seeds, a replay on connect races the `listening` reply; a generator
+    of its own (like `_poison_prob`)."""
+    return random.Random(f"schedule/{seed}/replay-before-listening").random() < 0.5
+
+
 def _asset_mix(seed: int) -> bool:
     """Crypto, options and the day's non-trade activities for about a third of the seeds,
     from a generator of their own (like `_poison_prob`)."""
@@ -93,6 +99,7 @@ def schedule_for_seed(seed: int) -> Schedule:
         text_frame_prob=rng.uniform(0.1, 0.5) if on(0.3) else 0.0,
         skip_partial_prob=rng.uniform(0.05, 0.3) if on(0.3) else 0.0,
         replay_on_connect=rng.randint(1, 8) if on(0.3) else 0,
+        replay_before_listening=_replay_before_listening(seed),
         reject_429_connects=rng.randint(1, 3) if on(0.15) else 0,
         rest_error_prob=rng.uniform(0.05, 0.25) if on(0.3) else 0.0,
         rest_429_prob=rng.uniform(0.02, 0.1) if on(0.2) else 0.0,

@@ -108,6 +108,8 @@ class Schedule:
             "rest_errors": int(c.rest_error_prob > 0 or c.rest_429_prob > 0),
             "short_pages": int(c.rest_short_pages),
             "replay": int(c.replay_on_connect > 0),
+            "replay_before_listening": int(c.replay_on_connect > 0
+                                           and c.replay_before_listening),
             "skipped_partials": int(c.skip_partial_prob > 0),
             "upgrade_429": int(c.reject_429_connects > 0),
             "poison": int(c.poison_prob > 0),
