@@ -10,7 +10,7 @@ moment as a high-water mark (`baseline_qty`): only fills beyond it move a positi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -106,6 +106,7 @@ def plan_adjustments(
     taken_at: datetime,
     symbols: Iterable[str] | None = None,
     expected: Mapping[str, Decimal] | None = None,
+    working: Collection[str] = (),
 ) -> list[SymbolChange]:
     """Set each symbol (all held by either side when `symbols` is None) to the broker's
     quantity. A symbol already equal changes nothing; any other closes our open row (if
@@ -115,7 +116,11 @@ def plan_adjustments(
     `expected`: our quantity per symbol when the difference was found. A symbol whose
     open row holds another now is left as it is: a fill committed since then is in ours
     and (being newer than the broker's positions read) not in the broker's, and setting
-    the broker's quantity would erase it."""
+    the broker's quantity would erase it.
+
+    `working`: symbols with an order still working (a reconcile's): left as they are.
+    Such an order's next update carries every fill of it we missed (its cumulative
+    quantity over our mark), and would count again what the adjustment took."""
     theirs = {b.symbol: b for b in broker}
     ours = {canonical_symbol(sym): row for sym, row in open_rows.items()}
     wanted = sorted(set(ours) | set(theirs)) if symbols is None else sorted(set(symbols))
@@ -124,7 +129,8 @@ def plan_adjustments(
         row = ours.get(symbol)
         target = theirs.get(symbol)
         before = row.qty if row is not None else ZERO
-        if expected is not None and symbol in expected and before != expected[symbol]:
+        if (expected is not None and symbol in expected and before != expected[symbol]
+                or symbol in working):
             continue
         after = target.qty if target is not None else ZERO
         # A baseline takes the broker's average too: fills we never saw (while away past

@@ -116,6 +116,9 @@ class LedgerResult:
     activities: list[ActivityRecord] = field(default_factory=list)
     #: Each position change they made, closing or not (`position_changes`).
     changes: list[PositionChange] = field(default_factory=list)
+    #: Per order, the quantity of its fills already in the broker's word (stamped no
+    #: later than their symbol's moment): its `baseline_qty` grows by as much.
+    in_broker_word: dict[str, Decimal] = field(default_factory=dict)
 
 
 MLEG: str = "mleg"
@@ -187,13 +190,19 @@ def apply_events(
     open_positions: Mapping[str, Position],
     events: Sequence[Event],
     baselines: Mapping[str, datetime] | None = None,
+    reconciled: Mapping[str, datetime] | None = None,
 ) -> LedgerResult:
     """Apply new (not yet stored) events, in order, to the loaded state.
 
     `orders` holds the stored state of every order the events touch (absent = unknown
     yet); `open_positions` the open row of every symbol they touch (absent = flat);
     `baselines` the latest baseline's broker-clock moment for the account (key
-    `ACCOUNT_WIDE`) and, where later, per symbol (`activities.baseline_moment`).
+    `ACCOUNT_WIDE`) and, where later, per symbol (`activities.baseline_moment`);
+    `reconciled` the moment of the latest reconcile that adjusted a symbol: a fill
+    stamped at or before it is in the quantity the reconcile took (the broker's positions,
+    read after that clock), so it moves its order's mark and not the position, and the
+    order's `baseline_qty` grows by its quantity (`in_broker_word`), as a baseline's own
+    marks do (docs/design.md, section 9).
     """
     result = LedgerResult()
     order_state = dict(orders)
@@ -229,6 +238,16 @@ def apply_events(
         delta = outcome.delta
         if delta is None or outcome.state.order_class == MLEG:
             continue  # a multi-leg parent's quantity reaches positions through its legs
+        if reconciled and not revision:
+            moment = reconciled.get(ev.symbol)
+            if moment is not None and ev.timestamp <= moment:
+                # In the broker's word already: a fill that reached us only after the
+                # reconcile that took its symbol's quantity (a dead letter replayed, a
+                # backfill's overlap, a fill the stream lost).
+                result.stale_fills += 1
+                result.in_broker_word[ev.order_id] = (
+                    result.in_broker_word.get(ev.order_id, Decimal(0)) + abs(delta.qty))
+                continue
         result.fills_applied += 1
         if not delta.exact:
             result.inexact_fills += 1

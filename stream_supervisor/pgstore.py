@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 from . import pgconn
 from .activities import ACCOUNT_WIDE, ActivityRecord, PositionChange
 from .adjustments import (
+    RECONCILE,
     Adjustment,
     baseline_order,
     origin_of,
@@ -41,7 +42,7 @@ from .errors import (
     StoreRejected,
     StoreUnavailable,
 )
-from .events import ACTIVITY_EVENT, DeadLetter, Event, decimal_text
+from .events import DeadLetter, Event, decimal_text
 from .ledger import Cursor, apply_events, cursor_of, recorded_moments, touched
 from .logs import get_logger
 from .orders import TERMINAL_STATUSES, OrderState
@@ -83,8 +84,9 @@ TABLES: Final = (
 #: table is in TABLES too); positions carry their asset class and multiplier, orders their
 #: class and parent, and `account_activities` holds the non-trade activities (0006);
 #: `baseline_moments` decides which activities a baseline already holds, and
-#: `position_changes` records what each activity did (0007).
-REQUIRED_MIGRATION: Final = "0007_activity_baseline"
+#: `position_changes` records what each activity did (0007); a reconcile's moment says
+#: which later fills it already holds (`baseline_moments.reconciled_at`, 0008).
+REQUIRED_MIGRATION: Final = "0008_reconcile_moments"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays or one JSON document, not per-row SQL), so each is parsed once
 #: per session. They are still planned per execution (`plan_cache_mode` in `_SESSION`): a
@@ -263,15 +265,23 @@ ON CONFLICT (account_id, activity_id) DO NOTHING
 """
 
 # The latest baseline's moments for the symbols a batch's activities touch (section 10).
+#: Fills already in the broker's word (`ledger.apply_events`): their orders' marks moved
+#: (the upsert before this), their quantity joins `baseline_qty`.
+_GROW_BASELINE_QTY = """
+UPDATE broker_orders AS o SET baseline_qty = o.baseline_qty + (v.r->>1)::numeric
+FROM jsonb_array_elements(%(rows)s::jsonb) AS v(r)
+WHERE o.alpaca_order_id = v.r->>0
+"""
 _LOAD_BASELINE_MOMENTS = """
-SELECT symbol, moment FROM baseline_moments
+SELECT symbol, moment, reconciled_at FROM baseline_moments
 WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[])
 """
 _UPSERT_BASELINE_MOMENT = """
-INSERT INTO baseline_moments AS b (account_id, symbol, moment)
-VALUES (%(acct)s, %(sym)s, %(at)s)
+INSERT INTO baseline_moments AS b (account_id, symbol, moment, reconciled_at)
+VALUES (%(acct)s, %(sym)s, %(at)s, %(reconciled)s)
 ON CONFLICT (account_id, symbol) DO UPDATE SET
-    moment = GREATEST(b.moment, EXCLUDED.moment), recorded_at = now()
+    moment = GREATEST(b.moment, EXCLUDED.moment),
+    reconciled_at = GREATEST(b.reconciled_at, EXCLUDED.reconciled_at), recorded_at = now()
 """
 # What each activity did to a position; a row opened in this batch (a transfer into a
 # flat symbol) is found as the symbol's open row, written just before.
@@ -293,7 +303,7 @@ SELECT activity_id, activity_type, symbol, position_id, qty_before, qty_after, a
 FROM position_changes WHERE account_id = %s ORDER BY activity_id, symbol
 """
 _SNAPSHOT_MOMENTS = """
-SELECT symbol, moment FROM baseline_moments WHERE account_id = %s
+SELECT symbol, moment, reconciled_at FROM baseline_moments WHERE account_id = %s
 """
 
 _ACTIVITY_CURSOR = """
@@ -399,6 +409,11 @@ WHERE account_id = %s AND status = 'open' ORDER BY symbol
 _LOCK_ALL_OPEN = f"""
 SELECT {_POSITION_COLUMNS} FROM active_positions
 WHERE account_id = %s AND status = 'open' ORDER BY symbol FOR UPDATE
+"""
+#: Symbols of the account with an order still working (a reconcile leaves them).
+_WORKING_SYMBOLS = """
+SELECT DISTINCT symbol FROM broker_orders
+WHERE account_id = %s AND symbol = ANY(%s::text[]) AND status <> ALL(%s::text[])
 """
 _LOCK_BASELINE_ORDERS = f"""
 SELECT {_ORDER_COLUMNS}, baseline_qty FROM broker_orders
@@ -1153,12 +1168,12 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: _Claim | None = 
         # the cursor.
         claimed, orders_cur, positions_cur, cursor_cur, moments_cur, leader_cur = (
             conn.cursor() for _ in range(6))
-        # Only a batch with a non-trade activity needs the baseline's moments.
-        activity_symbols = sorted({_text(ev.symbol) for ev in first.values()
-                                   if ev.event == ACTIVITY_EVENT})
-        if activity_symbols:
+        # The moments of the baselines and reconciles that took these symbols' quantities:
+        # a non-trade activity stamped no later is already in them, and so is a fill
+        # stamped no later than a reconcile's.
+        if keys:
             moments_cur.execute(_LOAD_BASELINE_MOMENTS,
-                                {"acct": acct, "symbols": [ACCOUNT_WIDE, *activity_symbols]})
+                                {"acct": acct, "symbols": [ACCOUNT_WIDE, *sorted(symbols)]})
         if keys:
             if claim is not None:
                 claimed.execute(_CLAIM_KEYS, claim)
@@ -1182,8 +1197,9 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: _Claim | None = 
             if keys else {}
         )
         stored_cursor = _cursor(cursor_cur.fetchone())
-        moments = ({symbols.get(r[0], r[0]): r[1] for r in moments_cur.fetchall()}
-                   if activity_symbols else None)
+        moment_rows = moments_cur.fetchall() if keys else []
+        moments = {symbols.get(r[0], r[0]): r[1] for r in moment_rows}
+        reconciled = {symbols.get(r[0], r[0]): r[2] for r in moment_rows if r[2] is not None}
         if leader is not None and not _held(leader_cur.fetchone()):
             raise LostLeadership(
                 f"the session holding the writer lock of account {acct} (backend "
@@ -1191,13 +1207,16 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: _Claim | None = 
 
         # The pure core, on the new events only, in batch order.
         new_events = [ev for key, ev in first.items() if key in new_keys]
-        result = apply_events(acct, orders, open_rows, new_events, moments)
+        result = apply_events(acct, orders, open_rows, new_events, moments, reconciled)
         moved = cursor_of(new_events)
         cursor = moved if stored_cursor is None else stored_cursor.advanced(moved)
 
         # Round trip 2: write everything and commit.
         if result.orders:
             conn.execute(_UPSERT_ORDERS, _orders_params(acct, result.orders.values()))
+        if result.in_broker_word:
+            conn.execute(_GROW_BASELINE_QTY,
+                         {"rows": _rows(list(result.in_broker_word.items()))})
         existing = [p for p in result.positions if p.position_id is not None]
         created = [p for p in result.positions if p.position_id is None]
         if existing:
@@ -1274,6 +1293,7 @@ def _snapshot(conn: psycopg.Connection[Any], account_id: str) -> StoreSnapshot:
         activities=[_activity(r) for r in activities],
         position_changes=[_change(r) for r in changes],
         baseline_moments={r[0]: r[1] for r in moments},
+        reconcile_moments={r[0]: r[2] for r in moments if r[2] is not None},
     )
 
 
@@ -1284,9 +1304,14 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
             _position, conn.execute(_LOCK_ALL_OPEN, [acct]).fetchall())}
         stored = {r[0]: (_order(r), r[-1]) for r in conn.execute(
             _LOCK_BASELINE_ORDERS, [sorted(o.order_id for o in word.orders)]).fetchall()}
+        working: list[str] = []
+        if word.reason == RECONCILE and word.symbols:
+            working = [r[0] for r in conn.execute(
+                _WORKING_SYMBOLS, [acct, [_text(sym) for sym in word.symbols],
+                                   sorted(TERMINAL_STATUSES)])]
         changes = plan_adjustments(acct, open_rows, word.positions, reason=word.reason,
                                    taken_at=word.taken_at, symbols=word.symbols,
-                                   expected=word.expected)
+                                   expected=word.expected, working=working)
         for broker in word.orders:
             prev, base = stored.get(broker.order_id, (None, Decimal(0)))
             state, new_base = baseline_order(prev, base, broker)
@@ -1328,5 +1353,7 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
         for symbol, at in recorded_moments(
                 word.reason, word.taken_at, word.moments,
                 (c.adjustment.symbol for c in changes)).items():
-            conn.execute(_UPSERT_BASELINE_MOMENT, {"acct": acct, "sym": _text(symbol), "at": at})
+            conn.execute(_UPSERT_BASELINE_MOMENT, {
+                "acct": acct, "sym": _text(symbol), "at": at,
+                "reconciled": at if word.reason == RECONCILE else None})
     return [c.adjustment for c in changes]

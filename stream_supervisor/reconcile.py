@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from .activities import APPLIED, ActivityRecord
 from .adjustments import (
@@ -49,6 +49,11 @@ def compare_positions(
 def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
     """Asset id -> our symbol, from the adjustments that stored the broker's asset ids."""
     return {a.asset_id: a.symbol for a in snapshot.adjustments if a.asset_id}
+
+
+#: Why a reconcile left a symbol it found different (`adjustments.plan_adjustments`).
+DEFERRED: Final = ("an order of it is still working (its next update brings what we "
+                   "missed), or a fill moved it since it was compared: run again later")
 
 
 async def apply_differences(
@@ -116,7 +121,12 @@ async def reconcile_account(
             log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                      before=str(adj.qty_before), after=str(adj.qty_after))
         print(f"reconcile: {len(made)} adjustment(s) written to position_adjustments")
-        return 0
+        adjusted = {adj.symbol for adj in made}
+        left = [d.symbol for d in diffs if d.symbol not in adjusted]
+        for symbol in left:
+            log.info("reconcile_deferred", symbol=symbol)
+            print(f"reconcile: {symbol} left as it is: {DEFERRED}")
+        return 1 if left else 0
     return 1 if diffs else 0
 
 

@@ -99,6 +99,10 @@ class ScheduledReconcile:
             for adj in made:
                 log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                          before=str(adj.qty_before), after=str(adj.qty_after))
+            adjusted = {adj.symbol for adj in made}
+            for d in steady:
+                if d.symbol not in adjusted:
+                    log.info("reconcile_deferred", symbol=d.symbol, scheduled=True)
             applied = len(made)
             for d in steady:
                 self._previous.pop(d.symbol, None)

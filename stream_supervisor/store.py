@@ -125,6 +125,8 @@ class StoreSnapshot:
     #: baseline's moments (`activities.ACCOUNT_WIDE` and per symbol), section 10.
     position_changes: list[PositionChange] = field(default_factory=list)
     baseline_moments: dict[str, datetime] = field(default_factory=dict)
+    #: Per symbol a reconcile adjusted, its moment (`baseline_moments.reconciled_at`).
+    reconcile_moments: dict[str, datetime] = field(default_factory=dict)
 
     def net_position(self, symbol: str) -> Decimal:
         return sum((p.qty for p in self.positions if p.symbol == symbol and p.is_open), Decimal(0))

@@ -706,6 +706,69 @@ async def test_a_reconcile_leaves_a_symbol_whose_quantity_moved_since_it_compare
     assert snap.baseline_moments == {"": t0, "MSFT": later}
 
 
+def _identity(snap: StoreSnapshot, symbol: str) -> Decimal:
+    """What `check` holds an open position to: its orders' signed (filled_qty -
+    baseline_qty) plus its adjustments' (qty_after - qty_before)."""
+    fills = sum(((o.filled_qty - snap.baseline_qty.get(o.order_id, Decimal(0)))
+                 * (1 if o.side == "buy" else -1)
+                 for o in snap.orders.values() if o.symbol == symbol), Decimal(0))
+    return fills + sum((a.qty_after - a.qty_before for a in snap.adjustments
+                        if a.symbol == symbol), Decimal(0))
+
+
+async def test_a_reconcile_leaves_a_symbol_whose_order_is_still_working(
+        backend: Backend) -> None:
+    """10 of a working order applied, the broker holds 20 (a fill of it we missed): the
+    order's next update carries what we missed, so adjusting to 20 now would count it
+    twice. Left as it is; the update then brings ours to the broker's."""
+    store = await backend.make()
+    acct = "acct-working"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+    def partial(cum: str, minutes: int, event: str = "partial_fill") -> Event:
+        ev = fill("g", "buy", cum, "10", "100", minutes)
+        return msgspec.structs.replace(
+            ev, event=event, status="filled" if event == "fill" else "partially_filled",
+            order_qty=Decimal(30))
+
+    await store.commit_batch(Batch(acct, [partial("10", 1)]))
+    diffs = [Difference("XYZ", Decimal(10), Decimal(20),
+                        BrokerPosition("XYZ", Decimal(20), Decimal(100)))]
+    assert await store.apply_broker_word(reconcile_word(acct, diffs, taken_at=t0,
+                                                        moment=t0)) == []
+    await store.commit_batch(Batch(acct, [partial("30", 3, "fill")]))
+    snap = await store.snapshot(acct)
+    assert snap.net_position("XYZ") == 30 == _identity(snap, "XYZ")
+    assert snap.adjustments == [] and snap.baseline_moments == {}
+
+
+async def test_a_fill_the_reconcile_already_took_moves_its_order_not_the_position(
+        backend: Backend) -> None:
+    """The broker holds 15, we 10: a fill of 5 (order k, done) never reached us. Once
+    the reconcile set 15, that fill arriving (a dead letter replayed, a backfill's
+    overlap) is in the broker's word already: stamped before the reconcile's moment, it
+    moves order k's mark and `baseline_qty`, not the position. A fill after the moment
+    counts."""
+    store = await backend.make()
+    acct = "acct-taken"
+    await store.commit_batch(Batch(acct, [fill("h", "buy", "10", "10", "100", 1)]))
+    moment = T0 + timedelta(minutes=10)
+    diffs = [Difference("XYZ", Decimal(10), Decimal(15),
+                        BrokerPosition("XYZ", Decimal(15), Decimal(101)))]
+    [made] = await store.apply_broker_word(reconcile_word(acct, diffs, taken_at=moment,
+                                                          moment=moment))
+    assert (made.qty_before, made.qty_after) == (Decimal(10), Decimal(15))
+    result = await store.commit_batch(Batch(acct, [fill("k", "buy", "5", "5", "103", 2)]))
+    assert (result.fills_applied, result.stale_fills) == (0, 1)
+    snap = await store.snapshot(acct)
+    assert snap.net_position("XYZ") == 15 == _identity(snap, "XYZ")
+    assert snap.orders["k"].filled_qty == 5 and snap.baseline_qty == {"k": Decimal(5)}
+    result = await store.commit_batch(Batch(acct, [fill("m", "sell", "4", "4", "110", 11)]))
+    assert result.fills_applied == 1
+    snap = await store.snapshot(acct)
+    assert snap.net_position("XYZ") == 11 == _identity(snap, "XYZ")
+
+
 async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:
     """A baseline, later fills and a reconcile adjustment (docs/design.md, section 9):
     the same rows, marks, adjustments and cursor in both stores."""
@@ -734,9 +797,18 @@ async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:
     # The fill of yesterday (at the mark) is stale; today's 5 count.
     await store.commit_batch(Batch(acct, [fill("10", "10", "100", "100", -1200),
                                           fill("15", "5", "106", "102", 5)]))
-    await store.apply_broker_word(BrokerWord(
-        acct, RECONCILE, t0 + timedelta(minutes=10),
-        [BrokerPosition("AAPL", Decimal(30), Decimal(51))], symbols=["AAPL"]))
+    word = BrokerWord(acct, RECONCILE, t0 + timedelta(minutes=10),
+                      [BrokerPosition("AAPL", Decimal(30), Decimal(51))], symbols=["AAPL"])
+    # gtc-1 still works: its next update may carry what the broker holds beyond ours.
+    assert await store.apply_broker_word(word) == []
+    at = t0 + timedelta(minutes=8)
+    done = Event(key=f"canceled:gtc-1:{int(at.timestamp()) * 10**9}", event="canceled",
+                 source="stream", order_id="gtc-1", symbol="AAPL", side="buy",
+                 status="canceled", cum_qty=Decimal(15), timestamp=at,
+                 ts_ns=int(at.timestamp()) * 10**9, order_qty=Decimal(20),
+                 cum_avg_price=Decimal(102))
+    await store.commit_batch(Batch(acct, [done]))
+    await store.apply_broker_word(word)
     snap = await store.snapshot(acct)
     assert sorted((p.symbol, p.qty, p.avg_entry_price, p.is_open, p.opened_by_order_id)
                   for p in snap.positions) == [

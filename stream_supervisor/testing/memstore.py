@@ -19,7 +19,7 @@ from decimal import Decimal
 import msgspec
 
 from ..activities import ActivityRecord, PositionChange
-from ..adjustments import Adjustment, baseline_order, plan_adjustments
+from ..adjustments import RECONCILE, Adjustment, baseline_order, plan_adjustments
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
     POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
@@ -127,6 +127,7 @@ class _Account:
     baseline_qty: dict[str, Decimal] = field(default_factory=dict)
     changes: list[PositionChange] = field(default_factory=list)
     baselines: dict[str, datetime] = field(default_factory=dict)
+    reconciled: dict[str, datetime] = field(default_factory=dict)
 
 
 class MemoryDatabase:
@@ -255,7 +256,7 @@ class MemoryStore:
             if p.is_open and p.symbol in touched_symbols
         }
         result = apply_events(batch.account_id, orders, open_rows, new_events,
-                              acct.baselines)
+                              acct.baselines, acct.reconciled)
         refused = postgres_would_refuse(seen, result)
         if refused is not None:
             raise StoreDataError(f"commit_batch: {refused}", sqlstate="54000", detail=refused)
@@ -281,6 +282,8 @@ class MemoryStore:
         for ev in new_events:
             acct.keys[ev.key] = None
         acct.orders.update(result.orders)
+        for oid, qty in result.in_broker_word.items():
+            acct.baseline_qty[oid] = acct.baseline_qty.get(oid, Decimal(0)) + qty
         for record in result.activities:
             acct.activities.setdefault(record.activity_id, record)
         for change in result.changes:
@@ -343,6 +346,7 @@ class MemoryStore:
             baseline_qty={oid: q for oid, q in acct.baseline_qty.items() if q},
             position_changes=sorted(acct.changes, key=lambda c: (c.activity_id, c.symbol)),
             baseline_moments=dict(acct.baselines),
+            reconcile_moments=dict(acct.reconciled),
         )
 
     async def open_positions(self, account_id: str) -> list[Position]:
@@ -354,10 +358,14 @@ class MemoryStore:
         self._check()
         acct = self.db.account(word.account_id)
         open_rows = {p.symbol: p for p in acct.positions.values() if p.is_open}
+        wanted = set(word.symbols or ())
+        working = ({o.symbol for o in acct.orders.values()
+                    if o.symbol in wanted and o.status not in TERMINAL_STATUSES}
+                   if word.reason == RECONCILE else set())
         changes = plan_adjustments(word.account_id, open_rows, word.positions,
                                    reason=word.reason, taken_at=word.taken_at,
                                    symbols=word.symbols,
-                                   expected=word.expected)
+                                   expected=word.expected, working=working)
         orders = dict(acct.orders)
         baselines = dict(acct.baseline_qty)
         for broker in word.orders:
@@ -387,6 +395,9 @@ class MemoryStore:
                                            (a.symbol for a in made)).items():
             held = acct.baselines.get(symbol)
             acct.baselines[symbol] = at if held is None else max(held, at)
+            if word.reason == RECONCILE:
+                held = acct.reconciled.get(symbol)
+                acct.reconciled[symbol] = at if held is None else max(held, at)
         self.db.commits += 1
         return made
 

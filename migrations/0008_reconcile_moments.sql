@@ -1,0 +1,17 @@
+-- stream-supervisor schema, version 8: the moment a reconcile took a symbol's quantity
+-- (docs/design.md, section 9).
+--
+-- A reconcile sets a symbol to the broker's quantity, which holds every fill the broker
+-- executed before its positions read, including one that never reached us (a dead letter,
+-- a fill the stream lost). Should that fill reach us later (the dead letter replayed, a
+-- backfill's overlap), it is already in the quantity the reconcile took: stamped at or
+-- before the reconcile's moment, it moves its order's mark and baseline_qty, not the
+-- position. A baseline's moments are not used that way: a baseline's own marks decide
+-- which fills it holds, and its per-symbol moments may be later than its positions read.
+--
+-- Never edit this file once applied anywhere; add the next one.
+
+ALTER TABLE baseline_moments ADD COLUMN reconciled_at timestamptz;
+
+COMMENT ON COLUMN baseline_moments.reconciled_at IS
+    'For a symbol a reconcile adjusted: the broker''s clock read before that reconcile''s positions read (the latest such reconcile; only moves forward). A fill of the symbol stamped at or before it is already in the quantity the reconcile took: it moves its order''s filled_qty and baseline_qty, not the position. NULL: never reconciled.';
