@@ -15,3 +15,6 @@ ALTER TABLE baseline_moments ADD COLUMN reconciled_at timestamptz;
 
 COMMENT ON COLUMN baseline_moments.reconciled_at IS
     'For a symbol a reconcile adjusted: the broker''s clock read before that reconcile''s positions read (the latest such reconcile; only moves forward). A fill of the symbol stamped at or before it is already in the quantity the reconcile took: it moves its order''s filled_qty and baseline_qty, not the position. NULL: never reconciled.';
+
+COMMENT ON COLUMN account_activities.outcome IS
+    'applied; not understood (stored and reported by reconcile, never guessed at); no open position; more than the position holds; the position opened after it took effect (a split posted after the sales that closed what it split); in the baseline; baseline within its day. Every outcome but applied changed nothing, and reconcile lists it.';

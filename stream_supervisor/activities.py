@@ -58,6 +58,10 @@ IN_BASELINE = "in the baseline"
 #: is in the baseline's positions cannot be told, so it is not applied; `reconcile` shows
 #: the difference if it was not, and `reconcile --apply` takes the broker's word.
 BASELINE_WITHIN_ITS_DAY = "baseline within its day"
+#: A split whose position row opened at or after the split took effect: the position it
+#: split was closed since (or never reached us), and what the row holds now is in
+#: post-split shares already. Not applied: `reconcile` shows the difference.
+OPENED_AFTER_IT = "the position opened after it took effect"
 EASTERN: Final = ZoneInfo("America/New_York")
 
 
@@ -319,7 +323,11 @@ def apply_activity(
       exercised or a short put assigned buys it, a long put exercised or a short call
       assigned sells it.
     - SPLIT: `qty` shares are added (negative for a reverse split): quantity scales,
-      average price scales back, cost basis unchanged.
+      average price scales back, cost basis unchanged. Posted after later fills, it still
+      gives the broker's quantity to a row opened before it took effect (a sale between
+      realized against the pre-split average: realized P&L and cost basis then share the
+      difference); a row opened since (`OPENED_AFTER_IT`) or none (`NO_POSITION`) is
+      left, and reconcile shows the difference.
     - ACATC, ACATS: `qty` shares move in (at `price`, the broker's stated value, re-averaged
       like a purchase) or out (average unchanged, nothing realized).
 
@@ -379,6 +387,12 @@ def apply_activity(
         record.effects[ev.symbol] = -abs(qty) * _sign(row.qty)
     elif atype == "SPLIT":
         if qty is None:
+            return out
+        start, _end = effect_window(decode_stored_activity(ev.raw))
+        if row.opened_at >= start:
+            # Posted after the fills that closed (or turned) what it split: adding its
+            # shares to this row would count them in the wrong direction, or twice.
+            record.outcome = OPENED_AFTER_IT
             return out
         new_qty = row.qty + qty * _sign(row.qty)
         if _sign(new_qty) != _sign(row.qty):

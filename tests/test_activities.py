@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from stream_supervisor.activities import (
     IN_BASELINE,
     MORE_THAN_HELD,
     NO_POSITION,
+    OPENED_AFTER_IT,
     PARTLY_IN_BASELINE,
     WireNonTrade,
     baseline_verdict,
@@ -99,6 +101,43 @@ def test_a_split_posted_late_leaves_the_same_quantity_and_cost_basis(
     late = run(buy1, buy2, split)["NVDA"]
     assert in_order.qty == late.qty == first * ratio + second
     assert abs(in_order.cost_basis - late.cost_basis) < Decimal("1e-18")
+
+
+@given(st.integers(1, 1000), st.integers(1, 99), st.integers(100, 100_000),
+       st.integers(100, 100_000), st.sampled_from([2, 3, 4, 10]))
+def test_a_split_posted_after_a_sale_gives_the_brokers_quantity_and_total_pnl(
+        held: int, sold_pct: int, p1: int, p2: int, ratio: int) -> None:
+    """A sale after the split, of part of what it left, posted before the split: the
+    quantity is the broker's, and realized P&L minus the cost basis left (what total
+    P&L is made of) is as if in order; only how it splits between them differs."""
+    sold = max(1, held * ratio * sold_pct // 100)
+    if sold >= held:
+        return  # the sale closes (or turns) the row: the next test
+    split = activity(5, "SPLIT", "NVDA", str(held * (ratio - 1)))
+    buy = fill(1, "NVDA", "buy", Decimal(held), Decimal(p1) / 100)
+    sale = fill(9, "NVDA", "sell", Decimal(sold), Decimal(p2) / 100 / ratio)
+    in_order = run(buy, split, sale)["NVDA"]
+    late = run(buy, sale, split)["NVDA"]
+    assert in_order.qty == late.qty == held * ratio - sold
+    assert abs((in_order.realized_pnl - in_order.cost_basis)
+               - (late.realized_pnl - late.cost_basis)) < Decimal("1e-18")
+
+
+@pytest.mark.parametrize("sold", [10, 15, 20])
+def test_a_split_posted_after_the_sales_that_closed_what_it_split_is_not_guessed(
+        sold: int) -> None:
+    """Long 10, a 2-for-1 split (20), sales after it of 10, 15 or 20, and the split
+    posted last: the row it split is closed. Its shares added now would go the wrong
+    way (short 5 made short 15) or nowhere; it is stored, not applied, and `reconcile`
+    shows what the broker holds."""
+    result = apply_events("a", {}, {}, [
+        fill(1, "NVDA", "buy", Decimal(10), Decimal(100)),
+        fill(9, "NVDA", "sell", Decimal(sold), Decimal(51)),
+        activity(5, "SPLIT", "NVDA", "10")])
+    [record] = result.activities
+    assert record.outcome in (NO_POSITION, OPENED_AFTER_IT) and not record.effects
+    held = {p.symbol: p.qty for p in result.positions if p.is_open}
+    assert held == ({} if sold <= 10 else {"NVDA": Decimal(10 - sold)})
 
 
 def test_a_partial_assignment_leaves_the_rest_of_the_short_puts() -> None:
