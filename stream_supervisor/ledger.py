@@ -117,7 +117,8 @@ class LedgerResult:
     #: Each position change they made, closing or not (`position_changes`).
     changes: list[PositionChange] = field(default_factory=list)
     #: Per order, the quantity of its fills already in the broker's word (stamped no
-    #: later than their symbol's moment): its `baseline_qty` grows by as much.
+    #: later than the moment of the reconcile that adjusted their symbol): its
+    #: `baseline_qty` grows by as much.
     in_broker_word: dict[str, Decimal] = field(default_factory=dict)
 
 

@@ -264,7 +264,6 @@ FROM unnest(%(ids)b::text[], %(types)b::text[], %(syms)b::text[], %(qtys)s::nume
 ON CONFLICT (account_id, activity_id) DO NOTHING
 """
 
-# The latest baseline's moments for the symbols a batch's activities touch (section 10).
 #: Fills already in the broker's word (`ledger.apply_events`): their orders' marks moved
 #: (the upsert before this), their quantity joins `baseline_qty`.
 _GROW_BASELINE_QTY = """
@@ -272,6 +271,8 @@ UPDATE broker_orders AS o SET baseline_qty = o.baseline_qty + (v.r->>1)::numeric
 FROM jsonb_array_elements(%(rows)s::jsonb) AS v(r)
 WHERE o.alpaca_order_id = v.r->>0
 """
+# The moments of the latest baseline, and of the latest reconcile that adjusted them, for
+# the symbols a batch touches (sections 9 and 10).
 _LOAD_BASELINE_MOMENTS = """
 SELECT symbol, moment, reconciled_at FROM baseline_moments
 WHERE account_id = %(acct)s AND symbol = ANY(%(symbols)s::text[])
@@ -1174,7 +1175,6 @@ def _commit(conn: psycopg.Connection[Any], batch: Batch, ahead: _Claim | None = 
         if keys:
             moments_cur.execute(_LOAD_BASELINE_MOMENTS,
                                 {"acct": acct, "symbols": [ACCOUNT_WIDE, *sorted(symbols)]})
-        if keys:
             if claim is not None:
                 claimed.execute(_CLAIM_KEYS, claim)
             orders_cur.execute(_LOCK_ORDERS, {"ids": sorted(order_ids)})

@@ -170,7 +170,8 @@ def reconcile_word(account_id: str, diffs: Sequence[Difference], *, taken_at: da
     where ours is still what was compared (`expected`), recording `moment` (the broker's
     clock read before its positions read) as the moment of each symbol it adjusts, so an
     activity posting later whose effect the broker's quantity already holds is stored and
-    not applied on top of it (docs/design.md, section 10)."""
+    not applied on top of it, and a fill stamped no later that reaches us only now moves
+    no position (`reconciled_at`; docs/design.md, sections 9 and 10)."""
     return BrokerWord(
         account_id=account_id, reason=RECONCILE, taken_at=taken_at,
         positions=[d.broker_position for d in diffs if d.broker_position is not None],

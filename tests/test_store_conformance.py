@@ -704,6 +704,7 @@ async def test_a_reconcile_leaves_a_symbol_whose_quantity_moved_since_it_compare
     snap = await store.snapshot(acct)
     assert (snap.net_position("AAPL"), snap.net_position("MSFT")) == (Decimal(10), Decimal(6))
     assert snap.baseline_moments == {"": t0, "MSFT": later}
+    assert snap.reconcile_moments == {"MSFT": later}
 
 
 def _identity(snap: StoreSnapshot, symbol: str) -> Decimal:
