@@ -37,13 +37,21 @@ def broker_clock(body: Mapping[str, Any], fallback: datetime) -> datetime:
     """The `timestamp` of a `GET /v2/clock` body: the broker's time, which stamps the
     moments positions are read at (docs/design.md, section 10); `fallback` (our clock)
     when the broker gives none that parses."""
+    reading = broker_clock_reading(body)
+    return fallback if reading is None else reading
+
+
+def broker_clock_reading(body: Mapping[str, Any]) -> datetime | None:
+    """`broker_clock` without a fallback: None when the broker gives no time that parses.
+    A reconcile adjusts nothing without one: its moment decides which fills reaching us
+    later it already holds, and only the broker's clock stamps them (section 9)."""
     stamp = body.get("timestamp")
     if not isinstance(stamp, str):
-        return fallback
+        return None
     try:
         return parse_timestamp(stamp)[0]
     except ValueError:
-        return fallback
+        return None
 
 
 def origin_of(reason: str) -> str:

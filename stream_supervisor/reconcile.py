@@ -16,11 +16,12 @@ from .adjustments import (
     REBASELINE,
     Adjustment,
     Difference,
+    broker_clock_reading,
     broker_position,
     compare,
 )
-from .baseline import broker_now, take_baseline
-from .errors import ConfigError
+from .baseline import take_baseline
+from .errors import BrokerUnavailable, ConfigError
 from .logs import get_logger
 from .rest import BrokerRest
 from .settings import Settings
@@ -101,7 +102,10 @@ async def reconcile_account(
     """Compare (and with `apply`, adjust) one account; with `apply` the caller holds its
     writer lock. The broker's clock is read before its positions: the moment each
     adjusted symbol records (section 10)."""
-    moment = await broker_now(rest, now())
+    try:
+        moment = broker_clock_reading(await rest.clock())
+    except BrokerUnavailable:
+        moment = None
     broker = [broker_position(p) for p in await rest.positions()]
     taken_at = now()
     snapshot = await store.snapshot(account_id)
@@ -114,6 +118,11 @@ async def reconcile_account(
         log.warning("reconcile_unapplied_activity", detail=line)
         print(line)
     print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
+    if apply and diffs and moment is None:
+        print("reconcile: nothing applied: the broker's clock (GET /v2/clock) gave no time, "
+              "and its moment decides which fills reaching us later an adjustment holds; "
+              "run it again")
+        return 1
     if apply and diffs:
         made = await apply_differences(store, account_id, diffs, taken_at=taken_at,
                                        moment=moment)

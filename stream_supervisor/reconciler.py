@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import trio
 
-from .adjustments import Difference, broker_clock, broker_position, compare
+from .adjustments import Difference, broker_clock_reading, broker_position, compare
 from .errors import BrokerUnavailable, LostLeadership, StoreError
 from .logs import get_logger
 from .metrics import Metrics
@@ -77,8 +77,8 @@ class ScheduledReconcile:
         if not clock.get("is_open"):
             return ReconcileRun(market_open=False)
         # The broker's clock, read before its positions: an adjusted symbol records it as
-        # its moment (docs/design.md, section 10).
-        moment = broker_clock(clock, self.wallclock())
+        # its moment (docs/design.md, sections 9 and 10).
+        moment = broker_clock_reading(clock)
         broker = [broker_position(p) for p in await self.rest.positions()]
         ours = await self.store.open_positions(self.account_id)
         _, diffs = compare(ours, broker)
@@ -91,7 +91,11 @@ class ScheduledReconcile:
         steady = [d for d in diffs if self._previous.get(d.symbol) == seen[d.symbol]]
         self._previous = seen
         applied = 0
-        if self.settings.reconcile_apply and steady:
+        if self.settings.reconcile_apply and steady and moment is None:
+            # Without the broker's time no moment says which later fills it holds.
+            log.warning("reconcile_not_applied", reason="the broker's clock gave no time",
+                        symbols=len(steady))
+        elif self.settings.reconcile_apply and steady:
             # Only where ours is still what was compared: a fill the writer committed
             # meanwhile is not in the broker's positions read, and would be erased.
             made = await self.store.apply_broker_word(reconcile_word(

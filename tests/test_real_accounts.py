@@ -407,6 +407,19 @@ async def test_reconcile_apply_holds_a_fee_posted_later_for_a_fill_before_it(
     assert (await store.snapshot(ACCOUNT)).baseline_moments["BTC/USD"] == at(2)
 
 
+async def test_reconcile_apply_without_the_brokers_time_applies_nothing(
+        store: PgStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """The moment an adjustment records decides which later fills it holds, and only the
+    broker's clock stamps them: without it, `--apply` writes nothing and exits 1."""
+    await commit(store, fill("a1", "buy", "10", "10", "100", "100", at(1)))
+    broker = Broker()  # its clock gives no time
+    broker.held = [{"symbol": "AAPL", "qty": "12", "side": "long", "avg_entry_price": "100"}]
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 1
+    assert "nothing applied: the broker's clock" in capsys.readouterr().out
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.net_position("AAPL") == 10 and snap.adjustments == []
+
+
 async def test_rebaseline_keeps_history_and_counts_nothing_twice(
         store: PgStore, database_url: str) -> None:
     broker = Broker()

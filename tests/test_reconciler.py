@@ -31,7 +31,7 @@ class Rest:
         self.open = True
         self.held: list[dict[str, Any]] = []
         self.calls: list[str] = []
-        self.now: str | None = None
+        self.now: str | None = "2026-11-30T15:00:00Z"  # None: a clock without a time
 
     async def clock(self) -> dict[str, Any]:
         self.calls.append("clock")
@@ -108,8 +108,7 @@ async def test_runs_on_its_interval(autojump_clock: trio.testing.MockClock) -> N
 
 async def test_an_applied_difference_records_the_clock_read_before_its_positions() -> None:
     """The moment an adjusted symbol records (docs/design.md, section 10) is the broker's
-    clock of the run that applied it, read before that run's positions; our wall clock
-    only when the broker gives none."""
+    clock of the run that applied it, read before that run's positions."""
     rest = Rest()
     rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"}]
     store = await _store_holding("10")
@@ -169,3 +168,19 @@ async def test_a_fill_committed_after_the_read_is_not_erased_by_the_adjustment()
     snap = await store.snapshot(ACCOUNT)
     assert snap.net_position("AAPL") == 10
     assert [(a.qty_before, a.qty_after) for a in snap.adjustments[1:]] == [(D(5), D(10))]
+
+
+async def test_without_the_brokers_time_nothing_is_applied() -> None:
+    """The moment decides which fills reaching us later an adjustment already holds, and
+    only the broker's clock stamps them: a clock without a time applies nothing."""
+    rest = Rest()
+    rest.now = None
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"}]
+    store = await _store_holding("10")
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    for _ in range(3):
+        run = await job.once()
+        assert len(run.differences) == 1 and run.applied == 0
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 10
+    rest.now = "2026-11-30T15:05:00Z"
+    assert (await job.once()).applied == 1
