@@ -18,3 +18,11 @@ COMMENT ON COLUMN baseline_moments.reconciled_at IS
 
 COMMENT ON COLUMN account_activities.outcome IS
     'applied; not understood (stored and reported by reconcile, never guessed at); no open position; more than the position holds; the position opened after it took effect (a split posted after the sales that closed what it split); in the baseline; baseline within its day. Every outcome but applied changed nothing, and reconcile lists it.';
+
+-- A bust or correction reaching us after the reconcile that took its effect moves its
+-- order's filled_qty down, and baseline_qty with it: below zero where the fills it undoes
+-- were ours. The identity check holds (position = side x (filled_qty - baseline_qty),
+-- summed, plus adjustments); only the sign rule goes.
+ALTER TABLE broker_orders DROP CONSTRAINT broker_orders_baseline_not_negative;
+COMMENT ON COLUMN broker_orders.baseline_qty IS
+    'Part of filled_qty whose effect on positions came through the broker''s word, not through our fills: what a baseline found filled (its high-water mark then), plus fills and revisions that reached us only after the reconcile that adjusted their symbol (negative where such a bust undid fills we had applied). Those are in an adjustment, not counted again.';

@@ -116,9 +116,9 @@ class LedgerResult:
     activities: list[ActivityRecord] = field(default_factory=list)
     #: Each position change they made, closing or not (`position_changes`).
     changes: list[PositionChange] = field(default_factory=list)
-    #: Per order, the quantity of its fills already in the broker's word (stamped no
-    #: later than the moment of the reconcile that adjusted their symbol): its
-    #: `baseline_qty` grows by as much.
+    #: Per order, how far updates already in the broker's word (stamped no later than
+    #: the moment of the reconcile that adjusted their symbol) moved its filled_qty: its
+    #: `baseline_qty` moves by as much (down, for a bust).
     in_broker_word: dict[str, Decimal] = field(default_factory=dict)
 
 
@@ -199,11 +199,11 @@ def apply_events(
     yet); `open_positions` the open row of every symbol they touch (absent = flat);
     `baselines` the latest baseline's broker-clock moment for the account (key
     `ACCOUNT_WIDE`) and, where later, per symbol (`activities.baseline_moment`);
-    `reconciled` the moment of the latest reconcile that adjusted a symbol: a fill
-    stamped at or before it is in the quantity the reconcile took (the broker's positions,
-    read after that clock), so it moves its order's mark and not the position, and the
-    order's `baseline_qty` grows by its quantity (`in_broker_word`), as a baseline's own
-    marks do (docs/design.md, section 9).
+    `reconciled` the moment of the latest reconcile that adjusted a symbol: a fill (or a
+    bust, a correction) stamped at or before it is in the quantity the reconcile took (the
+    broker's positions, read after that clock), so it moves its order's mark and not the
+    position, and the order's `baseline_qty` moves as far (`in_broker_word`), as a
+    baseline's own marks do (docs/design.md, section 9).
     """
     result = LedgerResult()
     order_state = dict(orders)
@@ -230,8 +230,8 @@ def apply_events(
         if ev.event not in KNOWN_EVENTS and ev.event != "refresh" and ev.order_id not in order_state:
             continue  # an unknown event type about an order we never saw invents no order
         revision = ev.event in REVISION_EVENTS
-        outcome = (apply_revision if revision else apply_order_event)(
-            order_state.get(ev.order_id), ev)
+        before = order_state.get(ev.order_id)
+        outcome = (apply_revision if revision else apply_order_event)(before, ev)
         order_state[ev.order_id] = outcome.state
         result.orders[ev.order_id] = outcome.state
         if outcome.stale:
@@ -239,15 +239,17 @@ def apply_events(
         delta = outcome.delta
         if delta is None or outcome.state.order_class == MLEG:
             continue  # a multi-leg parent's quantity reaches positions through its legs
-        if reconciled and not revision:
+        if reconciled:
             moment = reconciled.get(ev.symbol)
             if moment is not None and ev.timestamp <= moment:
-                # In the broker's word already: a fill that reached us only after the
-                # reconcile that took its symbol's quantity (a dead letter replayed, a
-                # backfill's overlap, a fill the stream lost).
+                # In the broker's word already: a fill (or a bust, a correction) that
+                # reached us only after the reconcile that took its symbol's quantity (a
+                # dead letter replayed, a backfill's overlap, an update the stream lost).
                 result.stale_fills += 1
-                result.in_broker_word[ev.order_id] = (
-                    result.in_broker_word.get(ev.order_id, Decimal(0)) + abs(delta.qty))
+                moved = outcome.state.filled_qty - (before.filled_qty if before else 0)
+                if moved:
+                    result.in_broker_word[ev.order_id] = (
+                        result.in_broker_word.get(ev.order_id, Decimal(0)) + moved)
                 continue
         result.fills_applied += 1
         if not delta.exact:

@@ -264,8 +264,8 @@ FROM unnest(%(ids)b::text[], %(types)b::text[], %(syms)b::text[], %(qtys)s::nume
 ON CONFLICT (account_id, activity_id) DO NOTHING
 """
 
-#: Fills already in the broker's word (`ledger.apply_events`): their orders' marks moved
-#: (the upsert before this), their quantity joins `baseline_qty`.
+#: Fills (and revisions) already in the broker's word (`ledger.apply_events`): their
+#: orders' marks moved (the upsert before this), and `baseline_qty` with them.
 _GROW_BASELINE_QTY = """
 UPDATE broker_orders AS o SET baseline_qty = o.baseline_qty + (v.r->>1)::numeric
 FROM jsonb_array_elements(%(rows)s::jsonb) AS v(r)
@@ -398,7 +398,7 @@ FROM position_adjustments WHERE account_id = %s ORDER BY id
 """
 _SNAPSHOT_BASELINES = """
 SELECT alpaca_order_id, baseline_qty FROM broker_orders
-WHERE account_id = %s AND baseline_qty > 0
+WHERE account_id = %s AND baseline_qty <> 0
 """
 
 # --- the broker's word (docs/design.md, section 9): rare, so one row per statement ----

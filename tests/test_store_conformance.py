@@ -23,7 +23,7 @@ from stream_supervisor import bounds, protocol
 from stream_supervisor.adjustments import BASELINE, RECONCILE, BrokerPosition, Difference
 from stream_supervisor.deadletters import list_dead_letters
 from stream_supervisor.errors import StoreDataError, StoreError
-from stream_supervisor.events import DeadLetter, Event, fill_key
+from stream_supervisor.events import DeadLetter, Event, broker_event_key, fill_key
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.orders import OrderState
 from stream_supervisor.pgstore import PgStore
@@ -768,6 +768,32 @@ async def test_a_fill_the_reconcile_already_took_moves_its_order_not_the_positio
     assert result.fills_applied == 1
     snap = await store.snapshot(acct)
     assert snap.net_position("XYZ") == 11 == _identity(snap, "XYZ")
+
+
+async def test_a_bust_the_reconcile_already_took_moves_its_order_not_the_position(
+        backend: Backend) -> None:
+    """Bought 10; the broker busted the fill (we never saw the bust) and the reconcile set
+    the symbol to the broker's 0. The bust reaching us later, stamped before the
+    reconcile's moment, undoes the fill on its order (baseline_qty below zero), not on the
+    position: no short of 10 appears."""
+    store = await backend.make()
+    acct = "acct-bust-taken"
+    await store.commit_batch(Batch(acct, [fill("b", "buy", "10", "10", "100", 1)]))
+    moment = T0 + timedelta(minutes=10)
+    diffs = [Difference("XYZ", Decimal(10), Decimal(0), None)]
+    [made] = await store.apply_broker_word(reconcile_word(acct, diffs, taken_at=moment,
+                                                          moment=moment))
+    assert (made.qty_before, made.qty_after) == (Decimal(10), Decimal(0))
+    at = T0 + timedelta(minutes=5)
+    bust = Event(key=broker_event_key("b-bust"), event="trade_bust", source="stream",
+                 order_id="b", symbol="XYZ", side="buy", status="filled",
+                 cum_qty=Decimal(0), timestamp=at, ts_ns=int(at.timestamp()) * 10**9,
+                 order_qty=Decimal(10), fill_qty=Decimal(-10), fill_price=Decimal(100))
+    result = await store.commit_batch(Batch(acct, [bust]))
+    assert result.fills_applied == 0
+    snap = await store.snapshot(acct)
+    assert snap.net_position("XYZ") == 0 == _identity(snap, "XYZ")
+    assert snap.orders["b"].filled_qty == 0 and snap.baseline_qty == {"b": Decimal(-10)}
 
 
 async def test_the_broker_word_is_kept_the_same_way(backend: Backend) -> None:
