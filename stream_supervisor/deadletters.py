@@ -26,10 +26,12 @@ import trio
 from . import pgconn
 from .errors import ConfigError, StoreError
 from .logs import get_logger
+from .nontrade import AssetBook
 from .pgstore import DEAD_LETTER_COLUMNS, PgStore, stored_dead_letter
 from .replay import REPLAYED, replay_with
 from .settings import Settings
 from .store import StoredDeadLetter
+from .wiring import http_rest
 
 log = get_logger("stream_supervisor.deadletters")
 
@@ -149,6 +151,15 @@ class ReplayReport:
         return self.outcome in REPLAYED
 
 
+async def _replay_here(store: PgStore, letter: StoredDeadLetter, settings: Settings) -> str:
+    """`replay_with` in this process; with the broker's credentials set, its asset
+    records spell a REST fill's crypto pair (`replay.spelled_letter`)."""
+    if not (settings.key_id and settings.secret_key):
+        return await replay_with(store, letter, settings, datetime.now(UTC))
+    async with http_rest(settings) as rest:
+        return await replay_with(store, letter, settings, datetime.now(UTC), AssetBook(rest))
+
+
 async def replay(settings: Settings, letter_id: int, *, wait: float = DEFAULT_REPLAY_WAIT,
                  poll: float = 0.2) -> ReplayReport:
     """Replay one dead letter under the account's writer lock, or have the running
@@ -163,7 +174,7 @@ async def replay(settings: Settings, letter_id: int, *, wait: float = DEFAULT_RE
         if await store.try_leadership(letter.account_id):
             # Nobody else writes this account now: replay here, under the lock.
             await trio.to_thread.run_sync(request_replay, settings, letter_id)
-            outcome = await replay_with(store, letter, settings, datetime.now(UTC))
+            outcome = await _replay_here(store, letter, settings)
             log.info("dead_letter_replayed", id=letter_id, outcome=outcome[:300], by="command")
             return ReplayReport(letter_id, "replayed", outcome)
     finally:

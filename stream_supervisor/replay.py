@@ -14,6 +14,7 @@ from typing import Final
 from .bounds import not_after_ns
 from .errors import StoreDataError
 from .events import DeadLetter, Event
+from .nontrade import AssetBook, looks_compact_crypto
 from .protocol import decode_stored
 from .settings import Settings
 from .store import (
@@ -46,11 +47,30 @@ def decode_letter(letter: StoredDeadLetter, settings: Settings,
                          not_after_ns=not_after_ns(now, settings.future_tolerance))
 
 
+async def spelled_letter(letter: StoredDeadLetter, decoded: Event | DeadLetter,
+                         assets: AssetBook | None) -> Event | DeadLetter:
+    """A REST fill's symbol as the stream and the store spell it (`AssetBook.spelled`: a
+    FILL activity names a crypto pair `BTCUSD`, positions `BTC/USD`), as backfill spells
+    it. One that may be a crypto pair, with no asset records to ask, is not guessed at:
+    it stays a dead letter, saying what would let it through."""
+    if letter.source != "rest" or not isinstance(decoded, Event) \
+            or not looks_compact_crypto(decoded.symbol):
+        return decoded
+    if assets is None:
+        return DeadLetter(f"{decoded.symbol} may be a crypto pair, which positions spell "
+                          "with a slash: replay it with APCA_API_KEY_ID and "
+                          "APCA_API_SECRET_KEY set (the broker's asset records say), or "
+                          "let the running service replay it", letter.payload, source="rest")
+    return (await assets.spelled([decoded]))[0]
+
+
 async def replay_with(store: Store, letter: StoredDeadLetter, settings: Settings,
-                      now: datetime) -> str:
+                      now: datetime, assets: AssetBook | None = None) -> str:
     """Replay one dead letter through `store.commit_batch` (the caller holds the writer
-    lock); returns the outcome recorded on its row."""
-    batch = replay_batch(letter, decode_letter(letter, settings, now))
+    lock); returns the outcome recorded on its row. `assets` spells a REST fill's symbol
+    (`spelled_letter`)."""
+    decoded = await spelled_letter(letter, decode_letter(letter, settings, now), assets)
+    batch = replay_batch(letter, decoded)
     try:
         result = await store.commit_batch(batch)
     except StoreDataError as exc:
@@ -64,4 +84,5 @@ async def replay_with(store: Store, letter: StoredDeadLetter, settings: Settings
     return REPLAY_STORED if mark.event_key in result.applied_keys else REPLAY_ALREADY_STORED
 
 
-__all__ = ["REPLAYED", "STILL_REFUSED", "decode_letter", "replay_batch", "replay_with"]
+__all__ = ["REPLAYED", "STILL_REFUSED", "decode_letter", "replay_batch", "replay_with",
+           "spelled_letter"]

@@ -454,6 +454,7 @@ class Supervisor(Drains):
         be finishing on its own meanwhile, and the dedupe table and the row locks keep
         both exactly once, as between two writers). A replayed update the LRU does not
         know is harmless: layer 1 drops a later copy."""
+        assets = AssetBook(self.deps.rest)  # a REST fill's crypto pair, spelled
         while not self.state.draining:
             await trio.sleep(REPLAY_POLL)
             try:
@@ -461,7 +462,7 @@ class Supervisor(Drains):
                     if self.state.draining:
                         return
                     outcome = await replay_with(store, letter, self.settings,
-                                                self.deps.wallclock())
+                                                self.deps.wallclock(), assets)
                     log.info("dead_letter_replayed", id=letter.id, outcome=outcome[:300],
                              by="service")
             except LostLeadership:

@@ -13,11 +13,13 @@ import trio
 
 from stream_supervisor.cli import run_cli
 from stream_supervisor.deadletters import replay
-from stream_supervisor.events import Event
+from stream_supervisor.events import DeadLetter, Event
+from stream_supervisor.nontrade import AssetBook
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import activity_json, decode_activities, decode_frame
-from stream_supervisor.replay import replay_with
+from stream_supervisor.replay import decode_letter, replay_with, spelled_letter
 from stream_supervisor.settings import Settings
+from stream_supervisor.store import StoredDeadLetter
 
 from .fixtures import RECORDING
 from .test_store_conformance import ACCOUNT
@@ -151,3 +153,37 @@ async def test_while_a_leader_holds_the_lock_the_command_asks_it(database_url: s
         assert await leader.pending_replays(ACCOUNT, 10) == []
     finally:
         await leader.aclose()
+
+
+class _Assets:
+    """The broker's asset records: BTCUSD is a crypto pair."""
+
+    async def asset(self, symbol: str) -> dict[str, Any] | None:
+        return {"class": "crypto"} if symbol == "BTCUSD" else {"class": "us_equity"}
+
+
+def _rest_letter(symbol: str) -> StoredDeadLetter:
+    activity = {"id": "20261130100000000::btc", "activity_type": "FILL", "type": "fill",
+                "order_id": "o-btc", "symbol": symbol, "side": "buy", "price": "50000",
+                "qty": "0.5", "cum_qty": "0.5", "transaction_time": "2026-11-30T15:00:00Z",
+                "order_status": "filled"}
+    return StoredDeadLetter(1, "acct", datetime(2026, 11, 30, tzinfo=UTC), "refused",
+                            json.dumps(activity).encode(), "rest")
+
+
+async def test_a_replayed_rest_fill_of_a_crypto_pair_is_spelled_as_positions_are() -> None:
+    """A FILL activity names the pair BTCUSD, positions BTC/USD: the replay spells it as
+    backfill does, or, with no asset records to ask, leaves it a dead letter that says
+    what would let it through. An equity needs no asking."""
+    settings = Settings()
+    now = datetime(2026, 11, 30, 16, tzinfo=UTC)
+    letter = _rest_letter("BTCUSD")
+    decoded = decode_letter(letter, settings, now)
+    assert isinstance(decoded, Event) and decoded.symbol == "BTCUSD"
+    spelled = await spelled_letter(letter, decoded, AssetBook(_Assets()))
+    assert isinstance(spelled, Event) and spelled.symbol == "BTC/USD"
+    unasked = await spelled_letter(letter, decoded, None)
+    assert isinstance(unasked, DeadLetter) and "APCA_API_KEY_ID" in unasked.reason
+    equity = _rest_letter("AAPL")
+    plain = decode_letter(equity, settings, now)
+    assert await spelled_letter(equity, plain, None) is plain
