@@ -933,6 +933,12 @@ class PgStore:
                                             ahead.side.limiter)
                     raise
             else:
+                if ahead is not None and ahead.batch is not batch:
+                    # Another caller's batch (a dead-letter replay) on the main connection:
+                    # one of its keys may be the claimed batch's, whose claim it would wait
+                    # for while that batch's finish waits for the main connection. The
+                    # claim is given up; the writer claims that batch again in its turn.
+                    await self.release_ahead()
                 result = await self._run(
                     lambda: self._guarded("commit_batch", lambda c: _commit(c, batch)))
         except Exception:

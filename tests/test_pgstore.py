@@ -568,3 +568,23 @@ async def test_a_batch_finishing_ahead_waits_for_the_reconcile_that_replaces_its
                              "WHERE status = 'open'")
     assert rows == [(Decimal(6), "reconcile")]
     await store.aclose()
+
+
+async def test_a_replay_on_the_main_connection_never_waits_for_a_claim_ahead(
+    database_url: str,
+) -> None:
+    """A dead-letter replay commits on the main connection, one of its keys claimed (not
+    committed) by the batch held ahead. Waiting for that claim would wait for that batch's
+    finish, which waits for the main connection: the claim is given up instead, and the
+    batch claims its keys itself when its commit comes."""
+    store, batch = await leader_with_a_claim(database_url, "ss-test-ahead-replay")
+    with trio.fail_after(5):  # well inside the 10 s statement timeout
+        replayed = await store.commit_batch(Batch(ACCOUNT, [STREAM[0]]))
+    assert replayed.applied_keys == {STREAM[0].key}
+    assert open_transactions(database_url, "ss-test-ahead-replay") == 0
+    with trio.fail_after(WAIT):
+        result = await store.commit_batch(batch)
+    assert result.applied_keys == {e.key for e in STREAM[1:30]}
+    await replay(store, STREAM[30:], 50)
+    assert full_mismatches(await store.snapshot(ACCOUNT)) == []
+    await store.aclose()
