@@ -10,7 +10,9 @@ broker's frames on a real socket.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,14 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from stream_supervisor.activities import WireNonTrade
+from stream_supervisor.metrics import Metrics
+from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireActivity, WireOrder, decode_activities
+from stream_supervisor.settings import Settings
+from stream_supervisor.state import SupervisorState
+from stream_supervisor.store import StoreSnapshot
+from stream_supervisor.supervisor import Supervisor
+from stream_supervisor.wiring import open_supervisor
 
 from ..fixtures import RECORDING
 
@@ -179,3 +188,27 @@ class FixtureRest:
         return None
     async def clock(self) -> dict[str, Any]:
         return {"is_open": False}
+
+
+@asynccontextmanager
+async def supervising(settings: Settings, rest: Any) -> AsyncIterator[Supervisor]:
+    """The real supervisor running on `settings`, `rest` as the broker's REST side;
+    drained on leaving."""
+    async with (
+        open_supervisor(settings, metrics=Metrics(), state=SupervisorState(), rest=rest,
+                        rng=random.Random(7), install_signal_handlers=False) as sup,
+        trio.open_nursery() as inner,
+    ):
+        inner.start_soon(sup.run)
+        yield sup
+        sup.request_drain("test")
+
+
+async def stored(database_url: str, account_id: str) -> StoreSnapshot:
+    """What the database holds for the account now, read by a store of its own."""
+    store = PgStore(database_url)
+    await store.open()
+    try:
+        return await store.snapshot(account_id)
+    finally:
+        await store.aclose()

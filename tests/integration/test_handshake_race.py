@@ -11,7 +11,6 @@ older than that was never read again.
 from __future__ import annotations
 
 import json
-import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,15 +19,11 @@ import trio
 
 from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.errors import BrokerUnavailable
-from stream_supervisor.metrics import Metrics
-from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireActivity
 from stream_supervisor.recovery import EASTERN
 from stream_supervisor.settings import Settings
-from stream_supervisor.state import SupervisorState
-from stream_supervisor.wiring import open_supervisor
 
-from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script
+from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script, stored, supervising
 
 ACCOUNT = "acct-listen-race"
 
@@ -74,12 +69,7 @@ class RefusedOnce(FixtureRest):
 
 
 async def _net(database_url: str) -> dict[str, Decimal]:
-    store = PgStore(database_url)
-    await store.open()
-    try:
-        snap = await store.snapshot(ACCOUNT)
-    finally:
-        await store.aclose()
+    snap = await stored(database_url, ACCOUNT)
     return {p.symbol: p.qty for p in snap.positions if p.is_open}
 
 
@@ -100,19 +90,12 @@ async def test_a_fill_racing_listening_waits_for_the_backfill(database_url: str)
             first_start_lookback=3600.0, drain_timeout=5.0, baseline=False,
             backoff=BackoffPolicy(initial=0.2, cap=0.5))
         with trio.fail_after(60):
-            async with (
-                open_supervisor(settings, metrics=Metrics(), state=SupervisorState(),
-                                rest=rest, rng=random.Random(7),
-                                install_signal_handlers=False) as sup,
-                trio.open_nursery() as inner,
-            ):
-                inner.start_soon(sup.run)
+            async with supervising(settings, rest) as sup:
                 # Two connections (the first one's recovery refused), then caught up.
                 with trio.move_on_after(20):
                     while not (server.connections >= 2 and sup.state.caught_up
                                and len(held := await _net(database_url)) == 2):
                         await trio.sleep(0.1)
-                sup.request_drain("test")
         nursery.cancel_scope.cancel()
     assert server.connections >= 2 and rest.refusals == 0
     assert held == {"AAPL": Decimal(5), "MSFT": Decimal(3)}

@@ -18,7 +18,7 @@ from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
-from stream_supervisor.store import Batch, BatchResult
+from stream_supervisor.store import Batch, BatchResult, StoreSnapshot
 from stream_supervisor.supervisor import EXIT_CONFIG, EXIT_OK, Supervisor
 from stream_supervisor.testing.verify import verify_against_truth
 from stream_supervisor.wiring import open_supervisor
@@ -32,6 +32,7 @@ from .replay import (
     fixture_activities,
     fixture_frames,
     fixture_truth,
+    stored,
 )
 
 TRUTH = fixture_truth()
@@ -83,13 +84,8 @@ async def _run_until(
     return sup
 
 
-async def _snapshot(database_url: str) -> Any:
-    store = PgStore(database_url)
-    await store.open()
-    try:
-        return await store.snapshot(ACCOUNT)
-    finally:
-        await store.aclose()
+async def _snapshot(database_url: str) -> StoreSnapshot:
+    return await stored(database_url, ACCOUNT)
 
 
 def _committed_at_least(n: int) -> Callable[[Supervisor], Awaitable[bool]]:

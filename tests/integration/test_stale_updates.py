@@ -11,7 +11,6 @@ Chaos seed 60 of tests/chaos/test_broker_faults.py met this at random.
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,15 +18,11 @@ from typing import Any
 
 import trio
 
-from stream_supervisor.metrics import Metrics
-from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireOrder, decode_order
 from stream_supervisor.settings import Settings
-from stream_supervisor.state import SupervisorState
 from stream_supervisor.supervisor import Supervisor
-from stream_supervisor.wiring import open_supervisor
 
-from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script
+from .replay import KEY_ID, SECRET_KEY, FixtureRest, ReplayServer, Script, stored, supervising
 
 ACCOUNT = "acct-stale-replay"
 ORDER_ID = "7d1c2b3a-0000-4000-8000-00000000c001"
@@ -79,13 +74,7 @@ class CanceledAtBroker(FixtureRest):
 
 
 async def _stored_status(database_url: str) -> str | None:
-    store = PgStore(database_url)
-    await store.open()
-    try:
-        snap = await store.snapshot(ACCOUNT)
-    finally:
-        await store.aclose()
-    found = snap.orders.get(ORDER_ID)
+    found = (await stored(database_url, ACCOUNT)).orders.get(ORDER_ID)
     return None if found is None else found.status
 
 
@@ -105,43 +94,25 @@ async def _running(server: ReplayServer, rest: FixtureRest,
     """The server and the supervisor running; drained and stopped on leaving."""
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        async with (
-            open_supervisor(_settings(server, database_url), metrics=Metrics(),
-                            state=SupervisorState(), rest=rest, rng=random.Random(7),
-                            install_signal_handlers=False) as sup,
-            trio.open_nursery() as inner,
-        ):
-            inner.start_soon(sup.run)
+        async with supervising(_settings(server, database_url), rest) as sup:
             yield sup
-            sup.request_drain("test")
         nursery.cancel_scope.cancel()
 
 
 async def test_a_replayed_update_after_the_refresh_is_read_again(database_url: str) -> None:
     server = ReplayServer(Script([_replayed_pending_cancel()]))
     rest = CanceledAtBroker()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        settings = _settings(server, database_url)
-        statuses: list[str | None] = []
-        with trio.fail_after(30):
-            async with (
-                open_supervisor(settings, metrics=Metrics(), state=SupervisorState(),
-                                rest=rest, rng=random.Random(7),
-                                install_signal_handlers=False) as sup,
-                trio.open_nursery() as inner,
-            ):
-                inner.start_soon(sup.run)
-                # The replay is stored; nothing more comes on the stream.
-                while not (server.done.is_set() and sup.state.caught_up
-                           and sup.state.committed_events >= 1):
-                    await trio.sleep(0.05)
-                with trio.move_on_after(10):
-                    while (status := await _stored_status(database_url)) != "canceled":
-                        statuses.append(status)
-                        await trio.sleep(0.1)
-                sup.request_drain("test")
-        nursery.cancel_scope.cancel()
+    statuses: list[str | None] = []
+    with trio.fail_after(30):
+        async with _running(server, rest, database_url) as sup:
+            # The replay is stored; nothing more comes on the stream.
+            while not (server.done.is_set() and sup.state.caught_up
+                       and sup.state.committed_events >= 1):
+                await trio.sleep(0.05)
+            with trio.move_on_after(10):
+                while (status := await _stored_status(database_url)) != "canceled":
+                    statuses.append(status)
+                    await trio.sleep(0.1)
     assert await _stored_status(database_url) == "canceled", statuses
     assert rest.order_reads >= 1
 
