@@ -359,10 +359,11 @@ class EventsSupervisor(Drains):
             self.metrics.leader.set(1)
             log.info("leader_elected", stream=s.stream)
             position = await store.load_stream_position(s.stream)
-            if self._cache is None:
-                self._cache = KeyCache(s.lru_size)
-            else:
-                self._cache.forget_in_flight()
+            # A cache of its own each life of the pipeline, empty: what a lost primary had
+            # committed (a failover that lost acknowledged commits) is read again from the
+            # stream position the new one holds, and a cache remembering it would drop it
+            # for a duplicate. The dedupe table drops what is stored.
+            self._cache = KeyCache(s.lru_size)
             log.info("pipeline_starting", stream=s.stream, position=position)
             send_events, recv_events = trio.open_memory_channel[Item](s.channel_size)
             send_new, recv_new = trio.open_memory_channel[Item](s.channel_size)

@@ -1,0 +1,103 @@
+"""The Broker API's events stream after a database failover that lost acknowledged
+commits (docs/design.md, sections 8 and 11): the events the new primary never had are
+read again from its stream position, and must not be taken for duplicates by a dedupe
+cache that remembers the lost primary's commits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from stream_supervisor.broker_events import EventsSettings, EventsSupervisor
+from stream_supervisor.errors import LostLeadership
+from stream_supervisor.eventstream import SseMessage
+from stream_supervisor.store import Batch, BatchResult
+from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
+
+from .fixtures import RECORDING
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _ulid(ms: int, rnd: int) -> str:
+    value = (ms << 80) | rnd
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in range(25, -1, -1))
+
+
+def _fill_data() -> dict[str, Any]:
+    lines = (RECORDING / "trade_updates.jsonl").read_bytes().splitlines()[2:]
+    data: dict[str, Any] = json.loads(next(x for x in lines if b'"event":"fill"' in x))["data"]
+    return data
+
+
+def _event(n: int, account: str, template: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(template)
+    data["execution_id"] = f"exec-{n}"
+    data["order"]["id"] = f"order-{n}"
+    data["order"]["client_order_id"] = f"c-{n}"
+    data["account_id"] = account
+    data["event_id"] = _ulid(int(time.time() * 1000) + n, random.getrandbits(80))
+    return data
+
+
+async def _until(ready: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not ready():
+            await trio.sleep(0.02)
+
+
+async def test_events_a_failover_lost_are_read_again_and_committed() -> None:
+    template = _fill_data()
+    published: list[dict[str, Any]] = []
+
+    @asynccontextmanager
+    async def connector(since_id: str | None) -> AsyncIterator[AsyncIterator[SseMessage]]:
+        async def items() -> AsyncIterator[SseMessage]:
+            sent = 0
+            while True:
+                while sent < len(published):
+                    event = published[sent]
+                    sent += 1
+                    if since_id is None or event["event_id"] > since_id:
+                        yield SseMessage(json.dumps(event).encode(), event["event_id"])
+                await trio.sleep(0.02)
+        yield items()
+
+    primary = [MemoryDatabase()]
+    fail_next = [False]
+
+    class FailingOver(MemoryStore):
+        async def commit_batch(self, batch: Batch) -> BatchResult:
+            if fail_next[0]:
+                fail_next[0] = False
+                raise LostLeadership("the writer lock's connection died (a failover)")
+            return await super().commit_batch(batch)
+
+    def keys(db: MemoryDatabase) -> set[str]:
+        return {k for account in db.accounts.values() for k in account.keys}
+
+    sup = EventsSupervisor(EventsSettings(stream="partner", heartbeat_timeout=60), connector,
+                           lambda: FailingOver(primary[0]), install_signal_handlers=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup.run)
+        published.append(_event(1, "A", template))
+        await _until(lambda: primary[0].stream_positions.get("partner")
+                     == published[0]["event_id"])
+        standby = copy.deepcopy(primary[0])  # what the standby had when the primary died
+        published.extend([_event(2, "A", template), _event(3, "B", template)])
+        await _until(lambda: primary[0].stream_positions.get("partner")
+                     == published[2]["event_id"])
+        primary[0] = standby
+        fail_next[0] = True
+        published.append(_event(4, "B", template))
+        await _until(lambda: standby.stream_positions.get("partner")
+                     == published[3]["event_id"])
+        sup.request_drain("test")
+    assert {f"event:{e['event_id']}" for e in published} <= keys(standby)
