@@ -101,11 +101,18 @@ MIN_IDLE_IN_TRANSACTION_MS: Final = 60_000
 
 # --- SQL -------------------------------------------------------------------------------
 
+#: The server's side of TCP keepalives too (the client's are `pgconn.KEEPALIVE_DEFAULTS`):
+#: a leader whose host froze or fell off the network holds the writer lock only until
+#: the server gives up on its idle session, ~25 s, not the 2 hours of the usual kernel
+#: defaults (docs/design.md, section 7). Ignored on a Unix socket.
 _SESSION = """
 SELECT set_config('statement_timeout', %s, false),
        set_config('idle_in_transaction_session_timeout', %s, false),
        set_config('TimeZone', 'UTC', false),
-       set_config('plan_cache_mode', 'force_custom_plan', false)
+       set_config('plan_cache_mode', 'force_custom_plan', false),
+       set_config('tcp_keepalives_idle', '10', false),
+       set_config('tcp_keepalives_interval', '5', false),
+       set_config('tcp_keepalives_count', '3', false)
 """
 
 _SCHEMA_CHECK = """

@@ -588,3 +588,26 @@ async def test_a_replay_on_the_main_connection_never_waits_for_a_claim_ahead(
     await replay(store, STREAM[30:], 50)
     assert full_mismatches(await store.snapshot(ACCOUNT)) == []
     await store.aclose()
+
+
+async def test_the_server_gives_up_on_a_vanished_leader_within_seconds(
+    database_url: str,
+) -> None:
+    """Each store session sets the server's TCP keepalives: a leader whose host froze
+    holds the writer lock for about 25 s, not the kernel's two hours. (A Unix socket has
+    no keepalives: the server reads them as 0 there.)"""
+    store = await opened(database_url)
+
+    def keepalives(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+        row = conn.execute("SELECT current_setting('tcp_keepalives_idle'), "
+                           "current_setting('tcp_keepalives_interval'), "
+                           "current_setting('tcp_keepalives_count'), "
+                           "inet_server_addr() IS NULL").fetchone()
+        assert row is not None
+        return tuple(row)
+
+    with trio.fail_after(WAIT):
+        idle, interval, count, unix_socket = await store._run(
+            lambda: store._guarded("keepalives", keepalives))
+    assert (idle, interval, count) == (("0", "0", "0") if unix_socket else ("10", "5", "3"))
+    await store.aclose()
