@@ -34,7 +34,7 @@ from .eventstream import EventStreamConnector, SseComment
 from .logs import get_logger
 from .messages import Ack, Item
 from .metrics import Metrics
-from .protocol import decode_broker_event
+from .protocol import decode_broker_event, ulid_ms
 from .settings import Settings
 from .state import SupervisorState
 from .store import Batch, Store, StreamPosition
@@ -56,10 +56,7 @@ def resume_id(event_id: str | None, overlap_ms: int) -> str | None:
     before `event_id`'s (None: the whole history)."""
     if event_id is None:
         return None
-    value = 0
-    for ch in event_id.upper():
-        value = value * 32 + _CROCKFORD.index(ch)
-    ms = max(0, (value >> 80) - overlap_ms)
+    ms = max(0, ulid_ms(event_id) - overlap_ms)
     start = ms << 80
     return "".join(_CROCKFORD[(start >> (5 * i)) & 31] for i in range(25, -1, -1))
 

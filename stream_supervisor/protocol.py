@@ -10,6 +10,7 @@ passed in (`not_after_ns`), by actors that get the time from their injected cloc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -675,6 +676,20 @@ class _BrokerEventIds(msgspec.Struct, gc=False):
 _broker_ids_decoder = msgspec.json.Decoder(_BrokerEventIds)
 
 
+#: A ULID (the events stream's `event_id`): 26 Crockford base-32 characters, any case,
+#: the first ten its millisecond since the epoch.
+_ULID: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}\Z")
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid_ms(event_id: str) -> int:
+    """The millisecond a ULID was minted (`event_id` is one: `_ULID`)."""
+    value = 0
+    for ch in event_id[:10].upper():
+        value = value * 32 + _CROCKFORD.index(ch)
+    return value
+
+
 def decode_broker_event(
     data: bytes,
     *,
@@ -693,6 +708,17 @@ def decode_broker_event(
     if len(ids.account_id) > MAX_ID_CHARS or len(ids.event_id) > MAX_ID_CHARS:
         return None, DeadLetter("out of bounds: account_id or event_id over "
                                 f"{MAX_ID_CHARS} characters", data, received_at=received_at)
+    # The event id is the stream's resume cursor (only ever moved forward): one that is no
+    # ULID could not be resumed from, and one minted in the future would skip every event
+    # after it on the next connection.
+    if _ULID.match(ids.event_id) is None:
+        return ids.account_id, DeadLetter(
+            f"invalid event_id {ids.event_id[:40]!r}: not a ULID", data,
+            received_at=received_at)
+    if not_after_ns is not None and ulid_ms(ids.event_id) * 1_000_000 > not_after_ns:
+        return ids.account_id, DeadLetter(
+            f"out of bounds: event_id {ids.event_id} minted in the future", data,
+            received_at=received_at)
     frame = decode_frame(b'{"stream":"trade_updates","data":' + data + b"}",
                          received_at=received_at, max_bytes=max_bytes + 34,
                          not_after_ns=not_after_ns)

@@ -1,7 +1,8 @@
-"""The Broker API's events stream after a database failover that lost acknowledged
-commits (docs/design.md, sections 8 and 11): the events the new primary never had are
-read again from its stream position, and must not be taken for duplicates by a dedupe
-cache that remembers the lost primary's commits."""
+"""The Broker API's events stream (docs/design.md, section 11): after a database failover
+that lost acknowledged commits, the events the new primary never had are read again from
+its stream position, and must not be taken for duplicates by a dedupe cache that
+remembers the lost primary's commits; and an event id the resume cursor could not be
+moved to is refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import trio
 
 from stream_supervisor.broker_events import EventsSettings, EventsSupervisor
 from stream_supervisor.errors import LostLeadership
+from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.eventstream import SseMessage
+from stream_supervisor.protocol import decode_broker_event
 from stream_supervisor.store import Batch, BatchResult
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
 
@@ -101,3 +104,25 @@ async def test_events_a_failover_lost_are_read_again_and_committed() -> None:
                      == published[3]["event_id"])
         sup.request_drain("test")
     assert {f"event:{e['event_id']}" for e in published} <= keys(standby)
+
+
+def test_an_event_id_that_is_no_ulid_or_minted_in_the_future_is_a_dead_letter() -> None:
+    """The event id is the stream's resume cursor, which only moves forward: one that is
+    no ULID could not be resumed from, and one minted an hour ahead would skip every event
+    after it on the next connection. Both are dead letters of their account."""
+    template = _fill_data()
+    now_ms = int(time.time() * 1000)
+    not_after = (now_ms + 120_000) * 1_000_000
+
+    def decoded(event_id: str) -> tuple[str | None, Event | DeadLetter]:
+        event = {**_event(1, "A", template), "event_id": event_id}
+        return decode_broker_event(json.dumps(event).encode(), not_after_ns=not_after)
+
+    fine = _ulid(now_ms, 7)
+    assert isinstance(decoded(fine)[1], Event)
+    assert isinstance(decoded(fine.lower())[1], Event)
+    for bad, why in [("not-a-ulid-at-all-0123456U", "not a ULID"),
+                     (fine[:-1], "not a ULID"),
+                     (_ulid(now_ms + 3_600_000, 7), "minted in the future")]:
+        account, letter = decoded(bad)
+        assert account == "A" and isinstance(letter, DeadLetter) and why in letter.reason
