@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -44,16 +44,16 @@ _RETRY: Final = BackoffPolicy(initial=0.5, factor=2.0, cap=5.0)
 
 _REGISTER = """
 INSERT INTO stream_supervisor_replicas
-    (replica_id, host, pid, backend_pid, backend_start, accounts)
-SELECT %s, %s, %s, pg_backend_pid(), a.backend_start, %s
+    (replica_id, host, pid, backend_pid, backend_start, accounts, account_names)
+SELECT %s, %s, %s, pg_backend_pid(), a.backend_start, %s, %s
   FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
 ON CONFLICT (replica_id) DO UPDATE
    SET backend_pid = EXCLUDED.backend_pid, backend_start = EXCLUDED.backend_start,
-       heartbeat_at = now()
+       account_names = EXCLUDED.account_names, heartbeat_at = now()
 """
 _HEARTBEAT = "UPDATE stream_supervisor_replicas SET heartbeat_at = now() WHERE replica_id = %s"
 _LIVE = """
-SELECT r.replica_id FROM stream_supervisor_replicas r
+SELECT r.replica_id, r.account_names FROM stream_supervisor_replicas r
  WHERE r.heartbeat_at > now() - make_interval(secs => %s)
    AND EXISTS (SELECT 1 FROM pg_stat_activity a
                 WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start)
@@ -74,11 +74,17 @@ def _weight(replica: str, account: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def assign(accounts: Iterable[str], replicas: Sequence[str]) -> dict[str, str]:
+def assign(accounts: Iterable[str], replicas: Sequence[str],
+           serving: Mapping[str, Collection[str] | None] | None = None) -> dict[str, str]:
     """Account name -> the replica that should lead it. Pure and deterministic: every
     replica that sees the same live set computes the same answer. Rendezvous hashing
     (each account prefers the replicas in the order of a hash of both names) with a cap
-    of ceil(M/N) accounts per replica, accounts taken in a fixed order."""
+    of ceil(M/N) accounts per replica, accounts taken in a fixed order.
+
+    `serving`: the accounts each replica serves (None, or a replica missing: all of them).
+    An account goes only to a replica that serves it, past the cap if every one that does
+    is full: one unit per account (`stream-supervisor@NAME`), or replicas whose accounts
+    files differ for a rolling deploy, leave no account without a leader."""
     names = sorted(set(accounts), key=lambda a: (hashlib.blake2b(a.encode(),
                                                                  digest_size=8).digest(), a))
     live = sorted(set(replicas))
@@ -86,13 +92,16 @@ def assign(accounts: Iterable[str], replicas: Sequence[str]) -> dict[str, str]:
         return {}
     cap = math.ceil(len(names) / len(live))
     load = dict.fromkeys(live, 0)
+    lists = {r: None if serving is None or serving.get(r) is None
+             else frozenset(serving[r] or ()) for r in live}
     out: dict[str, str] = {}
     for account in names:
-        for replica in sorted(live, key=lambda r: (-_weight(r, account), r)):
-            if load[replica] < cap:
-                load[replica] += 1
-                out[account] = replica
-                break
+        able = [r for r in live if (listed := lists[r]) is None or account in listed]
+        ranked = sorted(able, key=lambda r: (-_weight(r, account), r))
+        chosen = next((r for r in ranked if load[r] < cap), ranked[0] if ranked else None)
+        if chosen is not None:
+            load[chosen] += 1
+            out[account] = chosen
     return out
 
 
@@ -113,6 +122,7 @@ class ReplicaSet:
         self.poll = poll
         self.stale_after = stale_after
         self.live: tuple[str, ...] = ()
+        self._serving: dict[str, tuple[str, ...] | None] = {}
         self.assignment: dict[str, str] = {}
         self.leading: set[str] = set()
         self._changed = trio.Event()
@@ -157,13 +167,17 @@ class ReplicaSet:
 
     # --- internals
 
-    def _update(self, live: Sequence[str]) -> None:
-        live_t = tuple(live)
-        if live_t == self.live and self.assignment:
+    def _update(self, live: Sequence[tuple[str, tuple[str, ...] | None]]) -> None:
+        serving = dict(live)
+        live_t = tuple(serving)
+        if live_t == self.live and serving == self._serving and self.assignment:
             return
         before = {a for a, r in self.assignment.items() if r == self.replica_id}
         self.live = live_t
-        self.assignment = assign(self.accounts, live_t)
+        self._serving = serving
+        # Every live replica's accounts, so that all of them compute the same assignment.
+        names = {a for listed in serving.values() if listed is not None for a in listed}
+        self.assignment = assign(names | set(self.accounts), live_t, serving)
         mine = {a for a, r in self.assignment.items() if r == self.replica_id}
         log.info("replicas_changed", replicas=len(live_t), replica_id=self.replica_id,
                  share=len(mine), gained=len(mine - before), given_up=len(before - mine))
@@ -177,7 +191,8 @@ class ReplicaSet:
                     self._conn = pgconn.connect(self.database_url, autocommit=True,
                                                 application_name=APPLICATION_NAME)
                     self._conn.execute(_REGISTER, [self.replica_id, socket.gethostname(),
-                                                   os.getpid(), len(self.accounts)])
+                                                   os.getpid(), len(self.accounts),
+                                                   sorted(self.accounts)])
                 return fn(self._conn)
             except psycopg.Error as exc:
                 self._drop()
@@ -185,16 +200,19 @@ class ReplicaSet:
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
-    def _refresh(self, conn: psycopg.Connection[Any]) -> list[str]:
+    def _refresh(self, conn: psycopg.Connection[Any]
+                 ) -> list[tuple[str, tuple[str, ...] | None]]:
+        """The live replicas, each with the accounts it serves (None: a replica from
+        before the registry said, taken to serve them all)."""
         conn.execute(_HEARTBEAT, [self.replica_id])
         conn.execute(_FORGET, [FORGET_AFTER, self.stale_after])
         rows = conn.execute(_LIVE, [self.stale_after]).fetchall()
-        live = [str(r[0]) for r in rows]
-        if self.replica_id not in live:
+        live = [(str(r[0]), None if r[1] is None else tuple(r[1])) for r in rows]
+        if self.replica_id not in {r for r, _ in live}:
             # Our row was forgotten (a long pause); register again.
             conn.execute(_REGISTER, [self.replica_id, socket.gethostname(), os.getpid(),
-                                     len(self.accounts)])
-            live = sorted([*live, self.replica_id])
+                                     len(self.accounts), sorted(self.accounts)])
+            live = sorted([*live, (self.replica_id, tuple(sorted(self.accounts)))])
         return live
 
     def _leave(self, conn: psycopg.Connection[Any]) -> None:

@@ -85,8 +85,9 @@ TABLES: Final = (
 #: class and parent, and `account_activities` holds the non-trade activities (0006);
 #: `baseline_moments` decides which activities a baseline already holds, and
 #: `position_changes` records what each activity did (0007); a reconcile's moment says
-#: which later fills it already holds (`baseline_moments.reconciled_at`, 0008).
-REQUIRED_MIGRATION: Final = "0008_reconcile_moments"
+#: which later fills it already holds (`baseline_moments.reconciled_at`, 0008, which also
+#: lets replicas say which accounts they serve).
+REQUIRED_MIGRATION: Final = "0008_reconcile_and_replicas"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays or one JSON document, not per-row SQL), so each is parsed once
 #: per session. They are still planned per execution (`plan_cache_mode` in `_SESSION`): a

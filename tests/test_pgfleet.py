@@ -71,3 +71,43 @@ async def test_replicas_see_each_other_and_a_dead_one_drops_out(database_url: st
                 await trio.sleep(0.05)
             assert one.live == ("r1",) and all(one.owns(a) for a in names)
             nursery.cancel_scope.cancel()
+
+
+def test_an_account_goes_only_to_a_replica_that_serves_it() -> None:
+    """One unit per account (`stream-supervisor@NAME`), or accounts files that differ for
+    a rolling deploy: each account is led by a replica that serves it, and by one only,
+    even past the load cap; a replica from before the registry said is taken to serve
+    them all."""
+    serving: dict[str, list[str] | None] = {
+        "unit-momentum": ["momentum"], "unit-hedge": ["hedge"], "unit-arb": ["arb"]}
+    out = assign(["momentum", "hedge", "arb"], list(serving), serving)
+    assert out == {"momentum": "unit-momentum", "hedge": "unit-hedge", "arb": "unit-arb"}
+    # Two hosts running the momentum unit, one the hedge unit: momentum on one of the two.
+    serving = {"a-momentum": ["momentum"], "b-momentum": ["momentum"],
+               "a-hedge": ["hedge"]}
+    out = assign(["momentum", "hedge"], list(serving), serving)
+    assert out["hedge"] == "a-hedge" and out["momentum"] in ("a-momentum", "b-momentum")
+    # A new file (with "arb") on one replica, the old one on the other: arb goes to the
+    # new one whatever the hash prefers, the rest share out.
+    serving = {"new": ["momentum", "hedge", "arb"], "old": None}
+    out = assign(["momentum", "hedge", "arb"], list(serving), serving)
+    assert set(out) == {"momentum", "hedge", "arb"}
+    serving = {"new": ["momentum", "hedge", "arb"], "old": ["momentum", "hedge"]}
+    assert assign(["momentum", "hedge", "arb"], list(serving), serving)["arb"] == "new"
+
+
+async def test_units_of_one_account_each_lead_their_own(database_url: str) -> None:
+    """Per-account units register in one table: each leads its own account, none waits in
+    standby for one another unit was assigned (an account led by nobody, silently)."""
+    momentum = ReplicaSet(database_url, ["momentum"], replica_id="unit-momentum", poll=0.05)
+    hedge = ReplicaSet(database_url, ["hedge"], replica_id="unit-hedge", poll=0.05)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(momentum.run)
+            await nursery.start(hedge.run)
+            while momentum.live != ("unit-hedge", "unit-momentum") \
+                    or hedge.live != ("unit-hedge", "unit-momentum"):
+                await trio.sleep(0.05)
+            assert momentum.owns("momentum") and hedge.owns("hedge")
+            assert not momentum.owns("hedge") and not hedge.owns("momentum")
+            nursery.cancel_scope.cancel()

@@ -1,5 +1,5 @@
 -- stream-supervisor schema, version 8: the moment a reconcile took a symbol's quantity
--- (docs/design.md, section 9).
+-- (docs/design.md, section 9), and the accounts each replica serves (section 11).
 --
 -- A reconcile sets a symbol to the broker's quantity, which holds every fill the broker
 -- executed before its positions read, including one that never reached us (a dead letter,
@@ -26,3 +26,11 @@ COMMENT ON COLUMN account_activities.outcome IS
 ALTER TABLE broker_orders DROP CONSTRAINT broker_orders_baseline_not_negative;
 COMMENT ON COLUMN broker_orders.baseline_qty IS
     'Part of filled_qty whose effect on positions came through the broker''s word, not through our fills: what a baseline found filled (its high-water mark then), plus fills and revisions that reached us only after the reconcile that adjusted their symbol (negative where such a bust undid fills we had applied). Those are in an adjustment, not counted again.';
+
+-- Replicas whose accounts differ (a unit per account, stream-supervisor@NAME, or a rolling
+-- deploy of a changed accounts file): each says which accounts it serves, and an account
+-- is assigned only to a replica that serves it (docs/design.md, section 11). NULL: a
+-- replica from before, taken to serve every account.
+ALTER TABLE stream_supervisor_replicas ADD COLUMN account_names text[];
+COMMENT ON COLUMN stream_supervisor_replicas.account_names IS
+    'The names of the accounts this replica serves (its accounts file, or the one account of a per-account unit): accounts are assigned only among the live replicas that serve them. NULL: a replica from before this column, taken to serve every account.';
