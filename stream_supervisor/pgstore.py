@@ -35,6 +35,7 @@ from .adjustments import (
     plan_adjustments,
 )
 from .errors import (
+    ConfigError,
     LostLeadership,
     SchemaNotMigrated,
     StoreDataError,
@@ -825,11 +826,24 @@ class PgStore:
 
     async def try_leadership(self, account_id: str) -> bool:
         def attempt(conn: psycopg.Connection[Any]) -> bool:
-            row = conn.execute(_TRY_LEADER_LOCK, [LEADER_LOCK_PREFIX + account_id]).fetchone()
+            lock = LEADER_LOCK_PREFIX + account_id
+            row = conn.execute(_TRY_LEADER_LOCK, [lock]).fetchone()
             held = bool(row and row[0])
             if held:
                 me = conn.execute(_BACKEND_IDENTITY).fetchone()
                 self._leader_backend = (int(me[0]), me[1]) if me is not None else None
+                mine = conn.execute(_LEADER_HELD, {"pid": me[0], "started": me[1],
+                                                   "lock": lock}).fetchone() if me else None
+                if not _held(mine):
+                    # The lock was taken by another server session than the statement
+                    # after it ran on: a pooler handing out sessions per transaction.
+                    conn.execute(_RELEASE_LEADER_LOCKS)
+                    raise ConfigError(
+                        f"the writer lock of account {account_id} and the statement after "
+                        "it ran on different server sessions: a connection pooler in "
+                        "transaction or statement mode cannot keep a session's advisory "
+                        "lock (docs/design.md, section 7); connect directly, or through a "
+                        "pooler in session mode")
             return held
 
         held = await self._run(lambda: self._guarded("leader lock", attempt))

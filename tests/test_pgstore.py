@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import trio
 
+from stream_supervisor import pgstore
 from stream_supervisor.adjustments import RECONCILE, BrokerPosition
 from stream_supervisor.errors import (
     ConfigError,
@@ -611,3 +612,27 @@ async def test_the_server_gives_up_on_a_vanished_leader_within_seconds(
             lambda: store._guarded("keepalives", keepalives))
     assert (idle, interval, count) == (("0", "0", "0") if unix_socket else ("10", "5", "3"))
     await store.aclose()
+
+
+async def test_a_pooler_that_moves_statements_between_sessions_is_a_config_error(
+    database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a pooler in transaction mode, the statement after the lock may run on
+    another server session than the one holding it (which fencing cannot survive). The
+    store asks, right after taking the lock, which session it is on: here a query that
+    answers with another live session stands for the pooler's hand-over."""
+    other = await opened(database_url, application_name="ss-test-pooler-other")
+    await other.open()  # a second live session for the hand-over to land on
+    monkeypatch.setattr(pgstore, "_BACKEND_IDENTITY", """
+        SELECT pid, backend_start FROM pg_stat_activity
+        WHERE application_name = 'ss-test-pooler-other' AND pid <> pg_backend_pid()
+        LIMIT 1""")
+    store = await opened(database_url)
+    with trio.fail_after(WAIT), pytest.raises(ConfigError, match="session mode"):
+        await store.try_leadership(ACCOUNT)
+    monkeypatch.undo()
+    # Nothing kept the lock: a store on a direct connection leads.
+    rival = await opened(database_url)
+    assert await rival.try_leadership(ACCOUNT)
+    for s in (store, rival, other):
+        await s.aclose()
