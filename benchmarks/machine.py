@@ -10,9 +10,10 @@ machine says so (issue 18: figures people can trust).
 - `uptime()`: the line `uptime` prints, recorded with every figure.
 - `host_loop_ms`: how fast this host runs Python right now, before each repetition. A
   virtual machine's load average says nothing of its neighbours on the host: on idle
-  machines of this kind (load average under 1) ten times this loop took 0.52 s on one
-  day and 1.19 s on the next, and the pipeline figure moved with it (35,416 against
-  26,000-odd updates/s). Figures from runs far apart in it are not comparable.
+  machines of this kind (load average under 1) one and the same loop of ten million
+  additions took 0.52 s on one day and 1.19 s on the next, and the pipeline figure
+  moved with it (35,416 against 21,000-26,000 updates/s). Figures from runs far apart
+  in it are not comparable.
 - `pg_activity`: checkpoints and WAL flushes of the server, before and after a scenario.
 """
 
