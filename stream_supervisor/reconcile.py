@@ -54,7 +54,8 @@ def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
 
 #: Why a reconcile left a symbol it found different (`adjustments.plan_adjustments`).
 DEFERRED: Final = ("an order of it is still working (its next update brings what we "
-                   "missed), or a fill moved it since it was compared: run again later")
+                   "missed), or a fill moved it since it was compared: run again later, or "
+                   "`stream-supervisor rebaseline`, which takes the broker's orders too")
 
 
 async def apply_differences(
