@@ -15,6 +15,7 @@ from .activities import APPLIED, ActivityRecord
 from .adjustments import (
     REBASELINE,
     Adjustment,
+    BrokerPosition,
     Difference,
     broker_clock_reading,
     broker_position,
@@ -101,12 +102,11 @@ async def reconcile_account(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> int:
     """Compare (and with `apply`, adjust) one account; with `apply` the caller holds its
-    writer lock. The broker's clock is read before its positions: the moment each
-    adjusted symbol records (section 10)."""
-    try:
-        moment = broker_clock_reading(await rest.clock())
-    except BrokerUnavailable:
-        moment = None
+    writer lock. To apply, the broker's clock and then its positions are read again, and
+    only a symbol the broker held alike in both positions reads is adjusted, its moment
+    that clock (sections 9 and 10): no fill came between the reads, so every fill stamped
+    up to the clock is in the quantity taken and every later one is not (the scheduled
+    reconcile's two runs do the same)."""
     broker = [broker_position(p) for p in await rest.positions()]
     taken_at = now()
     snapshot = await store.snapshot(account_id)
@@ -119,12 +119,21 @@ async def reconcile_account(
         log.warning("reconcile_unapplied_activity", detail=line)
         print(line)
     print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
-    if apply and diffs and moment is None:
-        print("reconcile: nothing applied: the broker's clock (GET /v2/clock) gave no time, "
-              "and its moment decides which fills reaching us later an adjustment holds; "
-              "run it again")
-        return 1
     if apply and diffs:
+        moment, again = await _clock_and_positions(rest)
+        if moment is None:
+            print("reconcile: nothing applied: the broker's clock (GET /v2/clock) gave no "
+                  "time, and its moment decides which fills reaching us later an "
+                  "adjustment holds; run it again")
+            return 1
+        first = {b.symbol: b.qty for b in broker}
+        second = {b.symbol: b.qty for b in again}
+        _, diffs = compare(snapshot.positions, again, known_assets(snapshot))
+        moved = [d.symbol for d in diffs if first.get(d.symbol) != second.get(d.symbol)]
+        for symbol in moved:
+            print(f"reconcile: {symbol} left as it is: the broker's quantity moved between "
+                  "two reads (a fill): run again")
+        diffs = [d for d in diffs if d.symbol not in moved]
         made = await apply_differences(store, account_id, diffs, taken_at=taken_at,
                                        moment=moment)
         for adj in made:
@@ -136,8 +145,17 @@ async def reconcile_account(
         for symbol in left:
             log.info("reconcile_deferred", symbol=symbol)
             print(f"reconcile: {symbol} left as it is: {DEFERRED}")
-        return 1 if left else 0
+        return 1 if left or moved else 0
     return 1 if diffs else 0
+
+
+async def _clock_and_positions(rest: BrokerRest) -> tuple[datetime | None, list[BrokerPosition]]:
+    """The broker's clock (None if it gives no time), then its positions."""
+    try:
+        moment = broker_clock_reading(await rest.clock())
+    except BrokerUnavailable:
+        moment = None
+    return moment, [broker_position(p) for p in await rest.positions()]
 
 
 async def rebaseline(settings: Settings) -> int:

@@ -420,6 +420,42 @@ async def test_reconcile_apply_without_the_brokers_time_applies_nothing(
     assert snap.net_position("AAPL") == 10 and snap.adjustments == []
 
 
+class FillingBroker(ClockedBroker):
+    """A broker whose AAPL buys 5 between the two positions reads of `--apply` (the
+    user's bot trades while the service is stopped)."""
+
+    def __init__(self, now: datetime) -> None:
+        super().__init__(now)
+        self.reads = 0
+
+    async def positions(self) -> list[dict[str, Any]]:
+        self.reads += 1
+        if self.reads == 2:
+            for row in self.held:
+                if row["symbol"] == "AAPL":
+                    row["qty"] = str(D(row["qty"]) + 5)
+        return await super().positions()
+
+
+async def test_reconcile_apply_leaves_a_symbol_that_filled_while_it_read(
+        store: PgStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fill between the clock and the positions read would be in the quantity taken
+    but stamped after its moment: counted again when it reaches us. `--apply` reads the
+    clock and positions twice and adjusts only what the broker held alike in both."""
+    await commit(store, fill("a1", "buy", "10", "10", "100", "100", at(1)),
+                 fill("m1", "buy", "4", "4", "50", "50", at(1), symbol="MSFT"))
+    broker = FillingBroker(at(2))
+    broker.held = [{"symbol": "AAPL", "qty": "12", "side": "long", "avg_entry_price": "100"},
+                   {"symbol": "MSFT", "qty": "6", "side": "long", "avg_entry_price": "50"}]
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 1
+    out = capsys.readouterr().out
+    assert "AAPL left as it is: the broker's quantity moved between two reads" in out
+    snap = await store.snapshot(ACCOUNT)
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in snap.adjustments] == [
+        ("MSFT", D(4), D(6))]
+    assert snap.net_position("AAPL") == 10
+
+
 async def test_rebaseline_keeps_history_and_counts_nothing_twice(
         store: PgStore, database_url: str) -> None:
     broker = Broker()
