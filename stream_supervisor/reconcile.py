@@ -126,10 +126,11 @@ async def reconcile_account(
                   "time, and its moment decides which fills reaching us later an "
                   "adjustment holds; run it again")
             return 1
-        first = {b.symbol: b.qty for b in broker}
-        second = {b.symbol: b.qty for b in again}
+        # The broker's quantity per symbol in the first read: where it did not differ
+        # from ours, ours (symbols as `compare` matches them, renamed tickers too).
+        first = {d.symbol: d.broker for d in diffs}
         _, diffs = compare(snapshot.positions, again, known_assets(snapshot))
-        moved = [d.symbol for d in diffs if first.get(d.symbol) != second.get(d.symbol)]
+        moved = [d.symbol for d in diffs if first.get(d.symbol, d.ours) != d.broker]
         for symbol in moved:
             print(f"reconcile: {symbol} left as it is: the broker's quantity moved between "
                   "two reads (a fill): run again")
