@@ -126,9 +126,10 @@ def plan_adjustments(
     and (being newer than the broker's positions read) not in the broker's, and setting
     the broker's quantity would erase it.
 
-    `working`: symbols with an order still working (a reconcile's): left as they are.
-    Such an order's next update carries every fill of it we missed (its cumulative
-    quantity over our mark), and would count again what the adjustment took."""
+    `working`: symbols with an order still working of which the broker filled more than
+    reached us (a reconcile's, `unsettled_symbols`): left as they are. Such an order's
+    next update carries every fill of it we missed (its cumulative quantity over our
+    mark), and would count again what the adjustment took."""
     theirs = {b.symbol: b for b in broker}
     ours = {canonical_symbol(sym): row for sym, row in open_rows.items()}
     wanted = sorted(set(ours) | set(theirs)) if symbols is None else sorted(set(symbols))
@@ -168,6 +169,21 @@ def plan_adjustments(
                        target.asset_id if target is not None else None, taken_at),
             closed, opened))
     return out
+
+
+def unsettled_symbols(
+    working: Iterable[tuple[str, str, Decimal]], broker_filled: Mapping[str, Decimal] | None,
+) -> set[str]:
+    """Of the orders we hold as working, as (symbol, order id, our `filled_qty`), the
+    symbols a reconcile must leave as they are: those with an order whose `filled_qty`
+    the broker does not give as exactly ours (`broker_filled`, read after its positions;
+    None: not read, so every such symbol). An order of which the broker filled more than
+    reached us carries the rest in its next update (its cumulative quantity over our
+    mark), which would count again what an adjustment to the broker's quantity took. One
+    whose fills all reached us brings nothing of what the broker's positions held
+    (docs/design.md, section 9)."""
+    return {symbol for symbol, order_id, filled in working
+            if broker_filled is None or broker_filled.get(order_id) != filled}
 
 
 def _contract_terms(symbol: str, hint: str | None) -> tuple[str, Decimal]:

@@ -47,6 +47,10 @@ MIN_WINDOW: Final = 3_600.0
 RE_READ_MARGIN: Final = timedelta(seconds=1)
 #: Most pages of activities one read of the window takes.
 MAX_WINDOW_PAGES: Final = 1_000
+#: Most orders a reconcile reads one by one (orders we hold as working that the broker
+#: no longer lists as open): each is a request of the REST budget the user's own bot
+#: shares. An order past it is not read, and its symbol waits for a later run.
+MAX_ORDER_READS: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +311,28 @@ async def take_snapshot(
         newest_activity=max((a.id for a in acts), default=None),
         attempts=attempt, notes=notes,
         moments={s: at for s, at in moments.items() if at > now})
+
+
+async def broker_filled(rest: BrokerRest, order_ids: Sequence[str]) -> dict[str, Decimal]:
+    """The broker's `filled_qty` now of each of `order_ids` (orders we hold as working):
+    its open orders in one read (a multi-leg order's legs by their own ids), then each it
+    no longer lists (finished meanwhile) on its own, at most `MAX_ORDER_READS` of them.
+    An order not read, or unknown to the broker, is left out, and a reconcile leaves its
+    symbol (`adjustments.unsettled_symbols`). Read after the positions a reconcile
+    compared: a fill between the two reads shows here as more than ours."""
+    if not order_ids:
+        return {}
+    listed: dict[str, Decimal] = {}
+    for order in await rest.open_orders():
+        listed[order.id] = order.filled_qty
+        for leg in order.legs or ():
+            listed[leg.id] = leg.filled_qty
+    out = {oid: listed[oid] for oid in order_ids if oid in listed}
+    for oid in [oid for oid in order_ids if oid not in listed][:MAX_ORDER_READS]:
+        full = await rest.order(oid)
+        if full is not None:
+            out[oid] = full.filled_qty
+    return out
 
 
 def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:

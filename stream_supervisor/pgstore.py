@@ -12,7 +12,7 @@ code that binds each statement's parameters so a reader checks both in one place
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
@@ -33,6 +33,7 @@ from .adjustments import (
     baseline_order,
     origin_of,
     plan_adjustments,
+    unsettled_symbols,
 )
 from .errors import (
     ConfigError,
@@ -385,6 +386,11 @@ SELECT alpaca_order_id FROM broker_orders
 WHERE account_id = %s AND status NOT IN ({_TERMINAL_SQL})
 ORDER BY first_stored_at, alpaca_order_id
 """
+_OPEN_ORDER_IDS_OF = f"""
+SELECT alpaca_order_id FROM broker_orders
+WHERE account_id = %s AND status NOT IN ({_TERMINAL_SQL}) AND symbol = ANY(%s::text[])
+ORDER BY first_stored_at, alpaca_order_id
+"""
 
 _SNAPSHOT_KEYS = "SELECT event_key FROM alpaca_event_dedupe WHERE account_id = %s"
 _SNAPSHOT_ORDERS = f"""
@@ -420,9 +426,10 @@ _LOCK_ALL_OPEN = f"""
 SELECT {_POSITION_COLUMNS} FROM active_positions
 WHERE account_id = %s AND status = 'open' ORDER BY symbol FOR UPDATE
 """
-#: Symbols of the account with an order still working (a reconcile leaves them).
-_WORKING_SYMBOLS = """
-SELECT DISTINCT symbol FROM broker_orders
+#: Orders of the account still working, by symbol (a reconcile leaves a symbol with one
+#: the broker filled further than we have: `adjustments.unsettled_symbols`).
+_WORKING_ORDERS = """
+SELECT symbol, alpaca_order_id, filled_qty FROM broker_orders
 WHERE account_id = %s AND symbol = ANY(%s::text[]) AND status <> ALL(%s::text[])
 """
 _LOCK_BASELINE_ORDERS = f"""
@@ -927,9 +934,13 @@ class PgStore:
 
         return await self._run(lambda: self._guarded("load_stream_position", op))
 
-    async def open_order_ids(self, account_id: str) -> list[str]:
+    async def open_order_ids(self, account_id: str,
+                             symbols: Collection[str] | None = None) -> list[str]:
         def op(conn: psycopg.Connection[Any]) -> list[str]:
-            return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
+            if symbols is None:
+                return [r[0] for r in conn.execute(_OPEN_ORDER_IDS, [account_id])]
+            return [r[0] for r in conn.execute(
+                _OPEN_ORDER_IDS_OF, [account_id, [_text(sym) for sym in symbols]])]
 
         return await self._run(lambda: self._guarded("open_order_ids", op))
 
@@ -1332,11 +1343,12 @@ def _broker_word(conn: psycopg.Connection[Any], word: BrokerWord) -> list[Adjust
             _position, conn.execute(_LOCK_ALL_OPEN, [acct]).fetchall())}
         stored = {r[0]: (_order(r), r[-1]) for r in conn.execute(
             _LOCK_BASELINE_ORDERS, [sorted(o.order_id for o in word.orders)]).fetchall()}
-        working: list[str] = []
+        working: set[str] = set()
         if word.reason == RECONCILE and word.symbols:
-            working = [r[0] for r in conn.execute(
-                _WORKING_SYMBOLS, [acct, [_text(sym) for sym in word.symbols],
-                                   sorted(TERMINAL_STATUSES)])]
+            working = unsettled_symbols(conn.execute(
+                _WORKING_ORDERS, [acct, [_text(sym) for sym in word.symbols],
+                                  sorted(TERMINAL_STATUSES)]).fetchall(),
+                word.working_filled)
         changes = plan_adjustments(acct, open_rows, word.positions, reason=word.reason,
                                    taken_at=word.taken_at, symbols=word.symbols,
                                    expected=word.expected, working=working)

@@ -21,7 +21,7 @@ from .adjustments import (
     broker_position,
     compare,
 )
-from .baseline import take_baseline
+from .baseline import broker_filled, take_baseline
 from .errors import BrokerUnavailable, ConfigError
 from .logs import get_logger
 from .rest import BrokerRest
@@ -54,22 +54,24 @@ def known_assets(snapshot: StoreSnapshot) -> dict[str, str]:
 
 
 #: Why a reconcile left a symbol it found different (`adjustments.plan_adjustments`).
-DEFERRED: Final = ("an order of it is still working (its next update brings what we "
-                   "missed), or a fill moved it since it was compared: run again later, or "
-                   "`stream-supervisor rebaseline`, which takes the broker's orders too")
+DEFERRED: Final = ("an order of it is still working and the broker filled more of it than "
+                   "reached us (its next update brings that), or a fill moved it since it "
+                   "was compared: run again later, or `stream-supervisor rebaseline`, which "
+                   "takes the broker's orders too")
 
 
 async def apply_differences(
     store: Store, account_id: str, diffs: Sequence[Difference], *, taken_at: datetime,
-    moment: datetime | None = None,
+    moment: datetime | None = None, working_filled: Mapping[str, Decimal] | None = None,
 ) -> list[Adjustment]:
     """One adjustment per difference, setting the position to the broker's, in one
     transaction (`store.reconcile_word`: a symbol whose quantity is no longer what
-    `diffs` found as ours, a fill committed since, is left for the next run)."""
+    `diffs` found as ours, a fill committed since, is left for the next run, and so is
+    one with a working order `working_filled` does not give as filled as ours)."""
     if not diffs:
         return []
-    return await store.apply_broker_word(
-        reconcile_word(account_id, diffs, taken_at=taken_at, moment=moment))
+    return await store.apply_broker_word(reconcile_word(
+        account_id, diffs, taken_at=taken_at, moment=moment, working_filled=working_filled))
 
 
 def unapplied_activities(activities: Sequence[ActivityRecord]) -> list[str]:
@@ -135,8 +137,12 @@ async def reconcile_account(
             print(f"reconcile: {symbol} left as it is: the broker's quantity moved between "
                   "two reads (a fill): run again")
         diffs = [d for d in diffs if d.symbol not in moved]
+        # Orders still working, read after the positions: a symbol is adjusted only if
+        # each of its has all its fills with us (nothing of it is still to reach us).
+        working = await broker_filled(
+            rest, await store.open_order_ids(account_id, [d.symbol for d in diffs]))
         made = await apply_differences(store, account_id, diffs, taken_at=taken_at,
-                                       moment=moment)
+                                       moment=moment, working_filled=working)
         for adj in made:
             log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                      before=str(adj.qty_before), after=str(adj.qty_after))

@@ -19,6 +19,7 @@ from decimal import Decimal
 import trio
 
 from .adjustments import Difference, broker_clock_reading, broker_position, compare
+from .baseline import broker_filled
 from .errors import BrokerUnavailable, LostLeadership, StoreError
 from .logs import get_logger
 from .metrics import Metrics
@@ -97,9 +98,14 @@ class ScheduledReconcile:
                         symbols=len(steady))
         elif self.settings.reconcile_apply and steady:
             # Only where ours is still what was compared: a fill the writer committed
-            # meanwhile is not in the broker's positions read, and would be erased.
+            # meanwhile is not in the broker's positions read, and would be erased. And
+            # only where every order still working has all its fills with us (the
+            # broker's filled_qty, read after its positions, is ours).
+            working = await broker_filled(self.rest, await self.store.open_order_ids(
+                self.account_id, [d.symbol for d in steady]))
             made = await self.store.apply_broker_word(reconcile_word(
-                self.account_id, steady, taken_at=self.wallclock(), moment=moment))
+                self.account_id, steady, taken_at=self.wallclock(), moment=moment,
+                working_filled=working))
             for adj in made:
                 log.info("position_adjusted", symbol=adj.symbol, reason=adj.reason,
                          before=str(adj.qty_before), after=str(adj.qty_after))

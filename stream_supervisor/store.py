@@ -11,7 +11,7 @@ and writer lock included (the writer then finds the update at fault, section 4).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -162,22 +162,30 @@ class BrokerWord:
     #: symbol that holds another inside the transaction is left for the next run
     #: (`adjustments.plan_adjustments`).
     expected: Mapping[str, Decimal] | None = None
+    #: A reconcile's: the broker's `filled_qty` of orders we hold as working, read after
+    #: its positions. A symbol with a working order whose `filled_qty` is not exactly
+    #: this is left (`adjustments.unsettled_symbols`); None: every symbol with one.
+    working_filled: Mapping[str, Decimal] | None = None
 
 
 def reconcile_word(account_id: str, diffs: Sequence[Difference], *, taken_at: datetime,
-                   moment: datetime | None = None) -> BrokerWord:
+                   moment: datetime | None = None,
+                   working_filled: Mapping[str, Decimal] | None = None) -> BrokerWord:
     """What a reconcile applies for `diffs`: each symbol set to the broker's quantity
     where ours is still what was compared (`expected`), recording `moment` (the broker's
     clock read before its positions read) as the moment of each symbol it adjusts, so an
     activity posting later whose effect the broker's quantity already holds is stored and
     not applied on top of it, and a fill stamped no later that reaches us only now moves
-    no position (`reconciled_at`; docs/design.md, sections 9 and 10)."""
+    no position (`reconciled_at`; docs/design.md, sections 9 and 10). A symbol with an
+    order still working is adjusted only where `working_filled` (the broker's, read after
+    its positions) gives that order's `filled_qty` as ours."""
     return BrokerWord(
         account_id=account_id, reason=RECONCILE, taken_at=taken_at,
         positions=[d.broker_position for d in diffs if d.broker_position is not None],
         symbols=[d.symbol for d in diffs],
         moments={} if moment is None else {d.symbol: moment for d in diffs},
         expected={d.symbol: d.ours for d in diffs},
+        working_filled=working_filled,
     )
 
 
@@ -205,8 +213,10 @@ class Store(Protocol):
         """Whether this event key is stored (a check that acknowledged commits survived)."""
         ...
 
-    async def open_order_ids(self, account_id: str) -> list[str]:
-        """Orders stored with a status that is not terminal (backfill refreshes them)."""
+    async def open_order_ids(self, account_id: str,
+                             symbols: Collection[str] | None = None) -> list[str]:
+        """Orders stored with a status that is not terminal (backfill refreshes them); of
+        `symbols` only, when given (a reconcile asks the broker about those)."""
         ...
 
     async def try_leadership(self, account_id: str) -> bool:

@@ -456,6 +456,41 @@ async def test_reconcile_apply_leaves_a_symbol_that_filled_while_it_read(
     assert snap.net_position("AAPL") == 10
 
 
+async def test_reconcile_apply_adjusts_a_symbol_with_a_resting_order_whose_fills_are_ours(
+        store: PgStore, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resting order of AAPL (4 of 10 filled, all with us) and one of MSFT the broker
+    filled more of than reached us. A transfer the service cannot see brought 6 AAPL and
+    2 MSFT. `--apply` reads the broker's open orders after its positions: AAPL is
+    adjusted (nothing of its order is still to come); MSFT is left, exit 1."""
+    await commit(store, fill("r1", "buy", "4", "4", "100", "100", at(1), order_qty="10"),
+                 fill("r2", "buy", "3", "3", "50", "50", at(1), order_qty="10",
+                      symbol="MSFT"))
+    broker = ClockedBroker(at(2))
+    broker.held = [position("AAPL", "10", "100"), position("MSFT", "7", "50")]
+    broker.open = [
+        WireOrder(id="r1", symbol="AAPL", side="buy", status="partially_filled",
+                  filled_qty=D(4), qty=D(10)),
+        WireOrder(id="r2", symbol="MSFT", side="buy", status="partially_filled",
+                  filled_qty=D(5), qty=D(10))]
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 1
+    out = capsys.readouterr().out
+    assert "MSFT left as it is: an order of it is still working and the broker filled more" \
+        in out
+    snap = await store.snapshot(ACCOUNT)
+    assert [(a.symbol, a.qty_before, a.qty_after) for a in snap.adjustments] == [
+        ("AAPL", D(4), D(10))]
+    # The rest of each order reaches us: AAPL counts its 6 on top of the 10; MSFT's 2
+    # bring it to the broker's 7 (5 of r2 and 2 transferred: still 2 apart, now settled).
+    await commit(store, fill("r1", "buy", "10", "6", "101", "100.6", at(3), order_qty="10"),
+                 fill("r2", "buy", "5", "2", "51", "50.4", at(3), order_qty="10",
+                      symbol="MSFT", status="partially_filled"))
+    broker.held = [position("AAPL", "16", "100.375"), position("MSFT", "7", "50")]
+    broker.open = broker.open[1:]  # r1 is done
+    broker.now = at(4)
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 0
+    await assert_as_the_broker(store, broker, database_url)
+
+
 async def test_rebaseline_keeps_history_and_counts_nothing_twice(
         store: PgStore, database_url: str) -> None:
     broker = Broker()

@@ -15,6 +15,7 @@ from stream_supervisor.events import Event, fill_key
 from stream_supervisor.health import readiness
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.positions import Position
+from stream_supervisor.protocol import WireOrder
 from stream_supervisor.reconciler import ScheduledReconcile
 from stream_supervisor.settings import Settings
 from stream_supervisor.state import SupervisorState
@@ -32,6 +33,8 @@ class Rest:
         self.held: list[dict[str, Any]] = []
         self.calls: list[str] = []
         self.now: str | None = "2026-11-30T15:00:00Z"  # None: a clock without a time
+        self.open_list: list[WireOrder] = []
+        self.orders: dict[str, WireOrder] = {}
 
     async def clock(self) -> dict[str, Any]:
         self.calls.append("clock")
@@ -40,6 +43,14 @@ class Rest:
     async def positions(self) -> list[dict[str, Any]]:
         self.calls.append("positions")
         return list(self.held)
+
+    async def open_orders(self) -> list[WireOrder]:
+        self.calls.append("open_orders")
+        return list(self.open_list)
+
+    async def order(self, order_id: str) -> WireOrder | None:
+        self.calls.append(f"order {order_id}")
+        return self.orders.get(order_id)
 
 
 async def _store_holding(qty: str) -> MemoryStore:
@@ -184,3 +195,59 @@ async def test_without_the_brokers_time_nothing_is_applied() -> None:
     assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 10
     rest.now = "2026-11-30T15:05:00Z"
     assert (await job.once()).applied == 1
+
+
+def _resting_fill(cum: str) -> Event:
+    """A fill of order `w` (buy 10 AAPL, resting), cumulative `cum`."""
+    at = T0 + timedelta(seconds=5)
+    return Event(key=fill_key("w", Decimal(cum)), event="partial_fill", source="stream",
+                 order_id="w", symbol="AAPL", side="buy", status="partially_filled",
+                 cum_qty=Decimal(cum), timestamp=at, ts_ns=int(at.timestamp()) * 10**9,
+                 order_qty=Decimal(10), cum_avg_price=Decimal(100), fill_qty=Decimal(cum),
+                 fill_price=Decimal(100))
+
+
+def _w(filled: str, status: str = "partially_filled") -> WireOrder:
+    return WireOrder(id="w", symbol="AAPL", side="buy", status=status,
+                     filled_qty=Decimal(filled), qty=Decimal(10))
+
+
+async def test_a_symbol_with_a_resting_order_is_adjusted_when_all_its_fills_are_with_us(
+) -> None:
+    """10 held at the baseline, 4 of the resting order `w` filled since: ours 14. The
+    broker holds 20 (6 came another way). Its open orders, read after its positions,
+    give `w` as filled 4, as ours: nothing of `w` is still to reach us, so the steady
+    difference is adjusted; `w`'s next fill counts on top."""
+    store = await _store_holding("10")
+    await store.commit_batch(Batch(ACCOUNT, [_resting_fill("4")]))
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "100"}]
+    rest.open_list = [_w("4")]
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    assert (await job.once()).applied == 0  # seen once
+    assert (await job.once()).applied == 1
+    assert rest.calls[-3:] == ["clock", "positions", "open_orders"]
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 20
+
+
+async def test_a_symbol_whose_resting_order_filled_more_than_reached_us_waits() -> None:
+    """The same, but the broker gives `w` as filled 6: 2 of it are still to reach us (in
+    the broker's 20 already: 4 came another way), and would count twice. Left; once that
+    fill lands and `w` is done, the 4 are adjusted."""
+    store = await _store_holding("10")
+    await store.commit_batch(Batch(ACCOUNT, [_resting_fill("4")]))
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "100"}]
+    rest.open_list = [_w("6")]
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    for _ in range(3):
+        assert (await job.once()).applied == 0
+    await store.commit_batch(Batch(ACCOUNT, [_resting_fill("6")]))
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 16
+    # Not listed open any more: read on its own; done with all its fills with us.
+    rest.open_list = []
+    rest.orders["w"] = _w("6", status="canceled")
+    assert (await job.once()).applied == 0
+    assert (await job.once()).applied == 1
+    assert "order w" in rest.calls
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 20

@@ -735,12 +735,48 @@ async def test_a_reconcile_leaves_a_symbol_whose_order_is_still_working(
     await store.commit_batch(Batch(acct, [partial("10", 1)]))
     diffs = [Difference("XYZ", Decimal(10), Decimal(20),
                         BrokerPosition("XYZ", Decimal(20), Decimal(100)))]
+    # Not asked (the broker's filled_qty not read), or asked and it filled 20 of it.
     assert await store.apply_broker_word(reconcile_word(acct, diffs, taken_at=t0,
                                                         moment=t0)) == []
+    assert await store.apply_broker_word(reconcile_word(
+        acct, diffs, taken_at=t0, moment=t0, working_filled={"g": Decimal(20)})) == []
+    assert await store.open_order_ids(acct, ["XYZ"]) == ["g"]
+    assert await store.open_order_ids(acct, ["AAPL"]) == []
     await store.commit_batch(Batch(acct, [partial("30", 3, "fill")]))
     snap = await store.snapshot(acct)
     assert snap.net_position("XYZ") == 30 == _identity(snap, "XYZ")
     assert snap.adjustments == [] and snap.baseline_moments == {}
+
+
+async def test_a_reconcile_adjusts_a_symbol_whose_working_order_has_all_its_fills_with_us(
+        backend: Backend) -> None:
+    """A resting order of which 10 filled, all 10 with us; the broker holds 15 (5 of
+    another order that never reached us). The broker gives the resting order's filled_qty
+    as ours: nothing of it is still to come, so the symbol is set to 15, and the order's
+    next fill counts on top of that."""
+    store = await backend.make()
+    acct = "acct-resting"
+    t0 = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+    def resting(cum: str, minutes: int) -> Event:
+        ev = fill("g", "buy", cum, "10", "100", minutes)
+        done = cum == "30"
+        return msgspec.structs.replace(
+            ev, event="fill" if done else "partial_fill",
+            status="filled" if done else "partially_filled", order_qty=Decimal(30))
+
+    await store.commit_batch(Batch(acct, [resting("10", 1)]))
+    diffs = [Difference("XYZ", Decimal(10), Decimal(15),
+                        BrokerPosition("XYZ", Decimal(15), Decimal(101)))]
+    [made] = await store.apply_broker_word(reconcile_word(
+        acct, diffs, taken_at=t0, moment=t0, working_filled={"g": Decimal(10)}))
+    assert (made.symbol, made.qty_before, made.qty_after) == ("XYZ", Decimal(10), Decimal(15))
+    later = datetime(2026, 11, 30, 15, 5, tzinfo=UTC)
+    ev = msgspec.structs.replace(resting("30", 3), timestamp=later,
+                                 ts_ns=int(later.timestamp()) * 10**9)
+    await store.commit_batch(Batch(acct, [ev]))
+    snap = await store.snapshot(acct)
+    assert snap.net_position("XYZ") == 35 == _identity(snap, "XYZ")
 
 
 async def test_a_fill_the_reconcile_already_took_moves_its_order_not_the_position(

@@ -11,7 +11,7 @@ worlds inject poison values through it).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,7 +19,13 @@ from decimal import Decimal
 import msgspec
 
 from ..activities import ActivityRecord, PositionChange
-from ..adjustments import RECONCILE, Adjustment, baseline_order, plan_adjustments
+from ..adjustments import (
+    RECONCILE,
+    Adjustment,
+    baseline_order,
+    plan_adjustments,
+    unsettled_symbols,
+)
 from ..bounds import (
     POSTGRES_INDEX_ROW_MAX,
     POSTGRES_NUMERIC_MAX_INTEGER_DIGITS,
@@ -210,12 +216,14 @@ class MemoryStore:
         self._check()
         return True
 
-    async def open_order_ids(self, account_id: str) -> list[str]:
+    async def open_order_ids(self, account_id: str,
+                             symbols: Collection[str] | None = None) -> list[str]:
         self._check()
         return [
             oid
             for oid, order in self.db.account(account_id).orders.items()
             if order.status not in TERMINAL_STATUSES
+            and (symbols is None or order.symbol in symbols)
         ]
 
     async def claim_ahead(self, batch: Batch) -> bool:
@@ -359,9 +367,10 @@ class MemoryStore:
         acct = self.db.account(word.account_id)
         open_rows = {p.symbol: p for p in acct.positions.values() if p.is_open}
         wanted = set(word.symbols or ())
-        working = ({o.symbol for o in acct.orders.values()
-                    if o.symbol in wanted and o.status not in TERMINAL_STATUSES}
-                   if word.reason == RECONCILE else set())
+        working = (unsettled_symbols(
+            ((o.symbol, o.order_id, o.filled_qty) for o in acct.orders.values()
+             if o.symbol in wanted and o.status not in TERMINAL_STATUSES),
+            word.working_filled) if word.reason == RECONCILE else set())
         changes = plan_adjustments(word.account_id, open_rows, word.positions,
                                    reason=word.reason, taken_at=word.taken_at,
                                    symbols=word.symbols,
