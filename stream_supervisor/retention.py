@@ -9,7 +9,9 @@ A dedupe key is pruned only once it is older than anything the broker could stil
 replay or REST backfill could fetch again: the cutoff is never newer than the first-start
 lookback plus the backfill overlap plus a safety margin, and never newer than an
 account's cursor minus the overlap and margin. This floor is enforced here, whatever
-age is asked for.
+age is asked for. A non-trade activity's key (`activity:<id>`) is never pruned: nothing
+else stops it applying twice, and its re-read reaches back from the newest activity
+stored, however old. A dead letter whose replay was asked for stays until it ends.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ TARGETS: Final = (
         "SELECT d.event_key FROM alpaca_event_dedupe d"
         " LEFT JOIN stream_cursors c ON c.account_id = d.account_id"
         " WHERE d.stored_at < %(cutoff)s"
+        # A non-trade activity's key is all that stops it applying twice (no order's mark
+        # does), and the activities backfill re-reads a day before the newest stored
+        # activity however old that is: those keys stay (they are few, as orders are).
+        " AND d.event_key NOT LIKE 'activity:%%'"
         # backfill resumes at the cursor minus the overlap: keys it could fetch again stay
         " AND (c.fill_time IS NULL OR d.stored_at < c.fill_time - make_interval(secs => %(guard)s))"
         " AND " + _ACCOUNT.format(alias="d"),
@@ -83,6 +89,8 @@ TARGETS: Final = (
     _Target(
         "dead_letters", "id",
         "SELECT l.id FROM dead_letters l WHERE l.received_at < %(cutoff)s"
+        # a replay asked for and not yet ended keeps its letter until it ends
+        " AND NOT (l.replay_requested_at IS NOT NULL AND l.replayed_at IS NULL)"
         " AND " + _ACCOUNT.format(alias="l") + " ORDER BY l.id",
         "l",
     ),

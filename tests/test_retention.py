@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -215,3 +216,56 @@ def test_bad_policies_are_refused() -> None:
         RetentionPolicy(batch_rows=0)
     with pytest.raises(ConfigError):
         RetentionPolicy(max_age=timedelta(0))
+
+
+def _letter(conn: psycopg.Connection[Any], age: timedelta, *, requested: bool,
+            replayed: bool) -> None:
+    conn.execute(
+        "INSERT INTO dead_letters (account_id, received_at, reason, payload, source,"
+        " replay_requested_at, replayed_at)"
+        " VALUES ('A', %s, 'invalid json', '\\x7b'::bytea, 'stream', %s, %s)",
+        [NOW - age, NOW - DAY if requested else None, NOW - DAY if replayed else None])
+
+
+def test_a_letter_whose_replay_is_pending_stays(database_url: str) -> None:
+    """Asked for and not yet replayed: the service's leader will read it; pruning it would
+    leave the request nothing to replay. Once replayed, its age decides again."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        _letter(conn, 40 * DAY, requested=True, replayed=False)
+        _letter(conn, 40 * DAY, requested=True, replayed=True)
+        _letter(conn, 40 * DAY, requested=False, replayed=False)
+
+    report = prune(database_url, RetentionPolicy(pause=0.0), now=NOW, sleep=lambda _: None)
+
+    assert report.tables["dead_letters"].rows == 2
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT replay_requested_at IS NOT NULL, replayed_at IS NULL"
+                            " FROM dead_letters").fetchall() == [(True, True)]
+
+
+async def test_a_non_trade_activity_is_never_applied_twice_after_a_prune(
+        database_url: str) -> None:
+    """A transfer in (ACATC) applied once; 31 days later `prune` runs. The activities
+    backfill re-reads a day before the newest stored activity, however old: the same
+    activity comes again, and only its key stops it (no order's mark does). The key
+    stays, so MSFT stays 10, as the broker holds."""
+    from stream_supervisor.activities import WireNonTrade, non_trade_to_event
+    from stream_supervisor.pgstore import PgStore
+    from stream_supervisor.store import Batch
+
+    at = datetime.now(UTC) - timedelta(hours=2)
+    acatc = non_trade_to_event(WireNonTrade(
+        id="20261130093000000::acat-1", activity_type="ACATC",
+        transaction_time=at.isoformat(), symbol="MSFT", qty=Decimal(10), price=Decimal(400)))
+    store = PgStore(database_url)
+    await store.open()
+    try:
+        assert await store.try_leadership("A")
+        assert (await store.commit_batch(Batch("A", [acatc]))).applied_keys
+        report = prune(database_url, RetentionPolicy(pause=0.0),
+                       now=datetime.now(UTC) + 31 * DAY, sleep=lambda _: None)
+        assert report.tables["alpaca_event_dedupe"].rows == 0
+        assert not (await store.commit_batch(Batch("A", [acatc]))).applied_keys
+        assert (await store.snapshot("A")).net_position("MSFT") == 10
+    finally:
+        await store.aclose()
