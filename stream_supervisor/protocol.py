@@ -708,6 +708,12 @@ def decode_broker_event(
     if len(ids.account_id) > MAX_ID_CHARS or len(ids.event_id) > MAX_ID_CHARS:
         return None, DeadLetter("out of bounds: account_id or event_id over "
                                 f"{MAX_ID_CHARS} characters", data, received_at=received_at)
+    # The account names the part of the batch, and the letter, the event is filed under:
+    # one PostgreSQL text refuses (a NUL) would refuse its letter too and stop the whole
+    # stream; `|` separates an account from the stream's name in a letter's tag.
+    if not ids.account_id or not ids.account_id.isprintable() or "|" in ids.account_id:
+        return None, DeadLetter(f"invalid account_id {ids.account_id[:40]!r}", data,
+                                received_at=received_at)
     # The event id is the stream's resume cursor (only ever moved forward): one that is no
     # ULID could not be resumed from, and one minted in the future would skip every event
     # after it on the next connection.

@@ -20,6 +20,7 @@ from stream_supervisor.broker_events import EventsSettings, EventsSupervisor
 from stream_supervisor.errors import LostLeadership
 from stream_supervisor.events import DeadLetter, Event
 from stream_supervisor.eventstream import SseMessage
+from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import decode_broker_event
 from stream_supervisor.store import Batch, BatchResult
 from stream_supervisor.testing.memstore import MemoryDatabase, MemoryStore
@@ -126,3 +127,30 @@ def test_an_event_id_that_is_no_ulid_or_minted_in_the_future_is_a_dead_letter() 
                      (_ulid(now_ms + 3_600_000, 7), "minted in the future")]:
         account, letter = decoded(bad)
         assert account == "A" and isinstance(letter, DeadLetter) and why in letter.reason
+
+
+async def test_an_account_id_postgresql_cannot_hold_is_a_letter_of_the_stream(
+        database_url: str) -> None:
+    """An event whose account_id holds a NUL: filed under it, both its update and its
+    dead letter were refused by PostgreSQL, and the writer stopped for every account on
+    the stream (each restart read it again). It is a letter of the stream itself (no
+    account), stored, and the stream goes on; so are an empty one and one with `|`."""
+    template = _fill_data()
+    fine = _ulid(int(time.time() * 1000), 3)
+    for bad in ["acct\u0000", "", "a|b", "acct\n"]:
+        event = {**_event(1, "A", template), "account_id": bad, "event_id": fine}
+        account, letter = decode_broker_event(json.dumps(event).encode())
+        assert account is None and isinstance(letter, DeadLetter)
+        assert "invalid account_id" in letter.reason
+    store = PgStore(database_url)
+    await store.open()
+    try:
+        assert await store.try_leadership("events:partner")
+        event = {**_event(1, "A", template), "account_id": "acct\u0000", "event_id": fine}
+        _, letter = decode_broker_event(json.dumps(event).encode())
+        assert isinstance(letter, DeadLetter)
+        await store.commit_batch(Batch("events:partner", [], dead_letters=[letter]))
+        [stored] = (await store.snapshot("events:partner")).dead_letters
+        assert stored.payload == json.dumps(event).encode()
+    finally:
+        await store.aclose()
