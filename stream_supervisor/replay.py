@@ -11,8 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
+import msgspec
+
+from .activities import decode_stored_activity, non_trade_to_event
 from .bounds import not_after_ns
-from .errors import StoreDataError
+from .errors import DecodeError, StoreDataError
 from .events import DeadLetter, Event
 from .nontrade import AssetBook, looks_compact_crypto
 from .protocol import decode_stored
@@ -42,9 +45,48 @@ def replay_batch(letter: StoredDeadLetter, decoded: Event | DeadLetter) -> Batch
 
 def decode_letter(letter: StoredDeadLetter, settings: Settings,
                   now: datetime) -> Event | DeadLetter:
-    """The payload decoded with today's code and today's bounds."""
+    """The payload decoded with today's code and today's bounds: a stream frame, a REST
+    FILL activity or order snapshot (`protocol.decode_stored`), or a non-trade activity
+    the activities backfill kept (its JSON, source `rest`, a type other than FILL)."""
+    latest = not_after_ns(now, settings.future_tolerance)
+    if letter.source != "rest" and _is_broker_event(letter.payload):
+        # Its account's writes go through the events stream's writer (its lock is the
+        # stream's, not the account's), which does not take replays.
+        return DeadLetter(
+            "an event of a Broker API events stream: not replayed (its accounts are "
+            "written by the stream's writer); `stream-supervisor reconcile --apply` "
+            "brings the account to the broker's word", letter.payload)
+    if letter.source == "rest":
+        try:
+            activity = decode_stored_activity(letter.payload)
+        except DecodeError:
+            activity = None
+        if activity is not None and activity.activity_type != "FILL":
+            try:
+                return non_trade_to_event(activity, not_after_ns=latest)
+            except ValueError as exc:  # DecodeError, OutOfBounds, TimestampError
+                return DeadLetter(f"invalid activity {activity.id[:128]}: {exc}"[:500],
+                                  letter.payload, source="rest")
     return decode_stored(letter.payload, letter.source, max_bytes=settings.max_frame_bytes,
-                         not_after_ns=not_after_ns(now, settings.future_tolerance))
+                         not_after_ns=latest)
+
+
+class _BrokerEventShape(msgspec.Struct, gc=False):
+    event_id: str | None = None
+    stream: str | None = None
+
+
+_shape_decoder: Final = msgspec.json.Decoder(_BrokerEventShape)
+
+
+def _is_broker_event(payload: bytes) -> bool:
+    """A `data:` payload of the events stream (`event_id`, no `stream`), as its letters
+    keep it, unlike a trade_updates frame."""
+    try:
+        shape = _shape_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return shape.event_id is not None and shape.stream is None
 
 
 async def spelled_letter(letter: StoredDeadLetter, decoded: Event | DeadLetter,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 import trio
 
+from stream_supervisor.activities import WireNonTrade
 from stream_supervisor.cli import run_cli
 from stream_supervisor.deadletters import replay
 from stream_supervisor.events import DeadLetter, Event
@@ -106,6 +109,50 @@ def test_a_rest_activity_replays_from_its_json(database_url: str) -> None:
     letter = insert(database_url, activity_json(ACTIVITY), source="rest")
     assert cli(database_url, "--replay", str(letter)) == 0
     assert row(database_url, letter)["result"] == "stored"
+
+
+def test_a_non_trade_activity_replays_from_the_json_the_activities_pass_kept(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The activities pass keeps a refused non-trade activity as its JSON (source
+    `rest`); a replay decoded it as a FILL activity or an order, and it stayed refused
+    for ever. A transfer in of 10 MSFT replays once: the position holds 10, and again
+    is `already stored`."""
+    transfer = WireNonTrade(id="20261130093000000::acat-1", activity_type="ACATC",
+                            transaction_time="2026-11-30T14:30:00Z", symbol="MSFT",
+                            qty=Decimal(10), price=Decimal(400))
+    letter = insert(database_url, msgspec.json.encode(transfer), source="rest",
+                    reason="invalid activity: since fixed")
+    assert cli(database_url, "--replay", str(letter)) == 0
+    assert row(database_url, letter)["result"] == "stored"
+    assert keys(database_url) == {"activity:20261130093000000::acat-1"}
+    assert cli(database_url, "--replay", str(letter)) == 0
+    assert row(database_url, letter)["result"] == "already stored"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT symbol, qty FROM active_positions WHERE status = 'open'"
+                            ).fetchall() == [("MSFT", Decimal(10))]
+    bad = msgspec.structs.replace(transfer, id="20261130093000000::acat-2", qty=Decimal("1E+20"))
+    refused = insert(database_url, msgspec.json.encode(bad), source="rest")
+    assert cli(database_url, "--replay", str(refused)) == 1
+    assert row(database_url, refused)["result"].startswith("still refused: invalid activity")
+    capsys.readouterr()
+
+
+def test_a_letter_of_the_events_stream_says_why_it_is_not_replayed(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An events-stream letter keeps the bare `data:` payload; decoded as a trade_updates
+    frame it was refused for a missing `stream`, which said nothing useful. Its accounts
+    are written by the stream's writer, so it is not replayed, and says what settles it."""
+    data = json.loads(FILL_FRAME)["data"]
+    payload = json.dumps({"account_id": ACCOUNT, "event_id": "01KAT" + "0" * 21,
+                          **data}).encode()
+    letter = insert(database_url, payload)
+    assert cli(database_url, "--replay", str(letter)) == 1
+    assert row(database_url, letter)["result"].startswith(
+        "still refused: an event of a Broker API events stream")
+    assert "reconcile --apply" in capsys.readouterr().out
+    assert keys(database_url) == set()
 
 
 def test_a_payload_still_refused_is_recorded_and_fails(
