@@ -6,6 +6,7 @@ section 11), plus the health/metrics listener and systemd notify.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import trio
 
@@ -16,7 +17,7 @@ from .fleet import Fleet, FleetMonitor
 from .logs import get_logger, redactor
 from .metrics import Metrics
 from .pgfleet import ReplicaSet
-from .sdnotify import Notifier
+from .sdnotify import Notifier, watchdog_interval
 from .settings import Settings
 from .state import SupervisorState
 from .supervisor import EXIT_CONFIG
@@ -46,17 +47,21 @@ async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
              unusable={s.name: s.problem for s in specs if s.problem})
     listeners = await open_health_listeners(settings.http_addr) if settings.http_addr else None
     notifier = Notifier.from_environ(environ)
+    monitor = FleetMonitor(fleet, settings)
     code: int | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(replicas.run)
             if listeners is not None:
-                await nursery.start(serve_health, listeners, SupervisorState(), Metrics(),
-                                    FleetMonitor(fleet, settings), fleet.readiness,
-                                    fleet.registry)
+                await nursery.start(partial(
+                    serve_health, listeners, SupervisorState(), Metrics(), monitor,
+                    ready=fleet.readiness, registry=fleet.registry))
             if notifier is not None:
                 # Accounts start on their own schedule; each one's readiness is /readyz's.
                 notifier.ready(f"serving {len(specs)} accounts")
+                watchdog = watchdog_interval(environ)
+                if watchdog is not None:
+                    nursery.start_soon(watchdog_loop, notifier, monitor, watchdog)
             code = await fleet.run()
             nursery.cancel_scope.cancel()
     except FATAL as exc:  # the replica registry's schema is missing
@@ -69,3 +74,20 @@ async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
             notifier.close()
     return code
 
+
+async def watchdog_loop(notifier: Notifier, monitor: FleetMonitor, period: float) -> None:
+    """`WATCHDOG=1` every `period` seconds while every running account's actors are
+    alive, as `/healthz` judges them (`FleetMonitor`); withheld while one is wedged, so
+    systemd restarts the process, as it would one account's (`sdnotify.notify_loop`)."""
+    alive = True
+    while True:
+        health = monitor.assess(trio.current_time())
+        if health.alive != alive:
+            alive = health.alive
+            if alive:
+                log.info("health_restored")
+            else:
+                log.warning("watchdog_withheld", problems=list(health.problems))
+        if alive:
+            notifier.send("WATCHDOG=1")
+        await trio.sleep(period)
