@@ -355,6 +355,12 @@ LIMIT %s
 # 7). It lives and dies with the connection, which is why a leader never reconnects silently.
 LEADER_LOCK_PREFIX: Final = "stream-supervisor/writer/"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+#: A standby, or a primary turned read-only (a failover in progress, with DNS still
+#: naming the old writer): no batch would commit there.
+_READ_ONLY = ("SELECT pg_is_in_recovery() OR "
+              "current_setting('transaction_read_only') = 'on'")
+#: SQLSTATE read_only_sql_transaction: the session's server stopped taking writes.
+_READ_ONLY_STATE: Final = "25006"
 #: The session's own backend, as the server knows it (a pooler in session mode may show
 #: the client another pid), and when it started: a pid alone can be reused.
 _BACKEND_IDENTITY = """
@@ -808,6 +814,14 @@ class PgStore:
                 message = self._error(f"{what}: could not roll back", exc)
                 drop(message)
                 raise StoreUnavailable(message) from None
+            if exc.sqlstate == _READ_ONLY_STATE:
+                # The server stopped taking writes (a failover turned it into a replica):
+                # waited out as a lost connection is, not a refusal counted toward a
+                # crash; the session (and the lock on a server that no longer writes)
+                # goes, and the next connection resolves the address again.
+                message = self._error(f"{what}: the server is read-only", exc)
+                drop(message)
+                raise StoreUnavailable(message) from None
             # The server refused the statement and the session is idle and clean again:
             # it stays, and with it the writer lock. ROLLBACK also makes psycopg forget what
             # the session had prepared, so nothing stale survives a refusal either.
@@ -833,6 +847,13 @@ class PgStore:
 
     async def try_leadership(self, account_id: str) -> bool:
         def attempt(conn: psycopg.Connection[Any]) -> bool:
+            read_only = conn.execute(_READ_ONLY).fetchone()
+            if read_only is not None and read_only[0]:
+                # Leading there would only have every batch refused; the connection is
+                # dropped (`_attempt`), so the next try resolves the address again.
+                raise StoreUnavailable(
+                    "leader lock: the server is read-only (a standby, or a failover in "
+                    "progress): waiting for a writable one")
             lock = LEADER_LOCK_PREFIX + account_id
             row = conn.execute(_TRY_LEADER_LOCK, [lock]).fetchone()
             held = bool(row and row[0])

@@ -636,3 +636,38 @@ async def test_a_pooler_that_moves_statements_between_sessions_is_a_config_error
     assert await rival.try_leadership(ACCOUNT)
     for s in (store, rival, other):
         await s.aclose()
+
+
+async def test_a_server_that_turned_read_only_is_waited_out_not_counted_as_a_refusal(
+    database_url: str,
+) -> None:
+    """A failover turns the old writer into a replica while DNS still names it: every
+    write is refused with read_only_sql_transaction. That refusal counted toward the
+    restart limit (the process exited 1 within seconds); it is an outage: the session
+    goes, and the store waits for a writable server (no lock taken on a read-only one)."""
+    store = await opened(database_url)
+    assert await store.try_leadership(ACCOUNT)
+    await store.commit_batch(Batch(ACCOUNT, [fill("ro-1", "buy", "1", "1", "10", 1)]))
+    # The session's server stops taking writes.
+    await store._run(lambda: store._guarded(
+        "read only", lambda conn: conn.execute("SET default_transaction_read_only = on")))
+    with trio.fail_after(WAIT), pytest.raises(StoreUnavailable, match="read-only"):
+        await store.commit_batch(Batch(ACCOUNT, [fill("ro-2", "buy", "1", "1", "10", 2)]))
+    await store.aclose()
+    [(db,)] = sql(database_url, "SELECT current_database()")
+    alter = f'ALTER DATABASE "{db}" {{}} default_transaction_read_only'
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(alter.format("SET") + " = on")
+    try:
+        standby = await opened(database_url)
+        with trio.fail_after(WAIT), pytest.raises(StoreUnavailable, match="read-only"):
+            await standby.try_leadership(ACCOUNT)
+        await standby.aclose()
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute(alter.format("RESET"))
+    store = await opened(database_url)
+    assert await store.try_leadership(ACCOUNT)
+    await store.commit_batch(Batch(ACCOUNT, [fill("ro-2", "buy", "1", "1", "10", 2)]))
+    await store.aclose()
