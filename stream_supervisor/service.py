@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import trio
 
+from .backoff import Backoff
 from .endpoints import open_health_listeners, serve_health
+from .errors import StoreUnavailable
 from .health import HealthMonitor, HealthPolicy
 from .logs import get_logger
 from .metrics import Metrics
 from .sdnotify import Notifier, notify_loop, watchdog_interval
 from .settings import Settings
 from .state import SupervisorState
+from .supervisor import STORE_WAIT_POLICY
 from .wiring import open_supervisor
 
 log = get_logger("stream_supervisor.service")
@@ -88,11 +93,28 @@ async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None)
     return code
 
 
+def migrate_waiting(conninfo: str, *, sleep: Callable[[float], None] = time.sleep,
+                    rng: random.Random | None = None) -> list[str]:
+    """`run --migrate`'s migrations, waiting out a database outage as the service does
+    (`database_unavailable`, backoff to 10 s): exiting 1 at once had systemd give up on
+    the unit within a minute of a database outage at boot. A bad file, or a conninfo
+    that can never work, still stops it."""
+    from .migrate import apply_migrations
+
+    wait = Backoff(STORE_WAIT_POLICY, rng)
+    while True:
+        try:
+            return apply_migrations(conninfo)
+        except StoreUnavailable as exc:
+            delay = wait.next_delay()
+            log.warning("database_unavailable", error=str(exc)[:300], delay=round(delay, 3),
+                        during="migrate")
+            sleep(delay)
+
+
 def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
     if migrate_first:
-        from .migrate import apply_migrations
-
-        applied = apply_migrations(settings.database_url)
+        applied = migrate_waiting(settings.database_url)
         log.info("migrations_applied", versions=applied, count=len(applied))
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
              account_id=settings.account_id, http_addr=settings.http_addr)

@@ -4,18 +4,27 @@ comments a user's `\\d+` shows)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from stream_supervisor.errors import MigrationError
-from stream_supervisor.migrate import MIGRATIONS_DIR_ENV, apply_migrations, find_migrations_dir
+from stream_supervisor.migrate import (
+    MIGRATIONS_DIR_ENV,
+    apply_migrations,
+    find_migrations_dir,
+    load_migrations,
+)
 
 REPO_MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 TABLES = (
@@ -274,3 +283,54 @@ def test_an_install_from_before_the_rename_keeps_its_records(
                  "stream_supervisor_migrations ORDER BY version")
     assert moved[:3] == old
     assert rows(empty_database_url, "SELECT to_regclass('schema_migrations')") == [(None,)]
+
+
+def _forward(listener: socket.socket, target: dict[str, Any]) -> None:
+    """Accept connections on `listener` and pipe each to the database `target` names
+    (its host and port, or its Unix socket directory): a server coming up late."""
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        host, port = target.get("host") or "localhost", int(target.get("port") or 5432)
+        if host.startswith("/"):
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            server = socket.create_connection((host, port))
+        for a, b in ((client, server), (server, client)):
+            threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+
+def test_run_migrate_waits_for_a_database_that_comes_up_late(
+        empty_database_url: str) -> None:
+    """`run --migrate` at boot, the database not up yet: it exited 1 at once (systemd gave
+    up on the unit within a minute); it waits as the service does, then migrates."""
+    from stream_supervisor.service import migrate_waiting
+
+    target = psycopg.conninfo.conninfo_to_dict(empty_database_url)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    late = psycopg.conninfo.make_conninfo(empty_database_url, host="127.0.0.1", port=port)
+    slept: list[float] = []
+
+    def sleep(delay: float) -> None:
+        slept.append(delay)
+        if len(slept) == 2:  # the server comes up after the second wait
+            listener.listen()
+            threading.Thread(target=_forward, args=(listener, target), daemon=True).start()
+
+    try:
+        applied = migrate_waiting(late, sleep=sleep, rng=random.Random(0))
+    finally:
+        listener.close()
+    assert len(slept) == 2 and applied == [m.version for m in load_migrations(find_migrations_dir())]
