@@ -88,7 +88,8 @@ class HealthServer:
             body = {"alive": health.alive, "problems": list(health.problems), **health.detail}
             return _Response(200 if health.alive else 503, _json(body))
         if path == "/readyz":
-            ready = self._ready() if self._ready is not None else readiness(self.state)
+            ready = (self._ready() if self._ready is not None
+                     else readiness(self.state, self.monitor.assess()))
             return _Response(200 if ready["ready"] else 503, _json(ready))
         if path == "/metrics":
             # The library's own negotiation: classic text format (generate_latest) unless

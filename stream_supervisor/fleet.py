@@ -87,11 +87,11 @@ class AccountRun:
     def name(self) -> str:
         return self.spec.name
 
-    def report(self) -> dict[str, Any]:
+    def report(self, health: Health | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "account_id": self.state.account_id}
         if self.error is not None:
             out["error"] = self.error
-        out.update(readiness(self.state))
+        out.update(readiness(self.state, health))
         out["dead_letters"] = int(self.metrics.value("stream_supervisor_dead_letters_total"))
         out["restarts"] = self.state.restarts
         return out
@@ -166,10 +166,13 @@ class Fleet:
             return EXIT_CONFIG
         return EXIT_FAILURE
 
-    def readiness(self) -> dict[str, Any]:
+    def readiness(self, monitor: FleetMonitor | None = None) -> dict[str, Any]:
         """`/readyz`: ready when every account is streaming and caught up or stands by
-        for another replica, none failed; each account's own verdict by name."""
-        accounts = {n: r.report() for n, r in self.accounts.items()}
+        for another replica, none failed; each account's own verdict by name (with
+        `monitor`, an account whose writer is stuck is not ready)."""
+        accounts = {n: r.report(monitor.monitors[n].assess()
+                                if monitor is not None and n in monitor.monitors else None)
+                    for n, r in self.accounts.items()}
         ready = not self.draining and all(
             a["ready"] or (a["connection"] == "standby" and not a["pipeline_running"])
             for a in accounts.values())

@@ -55,7 +55,7 @@ async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
             if listeners is not None:
                 await nursery.start(partial(
                     serve_health, listeners, SupervisorState(), Metrics(), monitor,
-                    ready=fleet.readiness, registry=fleet.registry))
+                    ready=partial(fleet.readiness, monitor), registry=fleet.registry))
             if notifier is not None:
                 # Accounts start on their own schedule; each one's readiness is /readyz's.
                 notifier.ready(f"serving {len(specs)} accounts")

@@ -183,10 +183,21 @@ def _sample(metric: Any, name: str, **labels: str) -> float:
     return 0.0
 
 
-def readiness(state: SupervisorState) -> dict[str, Any]:
-    """`/readyz`'s body: the verdict and each condition it is made of."""
+def stalled(health: Health) -> list[str]:
+    """The problems of `health` that are a consumer stuck with work queued (the writer
+    blocked in a statement on a database that stopped answering, say)."""
+    return [p for p in health.problems
+            if any(p.startswith(f"{actor} made no progress") for _, actor in CONSUMERS)]
+
+
+def readiness(state: SupervisorState, health: Health | None = None) -> dict[str, Any]:
+    """`/readyz`'s body: the verdict and each condition it is made of. With `health`
+    (the monitor's verdict now), a stuck dedupe actor or writer makes it unready too:
+    `db_writable` only changes once a statement fails, and a frozen one never does."""
+    stuck = stalled(health) if health is not None else []
     return {
-        "ready": state.ready,
+        "ready": state.ready and not stuck,
+        "stalled": stuck,
         "pipeline_running": state.pipeline_running,
         "connection": state.connection,
         "caught_up": state.caught_up,

@@ -168,7 +168,7 @@ async def test_readyz_is_not_ready_until_backfill_completes() -> None:
             state.connection, state.caught_up = "streaming", True  # backfill_done
             r = await client.get("/readyz")
             assert r.status_code == 200
-            assert r.json() == {"ready": True, "pipeline_running": True,
+            assert r.json() == {"ready": True, "stalled": [], "pipeline_running": True,
                                 "connection": "streaming", "caught_up": True,
                                 "db_writable": True, "draining": False, "leader": False,
                                 "drifted_symbols": None}

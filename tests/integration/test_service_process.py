@@ -232,7 +232,7 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
     wired as `serve` wires it, a short stall limit, and the writer wedged on a table lock
     held by the test: pings stop while it is stuck with work queued, resume once the lock
     goes, and nothing is lost or doubled."""
-    from stream_supervisor.health import HealthMonitor, HealthPolicy
+    from stream_supervisor.health import HealthMonitor, HealthPolicy, readiness
     from stream_supervisor.metrics import Metrics
     from stream_supervisor.rest_http import HttpBrokerRest, RestSettings
     from stream_supervisor.sdnotify import Notifier, notify_loop
@@ -303,6 +303,10 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
                             break
                 problems = monitor.assess().problems
                 assert any(p.startswith("writer made no progress") for p in problems), problems
+                # /readyz says so too: db_writable only changes once a statement fails.
+                assert state.ready and state.db_writable
+                verdict = readiness(state, monitor.assess())
+                assert not verdict["ready"] and verdict["stalled"], verdict
                 withheld_at = trio.current_time()
                 await trio.sleep(0.5)
                 assert [t for t in rx.times("WATCHDOG") if t > withheld_at] == []
@@ -313,6 +317,7 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
             with trio.fail_after(15):  # the writer commits again: pings resume
                 while len([t for t in rx.times("WATCHDOG") if t > released_at]) < 3:
                     await trio.sleep(0.05)
+            assert readiness(state, monitor.assess())["stalled"] == []
 
             account = broker.account()["id"]
             with trio.fail_after(30):
