@@ -8,11 +8,21 @@ the events stream would be a bug waiting in the one less tested.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Final
 
 import trio
 
+from .logs import get_logger
 from .state import SupervisorState
+
+log = get_logger("stream_supervisor.drain")
+
+#: How long past the drain deadline the process may take to exit before the backstop
+#: ends it: the unit's stop timeout (45 s) is beyond the deadline (20 s) plus this.
+BACKSTOP_GRACE: Final = 10.0
 
 
 class Drains:
@@ -47,3 +57,29 @@ class Drains:
         it holds; past it, it is cancelled."""
         if self._pipeline_scope is not None:
             self._pipeline_scope.deadline = trio.current_time() + self._drain_timeout
+
+
+async def exit_backstop(draining: Callable[[], bool], deadline: float, *,
+                        grace: float = BACKSTOP_GRACE, poll: float = 0.5,
+                        exit: Callable[[int], None] = os._exit) -> None:
+    """For a `run` process, once a drain starts: if the process is still here `deadline`
+    plus `grace` seconds later, exit 1 at once. The drain deadline cancels the pipeline,
+    but not a worker thread blocked in a statement to a database that stopped answering
+    (frozen, with its sockets open: no timeout of TCP's or the server's fires); the
+    process waited for it for ever, past the unit's stop timeout. What that batch held
+    was not committed, and lies within the next start's backfill; the server rolls back
+    its transaction when the connection goes."""
+    while not draining():
+        await trio.sleep(poll)
+
+    def give_up() -> None:
+        log.error("drain_backstop_exit", waited_s=deadline + grace)
+        exit(1)
+
+    timer = threading.Timer(deadline + grace, give_up)
+    timer.daemon = True  # a process that exits in time does not wait for it
+    timer.start()
+    try:
+        await trio.sleep_forever()
+    finally:
+        timer.cancel()

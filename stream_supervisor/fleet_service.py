@@ -11,6 +11,7 @@ from functools import partial
 import trio
 
 from .accounts import load_accounts_file
+from .drain import exit_backstop
 from .endpoints import open_health_listeners, serve_health
 from .errors import FATAL, ConfigError
 from .fleet import Fleet, FleetMonitor
@@ -26,7 +27,8 @@ from .wiring import account_opener, pg_store
 log = get_logger("stream_supervisor.fleet_service")
 
 
-async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
+async def serve_fleet(settings: Settings, *, environ: Mapping[str, str],
+                      backstop: bool = False) -> int:
     assert settings.accounts_file is not None
     specs = load_accounts_file(settings.accounts_file, environ)
     if settings.account_name:
@@ -62,6 +64,9 @@ async def serve_fleet(settings: Settings, *, environ: Mapping[str, str]) -> int:
                 watchdog = watchdog_interval(environ)
                 if watchdog is not None:
                     nursery.start_soon(watchdog_loop, notifier, monitor, watchdog)
+            if backstop:  # `service.serve`'s, for every account of the process
+                nursery.start_soon(exit_backstop, lambda: fleet.draining,
+                                   settings.drain_timeout)
             code = await fleet.run()
             nursery.cancel_scope.cancel()
     except FATAL as exc:  # the replica registry's schema is missing

@@ -17,12 +17,16 @@ from psycopg.conninfo import conninfo_to_dict
 from .errors import ConfigError, StoreUnavailable
 
 #: TCP keepalives, unless the conninfo says otherwise: a peer that vanished mid-query
-#: is noticed in ~25 s even though the server-side statement_timeout cannot help.
+#: is noticed in ~25 s even though the server-side statement_timeout cannot help. And
+#: data we sent left unacknowledged for 30 s (a network that drops everything: keepalives
+#: only start once nothing is in flight) ends the connection, not 15 minutes of TCP
+#: retransmissions (Linux; libpq ignores it elsewhere and on a Unix socket).
 KEEPALIVE_DEFAULTS: Final = {
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
 }
 
 _URI_USERINFO: Final = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):([^@\s]*)@", re.IGNORECASE)

@@ -18,6 +18,7 @@ from functools import partial
 import trio
 
 from .backoff import Backoff
+from .drain import exit_backstop
 from .endpoints import open_health_listeners, serve_health
 from .errors import StoreUnavailable
 from .health import HealthMonitor, HealthPolicy
@@ -55,16 +56,19 @@ def tune_interpreter() -> None:
     gc.freeze()
 
 
-async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None) -> int:
+async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None,
+                backstop: bool = False) -> int:
     """Run the service until drained or failed; returns the exit code.
 
     `environ` carries systemd's protocol variables (`NOTIFY_SOCKET`, `WATCHDOG_USEC`);
-    they are not settings: systemd sets them per start, not the operator."""
+    they are not settings: systemd sets them per start, not the operator. `backstop`
+    (the `run` process only): a drain that cannot finish ends the process
+    (`drain.exit_backstop`)."""
     env = os.environ if environ is None else environ
     if settings.accounts_file:
         from .fleet_service import serve_fleet  # several accounts (design.md, section 11)
 
-        return await serve_fleet(settings, environ=env)
+        return await serve_fleet(settings, environ=env, backstop=backstop)
     metrics = Metrics()
     state = SupervisorState()
     monitor = HealthMonitor(state, HealthPolicy.from_settings(settings), metrics)
@@ -81,6 +85,9 @@ async def serve(settings: Settings, *, environ: Mapping[str, str] | None = None)
             if notifier is not None:
                 await nursery.start(partial(notify_loop, state, notifier, monitor,
                                             watchdog=watchdog))
+            if backstop:
+                nursery.start_soon(exit_backstop, lambda: state.draining,
+                                   settings.drain_timeout)
             code = await supervisor.run()
             nursery.cancel_scope.cancel()
     finally:
@@ -119,4 +126,4 @@ def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
              account_id=settings.account_id, http_addr=settings.http_addr)
     tune_interpreter()
-    return trio.run(serve, settings)
+    return trio.run(partial(serve, settings, backstop=True))

@@ -13,10 +13,11 @@ from __future__ import annotations
 import random
 import signal
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import TypeVar
 
 import structlog
 import trio
@@ -53,6 +54,7 @@ from .transport import Connector
 from .writer import WriterSettings, writer_actor
 
 log = get_logger("stream_supervisor.supervisor")
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -157,20 +159,52 @@ class Supervisor(Drains):
             async for signum in signals:
                 self.request_drain(signal.Signals(signum).name)
 
-    async def _account_id(self) -> str:
+    async def _unless_drained(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()`, or None (`state.draining` set) once a drain is asked for: before the
+        pipeline runs there is nothing a drain must finish, so a stop does not wait for
+        the broker's retries (the unit's stop timeout would kill us first)."""
+        result: list[T] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            async def run() -> None:
+                try:
+                    result.append(await call())
+                except Exception as exc:  # noqa: BLE001 - raised again below, outside the group
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            async def drained() -> None:
+                await self._drain_requested.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            nursery.start_soon(drained)
+        if failed and not self.state.draining:
+            raise failed[0]
+        return result[0] if result and not self.state.draining else None
+
+    async def _account_id(self) -> str | None:
+        """The account, from the settings or `GET /v2/account` (waiting out a broker
+        outage); None if a drain came first."""
         if self.settings.account_id:
             return self.settings.account_id
         wait = Backoff(STORE_WAIT_POLICY, self.deps.rng)
-        while True:
+        while not self.state.draining:
             try:
-                return await self.deps.rest.account_id()
+                return await self._unless_drained(self.deps.rest.account_id)
             except BrokerUnavailable as exc:
                 delay = wait.next_delay()
                 log.warning("broker_unavailable", error=str(exc)[:300], delay=round(delay, 3))
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await self._drain_requested.wait()
+        return None
 
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> int:
-        account_id = await self._account_id()
+        found = await self._account_id()
+        if found is None:  # drained before the account was known
+            task_status.started()
+            return EXIT_OK
+        account_id = found
         self.state.account_id = account_id
         structlog_bind(account=account_id)
         crashes: deque[float] = deque()
@@ -260,7 +294,13 @@ class Supervisor(Drains):
                 return
             cursor = await store.load_cursor(account_id)
             if s.baseline:
-                cursor = await self._baseline_if_needed(store, account_id, cursor)
+                # A baseline reads the broker for as long as it answers with errors; a
+                # drain meanwhile ends it (its one write is a single transaction).
+                loaded = cursor
+                cursor = await self._unless_drained(
+                    lambda: self._baseline_if_needed(store, account_id, loaded))
+                if self.state.draining:
+                    return
             last = self._cache.last_committed if self._cache is not None else None
             if last is not None and not await store.has_key(last):
                 # An acknowledged commit is gone: the database failed over to a replica

@@ -600,6 +600,9 @@ async def test_the_server_gives_up_on_a_vanished_leader_within_seconds(
     store = await opened(database_url)
 
     def keepalives(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+        # Our side: unacknowledged data ends the connection after 30 s (pgconn.py).
+        options = {o.keyword: o.val for o in conn.pgconn.info}
+        assert options[b"tcp_user_timeout"] == b"30000"
         row = conn.execute("SELECT current_setting('tcp_keepalives_idle'), "
                            "current_setting('tcp_keepalives_interval'), "
                            "current_setting('tcp_keepalives_count'), "

@@ -342,3 +342,109 @@ async def test_watchdog_pings_stop_while_the_writer_is_wedged(database_url: str)
             notifier.close()
             nursery.cancel_scope.cancel()
     assert exit_codes == [EXIT_OK]
+
+
+class FreezingProxy:
+    """A TCP proxy to the test database that can freeze: it stops relaying but keeps
+    every socket open, as a database host that hangs does (the kernel still acknowledges,
+    so no TCP timeout fires and the server's own timeouts cannot run)."""
+
+    def __init__(self, database_url: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        self.target = conninfo_to_dict(database_url)
+        self.flowing = trio.Event()
+        self.flowing.set()
+        self.port = 0
+
+    async def _open_target(self) -> trio.abc.Stream:
+        host = str(self.target.get("host") or "localhost")
+        port = int(self.target.get("port") or 5432)
+        if host.startswith("/"):
+            return await trio.open_unix_socket(f"{host}/.s.PGSQL.{port}")
+        return await trio.open_tcp_stream(host, port)
+
+    async def _pump(self, src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await self.flowing.wait()
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        server = await self._open_target()
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, client, server)
+            nursery.start_soon(self._pump, server, client)
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def freeze(self) -> None:
+        self.flowing = trio.Event()
+
+    def url(self, database_url: str) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(database_url, host="127.0.0.1", port=self.port)
+
+
+async def test_a_drain_the_frozen_database_holds_up_ends_the_process_by_its_deadline(
+    database_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM while the writer's statement waits on a database host that hung (sockets
+    open, nothing answered): the drain deadline cancelled the pipeline but not the worker
+    thread blocked in libpq, and the process never exited (killed by systemd's stop
+    timeout). Now it exits 1 at the deadline plus the backstop's grace; the database then
+    holds exactly what committed before the freeze (the rest lies within the backfill)."""
+    from stream_supervisor.drain import BACKSTOP_GRACE
+
+    broker = SimulatedBroker(SimConfig(seed=29, account_id=str(uuid.uuid4()), key_id=KEY_ID,
+                                       secret_key=SECRET_KEY, orders=400, rate=300.0))
+    proxy = FreezingProxy(database_url)
+    out_path, err_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    drain_timeout = 2.0
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            server: SimServer = await nursery.start(serve, broker)
+            await nursery.start(proxy.run)
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+                "PYTHONUNBUFFERED": "1", "APCA_API_KEY_ID": KEY_ID,
+                "APCA_API_SECRET_KEY": SECRET_KEY, "APCA_API_BASE_URL": server.rest_url,
+                "APCA_API_STREAM_URL": server.ws_url, "DATABASE_URL": proxy.url(database_url),
+                "STREAM_SUPERVISOR_LOG_FORMAT": "json", "STREAM_SUPERVISOR_LOG_LEVEL": "debug",
+                "STREAM_SUPERVISOR_FIRST_START_LOOKBACK": "3600",
+                "STREAM_SUPERVISOR_BASELINE": "off",
+                "STREAM_SUPERVISOR_ORDER_REFRESH_INTERVAL": "0",
+                "STREAM_SUPERVISOR_DRAIN_TIMEOUT": str(drain_timeout),
+            }
+            with out_path.open("wb") as out, err_path.open("wb") as err:
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "stream_supervisor", "run"],
+                    env=env, stdout=out, stderr=err, cwd=str(tmp_path))
+            try:
+                nursery.start_soon(broker.run_market)
+                with trio.fail_after(45):
+                    while b'"event": "batch_committed"' not in out_path.read_bytes():
+                        assert proc.returncode is None, err_path.read_text()[-3000:]
+                        await trio.sleep(0.1)
+                proxy.freeze()  # the writer's next statement waits for ever
+                await trio.sleep(1.0)
+                proc.send_signal(signal.SIGTERM)
+                asked = trio.current_time()
+                with trio.fail_after(drain_timeout + BACKSTOP_GRACE + 15):
+                    code = await proc.wait()
+                took = trio.current_time() - asked
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+            nursery.cancel_scope.cancel()
+    output = out_path.read_text()
+    assert code == 1, output[-3000:]
+    assert took >= drain_timeout and '"event": "drain_backstop_exit"' in output, output[-3000:]
