@@ -101,19 +101,34 @@ FROM (SELECT DISTINCT {_OPENING_CID} AS cid FROM {_WITH_ORDER}
       LIMIT %(sample)s) AS ids
 """
 
+# What crypto fees cost each row: a CFEE takes its fee from the coin held, and the ledger
+# lets that quantity go at the row's average (nothing realized), so its cost basis
+# (quantity removed x average then x multiplier) is money paid that realized_pnl lacks.
+_FEE_COSTS = f"""
+SELECT pc.position_id,
+       sum((abs(pc.qty_before) - abs(pc.qty_after)) * pc.avg_before) AS cost
+FROM position_changes pc
+WHERE pc.activity_type = 'CFEE' AND pc.position_id IS NOT NULL
+  AND {_ACCOUNT.format(alias='pc.')}
+GROUP BY pc.position_id
+"""
+
 # Every trade up to the end of the last day: the to-date figures need the whole history.
-# `holding` stays numeric (exact, so sums and means do not depend on row order).
+# `holding` stays numeric (exact, so sums and means do not depend on row order); it is
+# never below 0 (a close stamped from a date-only activity can read as before the open).
 _TRADES = f"""
 CREATE TEMP TABLE stats_trades AS
+WITH fee_costs AS ({_FEE_COSTS})
 SELECT h.account_id,
        {_strategy_sql('h.origin', _OPENING_CID)} AS strategy,
        h.symbol,
        (h.closed_at AT TIME ZONE 'UTC')::date AS day,
        h.closed_at,
        h.position_id,
-       h.realized_pnl - h.fees AS pnl,
-       extract(epoch FROM h.closed_at - h.opened_at) AS holding
+       h.realized_pnl - h.fees - coalesce(f.cost, 0) * h.multiplier AS pnl,
+       extract(epoch FROM greatest(h.closed_at - h.opened_at, interval '0')) AS holding
 FROM {_WITH_ORDER}
+LEFT JOIN fee_costs f ON f.position_id = h.position_id
 WHERE h.closed_at < %(end)s AND {_ACCOUNT.format(alias='h.')}
 """
 

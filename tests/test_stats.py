@@ -410,6 +410,94 @@ async def test_the_store_copies_origin_and_fees_into_the_history(database_url: s
                                                               "swing": D(25)}
 
 
+# --------------------------------------------------------------------- what the ledger leaves out
+
+
+def store_fill(order: str, cid: str | None, symbol: str, side: str, qty: str, price: str,
+               ts: datetime, asset_class: str | None = None) -> Any:
+    from stream_supervisor.events import Event, fill_key
+
+    return Event(key=fill_key(order, Decimal(qty)), event="fill", source="stream",
+                 order_id=order, symbol=symbol, side=side, status="filled",
+                 cum_qty=Decimal(qty), timestamp=ts, ts_ns=int(ts.timestamp() * 10**6) * 1000,
+                 client_order_id=cid, order_qty=Decimal(qty), cum_avg_price=Decimal(price),
+                 fill_qty=Decimal(qty), fill_price=Decimal(price), asset_class=asset_class)
+
+
+def store_activity(activity_id: str, kind: str, symbol: str, qty: str, *,
+                   day: date | None = None, ts: datetime | None = None,
+                   price: str | None = None) -> Any:
+    from stream_supervisor.activities import WireNonTrade, non_trade_to_event
+
+    return non_trade_to_event(WireNonTrade(
+        id=activity_id, activity_type=kind, symbol=symbol, qty=Decimal(qty),
+        date=day.isoformat() if day else None, transaction_time=ts.isoformat() if ts else None,
+        price=Decimal(price) if price is not None else None))
+
+
+async def through_the_store(url: str, *batches: Sequence[Any], account: str = "A1") -> None:
+    """Each batch committed by the real store, as the service would."""
+    import trio
+
+    from stream_supervisor.pgstore import PgStore
+    from stream_supervisor.store import Batch
+
+    store = PgStore(url)
+    with trio.fail_after(WAIT):
+        await store.open()
+        for events in batches:
+            await store.commit_batch(Batch(account, list(events)))
+        await store.aclose()
+
+
+async def test_a_crypto_fee_taken_from_the_coin_is_paid_in_net_pnl(database_url: str) -> None:
+    """Buy 1 BTC at 50,000, the fee takes 0.0025 BTC, sell the 0.9975 left at 51,000: the
+    cash result is 0.9975 x 51,000 - 50,000 = 872.5. The ledger realizes 997.5 on what was
+    sold and lets the fee's coin go at the average (0.0025 x 50,000 = 125)."""
+    t = at(D1, "14:00")
+    await through_the_store(
+        database_url,
+        [store_fill("b1", "alpha-1", "BTC/USD", "buy", "1", "50000", t, "crypto")],
+        [store_fill("s1", "alpha-2", "BTC/USD", "sell", "0.9975", "51000",
+                    t + timedelta(minutes=30), "crypto")],
+        # Alpaca documents a date only: stamped at the day's end (21:00 UTC), after both.
+        [store_activity("20260302000000000::f1", "CFEE", "BTCUSD", "-0.0025", day=D1,
+                        price="50000")],
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT realized_pnl, fees FROM position_history").fetchall() == [
+            (D("997.5"), D(0))]
+    run(database_url, D1, D1)
+    rows = table(database_url, "strategy_stats")
+    got = rows[("A1", "alpha", D1)]
+    assert (got["trades"], got["wins"], got["net_pnl"]) == (1, 1, D("872.5"))
+    assert got["avg_holding_seconds"] == 7 * 3600.0  # 14:00 to the fee's 21:00
+
+
+async def test_a_close_stamped_before_its_open_holds_for_zero_seconds(
+        database_url: str) -> None:
+    """Bought and sold after 21:00 UTC (still the same New York day), the fee dust closes
+    the row at the date-only fee's 21:00 stamp: before it opened. Holding time is 0, not
+    negative."""
+    t = at(D1, "22:30")
+    await through_the_store(
+        database_url,
+        [store_fill("b1", "alpha-1", "BTC/USD", "buy", "1", "50000", t, "crypto")],
+        [store_fill("s1", "alpha-2", "BTC/USD", "sell", "0.9975", "50000",
+                    t + timedelta(minutes=30), "crypto")],
+        [store_activity("20260302000000000::f1", "CFEE", "BTCUSD", "-0.0025", day=D1,
+                        price="50000")],
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        [(opened, closed_at)] = conn.execute(
+            "SELECT opened_at, closed_at FROM position_history").fetchall()
+    assert closed_at < opened
+    run(database_url, D1, D1)
+    got = table(database_url, "strategy_stats")[("A1", "alpha", D1)]
+    assert got["avg_holding_seconds"] == got["median_holding_seconds"] == 0.0
+    assert (got["losses"], got["net_pnl"]) == (1, D(-125))
+
+
 # --------------------------------------------------------------------- strategy pattern
 
 
