@@ -58,10 +58,18 @@ PER_DAY_COLUMNS: Final = (
     "largest_loss", "avg_holding_seconds", "median_holding_seconds", "max_consecutive_losses",
 )
 TO_DATE_COLUMNS: Final = ("cum_net_pnl", "max_drawdown", "sqn", "sharpe_daily")
-STRATEGY_KEY: Final = ("account_id", "strategy", "day")
-SYMBOL_KEY: Final = ("account_id", "strategy", "symbol", "day")
-STRATEGY_COLUMNS: Final = STRATEGY_KEY + PER_DAY_COLUMNS + TO_DATE_COLUMNS
-SYMBOL_COLUMNS: Final = SYMBOL_KEY + PER_DAY_COLUMNS
+#: Each table's primary key: a row holds the trades of one quote currency (0009).
+STRATEGY_KEY: Final = ("account_id", "strategy", "currency", "day")
+SYMBOL_KEY: Final = ("account_id", "strategy", "currency", "symbol", "day")
+#: The columns in table order (`currency` came last, with migration 0009).
+STRATEGY_COLUMNS: Final = (
+    ("account_id", "strategy", "day") + PER_DAY_COLUMNS + TO_DATE_COLUMNS + ("currency",))
+SYMBOL_COLUMNS: Final = ("account_id", "strategy", "symbol", "day") + PER_DAY_COLUMNS + (
+    "currency",)
+#: The migration that keys the statistics by currency: `stats` refuses to run without it.
+STATS_MIGRATION: Final = "0009_stats_currency"
+#: Currency of everything that is not a crypto pair (equities, options).
+HOME_CURRENCY: Final = "USD"
 
 
 class StatsError(Exception):
@@ -85,6 +93,9 @@ END"""
 
 
 _PATTERN_COMPILES = "SELECT regexp_match('', %(pattern)s::text)"
+
+_HAS_MIGRATIONS = "SELECT to_regclass('stream_supervisor_migrations') IS NOT NULL"
+_MIGRATED = "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
 
 # The opening order's client order id: the position's own, or, when the opening fill came
 # from REST (FILL activities do not carry it), the one the order learnt later.
@@ -113,6 +124,11 @@ WHERE pc.activity_type = 'CFEE' AND pc.position_id IS NOT NULL
 GROUP BY pc.position_id
 """
 
+# The quote currency P&L is realized in: a crypto pair's quote (stored spelling BASE/QUOTE),
+# else dollars.
+_CURRENCY = f"""CASE WHEN strpos(h.symbol, '/') > 0 THEN split_part(h.symbol, '/', 2)
+     ELSE '{HOME_CURRENCY}' END"""
+
 # Every trade up to the end of the last day: the to-date figures need the whole history.
 # `holding` stays numeric (exact, so sums and means do not depend on row order); it is
 # never below 0 (a close stamped from a date-only activity can read as before the open).
@@ -122,6 +138,7 @@ WITH fee_costs AS ({_FEE_COSTS})
 SELECT h.account_id,
        {_strategy_sql('h.origin', _OPENING_CID)} AS strategy,
        h.symbol,
+       {_CURRENCY} AS currency,
        (h.closed_at AT TIME ZONE 'UTC')::date AS day,
        h.closed_at,
        h.position_id,
@@ -203,35 +220,36 @@ FROM sums s LEFT JOIN streaks st USING ({k})
 #   mean / sd           = s / sqrt(D * n / (n - 1))      (Sharpe over days, * sqrt(252))
 _TO_DATE = f"""
 WITH curve AS (
-    SELECT account_id, strategy, day, closed_at, position_id,
-           sum(pnl) OVER (PARTITION BY account_id, strategy {_ORDER}) AS cum
+    SELECT account_id, strategy, currency, day, closed_at, position_id,
+           sum(pnl) OVER (PARTITION BY account_id, strategy, currency {_ORDER}) AS cum
     FROM stats_trades
 ),
 -- The curve starts at 0 before the first trade: the peak is never below 0.
 falls AS (
-    SELECT account_id, strategy, day,
-           greatest(max(cum) OVER (PARTITION BY account_id, strategy {_ORDER}), 0) - cum AS fall
+    SELECT account_id, strategy, currency, day,
+           greatest(max(cum) OVER (PARTITION BY account_id, strategy, currency {_ORDER}), 0)
+               - cum AS fall
     FROM curve
 ),
 daily AS (
-    SELECT t.account_id, t.strategy, t.day,
+    SELECT t.account_id, t.strategy, t.currency, t.day,
            count(*) AS n, sum(t.pnl) AS net, sum(t.pnl * t.pnl) AS sq
-    FROM stats_trades t GROUP BY t.account_id, t.strategy, t.day
+    FROM stats_trades t GROUP BY t.account_id, t.strategy, t.currency, t.day
 ),
 daily_falls AS (
-    SELECT account_id, strategy, day, max(fall) AS fall FROM falls
-    GROUP BY account_id, strategy, day
+    SELECT account_id, strategy, currency, day, max(fall) AS fall FROM falls
+    GROUP BY account_id, strategy, currency, day
 ),
 running AS (
-    SELECT d.account_id, d.strategy, d.day,
+    SELECT d.account_id, d.strategy, d.currency, d.day,
            sum(d.net) OVER w AS cum_net_pnl,
            max(f.fall) OVER w AS max_drawdown,
            sum(d.n) OVER w AS n,
            sum(d.sq) OVER w AS sq,
            count(*) OVER w AS days,
            sum(d.net * d.net) OVER w AS day_sq
-    FROM daily d JOIN daily_falls f USING (account_id, strategy, day)
-    WINDOW w AS (PARTITION BY d.account_id, d.strategy ORDER BY d.day
+    FROM daily d JOIN daily_falls f USING (account_id, strategy, currency, day)
+    WINDOW w AS (PARTITION BY d.account_id, d.strategy, d.currency ORDER BY d.day
                  ROWS UNBOUNDED PRECEDING)
 ),
 spread AS (
@@ -239,7 +257,7 @@ spread AS (
            days * day_sq - cum_net_pnl * cum_net_pnl AS day_d
     FROM running WHERE day BETWEEN %(first)s AND %(last)s
 )
-SELECT account_id, strategy, day, cum_net_pnl, max_drawdown,
+SELECT account_id, strategy, currency, day, cum_net_pnl, max_drawdown,
        CASE WHEN n >= 2 AND trade_d > 0
             THEN (cum_net_pnl / sqrt(trade_d / (n - 1)))::float8 END AS sqn,
        CASE WHEN days >= 2 AND day_d > 0
@@ -359,6 +377,7 @@ def compute_stats(
                          " set_config('TimeZone', 'UTC', false),"
                          " set_config('work_mem', %s, false)",
                          [str(STATEMENT_TIMEOUT_MS), WORK_MEM])
+            require_migration(conn, conninfo)
             started = time.monotonic()
             _lock(conn, lock_wait_s)
             result.lock_wait_s = round(time.monotonic() - started, 3)
@@ -379,6 +398,19 @@ def compute_stats(
              symbol_rows=result.symbol_rows, trades=result.trades,
              compute_s=result.compute_s, replace_s=result.replace_s)
     return result
+
+
+def require_migration(conn: psycopg.Connection[Any], conninfo: str) -> None:
+    """ConfigError (exit 78) unless the statistics tables have their currency (0009)."""
+    from . import pgconn
+
+    row = conn.execute(_HAS_MIGRATIONS).fetchone()
+    if row and row[0]:
+        row = conn.execute(_MIGRATED, [STATS_MIGRATION]).fetchone()
+    if not (row and row[0]):
+        raise ConfigError(f"the database ({pgconn.describe(conninfo)}) is not migrated "
+                          f"(migration {STATS_MIGRATION} not applied): run "
+                          "`stream-supervisor migrate` first")
 
 
 def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:

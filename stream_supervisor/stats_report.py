@@ -1,8 +1,8 @@
 """`stats --report FILE`: one self-contained HTML page of the stored statistics.
 
-Per account and strategy: the cumulative net P&L curve (one point per day with trades,
-starting at 0) with its drawdowns shaded between the curve and its running peak, and a
-table of the latest figures. plotly draws it and its JavaScript is inlined, so the file
+Per account, strategy and quote currency: the cumulative net P&L curve (one point per day
+with trades, starting at 0) with its drawdowns shaded between the curve and its running
+peak, and a table of the latest figures. plotly draws it and its JavaScript is inlined, so the file
 opens offline; plotly is an optional extra (`stream-supervisor[report]`).
 """
 
@@ -27,35 +27,35 @@ CURVE_NAME: Final = "cumulative net P&L"
 PEAK_NAME: Final = "running peak"
 
 _SERIES = """
-SELECT account_id, strategy, day, cum_net_pnl
+SELECT account_id, strategy, currency, day, cum_net_pnl
 FROM strategy_stats
 WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
-ORDER BY account_id, strategy, day
+ORDER BY account_id, strategy, currency, day
 """
 
 # Totals over every stored day, and the to-date figures of the latest one.
 _LATEST = """
 WITH totals AS (
-    SELECT account_id, strategy, min(day) AS first_day, count(*) AS days,
+    SELECT account_id, strategy, currency, min(day) AS first_day, count(*) AS days,
            sum(trades) AS trades, sum(wins) AS wins, sum(losses) AS losses,
            sum(gross_profit) AS gross_profit, sum(gross_loss) AS gross_loss
     FROM strategy_stats
     WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
-    GROUP BY account_id, strategy
+    GROUP BY account_id, strategy, currency
 ),
 latest AS (
-    SELECT DISTINCT ON (account_id, strategy) account_id, strategy, day, cum_net_pnl,
-           max_drawdown, sqn, sharpe_daily
+    SELECT DISTINCT ON (account_id, strategy, currency) account_id, strategy, currency, day,
+           cum_net_pnl, max_drawdown, sqn, sharpe_daily
     FROM strategy_stats
     WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
-    ORDER BY account_id, strategy, day DESC
+    ORDER BY account_id, strategy, currency, day DESC
 )
-SELECT t.account_id, t.strategy, t.first_day, l.day, t.days, t.trades, t.wins, t.losses,
+SELECT t.account_id, t.strategy, t.currency, t.first_day, l.day, t.days, t.trades, t.wins, t.losses,
        t.wins::float8 / t.trades,
        CASE WHEN t.gross_loss > 0 THEN (t.gross_profit / t.gross_loss)::float8 END,
        l.cum_net_pnl, l.max_drawdown, l.sqn, l.sharpe_daily
-FROM totals t JOIN latest l USING (account_id, strategy)
-ORDER BY t.account_id, t.strategy
+FROM totals t JOIN latest l USING (account_id, strategy, currency)
+ORDER BY t.account_id, t.strategy, t.currency
 """
 
 _LATEST_COLUMNS: Final = (
@@ -78,6 +78,7 @@ def require_plotting() -> None:
 class _Strategy:
     account_id: str
     strategy: str
+    currency: str
     days: list[date] = field(default_factory=list)
     cum: list[Decimal] = field(default_factory=list)
     latest: tuple[Any, ...] = ()
@@ -96,13 +97,14 @@ def write_report(conninfo: str, path: str | Path, *, account_id: str | None = No
         with pgconn.connect(conninfo, autocommit=True, prepare_threshold=None,
                             application_name="stream-supervisor stats report") as conn:
             params = {"account": account_id}
-            strategies: dict[tuple[str, str], _Strategy] = {}
-            for acct, strategy, day, cum in conn.execute(_SERIES, params):
-                entry = strategies.setdefault((acct, strategy), _Strategy(acct, strategy))
+            strategies: dict[tuple[str, str, str], _Strategy] = {}
+            for acct, strategy, currency, day, cum in conn.execute(_SERIES, params):
+                entry = strategies.setdefault((acct, strategy, currency),
+                                              _Strategy(acct, strategy, currency))
                 entry.days.append(day)
                 entry.cum.append(cum)
             for row in conn.execute(_LATEST, params):
-                strategies[(row[0], row[1])].latest = tuple(row[2:])
+                strategies[(row[0], row[1], row[2])].latest = tuple(row[3:])
     except psycopg.Error as exc:
         raise StoreError(f"stats report failed: {pgconn.error_text(exc, conninfo)}") from None
     page = render(list(strategies.values()))
@@ -125,8 +127,9 @@ def render(strategies: Sequence[_Strategy]) -> str:
                           div_id=f"curve-{n}", default_height="420px")
         sections.append(
             f'<section class="strategy" data-account="{_e(s.account_id)}" '
-            f'data-strategy="{_e(s.strategy)}">\n<h2>{_e(s.strategy)} '
-            f'<small>account {_e(s.account_id)}</small></h2>\n{div}\n'
+            f'data-strategy="{_e(s.strategy)}" data-currency="{_e(s.currency)}">\n'
+            f'<h2>{_e(s.strategy)} <small>account {_e(s.account_id)}, P&amp;L in '
+            f'{_e(s.currency)}</small></h2>\n{div}\n'
             f'{_latest_table(s)}\n</section>'
         )
     body = "\n".join(sections) or "<p>No statistics stored yet: run <code>stream-supervisor " \
@@ -147,7 +150,9 @@ small {{ color: #777; font-weight: normal; }}
 <body>
 <h1>Strategy statistics</h1>
 <p>Generated {generated} from <code>strategy_stats</code>. Net P&amp;L is realized P&amp;L
-less known fees; the curve has one point per day with trades and starts at 0; the shaded
+less known fees, in the quote currency of the trades (USD for equities and options, the
+pair's quote for crypto), one section per strategy and currency: figures in different
+currencies are never added; the curve has one point per day with trades and starts at 0; the shaded
 area is the drawdown from the curve's running peak. The max drawdown in the table is
 measured trade by trade, so it can exceed what the daily curve shows.</p>
 {body}
@@ -172,8 +177,8 @@ def _figure(s: _Strategy) -> Any:
     figure.add_trace(go.Scatter(x=x, y=y, name=CURVE_NAME, mode="lines",
                                 line={"color": "#1f5fa8", "width": 2}, fill="tonexty",
                                 fillcolor="rgba(214,39,40,0.25)"))
-    figure.update_layout(title={"text": f"{s.strategy} ({s.account_id})"},
-                         yaxis_title="net P&L", hovermode="x unified",
+    figure.update_layout(title={"text": f"{s.strategy} ({s.account_id}, {s.currency})"},
+                         yaxis_title=f"net P&L ({s.currency})", hovermode="x unified",
                          margin={"l": 60, "r": 20, "t": 50, "b": 40},
                          legend={"orientation": "h"})
     return figure

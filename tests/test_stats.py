@@ -116,11 +116,13 @@ def insert(url: str, rows: Sequence[Closed]) -> None:
         )
 
 
-def table(url: str, name: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+def table(url: str, name: str, currency: str = "USD") -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rows of one quote currency, keyed by (account, strategy[, symbol], day)."""
     columns = STRATEGY_COLUMNS if name == "strategy_stats" else SYMBOL_COLUMNS
     width = 3 if name == "strategy_stats" else 4
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(f"SELECT {', '.join(columns)} FROM {name}").fetchall()
+        rows = conn.execute(f"SELECT {', '.join(columns)} FROM {name} WHERE currency = %s",
+                            [currency]).fetchall()
     return {row[:width]: dict(zip(columns[width:], row[width:], strict=True)) for row in rows}
 
 
@@ -498,6 +500,49 @@ async def test_a_close_stamped_before_its_open_holds_for_zero_seconds(
     assert (got["losses"], got["net_pnl"]) == (1, D(-125))
 
 
+async def test_pnl_in_another_coin_is_never_added_to_dollars(database_url: str,
+                                                             tmp_path: Path) -> None:
+    """ETH/BTC realizes its P&L in BTC: 10 ETH bought at 0.05 BTC, sold at 0.04, is
+    -0.1 BTC (some -5,000 dollars), beside +10 dollars of AAPL in the same strategy."""
+    t = at(D1, "15:00")
+    await through_the_store(
+        database_url,
+        [store_fill("e1", "alpha-e1", "ETH/BTC", "buy", "10", "0.05", t, "crypto"),
+         store_fill("a1", "alpha-a1", "AAPL", "buy", "10", "100", t, "us_equity")],
+        [store_fill("e2", "alpha-e2", "ETH/BTC", "sell", "10", "0.04",
+                    t + timedelta(minutes=5), "crypto"),
+         store_fill("a2", "alpha-a2", "AAPL", "sell", "10", "101", t + timedelta(minutes=5),
+                    "us_equity")],
+    )
+    run(database_url, D1, D1)
+
+    dollars = table(database_url, "strategy_stats")[("A1", "alpha", D1)]
+    coins = table(database_url, "strategy_stats", "BTC")[("A1", "alpha", D1)]
+    assert (dollars["trades"], dollars["net_pnl"], dollars["cum_net_pnl"]) == (1, D(10), D(10))
+    assert dollars["profit_factor"] is None
+    assert (coins["trades"], coins["losses"], coins["net_pnl"], coins["cum_net_pnl"],
+            coins["max_drawdown"]) == (1, 1, D("-0.1"), D("-0.1"), D("0.1"))
+    symbols = table(database_url, "strategy_symbol_stats", "BTC")
+    assert list(symbols) == [("A1", "alpha", "ETH/BTC", D1)]
+    # The report: one section per currency, never a sum of both.
+    path = tmp_path / "report.html"
+    assert run_cli(["stats", "--database-url", database_url, "--no-compute",
+                    "--report", str(path)]) == 0
+    assert set(plotly_figures(path.read_text())) == {"alpha (A1, USD)", "alpha (A1, BTC)"}
+
+
+def test_stats_refuses_a_database_without_the_currency_migration(
+        empty_database_url: str, tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1] / "migrations"
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for sql in sorted(repo.glob("*.sql"))[:8]:
+        (before / sql.name).write_bytes(sql.read_bytes())
+    apply_migrations(empty_database_url, before)
+    with pytest.raises(ConfigError, match="0009_stats_currency not applied"):
+        run(empty_database_url, D1, D1)
+
+
 # --------------------------------------------------------------------- strategy pattern
 
 
@@ -726,9 +771,9 @@ def test_the_report_has_one_curve_per_strategy_and_opens_offline(
     page = path.read_text()
     figures = plotly_figures(page)
     wanted = {(a, s) for a, s, _ in HAND}
-    assert {title for title in figures} == {f"{s} ({a})" for a, s in wanted}
+    assert {title for title in figures} == {f"{s} ({a}, USD)" for a, s in wanted}
     for (account, strategy) in wanted:
-        traces = figures[f"{strategy} ({account})"]
+        traces = figures[f"{strategy} ({account}, USD)"]
         curves = [t for t in traces if t["name"] == "cumulative net P&L"]
         assert len(curves) == 1
         last_day = max(d for a, s, d in HAND if (a, s) == (account, strategy))
