@@ -97,21 +97,6 @@ _PATTERN_COMPILES = "SELECT regexp_match('', %(pattern)s::text)"
 _HAS_MIGRATIONS = "SELECT to_regclass('stream_supervisor_migrations') IS NOT NULL"
 _MIGRATED = "SELECT EXISTS (SELECT 1 FROM stream_supervisor_migrations WHERE version = %s)"
 
-# The opening order's client order id: the position's own, or, when the opening fill came
-# from REST (FILL activities do not carry it), the one the order learnt later.
-_OPENING_CID = "coalesce(h.client_order_id, o.client_order_id)"
-_WITH_ORDER = "position_history h LEFT JOIN broker_orders o ON o.alpaca_order_id = h.alpaca_order_id"
-
-# A sample of the client order ids about to be attributed, with the server's answer.
-_PATTERN_SAMPLE = f"""
-SELECT cid, {_strategy_sql("'fill'", "cid")}
-FROM (SELECT DISTINCT {_OPENING_CID} AS cid FROM {_WITH_ORDER}
-      WHERE h.closed_at >= %(start)s AND h.closed_at < %(end)s
-        AND h.origin <> '{BASELINE_ORIGIN}' AND {_OPENING_CID} IS NOT NULL
-        AND {_ACCOUNT.format(alias='h.')}
-      LIMIT %(sample)s) AS ids
-"""
-
 # What crypto fees cost each row: a CFEE takes its fee from the coin held, and the ledger
 # lets that quantity go at the row's average (nothing realized), so its cost basis
 # (quantity removed x average then x multiplier) is money paid that realized_pnl lacks.
@@ -124,29 +109,105 @@ WHERE pc.activity_type = 'CFEE' AND pc.position_id IS NOT NULL
 GROUP BY pc.position_id
 """
 
+# A row's own net P&L: what it realized, less its known fees and its crypto fees' cost.
+_ROW_PNL = "h.realized_pnl - h.fees - coalesce(f.cost, 0) * h.multiplier"
+
 # The quote currency P&L is realized in: a crypto pair's quote (stored spelling BASE/QUOTE),
 # else dollars.
 _CURRENCY = f"""CASE WHEN strpos(h.symbol, '/') > 0 THEN split_part(h.symbol, '/', 2)
      ELSE '{HOME_CURRENCY}' END"""
 
 # Every trade up to the end of the last day: the to-date figures need the whole history.
+#
+# A trade is a position flat to flat. An adjustment (baseline, rebaseline, reconcile) that
+# closes a row and opens one on the same side continues the position: the rows it links
+# are one trade, counted when the last of them closes, with the first one's opener
+# (strategy) and opened_at, and the P&L of them all. A row closed by an adjustment that
+# opened no continuation, or by a transfer out (ACATS), was not closed by a trade: no
+# trade. A stock row an assignment or exercise opened from flat has no order of its own:
+# it takes the opener of the option row the same activity closed.
+#
 # `holding` stays numeric (exact, so sums and means do not depend on row order); it is
 # never below 0 (a close stamped from a date-only activity can read as before the open).
 _TRADES = f"""
 CREATE TEMP TABLE stats_trades AS
-WITH fee_costs AS ({_FEE_COSTS})
-SELECT h.account_id,
-       {_strategy_sql('h.origin', _OPENING_CID)} AS strategy,
-       h.symbol,
-       {_CURRENCY} AS currency,
-       (h.closed_at AT TIME ZONE 'UTC')::date AS day,
-       h.closed_at,
-       h.position_id,
-       h.realized_pnl - h.fees - coalesce(f.cost, 0) * h.multiplier AS pnl,
-       extract(epoch FROM greatest(h.closed_at - h.opened_at, interval '0')) AS holding
-FROM {_WITH_ORDER}
-LEFT JOIN fee_costs f ON f.position_id = h.position_id
-WHERE h.closed_at < %(end)s AND {_ACCOUNT.format(alias='h.')}
+WITH RECURSIVE
+links AS (
+    SELECT a.closed_position_id AS prev, a.opened_position_id AS next
+    FROM position_adjustments a
+    WHERE a.closed_position_id IS NOT NULL AND a.opened_position_id IS NOT NULL
+      AND sign(a.qty_before) = sign(a.qty_after) AND {_ACCOUNT.format(alias='a.')}
+),
+-- Every row of a chain of links, with the chain's first row.
+chained AS (
+    SELECT l.prev AS position_id, l.prev AS first_id FROM links l
+    WHERE NOT EXISTS (SELECT 1 FROM links x WHERE x.next = l.prev)
+    UNION ALL
+    SELECT l.next, c.first_id FROM chained c JOIN links l ON l.prev = c.position_id
+),
+fee_costs AS ({_FEE_COSTS}),
+chain_pnl AS (
+    SELECT c.first_id, sum({_ROW_PNL}) AS pnl
+    FROM chained c JOIN position_history h ON h.position_id = c.position_id
+    LEFT JOIN fee_costs f ON f.position_id = h.position_id
+    GROUP BY c.first_id
+),
+-- The stock row an assignment or exercise opened from flat, and the option row (its
+-- chain's first) the same activity changed.
+assigned AS (
+    SELECT st.position_id AS stock_id, coalesce(oc.first_id, op.position_id) AS option_id
+    FROM position_changes st
+    JOIN position_changes op ON op.account_id = st.account_id
+        AND op.activity_id = st.activity_id AND op.symbol <> st.symbol
+    LEFT JOIN chained oc ON oc.position_id = op.position_id
+    WHERE st.activity_type IN ('OPASN', 'OPEXC') AND st.qty_before = 0
+      AND st.position_id IS NOT NULL AND op.position_id IS NOT NULL
+      AND {_ACCOUNT.format(alias='st.')}
+),
+trades AS (
+    SELECT h.account_id, h.symbol, h.closed_at, h.position_id,
+           {_CURRENCY} AS currency,
+           coalesce(cp.pnl, {_ROW_PNL}) AS pnl,
+           extract(epoch FROM greatest(h.closed_at - first.opened_at, interval '0'))
+               AS holding,
+           coalesce(oh.origin, oa.origin, first.origin) AS origin,
+           CASE WHEN coalesce(oh.origin, oa.origin) IS NOT NULL
+                THEN coalesce(oh.client_order_id, oa.client_order_id, oo.client_order_id)
+                ELSE coalesce(first.client_order_id, o.client_order_id)
+           END AS cid
+    FROM position_history h
+    LEFT JOIN chained c ON c.position_id = h.position_id
+    JOIN position_history first ON first.position_id = coalesce(c.first_id, h.position_id)
+    LEFT JOIN broker_orders o ON o.alpaca_order_id = first.alpaca_order_id
+    LEFT JOIN chain_pnl cp ON cp.first_id = c.first_id
+    LEFT JOIN fee_costs f ON f.position_id = h.position_id
+    LEFT JOIN assigned asn ON asn.stock_id = first.position_id
+    LEFT JOIN position_history oh ON oh.position_id = asn.option_id
+    LEFT JOIN active_positions oa ON oa.id = asn.option_id AND oh.position_id IS NULL
+    LEFT JOIN broker_orders oo
+        ON oo.alpaca_order_id = coalesce(oh.alpaca_order_id, oa.alpaca_order_id)
+    WHERE h.closed_at < %(end)s AND {_ACCOUNT.format(alias='h.')}
+      AND h.close_reason IS NULL
+      AND NOT EXISTS (SELECT 1 FROM account_activities aa
+                      WHERE aa.account_id = h.account_id
+                        AND aa.activity_id = h.closing_activity_id
+                        AND aa.activity_type = 'ACATS')
+)
+SELECT account_id,
+       {_strategy_sql('origin', 'cid')} AS strategy,
+       symbol, currency,
+       (closed_at AT TIME ZONE 'UTC')::date AS day,
+       closed_at, position_id, pnl, holding, origin, cid
+FROM trades
+"""
+
+# A sample of the client order ids just attributed, with the server's answer.
+_PATTERN_SAMPLE = f"""
+SELECT cid, {_strategy_sql("'fill'", "cid")}
+FROM (SELECT DISTINCT cid FROM stats_trades
+      WHERE day BETWEEN %(first)s AND %(last)s AND origin <> '{BASELINE_ORIGIN}'
+        AND cid IS NOT NULL
+      LIMIT %(sample)s) AS ids
 """
 
 # Trades of one day, in the order streaks and curves follow.
@@ -385,6 +446,7 @@ def compute_stats(
             started = time.monotonic()
             _compute(conn, params, result)
             result.compute_s = round(time.monotonic() - started, 3)
+            _check_attribution(conn, pattern, params)
             started = time.monotonic()
             for day in days.days():
                 _replace_day(conn, day, params, result)
@@ -436,8 +498,8 @@ def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
 
 def _check_pattern(conn: psycopg.Connection[Any], pattern: StrategyPattern,
                    params: dict[str, Any]) -> None:
-    """The server must compile the pattern and read it as Python does on the ids about to
-    be attributed; either failing is the operator's to fix (a ConfigError, exit 78)."""
+    """The server must compile the pattern, or it is the operator's to fix (a ConfigError,
+    exit 78)."""
     import psycopg
 
     try:
@@ -445,6 +507,12 @@ def _check_pattern(conn: psycopg.Connection[Any], pattern: StrategyPattern,
     except psycopg.errors.InvalidRegularExpression as exc:
         raise ConfigError(f"{PATTERN_VARIABLE}={pattern.source!r} is not a regular expression "
                           f"PostgreSQL accepts: {exc.diag.message_primary}") from None
+
+
+def _check_attribution(conn: psycopg.Connection[Any], pattern: StrategyPattern,
+                       params: dict[str, Any]) -> None:
+    """The server must read the pattern as Python does on the ids just attributed (before
+    any day is replaced), or it is the operator's to fix (a ConfigError, exit 78)."""
     for cid, on_server in conn.execute(_PATTERN_SAMPLE, params):
         in_python = pattern.strategy_of(cid)
         if on_server != in_python:

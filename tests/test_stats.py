@@ -543,6 +543,104 @@ def test_stats_refuses_a_database_without_the_currency_migration(
         run(empty_database_url, D1, D1)
 
 
+async def broker_word(url: str, reason: str, taken_at: datetime,
+                      positions: Sequence[tuple[str, str, str]], account: str = "A1") -> None:
+    """A reconcile (or rebaseline) taking the broker's (symbol, qty, avg) for those symbols."""
+    import trio
+
+    from stream_supervisor.adjustments import BrokerPosition
+    from stream_supervisor.pgstore import PgStore
+    from stream_supervisor.store import BrokerWord
+
+    store = PgStore(url)
+    with trio.fail_after(WAIT):
+        await store.open()
+        assert await store.try_leadership(account)
+        await store.apply_broker_word(BrokerWord(
+            account, reason, taken_at,
+            [BrokerPosition(sym, Decimal(q), Decimal(avg)) for sym, q, avg in positions],
+            symbols=[sym for sym, _, _ in positions]))
+        await store.aclose()
+
+
+async def test_a_reconciled_position_stays_one_trade_of_its_strategy(database_url: str) -> None:
+    """alpha buys 10 at 100; its second buy of 2 never reached us, so a reconcile takes the
+    broker's 12 (closing our row, opening one with no order of its own); alpha sells 12 at
+    110. One trade of alpha's, +120, held from its first buy; not a breakeven of alpha's
+    and a win of nobody's."""
+    from stream_supervisor.adjustments import RECONCILE
+
+    t = at(D1, "15:00")
+    await through_the_store(database_url, [store_fill("o1", "alpha-1", "XYZ", "buy", "10",
+                                                      "100", t + timedelta(minutes=1))])
+    await broker_word(database_url, RECONCILE, t + timedelta(minutes=3), [("XYZ", "12", "100")])
+    await through_the_store(database_url, [store_fill("o3", "alpha-3", "XYZ", "sell", "12",
+                                                      "110", t + timedelta(minutes=10))])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT close_reason, realized_pnl FROM position_history"
+                            " ORDER BY position_id").fetchall() == [("reconcile", D(0)),
+                                                                    (None, D(120))]
+    run(database_url, D1, D1)
+
+    rows = table(database_url, "strategy_stats")
+    assert set(rows) == {("A1", "alpha", D1)}
+    got = rows[("A1", "alpha", D1)]
+    assert (got["trades"], got["wins"], got["breakevens"], got["net_pnl"], got["win_rate"]) == (
+        1, 1, 0, D(120), 1.0)
+    assert got["avg_holding_seconds"] == 9 * 60.0  # from alpha's buy, not the reconcile
+
+
+async def test_closes_that_are_not_trades_are_not_counted(database_url: str) -> None:
+    """A row a reconcile flattened (the broker holds none: its sale never reached us) and a
+    row transferred out (ACATS) were not closed by a trade of the strategy."""
+    from stream_supervisor.adjustments import RECONCILE
+
+    t = at(D1, "15:00")
+    await through_the_store(database_url, [
+        store_fill("o1", "alpha-1", "XYZ", "buy", "10", "100", t),
+        store_fill("o2", "alpha-2", "ABC", "buy", "5", "20", t),
+        store_fill("o3", "beta-3", "QQQ", "buy", "1", "400", t),
+    ])
+    await broker_word(database_url, RECONCILE, t + timedelta(minutes=3), [("XYZ", "0", "0")])
+    await through_the_store(database_url, [
+        store_activity("20260302150500000::t1", "ACATS", "ABC", "-5",
+                       ts=t + timedelta(minutes=5)),
+        store_fill("o4", "beta-4", "QQQ", "sell", "1", "401", t + timedelta(minutes=6)),
+    ])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM position_history").fetchall() == [(3,)]
+    run(database_url, D1, D1)
+
+    rows = table(database_url, "strategy_stats")
+    assert set(rows) == {("A1", "beta", D1)}
+    assert rows[("A1", "beta", D1)]["net_pnl"] == D(1)
+
+
+async def test_an_assigned_options_stock_keeps_the_options_strategy(database_url: str) -> None:
+    """The wheel: sell a put for 2.00, get assigned 100 shares at the 100 strike (a row with
+    no order of its own), sell them at 105 by hand. Both are the wheel's trades."""
+    put = "XYZ260116P00100000"
+    t = at(D1, "15:00")
+    await through_the_store(
+        database_url,
+        [store_fill("o1", "wheel-1", put, "sell", "1", "2.00", t, "us_option")],
+        [store_activity("20260302160000000::a1", "OPASN", put, "1",
+                        ts=t + timedelta(hours=1))],
+        [store_fill("o2", "manual-2", "XYZ", "sell", "100", "105", t + timedelta(hours=2),
+                    "us_equity")],
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT symbol, client_order_id, realized_pnl FROM position_history"
+                            " ORDER BY position_id").fetchall() == [
+            (put, "wheel-1", D(200)), ("XYZ", None, D(500))]
+    run(database_url, D1, D1)
+
+    rows = table(database_url, "strategy_stats")
+    assert set(rows) == {("A1", "wheel", D1)}
+    got = rows[("A1", "wheel", D1)]
+    assert (got["trades"], got["wins"], got["net_pnl"]) == (2, 2, D(700))
+
+
 # --------------------------------------------------------------------- strategy pattern
 
 
