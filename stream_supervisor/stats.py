@@ -488,12 +488,17 @@ def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
     if wait_s <= 0:  # lock_timeout 0 would mean "wait for ever"
         raise held_too_long
     log.info("stats_lock_wait", key=STATS_LOCK_KEY, wait_s=wait_s)
-    conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{math.ceil(wait_s * 1000)}ms"])
+    # lock_timeout bounds the wait; the statement bound (shorter than the default wait)
+    # is lifted around it, or it would cut the wait short with a message about neither.
+    conn.execute("SELECT set_config('lock_timeout', %s, false),"
+                 " set_config('statement_timeout', '0', false)",
+                 [f"{math.ceil(wait_s * 1000)}ms"])
     try:
         conn.execute("SELECT pg_advisory_lock(%s)", [STATS_LOCK_KEY])
     except psycopg.errors.LockNotAvailable:
         raise held_too_long from None
-    conn.execute("SELECT set_config('lock_timeout', '0', false)")
+    conn.execute("SELECT set_config('lock_timeout', '0', false),"
+                 " set_config('statement_timeout', %s, false)", [str(STATEMENT_TIMEOUT_MS)])
 
 
 def _check_pattern(conn: psycopg.Connection[Any], pattern: StrategyPattern,

@@ -720,6 +720,23 @@ def test_a_run_that_waits_too_long_exits_1_naming_the_lock(history_url: str) -> 
     assert table(history_url, "strategy_stats") == {}
 
 
+def test_the_lock_wait_is_not_cut_short_by_the_statement_timeout(
+        history_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lock-wait longer than the bound on each statement (1800 s against 600 s by
+    default; 2.5 s against 1 s here): the run waits the whole --lock-wait, then fails
+    naming the lock."""
+    from stream_supervisor import stats
+
+    monkeypatch.setattr(stats, "STATEMENT_TIMEOUT_MS", 1000)
+    with psycopg.connect(history_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", [STATS_LOCK_KEY])
+        started = time.monotonic()
+        with pytest.raises(stats.StatsError, match="held the stats lock .* 2.5 s"):
+            run(history_url, D1, D1, lock_wait_s=2.5)
+        assert time.monotonic() - started >= 2.5
+    assert table(history_url, "strategy_stats") == {}
+
+
 def test_two_runs_at_once_both_succeed_with_the_same_rows(history_url: str) -> None:
     procs = [cli(history_url, "--from", D1.isoformat(), "--to", D3.isoformat())
              for _ in range(2)]
