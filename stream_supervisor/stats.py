@@ -617,9 +617,12 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         print("stream-supervisor stats: --no-compute needs --report", file=sys.stderr)
         return 2
     if args.report:
-        from .stats_report import require_plotting
+        from .stats_report import require_plotting, unwritable
 
         require_plotting()  # before the work, not after it
+        if (why := unwritable(args.report)) is not None:
+            print(f"stream-supervisor stats: cannot write the report: {why}", file=sys.stderr)
+            return 1
     output: dict[str, Any] = {}
     if not args.no_compute:
         try:
@@ -633,8 +636,14 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.report:
         from .stats_report import write_report
 
-        output["report"] = write_report(settings.database_url, args.report,
-                                        account_id=settings.account_id)
+        try:
+            output["report"] = write_report(settings.database_url, args.report,
+                                            account_id=settings.account_id)
+        except OSError as exc:  # the path went away or filled up since the check
+            print(json.dumps(output))
+            log.error("stats_report_failed", error=str(exc))
+            print(f"stream-supervisor stats: cannot write the report: {exc}", file=sys.stderr)
+            return 1
     print(json.dumps(output))  # one line: stdout also carries the JSON log lines
     return 0
 

@@ -9,6 +9,7 @@ opens offline; plotly is an optional extra (`stream-supervisor[report]`).
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -74,6 +75,21 @@ def require_plotting() -> None:
         ) from None
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why the report cannot be written to `path` (checked before any work), or None."""
+    out = Path(path)
+    parent = out.parent
+    if out.is_dir():
+        return f"{out} is a directory"
+    if not parent.is_dir():
+        return f"no directory {parent}"
+    if out.exists() and not os.access(out, os.W_OK):
+        return f"{out} is not writable"
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} is not writable"
+    return None
+
+
 @dataclass(slots=True)
 class _Strategy:
     account_id: str
@@ -96,15 +112,20 @@ def write_report(conninfo: str, path: str | Path, *, account_id: str | None = No
     try:
         with pgconn.connect(conninfo, autocommit=True, prepare_threshold=None,
                             application_name="stream-supervisor stats report") as conn:
+            # Both reads in one snapshot: a stats run committing between them would give
+            # table figures for a strategy whose curve was never read.
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
             params = {"account": account_id}
             strategies: dict[tuple[str, str, str], _Strategy] = {}
-            for acct, strategy, currency, day, cum in conn.execute(_SERIES, params):
-                entry = strategies.setdefault((acct, strategy, currency),
-                                              _Strategy(acct, strategy, currency))
-                entry.days.append(day)
-                entry.cum.append(cum)
-            for row in conn.execute(_LATEST, params):
-                strategies[(row[0], row[1], row[2])].latest = tuple(row[3:])
+            with conn.transaction():
+                for acct, strategy, currency, day, cum in conn.execute(_SERIES, params):
+                    entry = strategies.setdefault((acct, strategy, currency),
+                                                  _Strategy(acct, strategy, currency))
+                    entry.days.append(day)
+                    entry.cum.append(cum)
+                for row in conn.execute(_LATEST, params):
+                    strategies[(row[0], row[1], row[2])].latest = tuple(row[3:])
     except psycopg.Error as exc:
         raise StoreError(f"stats report failed: {pgconn.error_text(exc, conninfo)}") from None
     page = render(list(strategies.values()))

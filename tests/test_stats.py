@@ -902,6 +902,68 @@ def test_the_report_has_one_curve_per_strategy_and_opens_offline(
     assert page.count('class="latest"') == len(wanted)
 
 
+def test_the_report_reads_one_snapshot(history_url: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stats run committing a new strategy between the report's two reads: the report
+    shows the strategies of one moment (a KeyError on the new one before)."""
+    from stream_supervisor import pgconn
+    from stream_supervisor.stats_report import write_report
+
+    run(history_url, D1, D1)
+    real = pgconn.connect
+    fired: list[bool] = []
+
+    class Between:
+        """The report's connection; another run commits after its first read."""
+
+        def __init__(self, conn: Any) -> None:
+            self.conn, self.reads = conn, 0
+
+        def __enter__(self) -> Any:
+            self.conn.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> Any:
+            return self.conn.__exit__(*exc)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name in ("conn", "reads"):
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self.conn, name, value)
+
+        def execute(self, *args: Any, **kw: Any) -> Any:
+            self.reads += 1
+            if self.reads == 2 and not fired:
+                fired.append(True)
+                insert(history_url, [closed(90, "A1", "AAPL", "gamma-1", "5", at(D3, "09:00"),
+                                            at(D3, "10:00"))])
+                run(history_url, D3, D3)
+            return self.conn.execute(*args, **kw)
+
+    monkeypatch.setattr(pgconn, "connect", lambda *a, **k: Between(real(*a, **k)))
+    page = Path(write_report(history_url, tmp_path / "r.html")).read_text()
+    monkeypatch.undo()
+    assert ("A1", "gamma", D3) in table(history_url, "strategy_stats")  # it did commit
+    assert "gamma (A1, USD)" not in plotly_figures(page)
+    assert "alpha (A1, USD)" in plotly_figures(page)
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(
+        history_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "such" / "r.html"
+    assert run_cli(["stats", "--database-url", history_url, "--date", D1.isoformat(),
+                    "--report", str(missing)]) == 1
+    assert f"cannot write the report: no directory {missing.parent}" in capsys.readouterr().err
+    assert table(history_url, "strategy_stats") == {}
+    assert run_cli(["stats", "--database-url", history_url, "--date", D1.isoformat(),
+                    "--report", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
 def plotly_figures(page: str) -> dict[str, list[dict[str, Any]]]:
     """Figure title -> traces, read back from each Plotly.newPlot call."""
     decoder = json.JSONDecoder()
