@@ -590,6 +590,20 @@ async def test_a_reconciled_position_stays_one_trade_of_its_strategy(database_ur
     assert got["avg_holding_seconds"] == 9 * 60.0  # from alpha's buy, not the reconcile
 
 
+async def test_a_baseline_position_is_held_from_the_snapshot(database_url: str) -> None:
+    """The broker's positions carry no opening time: a baseline row opens at the moment of
+    the snapshot, and its holding time starts there (docs/statistics.md)."""
+    from stream_supervisor.adjustments import BASELINE
+
+    t = at(D1, "15:00")
+    await broker_word(database_url, BASELINE, t, [("XYZ", "10", "100")])
+    await through_the_store(database_url, [store_fill("o1", "alpha-1", "XYZ", "sell", "10",
+                                                      "101", t + timedelta(hours=2))])
+    run(database_url, D1, D1)
+    got = table(database_url, "strategy_stats")[("A1", "baseline", D1)]
+    assert (got["net_pnl"], got["avg_holding_seconds"]) == (D(10), 2 * 3600.0)
+
+
 async def test_closes_that_are_not_trades_are_not_counted(database_url: str) -> None:
     """A row a reconcile flattened (the broker holds none: its sale never reached us) and a
     row transferred out (ACATS) were not closed by a trade of the strategy."""
