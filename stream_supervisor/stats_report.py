@@ -28,18 +28,20 @@ CURVE_NAME: Final = "cumulative net P&L"
 PEAK_NAME: Final = "running peak"
 
 _SERIES = """
-SELECT account_id, strategy, currency, day, cum_net_pnl
+SELECT account_id, strategy, currency, day, cum_net_pnl, net_pnl
 FROM strategy_stats
 WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
 ORDER BY account_id, strategy, currency, day
 """
 
-# Totals over every stored day, and the to-date figures of the latest one.
+# Totals over every stored day, the to-date figures of the latest one, and the net P&L of
+# the days with trades that are not stored (the to-date figures hold them, the totals not).
 _LATEST = """
 WITH totals AS (
     SELECT account_id, strategy, currency, min(day) AS first_day, count(*) AS days,
            sum(trades) AS trades, sum(wins) AS wins, sum(losses) AS losses,
-           sum(gross_profit) AS gross_profit, sum(gross_loss) AS gross_loss
+           sum(gross_profit) AS gross_profit, sum(gross_loss) AS gross_loss,
+           sum(net_pnl) AS net
     FROM strategy_stats
     WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
     GROUP BY account_id, strategy, currency
@@ -51,17 +53,21 @@ latest AS (
     WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
     ORDER BY account_id, strategy, currency, day DESC
 )
-SELECT t.account_id, t.strategy, t.currency, t.first_day, l.day, t.days, t.trades, t.wins, t.losses,
-       t.wins::float8 / t.trades,
+SELECT t.account_id, t.strategy, t.currency, t.first_day, l.day, t.days, t.trades, t.wins,
+       t.losses, t.wins::float8 / t.trades,
        CASE WHEN t.gross_loss > 0 THEN (t.gross_profit / t.gross_loss)::float8 END,
-       l.cum_net_pnl, l.max_drawdown, l.sqn, l.sharpe_daily
+       l.cum_net_pnl, l.max_drawdown, l.sqn, l.sharpe_daily, l.cum_net_pnl - t.net
 FROM totals t JOIN latest l USING (account_id, strategy, currency)
 ORDER BY t.account_id, t.strategy, t.currency
 """
 
+#: The table's columns: the counts and ratios are of the stored days only, the to-date
+#: figures of the whole history (they differ when `stats` has not stored every day).
 _LATEST_COLUMNS: Final = (
-    "first day", "latest day", "days with trades", "trades", "wins", "losses", "win rate",
-    "profit factor", "net P&L to date", "max drawdown", "SQN", "Sharpe (daily, annualised)",
+    "first stored day", "latest day", "days stored", "trades (stored days)",
+    "wins (stored days)", "losses (stored days)", "win rate (stored days)",
+    "profit factor (stored days)", "net P&L to date", "max drawdown to date", "SQN to date",
+    "Sharpe to date (daily, annualised)",
 )
 
 
@@ -97,7 +103,10 @@ class _Strategy:
     currency: str
     days: list[date] = field(default_factory=list)
     cum: list[Decimal] = field(default_factory=list)
+    first_net: Decimal = Decimal(0)
     latest: tuple[Any, ...] = ()
+    #: Net P&L of days with trades that are not stored: 0 when the stored days are all.
+    unstored: Decimal = Decimal(0)
 
 
 def write_report(conninfo: str, path: str | Path, *, account_id: str | None = None) -> str:
@@ -119,13 +128,15 @@ def write_report(conninfo: str, path: str | Path, *, account_id: str | None = No
             params = {"account": account_id}
             strategies: dict[tuple[str, str, str], _Strategy] = {}
             with conn.transaction():
-                for acct, strategy, currency, day, cum in conn.execute(_SERIES, params):
+                for acct, strategy, currency, day, cum, net in conn.execute(_SERIES, params):
                     entry = strategies.setdefault((acct, strategy, currency),
-                                                  _Strategy(acct, strategy, currency))
+                                                  _Strategy(acct, strategy, currency,
+                                                            first_net=net))
                     entry.days.append(day)
                     entry.cum.append(cum)
                 for row in conn.execute(_LATEST, params):
-                    strategies[(row[0], row[1], row[2])].latest = tuple(row[3:])
+                    entry = strategies[(row[0], row[1], row[2])]
+                    entry.latest, entry.unstored = tuple(row[3:-1]), row[-1]
     except psycopg.Error as exc:
         raise StoreError(f"stats report failed: {pgconn.error_text(exc, conninfo)}") from None
     page = render(list(strategies.values()))
@@ -173,9 +184,11 @@ small {{ color: #777; font-weight: normal; }}
 <p>Generated {generated} from <code>strategy_stats</code>. Net P&amp;L is realized P&amp;L
 less known fees, in the quote currency of the trades (USD for equities and options, the
 pair's quote for crypto), one section per strategy and currency: figures in different
-currencies are never added; the curve has one point per day with trades and starts at 0; the shaded
-area is the drawdown from the curve's running peak. The max drawdown in the table is
-measured trade by trade, so it can exceed what the daily curve shows.</p>
+currencies are never added. The curve has one point per stored day and starts at 0
+(or at what days before the first stored one made); the shaded area is the drawdown from
+the curve's running peak. In the table, counts and ratios are over the stored days, the
+to-date figures over the whole history; the max drawdown is measured trade by trade, so
+it can exceed what the daily curve shows.</p>
 {body}
 </body>
 </html>
@@ -185,9 +198,11 @@ measured trade by trade, so it can exceed what the daily curve shows.</p>
 def _figure(s: _Strategy) -> Any:
     import plotly.graph_objects as go  # type: ignore[import-untyped]
 
-    start = s.days[0] - timedelta(days=1)  # the curve's 0 before the first trade
+    # The curve before the first stored day: 0 before the first trade, or what the days
+    # before it (not stored) had made.
+    start = s.days[0] - timedelta(days=1)
     x = [start.isoformat()] + [d.isoformat() for d in s.days]
-    y = [0.0] + [float(v) for v in s.cum]
+    y = [float(s.cum[0] - s.first_net)] + [float(v) for v in s.cum]
     peak: list[float] = []
     for value in y:
         peak.append(max(value, peak[-1] if peak else 0.0))
@@ -208,7 +223,14 @@ def _figure(s: _Strategy) -> Any:
 def _latest_table(s: _Strategy) -> str:
     cells = "".join(f"<td>{_e(_fmt(v))}</td>" for v in s.latest)
     head = "".join(f"<th>{_e(c)}</th>" for c in _LATEST_COLUMNS)
-    return f'<table class="latest"><tr>{head}</tr><tr>{cells}</tr></table>'
+    table = f'<table class="latest"><tr>{head}</tr><tr>{cells}</tr></table>'
+    if s.unstored == 0:
+        return table
+    return (f'<p class="partial"><strong>Not every day with trades is stored</strong>: the '
+            f'counts and ratios cover the stored days only, the to-date figures the whole '
+            f'history, whose days not stored made {_e(_fmt(s.unstored))} net. Run '
+            f'<code>stream-supervisor stats --from &lt;first day&gt;</code> to store them.'
+            f'</p>\n{table}')
 
 
 def _fmt(value: Any) -> str:

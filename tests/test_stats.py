@@ -914,6 +914,30 @@ def test_the_report_has_one_curve_per_strategy_and_opens_offline(
     assert "src=\"http" not in page and "Plotly.newPlot" in page
     assert len(page) > 1_000_000
     assert page.count('class="latest"') == len(wanted)
+    assert "Not every day with trades is stored" not in page  # every day is
+
+
+def test_the_report_says_which_figures_cover_only_the_stored_days(
+        database_url: str, tmp_path: Path) -> None:
+    """Ten days of -100 then a +50 day, only the last one stored (as a nightly run with a
+    short lookback leaves it): the counts are labelled as of the stored days, a warning
+    gives what the days not stored made, and the curve starts from it, not from 0."""
+    from stream_supervisor.stats_report import write_report
+
+    days = [D1 + timedelta(days=i) for i in range(11)]
+    insert(database_url, [closed(n + 1, "A1", "AAPL", "alpha-1", "-100" if n < 10 else "50",
+                                 at(day, "14:00"), at(day, "15:00"))
+                          for n, day in enumerate(days)])
+    run(database_url, days[-1], days[-1])
+    page = Path(write_report(database_url, tmp_path / "r.html")).read_text()
+
+    table_html = page[page.index('<table class="latest">'):]
+    assert "<th>trades (stored days)</th>" in table_html
+    assert "<th>net P&amp;L to date</th>" in table_html
+    assert "Not every day with trades is stored" in page and "-1,000.00 net" in page
+    [curve] = [t for t in plotly_figures(page)["alpha (A1, USD)"]
+               if t["name"] == "cumulative net P&L"]
+    assert curve["y"] == [-1000.0, -950.0]
 
 
 def test_the_report_reads_one_snapshot(history_url: str, tmp_path: Path,
