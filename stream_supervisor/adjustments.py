@@ -18,9 +18,11 @@ from typing import Any, Final
 
 import msgspec
 
+from .bounds import check_time, not_after_ns
 from .events import parse_timestamp
 from .orders import OrderState, merge_status
 from .positions import Position
+from .settings import DEFAULT_FUTURE_TOLERANCE
 from .symbols import asset_class_of, canonical_symbol, multiplier
 
 ZERO: Final = Decimal(0)
@@ -33,25 +35,35 @@ REBASELINE: Final = "rebaseline"
 RECONCILE: Final = "reconcile"
 
 
-def broker_clock(body: Mapping[str, Any], fallback: datetime) -> datetime:
+def broker_clock(body: Mapping[str, Any], fallback: datetime, *,
+                 tolerance: float = DEFAULT_FUTURE_TOLERANCE) -> datetime:
     """The `timestamp` of a `GET /v2/clock` body: the broker's time, which stamps the
     moments positions are read at (docs/design.md, section 10); `fallback` (our clock)
-    when the broker gives none that parses."""
-    reading = broker_clock_reading(body)
+    when the broker gives none that parses and lies within the bounds
+    (`broker_clock_reading`, against `fallback`)."""
+    reading = broker_clock_reading(body, now=fallback, tolerance=tolerance)
     return fallback if reading is None else reading
 
 
-def broker_clock_reading(body: Mapping[str, Any]) -> datetime | None:
-    """`broker_clock` without a fallback: None when the broker gives no time that parses.
-    A reconcile adjusts nothing without one: its moment decides which fills reaching us
-    later it already holds, and only the broker's clock stamps them (section 9)."""
+def broker_clock_reading(body: Mapping[str, Any], *, now: datetime | None = None,
+                         tolerance: float = DEFAULT_FUTURE_TOLERANCE) -> datetime | None:
+    """`broker_clock` without a fallback: None when the broker gives no time that parses,
+    or one before 2000 or, with `now` (our clock), beyond it plus `tolerance`: the bounds
+    every broker timestamp meets (section 4, "Bounds at the edge"). A clock read as 2099
+    would become a cursor that skips every fill until then, and a reconcile's moment
+    that takes every later fill as already held. A reconcile adjusts nothing without a
+    reading: its moment decides which fills reaching us later it already holds, and only
+    the broker's clock stamps them (section 9)."""
     stamp = body.get("timestamp")
     if not isinstance(stamp, str):
         return None
     try:
-        return parse_timestamp(stamp)[0]
-    except ValueError:
+        at, at_ns = parse_timestamp(stamp)
+        check_time("the broker's clock", at_ns,
+                   None if now is None else not_after_ns(now, tolerance))
+    except ValueError:  # TimestampError, OutOfBounds
         return None
+    return at
 
 
 def origin_of(reason: str) -> str:

@@ -122,10 +122,11 @@ async def reconcile_account(
         print(line)
     print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
     if apply and diffs:
-        moment, again = await _clock_and_positions(rest)
+        moment, again = await _clock_and_positions(rest, now())
         if moment is None:
             print("reconcile: nothing applied: the broker's clock (GET /v2/clock) gave no "
-                  "time, and its moment decides which fills reaching us later an "
+                  "time (or one before 2000, or ahead of ours by more than the "
+                  "tolerance), and its moment decides which fills reaching us later an "
                   "adjustment holds; run it again")
             return 1
         # The broker's quantity per symbol in the first read: where it did not differ
@@ -156,10 +157,12 @@ async def reconcile_account(
     return 1 if diffs else 0
 
 
-async def _clock_and_positions(rest: BrokerRest) -> tuple[datetime | None, list[BrokerPosition]]:
-    """The broker's clock (None if it gives no time), then its positions."""
+async def _clock_and_positions(rest: BrokerRest, now: datetime,
+                               ) -> tuple[datetime | None, list[BrokerPosition]]:
+    """The broker's clock (None if it gives no time within the bounds at our `now`), then
+    its positions."""
     try:
-        moment = broker_clock_reading(await rest.clock())
+        moment = broker_clock_reading(await rest.clock(), now=now)
     except BrokerUnavailable:
         moment = None
     return moment, [broker_position(p) for p in await rest.positions()]

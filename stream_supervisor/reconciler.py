@@ -79,7 +79,8 @@ class ScheduledReconcile:
             return ReconcileRun(market_open=False)
         # The broker's clock, read before its positions: an adjusted symbol records it as
         # its moment (docs/design.md, sections 9 and 10).
-        moment = broker_clock_reading(clock)
+        moment = broker_clock_reading(clock, now=self.wallclock(),
+                                      tolerance=self.settings.future_tolerance)
         broker = [broker_position(p) for p in await self.rest.positions()]
         ours = await self.store.open_positions(self.account_id)
         _, diffs = compare(ours, broker)
@@ -94,7 +95,8 @@ class ScheduledReconcile:
         applied = 0
         if self.settings.reconcile_apply and steady and moment is None:
             # Without the broker's time no moment says which later fills it holds.
-            log.warning("reconcile_not_applied", reason="the broker's clock gave no time",
+            log.warning("reconcile_not_applied",
+                        reason="the broker's clock gave no time within the bounds",
                         symbols=len(steady))
         elif self.settings.reconcile_apply and steady:
             # Only where ours is still what was compared: a fill the writer committed

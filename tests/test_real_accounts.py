@@ -418,6 +418,26 @@ async def test_reconcile_apply_without_the_brokers_time_applies_nothing(
     assert "nothing applied: the broker's clock" in capsys.readouterr().out
     snap = await store.snapshot(ACCOUNT)
     assert snap.net_position("AAPL") == 10 and snap.adjustments == []
+    # A clock far ahead of ours is no reading either: as the moment it would take every
+    # later fill as already held, as a baseline's cursor skip every fill until then.
+    ahead = ClockedBroker(datetime(2099, 1, 1, tzinfo=UTC))
+    ahead.held = broker.held
+    assert await reconcile_account(store, ahead, ACCOUNT, apply=True) == 1
+    assert "nothing applied: the broker's clock" in capsys.readouterr().out
+    assert (await store.snapshot(ACCOUNT)).adjustments == []
+
+
+async def test_a_baseline_does_not_take_a_broker_clock_far_ahead_of_ours(
+        store: PgStore) -> None:
+    """A first start whose broker clock reads 2099: that moment as the cursor would have
+    every backfill start there and read nothing. Our clock stands in, as when the broker
+    gives no time."""
+    broker = ClockedBroker(datetime(2099, 1, 1, tzinfo=UTC))
+    broker.held = [position("AAPL", "10", "100")]
+    await take_baseline(store, broker, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    cursor = await store.load_cursor(ACCOUNT)
+    assert cursor is not None and cursor.fill_time == at(0)
+    assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 10
 
 
 class FillingBroker(ClockedBroker):

@@ -193,7 +193,10 @@ async def test_without_the_brokers_time_nothing_is_applied() -> None:
         run = await job.once()
         assert len(run.differences) == 1 and run.applied == 0
     assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 10
-    rest.now = "2026-11-30T15:05:00Z"
+    rest.now = "2099-01-01T00:00:00Z"  # a clock that wrong would swallow every fill
+    run = await job.once()
+    assert len(run.differences) == 1 and run.applied == 0
+    rest.now = "2026-11-30T15:01:00Z"
     assert (await job.once()).applied == 1
 
 
