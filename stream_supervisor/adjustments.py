@@ -18,7 +18,17 @@ from typing import Any, Final
 
 import msgspec
 
-from .bounds import check_time, not_after_ns
+from .bounds import (
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_SYMBOL_CHARS,
+    check_price,
+    check_qty,
+    check_text,
+    check_time,
+    not_after_ns,
+)
+from .errors import DecodeError, OutOfBounds
 from .events import parse_timestamp
 from .orders import OrderState, merge_status
 from .positions import Position
@@ -84,19 +94,80 @@ class BrokerPosition(msgspec.Struct, frozen=True, gc=False):
 
 def broker_position(row: Mapping[str, Any]) -> BrokerPosition:
     """A `GET /v2/positions` row in our terms: `BTCUSD` becomes `BTC/USD`, a short is
-    negative whether or not the broker wrote its quantity negative."""
-    qty = Decimal(str(row["qty"]))
-    if str(row.get("side", "long")) == "short" and qty > 0:
+    negative whether or not the broker wrote its quantity negative.
+
+    Held to the bounds of every broker value (section 4, "Bounds at the edge"): a row
+    that breaks them (no symbol, a quantity that is no number, NaN, Infinity, beyond
+    10**15 or with more than 12 places, a side other than long or short) raises
+    `DecodeError` naming it, since set as a position it would be stored as such and
+    corrupt every later fill of it. An asset class we do not know yet is not one."""
+    symbol = row.get("symbol")
+    if not isinstance(symbol, str) or not symbol.strip() or not symbol.isprintable():
+        raise DecodeError(f"position row without a usable symbol: {str(symbol)[:40]!r}")
+    check_text("position symbol", symbol, MAX_SYMBOL_CHARS)
+    qty = _row_decimal(row, "qty", symbol, required=True)
+    check_qty(f"{symbol} qty", qty)
+    side = row.get("side", "long")
+    if side not in ("long", "short"):
+        raise DecodeError(f"{symbol}: position side {str(side)[:20]!r} is neither long nor "
+                          "short")
+    if side == "short" and qty > 0:
         qty = -qty
+    avg = _row_decimal(row, "avg_entry_price", symbol, required=False)
+    check_price(f"{symbol} avg_entry_price", avg)
     asset_class = row.get("asset_class")
+    cls = str(asset_class) if asset_class else None
     asset_id = row.get("asset_id")
+    try:
+        canonical = canonical_symbol(symbol, cls)
+    except ValueError:  # a class the service does not know yet: the symbol's shape
+        canonical = canonical_symbol(symbol)
     return BrokerPosition(
-        symbol=canonical_symbol(str(row["symbol"]), str(asset_class) if asset_class else None),
+        symbol=canonical,
         qty=qty,
-        avg_entry_price=Decimal(str(row.get("avg_entry_price") or 0)),
-        asset_id=str(asset_id) if asset_id else None,
-        asset_class=str(asset_class) if asset_class else None,
+        avg_entry_price=avg,
+        asset_id=str(asset_id)[:MAX_ID_CHARS] if asset_id else None,
+        asset_class=cls[:MAX_LABEL_CHARS] if cls else None,
     )
+
+
+def _row_decimal(row: Mapping[str, Any], name: str, symbol: str, *, required: bool) -> Decimal:
+    """A number of a positions row (JSON text or number): absent or empty is 0 unless
+    `required`; anything else that is no finite number raises DecodeError."""
+    value = row.get(name)
+    if value is None or value == "":
+        if required:
+            raise DecodeError(f"{symbol}: position {name} missing")
+        return ZERO
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DecodeError(f"{symbol}: position {name} is not a number: {str(value)[:40]!r}")
+    try:
+        number = Decimal(str(value))
+    except ArithmeticError:
+        raise DecodeError(f"{symbol}: position {name} is not a number: "
+                          f"{str(value)[:40]!r}") from None
+    if not number.is_finite():
+        raise OutOfBounds(f"{symbol}: position {name} is not a finite number: "
+                          f"{str(value)[:40]!r}")
+    return number
+
+
+def broker_positions(rows: Iterable[Mapping[str, Any]],
+                     ) -> tuple[list[BrokerPosition], list[str]]:
+    """`GET /v2/positions` in our terms (`broker_position`), and one line per row that
+    breaks the bounds. A reconcile that meets one adjusts nothing that run (the broker's
+    word is not whole: a symbol missing from it would read as flat); a baseline cannot
+    start from it."""
+    out: list[BrokerPosition] = []
+    problems: list[str] = []
+    for row in rows:
+        try:
+            if not isinstance(row, Mapping):
+                raise DecodeError(f"position row that is no object: {str(row)[:40]!r}")
+            out.append(broker_position(row))
+        except ValueError as exc:  # DecodeError, OutOfBounds
+            problems.append(str(exc)[:300])
+    return out, problems
 
 
 class Adjustment(msgspec.Struct, frozen=True, gc=False):

@@ -25,14 +25,22 @@ from .adjustments import (
     Adjustment,
     BrokerPosition,
     broker_clock,
-    broker_position,
+    broker_positions,
 )
-from .errors import BrokerUnavailable
+from .bounds import (
+    MAX_ID_CHARS,
+    MAX_SYMBOL_CHARS,
+    check_price,
+    check_qty,
+    check_text,
+    qty_ok,
+)
+from .errors import BrokerUnavailable, OutOfBounds
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
 from .nontrade import AssetBook, looks_compact_crypto
 from .orders import OrderState
-from .protocol import WireActivity, WireOrder
+from .protocol import WireActivity, WireOrder, activity_to_event
 from .rest import BrokerRest
 from .store import BrokerWord, Store
 from .symbols import AssetClass, canonical_symbol
@@ -115,12 +123,48 @@ async def _activities(rest: BrokerRest, after: str) -> list[WireActivity]:
     token: str | None = None
     for _ in range(MAX_WINDOW_PAGES):
         page = await rest.fill_activities(after=after, page_token=token)
-        out.extend(a for a in page if a.id and a.order_id)
+        out.extend(_within_bounds(a) for a in page if a.id and a.order_id)
         # A short page is not the last one (brokers cut pages short): only an empty one is.
         if not page or not page[-1].id:
             return out
         token = page[-1].id
     raise BrokerUnavailable(f"more than {MAX_WINDOW_PAGES} pages of activities after {after}")
+
+
+def _within_bounds(activity: WireActivity) -> WireActivity:
+    """A FILL activity of the window, held to the bounds the backfill holds it to
+    (`protocol.activity_to_event`). One outside them (a `cum_qty` of NaN taken as a mark,
+    a `transaction_time` that is no time) fails the baseline, naming it: starting without
+    it could count its order's fills twice."""
+    try:
+        activity_to_event(activity)
+    except ValueError as exc:  # DecodeError, OutOfBounds, TimestampError
+        raise BrokerUnavailable(f"FILL activity {activity.id[:64]} is outside the bounds "
+                                f"({str(exc)[:200]}): a baseline cannot start from it") from None
+    return activity
+
+
+def _marked(order: WireOrder) -> WireOrder:
+    """An order whose `filled_qty` becomes a mark (a multi-leg order's legs too), held to
+    the bounds of every broker value: a mark of Infinity would take every later fill of
+    it as stale, one of NaN fail every batch holding one. One outside them fails the
+    baseline, naming it."""
+    try:
+        for part in (order, *(order.legs or ())):
+            check_text("id", part.id, MAX_ID_CHARS)
+            check_text("symbol", part.symbol, MAX_SYMBOL_CHARS)
+            check_qty("filled_qty", part.filled_qty)
+            check_qty("qty", part.qty)
+            check_price("filled_avg_price", part.filled_avg_price)
+            if part.filled_qty < 0:
+                raise OutOfBounds("filled_qty is negative")
+            for stamp in (part.created_at, part.updated_at):
+                if stamp:
+                    parse_timestamp(stamp)
+    except ValueError as exc:  # OutOfBounds, TimestampError
+        raise BrokerUnavailable(f"the broker's order {order.id[:64]} is outside the bounds "
+                                f"({str(exc)[:200]}): a baseline cannot mark it") from None
+    return order
 
 
 async def broker_now(rest: BrokerRest, fallback: datetime) -> datetime:
@@ -218,9 +262,13 @@ async def take_snapshot(
         # first). Read again right after the positions, it brackets them: a fill stamped
         # after it came after them, one stamped before the round's moment before them.
         clock = after
-        positions = {b.symbol: b for b in map(broker_position, await rest.positions())}
+        read, refused = broker_positions(await rest.positions())
+        if refused:
+            raise BrokerUnavailable(f"the broker's positions hold a row outside the bounds "
+                                    f"({refused[0]}): a baseline cannot start from them")
+        positions = {b.symbol: b for b in read}
         after = await broker_now(rest, now)
-        open_orders = await rest.open_orders()
+        open_orders = [_marked(o) for o in await rest.open_orders()]
         by_symbol = _by_symbol(open_orders)
         parents.update((o.id, o) for o in open_orders if o.legs)
         # The second read only needs what is new since the first (from a second before
@@ -282,6 +330,8 @@ async def take_snapshot(
             # Filled inside the window but not open when its symbol settled: finished,
             # and backfill will re-read those fills, so the order needs its mark too.
             full = await rest.order(order_id)
+            if full is not None:
+                full = _marked(full)
             if full is not None and full.filled_qty == act.cum_qty:
                 orders[order_id] = _order_state(full)
                 continue
@@ -301,7 +351,7 @@ async def take_snapshot(
             # Not open at the snapshot, so finished: its filled_qty is final.
             final = await rest.order(order_id)
             if final is not None:
-                orders[order_id] = _order_state(final)
+                orders[order_id] = _order_state(_marked(final))
     moments = {
         symbol: max([at, *(parse_timestamp(a.transaction_time)[0]
                            for a in known_acts.get(symbol, ()))])
@@ -332,7 +382,9 @@ async def broker_filled(rest: BrokerRest, order_ids: Sequence[str]) -> dict[str,
         full = await rest.order(oid)
         if full is not None:
             out[oid] = full.filled_qty
-    return out
+    # A quantity outside the bounds says nothing (NaN equals nothing anyway): left out,
+    # its symbol waits.
+    return {oid: filled for oid, filled in out.items() if qty_ok(filled)}
 
 
 def broker_word(snapshot: BrokerSnapshot, account_id: str, reason: str) -> BrokerWord:

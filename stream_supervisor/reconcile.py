@@ -19,6 +19,7 @@ from .adjustments import (
     Difference,
     broker_clock_reading,
     broker_position,
+    broker_positions,
     compare,
 )
 from .baseline import broker_filled, take_baseline
@@ -109,7 +110,10 @@ async def reconcile_account(
     that clock (sections 9 and 10): no fill came between the reads, so every fill stamped
     up to the clock is in the quantity taken and every later one is not (the scheduled
     reconcile's two runs do the same)."""
-    broker = [broker_position(p) for p in await rest.positions()]
+    broker, refused = broker_positions(await rest.positions())
+    for line in refused:
+        log.warning("reconcile_position_refused", detail=line)
+        print(f"reconcile: a position row of the broker's is refused: {line}")
     taken_at = now()
     snapshot = await store.snapshot(account_id)
     compared, diffs = compare(snapshot.positions, broker, known_assets(snapshot))
@@ -121,8 +125,16 @@ async def reconcile_account(
         log.warning("reconcile_unapplied_activity", detail=line)
         print(line)
     print(f"reconcile: {compared} symbols compared, {len(diffs)} differ")
+    if apply and diffs and refused:
+        print("reconcile: nothing applied: the broker's positions hold a row outside the "
+              "bounds (above), and a symbol missing from them would read as flat")
+        return 1
     if apply and diffs:
-        moment, again = await _clock_and_positions(rest, now())
+        moment, again, refused = await _clock_and_positions(rest, now())
+        if refused:
+            print(f"reconcile: nothing applied: the broker's positions read again hold a "
+                  f"row outside the bounds: {refused[0]}")
+            return 1
         if moment is None:
             print("reconcile: nothing applied: the broker's clock (GET /v2/clock) gave no "
                   "time (or one before 2000, or ahead of ours by more than the "
@@ -154,18 +166,19 @@ async def reconcile_account(
             log.info("reconcile_deferred", symbol=symbol)
             print(f"reconcile: {symbol} left as it is: {DEFERRED}")
         return 1 if left or moved else 0
-    return 1 if diffs else 0
+    return 1 if diffs or refused else 0
 
 
 async def _clock_and_positions(rest: BrokerRest, now: datetime,
-                               ) -> tuple[datetime | None, list[BrokerPosition]]:
+                               ) -> tuple[datetime | None, list[BrokerPosition], list[str]]:
     """The broker's clock (None if it gives no time within the bounds at our `now`), then
-    its positions."""
+    its positions (and the rows refused: `broker_positions`)."""
     try:
         moment = broker_clock_reading(await rest.clock(), now=now)
     except BrokerUnavailable:
         moment = None
-    return moment, [broker_position(p) for p in await rest.positions()]
+    positions, refused = broker_positions(await rest.positions())
+    return moment, positions, refused
 
 
 async def rebaseline(settings: Settings) -> int:

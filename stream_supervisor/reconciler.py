@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import trio
 
-from .adjustments import Difference, broker_clock_reading, broker_position, compare
+from .adjustments import Difference, broker_clock_reading, broker_positions, compare
 from .baseline import broker_filled
 from .errors import BrokerUnavailable, LostLeadership, StoreError
 from .logs import get_logger
@@ -81,7 +81,9 @@ class ScheduledReconcile:
         # its moment (docs/design.md, sections 9 and 10).
         moment = broker_clock_reading(clock, now=self.wallclock(),
                                       tolerance=self.settings.future_tolerance)
-        broker = [broker_position(p) for p in await self.rest.positions()]
+        broker, refused = broker_positions(await self.rest.positions())
+        for line in refused:
+            log.warning("reconcile_position_refused", detail=line, scheduled=True)
         ours = await self.store.open_positions(self.account_id)
         _, diffs = compare(ours, broker)
         self.state.drifted_symbols = len(diffs)
@@ -93,7 +95,12 @@ class ScheduledReconcile:
         steady = [d for d in diffs if self._previous.get(d.symbol) == seen[d.symbol]]
         self._previous = seen
         applied = 0
-        if self.settings.reconcile_apply and steady and moment is None:
+        if self.settings.reconcile_apply and steady and refused:
+            # The broker's word is not whole: a symbol missing from it reads as flat.
+            log.warning("reconcile_not_applied",
+                        reason="a position row of the broker's is outside the bounds",
+                        symbols=len(steady))
+        elif self.settings.reconcile_apply and steady and moment is None:
             # Without the broker's time no moment says which later fills it holds.
             log.warning("reconcile_not_applied",
                         reason="the broker's clock gave no time within the bounds",

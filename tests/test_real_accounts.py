@@ -13,9 +13,16 @@ import psycopg
 import pytest
 
 from stream_supervisor.activities import WireNonTrade
-from stream_supervisor.adjustments import BASELINE, REBASELINE, broker_position, compare
+from stream_supervisor.adjustments import (
+    BASELINE,
+    REBASELINE,
+    broker_position,
+    broker_positions,
+    compare,
+)
 from stream_supervisor.baseline import needs_baseline, take_baseline, take_snapshot
 from stream_supervisor.check import run_checks
+from stream_supervisor.errors import BrokerUnavailable
 from stream_supervisor.events import Event, Source, event_key, format_timestamp
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.pgstore import PgStore
@@ -752,3 +759,72 @@ async def test_a_multi_leg_orders_legs_are_marked_in_their_own_symbols_round() -
     assert marks["leg-p"] == (put, D(0), "m1")
     assert marks["m1"][2] is None
     assert [(p.symbol, p.qty) for p in snapshot.positions] == [(call, D(1))]
+
+
+@pytest.mark.parametrize(("row", "why"), [
+    ({"symbol": "AAPL", "qty": "Infinity", "side": "long"}, "not a finite number"),
+    ({"symbol": "AAPL", "qty": "NaN", "side": "short"}, "not a finite number"),
+    ({"symbol": "AAPL", "qty": "1e400", "side": "long"}, "out of range"),
+    ({"symbol": "AAPL", "qty": "1" * 40, "side": "long"}, "out of range"),
+    ({"symbol": "AAPL", "qty": "", "side": "long"}, "qty missing"),
+    ({"symbol": "AAPL", "qty": None, "side": "long"}, "qty missing"),
+    ({"symbol": "AAPL", "qty": True, "side": "long"}, "not a number"),
+    ({"symbol": "AAPL", "qty": "abc", "side": "long"}, "not a number"),
+    ({"symbol": "AAPL", "qty": "10", "side": "flat"}, "neither long nor short"),
+    ({"symbol": "AAPL", "qty": "10", "avg_entry_price": "NaN"}, "not a finite number"),
+    ({"qty": "10", "side": "long"}, "without a usable symbol"),
+    ({"symbol": None, "qty": "10"}, "without a usable symbol"),
+    ({"symbol": "A\u0000", "qty": "10"}, "without a usable symbol"),
+])
+def test_a_broker_position_row_outside_the_bounds_is_named_not_taken(
+        row: dict[str, Any], why: str) -> None:
+    """Set as a position, such a row was stored as it came (Infinity stays Infinity after
+    every sale; a NaN average makes every later P&L NaN), or raised a bare exception that
+    crash-looped a first start. Now each is refused, saying why."""
+    taken, refused = broker_positions([row, position("MSFT", "5", "50")])
+    assert [p.symbol for p in taken] == ["MSFT"]
+    assert len(refused) == 1 and why in refused[0], refused
+    # An asset class the service does not know yet is no reason to refuse a row.
+    [future] = broker_positions([{"symbol": "ES", "qty": "1", "asset_class": "us_future"}])[0]
+    assert (future.symbol, future.qty) == ("ES", D(1))
+
+
+async def test_reconcile_applies_nothing_while_a_broker_position_row_is_refused(
+        store: PgStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """A row outside the bounds leaves its symbol out of the broker's word, where it would
+    read as flat: `--apply` sets nothing that run, names the row and exits 1."""
+    await commit(store, fill("a1", "buy", "10", "10", "100", "100", at(1)),
+                 fill("m1", "buy", "4", "4", "50", "50", at(1), symbol="MSFT"))
+    broker = ClockedBroker(at(2))
+    broker.held = [{"symbol": "AAPL", "qty": "NaN", "side": "long", "avg_entry_price": "100"},
+                   position("MSFT", "6", "50")]
+    assert await reconcile_account(store, broker, ACCOUNT, apply=True) == 1
+    out = capsys.readouterr().out
+    assert "a position row of the broker's is refused: AAPL: position qty is not a finite" in out
+    assert "nothing applied" in out
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.adjustments == [] and snap.net_position("AAPL") == 10
+
+
+async def test_a_baseline_refuses_broker_values_outside_the_bounds_naming_them(
+        store: PgStore) -> None:
+    """A first start meeting a position row, an open order's mark or a FILL activity
+    outside the bounds stops with an error naming it (it crashed with a bare exception,
+    or stored the value: a mark of Infinity takes every later fill as stale)."""
+    row = Broker()
+    row.held = [{"symbol": "AAPL", "qty": "", "side": "long"}]
+    with pytest.raises(BrokerUnavailable, match="AAPL: position qty missing"):
+        await take_baseline(store, row, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    mark = Broker()
+    mark.open = [WireOrder(id="inf", symbol="AAPL", side="buy", status="partially_filled",
+                           filled_qty=D("Infinity"), qty=D(10))]
+    with pytest.raises(BrokerUnavailable, match="order inf is outside the bounds"):
+        await take_baseline(store, mark, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    act = Broker()
+    act.activities = [WireActivity(
+        id="20261201000000000::x", order_id="o", symbol="AAPL", side="buy", price=D(1),
+        qty=D(1), cum_qty=D(1), transaction_time="yesterday")]
+    with pytest.raises(BrokerUnavailable, match="FILL activity 20261201000000000::x"):
+        await take_baseline(store, act, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+    snap = await store.snapshot(ACCOUNT)
+    assert snap.positions == [] and snap.adjustments == [] and snap.orders == {}

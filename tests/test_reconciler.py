@@ -254,3 +254,18 @@ async def test_a_symbol_whose_resting_order_filled_more_than_reached_us_waits() 
     assert (await job.once()).applied == 1
     assert "order w" in rest.calls
     assert (await store.snapshot(ACCOUNT)).net_position("AAPL") == 20
+
+
+async def test_a_broker_position_row_outside_the_bounds_holds_every_adjustment_back() -> None:
+    """With one row refused (a quantity of NaN), the broker's word is not whole: MSFT,
+    missing from it, would read as flat. Nothing is adjusted while it lasts."""
+    store = await _store_holding("10")
+    rest = Rest()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "50"},
+                 {"symbol": "MSFT", "qty": "NaN", "side": "long", "avg_entry_price": "1"}]
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    for _ in range(3):
+        run = await job.once()
+        assert [d.symbol for d in run.differences] == ["AAPL"] and run.applied == 0
+    rest.held = rest.held[:1]
+    assert (await job.once()).applied == 1
