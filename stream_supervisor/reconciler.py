@@ -20,7 +20,7 @@ import trio
 
 from .adjustments import Difference, broker_clock_reading, broker_positions, compare
 from .baseline import broker_filled
-from .errors import BrokerUnavailable, LostLeadership, StoreError
+from .errors import LostLeadership
 from .logs import get_logger
 from .metrics import Metrics
 from .rest import BrokerRest
@@ -67,11 +67,13 @@ class ScheduledReconcile:
             await trio.sleep(self.settings.reconcile_interval)
             try:
                 await self.once()
-            except (BrokerUnavailable, StoreError) as exc:
-                if isinstance(exc, LostLeadership):
-                    raise
-                # The next run tries again; the writer has its own view of the store.
-                log.warning("reconcile_failed", error=str(exc)[:300])
+            except LostLeadership:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a check beside the stream, not of it
+                # The next run tries again; the writer has its own view of the store. Any
+                # failure (a broker answering HTML, a value no bound foresaw) stays here:
+                # it tore the pipeline down, the stream with it, every interval.
+                log.warning("reconcile_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def once(self) -> ReconcileRun:
         clock = await self.rest.clock()

@@ -34,7 +34,7 @@ from .errors import (
     BrokerUnavailable,
     LostLeadership,
     StoreError,
-    StoreRejected,
+    StoreRefusal,
     StoreUnavailable,
     collapse,
 )
@@ -229,11 +229,13 @@ class Supervisor(Drains):
                 if isinstance(cause, LostLeadership):
                     # The writer lock went with its connection: stop writing, elect again.
                     log.warning("leadership_lost", error=str(cause)[:500])
-                elif isinstance(cause, StoreError) and not isinstance(cause, StoreRejected):
+                elif isinstance(cause, StoreError) and not isinstance(cause, StoreRefusal):
                     # The writer retries store errors itself; this one hit the pipeline's
                     # start (cursor, warm keys): go round again without counting a crash.
-                    # A refusal (StoreRejected: the server answered, and no) is counted
-                    # below instead: waiting does not end it, the restart limit does.
+                    # A refusal (StoreRejected, or StoreDataError: a value of the
+                    # broker's word refused at a baseline, say; the server answered, and
+                    # no) is counted below instead: waiting does not end it, the restart
+                    # limit does.
                     log.warning("pipeline_store_error", error=str(cause)[:300])
                 else:
                     crashes.append(trio.current_time())

@@ -138,3 +138,33 @@ async def test_a_drain_during_a_first_start_baseline_stops_at_once(
     rest = _SlowBroker(30.0, account=True)
     assert await _stops_within(_before_the_pipeline(rest, store), 45.0, 1.0) == EXIT_OK
     assert (await MemoryStore(store.db).snapshot("acct-slow")).adjustments == []
+
+
+class _RefusingStore(MemoryStore):
+    """A database that refuses a value of what the pipeline writes as it starts."""
+
+    async def load_cursor(self, account_id: str) -> Any:
+        from stream_supervisor.errors import StoreDataError
+
+        raise StoreDataError("baseline: numeric field overflow", sqlstate="22003",
+                             detail="numeric field overflow")
+
+
+async def test_a_refusal_as_the_pipeline_starts_counts_toward_the_restart_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A value the database refuses as the pipeline starts (a broker's mark it cannot
+    hold) was taken for an outage and retried for ever, never counted, never streaming.
+    It is a crash: past the restart limit the process exits 1 for a person to look."""
+    from stream_supervisor.supervisor import EXIT_FAILURE
+
+    db = MemoryDatabase()
+    settings = Settings(key_id="k", secret_key="s", database_url="x", account_id="acct",
+                        baseline=False, restart_limit=2, restart_window=1000.0)
+    sup = Supervisor(settings, Dependencies(
+        connector=None,  # type: ignore[arg-type]  # never reached
+        rest=_SlowBroker(1.0, account=True),
+        store_factory=lambda: _RefusingStore(db), rng=random.Random(1),
+        install_signal_handlers=False))
+    with trio.fail_after(600):
+        assert await sup.run() == EXIT_FAILURE
+    assert sup.state.restarts == 3

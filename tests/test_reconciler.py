@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import trio
 
 from stream_supervisor.adjustments import BASELINE, BrokerPosition
@@ -269,3 +270,23 @@ async def test_a_broker_position_row_outside_the_bounds_holds_every_adjustment_b
         assert [d.symbol for d in run.differences] == ["AAPL"] and run.applied == 0
     rest.held = rest.held[:1]
     assert (await job.once()).applied == 1
+
+
+class _HtmlPositions(Rest):
+    """A broker answering its positions with a maintenance page."""
+
+    async def positions(self) -> list[dict[str, Any]]:
+        self.calls.append("positions")
+        raise msgspec.DecodeError("JSON is malformed: invalid character (byte 0)")
+
+
+async def test_any_failure_of_a_run_waits_for_the_next_not_the_pipeline(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Only a broker outage or a store error stayed in the reconcile; anything else (an
+    HTML body, a value no bound foresaw) tore the pipeline down with the stream, every
+    interval. Each run's failure is logged and the next run comes."""
+    rest = _HtmlPositions()
+    job, _, _ = _reconciler(await _store_holding("10"), rest, reconcile_apply=True)
+    with trio.move_on_after(150):
+        await job.run()
+    assert rest.calls.count("positions") == 2
