@@ -89,7 +89,7 @@ TABLES: Final = (
 #: `position_changes` records what each activity did (0007); a reconcile's moment says
 #: which later fills it already holds (`baseline_moments.reconciled_at`, 0008, which also
 #: lets replicas say which accounts they serve).
-REQUIRED_MIGRATION: Final = "0008_reconcile_and_replicas"
+REQUIRED_MIGRATION: Final = "0010_upgrade_repairs"
 #: Prepare every statement on first use: the batch statements run on every batch with
 #: the same text (arrays or one JSON document, not per-row SQL), so each is parsed once
 #: per session. They are still planned per execution (`plan_cache_mode` in `_SESSION`): a

@@ -334,3 +334,49 @@ def test_run_migrate_waits_for_a_database_that_comes_up_late(
     finally:
         listener.close()
     assert len(slept) == 2 and applied == [m.version for m in load_migrations(find_migrations_dir())]
+
+
+def test_an_upgrade_repairs_what_earlier_versions_left_behind(
+        empty_database_url: str, tmp_path: Path) -> None:
+    """A database written before 0006 held an option position at multiplier 1 (closed
+    now, it realized a hundredth of the money), and one reconciled before 0008 had no
+    `reconciled_at` (a fill it already took, replayed after the upgrade, counted again).
+    0010 repairs both, and nothing else."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for path in sorted(REPO_MIGRATIONS.glob("*.sql")):
+        if path.name < "0010":
+            shutil.copy(path, earlier / path.name)
+    apply_migrations(empty_database_url, earlier)
+    opened = "2026-01-05 15:00+00"
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        for symbol, cls in (("AAPL250117C00150000", None), ("AAPL", None),
+                            ("MSFT250117P00300000", "us_option")):
+            conn.execute(
+                "INSERT INTO active_positions (account_id, symbol, side, qty, avg_entry_price,"
+                " alpaca_order_id, status, realized_pnl, opened_at, peak_qty, asset_class)"
+                " VALUES ('A', %s, 'long', 2, 3, 'o-' || %s, 'open', 0.04, %s, 2, %s)",
+                [symbol, symbol, opened, cls])
+        conn.execute(
+            "INSERT INTO baseline_moments (account_id, symbol, moment) VALUES"
+            " ('A', 'XYZ', '2026-01-05 16:00+00'), ('A', 'QQQ', '2026-01-05 16:00+00'),"
+            " ('A', 'IBM', '2026-01-05 16:00+00'), ('A', '', '2026-01-05 14:00+00')")
+        conn.execute(
+            "INSERT INTO position_adjustments (account_id, symbol, reason, qty_before,"
+            " qty_after, taken_at) VALUES"
+            " ('A', 'XYZ', 'reconcile', 10, 15, '2026-01-05 16:00:01+00'),"
+            " ('A', 'QQQ', 'reconcile', 1, 2, '2026-01-05 16:00:01+00'),"
+            " ('A', 'QQQ', 'rebaseline', 2, 3, '2026-01-05 17:00+00'),"
+            " ('A', 'IBM', 'baseline', 0, 5, '2026-01-05 16:00:01+00')")
+
+    assert apply_migrations(empty_database_url) == ["0010_upgrade_repairs"]
+    with psycopg.connect(empty_database_url) as conn:
+        rows = conn.execute("SELECT symbol, asset_class, multiplier, realized_pnl"
+                            " FROM active_positions ORDER BY symbol").fetchall()
+        assert [(s, c, float(m), float(p)) for s, c, m, p in rows] == [
+            ("AAPL", None, 1.0, 0.04),
+            ("AAPL250117C00150000", "us_option", 100.0, 4.0),
+            ("MSFT250117P00300000", "us_option", 1.0, 0.04)]  # 0006's own rows: theirs
+        moments = dict(conn.execute("SELECT symbol, reconciled_at IS NOT NULL"
+                                    " FROM baseline_moments").fetchall())
+        assert moments == {"XYZ": True, "QQQ": False, "IBM": False, "": False}
