@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -62,6 +65,72 @@ INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum, applied_at)
 SELECT version, filename, checksum, applied_at FROM {OLD_MIGRATIONS_TABLE}
 ON CONFLICT (version) DO NOTHING
 """
+
+
+@dataclass(frozen=True, slots=True)
+class _Superseded:
+    """A migration file as it was applied by an earlier version of this project, before
+    it was changed (on main, while "never edit an applied migration" was not kept) or
+    renamed: `repair` is idempotent SQL that brings such a database to what the current
+    file `becomes` makes (its COMMENT statements are run again too), after which the
+    current file is recorded as applied. Without it `migrate` refused the database (a
+    changed checksum) or failed on the renamed file (a column already there)."""
+
+    version: str
+    checksums: frozenset[str]
+    becomes: str
+    repair: str
+
+
+#: Every earlier form of an applied file main has carried (sha256 of its bytes).
+_SUPERSEDED: Final = (
+    _Superseded(
+        "0003_dead_letter_replay",
+        frozenset({"5bf320e183b2af077bcc0ef4e4eb05dcc3df0732899faf5c78c930af2a561787"}),
+        "0003_dead_letter_replay",
+        "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS letter_key text;"
+        " CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_letter_key"
+        " ON dead_letters (letter_key);"),
+    _Superseded(
+        "0004_real_accounts",
+        frozenset({"6bb00dd5ba45ea8e11956336adc85bceae7cfc6c22c7a1b866fbd1d3a5a8269b"}),
+        "0004_real_accounts",
+        # Its constraint was `baseline_qty` within `filled_qty`; the file now names it as
+        # not negative (which 0008 drops: the repair runs before 0008 can).
+        "ALTER TABLE broker_orders DROP CONSTRAINT IF EXISTS"
+        " broker_orders_baseline_within_filled;"
+        " ALTER TABLE broker_orders ADD CONSTRAINT broker_orders_baseline_not_negative"
+        " CHECK (baseline_qty >= 0);"),
+    _Superseded(
+        "0005_many_accounts",
+        frozenset({"85592f845bd1cc785227b6f77ed3d3c8ab6c6b5b510b9ec956bed64f2a5f97a2"}),
+        "0005_many_accounts",
+        "CREATE TABLE IF NOT EXISTS event_stream_positions (stream text PRIMARY KEY,"
+        " event_id text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());"),
+    _Superseded(
+        "0007_activity_baseline",
+        frozenset({"6bd6c8dffed0066d852ebca44629fd73cfe5c47e7ff1fc22e886fc3a08c9fcea",
+                   "b000a2c7cc89c85893ffa8150efcf5cd54e9d43f78e97420718fce684818a496"}),
+        "0007_activity_baseline",
+        ""),  # its comments only
+    _Superseded(
+        "0008_reconcile_moments",
+        frozenset({"f342be719f3db19a378e4bccdc22c5c026f8573820117a030da19a5656daca26",
+                   "22cdb8e3281ef2e4574931875f7de3daf485818232f8728ffb7fc642ebbf7316",
+                   "8b66e3df755f3fb7647f59522ffebe601c26ecd6f5d85a37058cbda15055af3b"}),
+        "0008_reconcile_and_replicas",
+        "ALTER TABLE baseline_moments ADD COLUMN IF NOT EXISTS reconciled_at timestamptz;"
+        " ALTER TABLE broker_orders DROP CONSTRAINT IF EXISTS"
+        " broker_orders_baseline_not_negative;"
+        " ALTER TABLE stream_supervisor_replicas ADD COLUMN IF NOT EXISTS"
+        " account_names text[];"),
+)
+#: A COMMENT statement of a migration file (its text a SQL string, quotes doubled).
+_COMMENT_STATEMENT: Final = re.compile(r"^COMMENT ON .*? IS\s*'(?:[^']|'')*';", re.MULTILINE | re.DOTALL)
+#: How long one migration waits for a table lock before it lets go and tries again: a
+#: migration queued behind a long reader holds every later query of its tables (the
+#: running service's too) for as long as it waits.
+STEP_LOCK_TIMEOUT_MS: Final = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +233,7 @@ def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo:
     applied = dict(
         conn.execute(f"SELECT version, checksum FROM {MIGRATIONS_TABLE}").fetchall()
     )
+    _repair_superseded(conn, migrations, applied, conninfo)
     done: list[str] = []
     for m in migrations:
         stored = applied.get(m.version)
@@ -175,18 +245,77 @@ def _apply(conn: psycopg.Connection[Any], migrations: list[Migration], conninfo:
                     f"on disk): restore the file and put the change in a new migration"
                 )
             continue
-        try:
-            with conn.transaction():
-                conn.execute(m.sql)
-                conn.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum) "
-                    "VALUES (%s, %s, %s)",
-                    [m.version, m.path.name, m.checksum],
-                )
-        except psycopg.Error as exc:
-            raise MigrationError(
-                f"migration {m.path.name} failed and was rolled back: "
-                f"{pgconn.error_text(exc, conninfo)}"
-            ) from None
+        def step(m: Migration = m) -> None:
+            conn.execute(m.sql)
+            conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum) "
+                "VALUES (%s, %s, %s)",
+                [m.version, m.path.name, m.checksum],
+            )
+
+        _in_turn(conn, m.path.name, conninfo, step)
         done.append(m.version)
     return done
+
+
+def _repair_superseded(conn: psycopg.Connection[Any], migrations: list[Migration],
+                       applied: dict[str, str], conninfo: str) -> None:
+    """Bring a database migrated with an earlier form of a file (`_SUPERSEDED`) to what
+    the current file makes, and record that file as applied: in version order, each in
+    a transaction of its own, before anything new is applied."""
+    current = {m.version: m for m in migrations}
+    for old in _SUPERSEDED:
+        if applied.get(old.version) not in old.checksums or old.becomes not in current:
+            continue
+        if old.becomes != old.version and old.becomes in applied:
+            continue
+        target = current[old.becomes]
+        comments = "\n".join(_COMMENT_STATEMENT.findall(target.sql))
+
+        def step(old: _Superseded = old, target: Migration = target,
+                 comments: str = comments) -> None:
+            if old.repair:
+                conn.execute(old.repair)
+            if comments:
+                conn.execute(comments)
+            conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (version, filename, checksum) "
+                "VALUES (%s, %s, %s) ON CONFLICT (version) DO UPDATE"
+                " SET filename = EXCLUDED.filename, checksum = EXCLUDED.checksum",
+                [target.version, target.path.name, target.checksum])
+
+        _in_turn(conn, f"{target.path.name} (repairing {old.version} as applied earlier)",
+                 conninfo, step)
+        applied[target.version] = target.checksum
+        print(f"migrate: {old.version} was applied in an earlier form: repaired to "
+              f"{target.path.name}", file=sys.stderr)
+
+
+def _in_turn(conn: psycopg.Connection[Any], name: str, conninfo: str,
+             step: Callable[[], object], *, patience_s: float = DEFAULT_LOCK_WAIT_S) -> None:
+    """`step()` in a transaction of its own, waiting at most `STEP_LOCK_TIMEOUT_MS` for
+    each lock: behind a long reader it lets go (so the running service's queries of the
+    same tables are not queued behind it) and tries again, for `patience_s` in all."""
+    started = time.monotonic()
+    pause = 0.5
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{STEP_LOCK_TIMEOUT_MS}ms'")
+                step()
+            return
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() - started > patience_s:
+                raise MigrationError(
+                    f"migration {name} waited {patience_s:g} s for its tables' locks (a "
+                    "long transaction holds them; pg_stat_activity shows it): nothing "
+                    "applied, run it again") from None
+            print(f"migrate: {name} waits for a table lock (another transaction holds "
+                  f"it); trying again in {pause:g} s", file=sys.stderr)
+            time.sleep(pause)
+            pause = min(pause * 2, 10.0)
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration {name} failed and was rolled back: "
+                f"{pgconn.error_text(exc, conninfo)}"
+            ) from None

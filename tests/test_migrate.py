@@ -377,6 +377,94 @@ def test_an_upgrade_repairs_what_earlier_versions_left_behind(
             ("AAPL", None, 1.0, 0.04),
             ("AAPL250117C00150000", "us_option", 100.0, 4.0),
             ("MSFT250117P00300000", "us_option", 1.0, 0.04)]  # 0006's own rows: theirs
-        moments = dict(conn.execute("SELECT symbol, reconciled_at IS NOT NULL"
+        moments: dict[str, bool] = dict(conn.execute("SELECT symbol, reconciled_at IS NOT NULL"
                                     " FROM baseline_moments").fetchall())
         assert moments == {"XYZ": True, "QQQ": False, "IBM": False, "": False}
+
+
+SUPERSEDED = Path(__file__).parent / "fixtures" / "superseded-migrations"
+
+
+def _schema(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every column, constraint and index of the public schema: what code relies on."""
+    with psycopg.connect(url) as conn:
+        return {
+            "columns": conn.execute(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default"
+                " FROM information_schema.columns WHERE table_schema = 'public'"
+                " ORDER BY 1, 2").fetchall(),
+            "constraints": conn.execute(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)"
+                " FROM pg_constraint WHERE connamespace = 'public'::regnamespace"
+                " ORDER BY 1, 2").fetchall(),
+            "indexes": conn.execute(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes"
+                " WHERE schemaname = 'public' ORDER BY 1, 2").fetchall(),
+        }
+
+
+@pytest.mark.parametrize("forms", [
+    ("0003_dead_letter_replay@8f8ef94", "0004_real_accounts@c8ee935",
+     "0005_many_accounts@f0a0e94", "0007_activity_baseline@2eb1892",
+     "0008_reconcile_moments@eacf924"),
+    ("0007_activity_baseline@1d024d5", "0008_reconcile_moments@75e83c7"),
+    ("0008_reconcile_moments@f54e016",),
+])
+def test_a_database_an_earlier_main_migrated_upgrades_to_the_schema_of_today(
+        empty_database_url: str, database_url: str, tmp_path: Path,
+        forms: tuple[str, ...]) -> None:
+    """Main once changed applied files (0003, 0004, 0005, 0007) and renamed 0008: a
+    database migrated then was refused (a changed checksum) or failed (a column already
+    there), and the service stopped at "run migrate". Each earlier form is repaired to
+    what today's file makes: the schema ends as a fresh install's, every file recorded."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    replaced = {form.split("@")[0]: form for form in forms}
+    for path in sorted(REPO_MIGRATIONS.glob("*.sql")):
+        version = path.stem
+        if version >= "0008":
+            continue
+        source = SUPERSEDED / f"{replaced[version]}.sql" if version in replaced else path
+        shutil.copy(source, earlier / path.name)
+    for version, form in replaced.items():
+        if version.startswith("0008"):
+            shutil.copy(SUPERSEDED / f"{form}.sql", earlier / f"{version}.sql")
+    apply_migrations(empty_database_url, earlier)
+    assert apply_migrations(empty_database_url) == ["0009_stats_currency",
+                                                    "0010_upgrade_repairs"]
+    assert _schema(empty_database_url) == _schema(database_url)
+    with psycopg.connect(empty_database_url) as conn:
+        recorded: dict[str, str] = dict(conn.execute(
+            "SELECT version, checksum FROM stream_supervisor_migrations").fetchall())
+    for m in load_migrations(find_migrations_dir()):
+        assert recorded[m.version] == m.checksum
+    assert apply_migrations(empty_database_url) == []
+
+
+def test_a_migration_behind_a_long_reader_lets_go_and_tries_again(
+        empty_database_url: str, migrations: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A migration waiting for a table a long transaction reads held every later query
+    of that table (the running service's) queued behind it, for as long as the reader
+    lasted. It now waits a bounded time, lets go, and tries again until it gets through."""
+    from stream_supervisor import migrate
+
+    monkeypatch.setattr(migrate, "STEP_LOCK_TIMEOUT_MS", 200)
+    apply_migrations(empty_database_url, migrations)
+    (migrations / "0099_more.sql").write_text(
+        "ALTER TABLE dead_letters ADD COLUMN more int;\n"
+        "COMMENT ON COLUMN dead_letters.more IS 'A test''s.';\n")
+    reader = psycopg.connect(empty_database_url)
+    reader.execute("SELECT count(*) FROM dead_letters")  # holds ACCESS SHARE until the end
+
+    def finish() -> None:
+        reader.rollback()
+        reader.close()
+
+    timer = threading.Timer(1.5, finish)
+    timer.start()
+    try:
+        assert apply_migrations(empty_database_url, migrations) == ["0099_more"]
+    finally:
+        timer.join()
+    assert "0099_more.sql waits for a table lock" in capsys.readouterr().err
