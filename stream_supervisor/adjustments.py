@@ -19,6 +19,7 @@ from typing import Any, Final
 import msgspec
 
 from .bounds import (
+    DEFAULT_FUTURE_TOLERANCE,
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
     MAX_SYMBOL_CHARS,
@@ -32,7 +33,6 @@ from .errors import DecodeError, OutOfBounds
 from .events import parse_timestamp
 from .orders import OrderState, merge_status
 from .positions import Position
-from .settings import DEFAULT_FUTURE_TOLERANCE
 from .symbols import asset_class_of, canonical_symbol, multiplier
 
 ZERO: Final = Decimal(0)

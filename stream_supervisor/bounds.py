@@ -51,8 +51,12 @@ TIMESTAMP_FLOOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
 TIMESTAMP_FLOOR_NS: Final = int(TIMESTAMP_FLOOR.timestamp()) * 1_000_000_000
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
-#: How far ahead of the wall clock a broker timestamp may be is a setting
-#: (`STREAM_SUPERVISOR_FUTURE_TOLERANCE`, `settings.DEFAULT_FUTURE_TOLERANCE`).
+#: How far ahead of our wall clock a broker timestamp may be (clock skew) before the
+#: update is dead-lettered, unless `STREAM_SUPERVISOR_FUTURE_TOLERANCE` says otherwise: a
+#: fill's time becomes the cursor, and backfill starts at the cursor minus the overlap
+#: (300 s), so a tolerance below the overlap keeps one skewed fill from hiding the fills
+#: before it (docs/design.md, section 4, step 5).
+DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 
 # --- what the schema and the transport hold (for the tests and the docs) -----------------
 
@@ -149,6 +153,7 @@ def not_after_ns(now: datetime, tolerance: float) -> int:
 
 __all__ = [
     "DEAD_LETTER_KEEP_BYTES",
+    "DEFAULT_FUTURE_TOLERANCE",
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_CLIENT_ORDER_ID_CHARS",
     "MAX_ID_CHARS",

@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from .backoff import BackoffPolicy
+from .bounds import DEFAULT_FUTURE_TOLERANCE as DEFAULT_FUTURE_TOLERANCE  # noqa: PLC0414 - re-exported
 from .bounds import DEFAULT_MAX_FRAME_BYTES, TRANSPORT_MAX_MESSAGE
 from .budget import DEFAULT_SHARE as DEFAULT_REST_BUDGET_SHARE
 from .budget import check_share
@@ -38,11 +39,6 @@ DEFAULT_DRAIN_TIMEOUT: Final = 20.0
 DEFAULT_RESTART_LIMIT: Final = 5
 DEFAULT_RESTART_WINDOW: Final = 60.0
 DEFAULT_STATEMENT_TIMEOUT_MS: Final = 10_000
-#: How far ahead of our wall clock a broker timestamp may be (clock skew) before the
-#: update is dead-lettered: a fill's time becomes the cursor, and backfill starts at the
-#: cursor minus the overlap (300 s), so a tolerance below the overlap keeps one skewed
-#: fill from hiding the fills before it (docs/design.md, section 4, step 5).
-DEFAULT_FUTURE_TOLERANCE: Final = 120.0
 DEFAULT_REST_TIMEOUT: Final = 10.0
 #: Live updates held while recovery runs (about 1.4 KB each, so at most ~140 MB). It
 #: must hold the stream for as long as REST takes to read the outage within the budget:
