@@ -19,7 +19,8 @@ class WebSocket(Protocol):
 
     async def get_messages(self) -> list[str | bytes]:
         """At least one message, and every other one already received: the reader
-        handles a socket read's worth of updates in one turn."""
+        handles a socket read's worth of updates in one turn. Cancelled, it has lost
+        nothing it read (it waits only while it holds no message)."""
         ...
 
     async def send_message(self, data: str | bytes) -> None: ...

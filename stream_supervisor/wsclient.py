@@ -22,7 +22,11 @@ wsproto may refuse a frame from its first two bytes, while here a frame waits fo
 whole header (and an ordinary-looking one for all of itself, at most 64 KiB) before it
 is judged; from a peer that then goes quiet the recorded reason is the ping timeout.
 `tests/test_wsclient.py` holds the client to what wsproto alone makes of the same bytes,
-over any reads, and through a cancelled turn, a failed pong and the close handshake.
+over any reads, and through a pong held back, a failed pong and the close handshake.
+
+Control replies (pongs, the reply to a close) never hold a read up: they are queued and
+sent once every message read before them has been returned, so a reader cancelled while
+a peer that stopped reading leaves a pong unsent has lost nothing it read.
 
 `websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
 stream, runs the upgrade, and always closes both. Contract, as for the whole transport
@@ -93,7 +97,7 @@ class WebSocketClient:
         self._pending = b""  # the start of a frame not yet complete (split out here)
         self._owed = 0  # bytes of a frame wsproto is reading, not yet given to it
         self._fragmented = False  # wsproto holds an open fragmented message
-        self._unsplit = False  # `_pending` holds the rest of a read not yet split
+        self._replies: list[bytes] = []  # control frames owed to the peer, not yet sent
         self._parts: list[str | bytes] = []  # fragments of the message being assembled
         self._part_bytes = 0
         self._cut = False  # the message being assembled is over the limit: rest discarded
@@ -109,7 +113,9 @@ class WebSocketClient:
 
     async def get_messages(self) -> list[str | bytes]:
         """Every complete message available after at most one socket read; at least one.
-        Raises `TransportClosed` only once nothing read before the failure is left."""
+        Raises `TransportClosed` only once nothing read before the failure is left.
+        Cancelled, it holds no message: it waits (on the socket, or on sending the
+        control replies it owes) only while it has none to return."""
         await self._until_ready()
         messages = list(self._ready)
         self._ready.clear()
@@ -123,9 +129,14 @@ class WebSocketClient:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._ready:
             if self._closed is not None:
+                # What is still owed (the reply to a close) goes out in `aclose`, within
+                # the caller's close deadline: a peer that stopped reading must not
+                # hold the reader here with nothing left to guard it.
                 raise TransportClosed(self._closed)
-            if self._unsplit:
-                await self._split(b"")  # the rest of a read whose turn was cancelled
+            if self._replies:
+                # Sent now that nothing read is held: a reader cancelled here (the
+                # pinger giving up on a peer that stopped reading) loses no message.
+                await self._send_replies()
             else:
                 await self._receive()
 
@@ -140,15 +151,14 @@ class WebSocketClient:
             # event. A frame cut short here goes to wsproto first: what it says of a
             # header it would refuse comes before that, as without the fast path.
             pending, self._pending = self._pending, b""
-            self._unsplit = False
-            if pending and await self._to_wsproto(pending):
+            if pending and self._to_wsproto(pending):
                 return
             self._ws.receive_data(None)
-            await self._handle_events()
+            self._handle_events()
             return
-        await self._split(bytes(data))
+        self._split(bytes(data))
 
-    async def _split(self, data: bytes) -> None:
+    def _split(self, data: bytes) -> None:
         """Split a read into frames: ordinary messages straight into `_ready`, every other
         frame to wsproto, whole and in order, so that wsproto always starts at a frame
         boundary. The start of an ordinary frame still to come is kept for the next read;
@@ -156,14 +166,12 @@ class WebSocketClient:
         arrives (`_owed`).
 
         Whenever `_pending` holds bytes, wsproto stands at the frame boundary they start
-        with, also while this turn waits on wsproto's events (a pong being sent): if the
-        turn is cancelled there, the rest of the read is in `_pending` and `_unsplit`
-        says so. Only a close that wsproto reports ends the splitting; a send that failed
-        (`_closed` set by another task, or by a pong) does not, so that messages already
-        read are still returned before the failure is (as the module's contract says)."""
+        with. Nothing here waits (control replies are queued), so a read is split whole
+        or not at all. Only a close that wsproto reports ends the splitting; a send that
+        failed (`_closed` set by another task) does not, so that messages already read
+        are still returned before the failure is (as the module's contract says)."""
         buf = self._pending + data if self._pending else data
         self._pending = b""
-        self._unsplit = False
         end = len(buf)
         i = 0
         ready = self._ready
@@ -174,13 +182,7 @@ class WebSocketClient:
                 self._owed -= take
                 chunk = buf[i:i + take]
                 i += take
-                if i < end:
-                    self._pending = buf[i:]
-                    self._unsplit = True
-                over = await self._to_wsproto(chunk)
-                self._pending = b""
-                self._unsplit = False
-                if over:
+                if self._to_wsproto(chunk):
                     return  # the connection is over: nothing after the close counts
                 continue
             if end - i < 2:
@@ -231,27 +233,27 @@ class WebSocketClient:
             self._owed = size
         self._pending = buf[i:]
 
-    async def _to_wsproto(self, data: bytes) -> bool:
-        """Hand wsproto bytes (synchronously, before any wait) and act on its events; True
-        once it has reported the end of the connection."""
+    def _to_wsproto(self, data: bytes) -> bool:
+        """Hand wsproto bytes and act on its events; True once it has reported the end
+        of the connection."""
         self._ws.receive_data(data)
-        return await self._handle_events()
+        return self._handle_events()
 
-    async def _handle_events(self) -> bool:
+    def _handle_events(self) -> bool:
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 self._message_part(event.data, event.message_finished)
             elif isinstance(event, Ping):
-                # Answered at once (a broker that pings us drops us without pongs).
-                await self._send_quietly(self._ws.send(event.response()))
+                # Answered as soon as the messages read with it are returned (a broker
+                # that pings us drops us without pongs).
+                self._replies.append(self._ws.send(event.response()))
             elif isinstance(event, Pong):
                 self._pong(event.payload)
             elif isinstance(event, CloseConnection):
-                # Over before the reply is sent: a cancelled reply leaves it over too.
                 self._lost(f"closed {event.code}"
                            + (f" {event.reason}" if event.reason else ""))
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                    await self._send_quietly(self._ws.send(event.response()))
+                    self._replies.append(self._ws.send(event.response()))
                 return True
         return False
 
@@ -342,6 +344,10 @@ class WebSocketClient:
         except TransportClosed:
             pass
 
+    async def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        await self._send_quietly(b"".join(replies))
+
     async def _send_close(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:
             await self._send_quietly(self._ws.send(CloseConnection(code=code,
@@ -355,13 +361,15 @@ class WebSocketClient:
     async def aclose(self) -> None:
         """The close handshake: send our close frame and read (discarding messages) until
         the peer's reply or the end of the stream. The caller bounds the wait; closing
-        the stream itself is the caller's (it opened it)."""
+        the stream itself is the caller's (it opened it). Control replies still owed
+        (the reply to the peer's close) go first."""
+        if self._replies:
+            await self._send_replies()
         if self._pending and self._ws.state in (ConnectionState.OPEN,
                                                 ConnectionState.LOCAL_CLOSING):
             # wsproto reads on from where the splitting stopped: a frame boundary.
             self._ws.receive_data(self._pending)
             self._pending = b""
-            self._unsplit = False
         if self._closed is None and self._ws.state is ConnectionState.OPEN:
             await self._send_close(NORMAL_CLOSURE, "client closing")
             self._closed = "closed by client"
@@ -428,7 +436,7 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
         for event in events:
             if isinstance(event, AcceptConnection):
                 if frames:
-                    await client._split(frames)  # frames that came with the 101
+                    client._split(frames)  # frames that came with the 101
                 return client
             if isinstance(event, RejectConnection):
                 rejected = event

@@ -1,0 +1,233 @@
+"""The connection actor over the real WebSocket client, against a scripted Alpaca-like
+server on loopback sockets: what reaches the pipeline, and what the logs and the
+disconnect reason say, when the broker misbehaves.
+
+The server is wsproto's server state machine on a real socket; recovery is a stub that
+returns at once (these tests are about the socket session, not REST).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, Ping, Request, TextMessage
+
+from stream_supervisor.backoff import BackoffPolicy
+from stream_supervisor.connection import ConnectionActor, ConnectionSettings
+from stream_supervisor.errors import TransportClosed
+from stream_supervisor.events import Event
+from stream_supervisor.messages import Item
+from stream_supervisor.metrics import Metrics
+from stream_supervisor.recovery import GapRecovery
+from stream_supervisor.state import SupervisorState
+from stream_supervisor.transport import WebSocket
+from stream_supervisor.wsclient import WebSocketClient, open_websocket
+
+AUTHORIZED = {"stream": "authorization",
+              "data": {"status": "authorized", "action": "authenticate"}}
+LISTENING = {"stream": "listening", "data": {"streams": ["trade_updates"]}}
+
+
+def _stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def update(order_id: str, at: datetime | None = None) -> bytes:
+    """A `new` trade update, as Alpaca sends it (a binary frame's payload)."""
+    at = at or datetime.now(UTC) - timedelta(seconds=1)
+    order = {"id": order_id, "client_order_id": f"c-{order_id}", "symbol": "AAPL",
+             "side": "buy", "qty": "1", "filled_qty": "0", "filled_avg_price": None,
+             "status": "new", "order_type": "market", "type": "market",
+             "asset_class": "us_equity", "created_at": _stamp(at), "updated_at": _stamp(at)}
+    return json.dumps({"stream": "trade_updates", "data": {
+        "event": "new", "order": order, "timestamp": _stamp(at)}}).encode()
+
+
+class Broker:
+    """The server's end of one connection: answers the upgrade, then `authenticate` and
+    `listen` with what the test says (`on_auth`, `on_listen`: the bytes to write, built
+    with `message`), then runs `after`."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+
+    def message(self, payload: bytes) -> bytes:
+        return self.ws.send(BytesMessage(data=payload))
+
+    async def next_message(self) -> bytes | None:
+        """The client's next message (None once it has gone)."""
+        while True:
+            for event in self.ws.events():
+                if isinstance(event, Request):
+                    await self.stream.send_all(self.ws.send(AcceptConnection()))
+                elif isinstance(event, TextMessage | BytesMessage):
+                    data = event.data
+                    return data.encode() if isinstance(data, str) else bytes(data)
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.ws.receive_data(data)
+
+
+Script = Callable[[Broker], Awaitable[None]]
+
+
+async def alpaca(broker: Broker, *, on_listen: bytes = b"") -> None:
+    """The handshake as Alpaca does it; `on_listen` goes before the `listening` reply."""
+    await broker.next_message()  # authenticate
+    await broker.stream.send_all(broker.message(json.dumps(AUTHORIZED).encode()))
+    await broker.next_message()  # listen
+    await broker.stream.send_all(on_listen
+                                 + broker.message(json.dumps(LISTENING).encode()))
+
+
+@asynccontextmanager
+async def serving(script: Script) -> AsyncIterator[str]:
+    """A loopback server running `script` on every connection; yields its ws:// URL."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await script(Broker(stream))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        yield f"ws://127.0.0.1:{port}/stream"
+        nursery.cancel_scope.cancel()
+
+
+class Connected:
+    """A connector like `websocket_connector`, over a socket whose send buffer is
+    small (so that a peer that stops reading blocks our sends at once); keeps the
+    clients it opened."""
+
+    def __init__(self) -> None:
+        self.clients: list[WebSocketClient] = []
+
+    @asynccontextmanager
+    async def __call__(self, url: str) -> AsyncIterator[WebSocket]:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        async with stream:
+            client = await open_websocket(stream, f"127.0.0.1:{port}", "/stream",
+                                          max_message_size=1_000_000)
+            self.clients.append(client)
+            try:
+                yield client
+            finally:
+                with trio.move_on_after(0.5, shield=True):
+                    await client.aclose()
+
+
+class NoRecovery:
+    """Recovery with nothing to bring back: streaming starts at once."""
+
+    class settings:
+        order_refresh_interval = 0.0
+
+    def __init__(self) -> None:
+        self.live: list[tuple[str, int]] = []  # (order id, wall ns it was received)
+
+    async def backfill(self, *_: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def observe(self, event: Event) -> None:
+        pass
+
+    def observe_stale(self, event: Event) -> None:
+        pass
+
+    def observe_live(self, event: Event, received_ns: int) -> None:
+        self.live.append((event.order_id, received_ns))
+
+    async def recheck_stale(self) -> int:
+        return 0
+
+    async def refresh_periodically(self) -> None:
+        pass
+
+
+def actor(url: str, connector: Any, outbox: trio.MemorySendChannel[Item], *,
+          recovery: NoRecovery | None = None, ping_interval: float = 100.0,
+          ping_timeout: float = 10.0) -> ConnectionActor:
+    settings = ConnectionSettings(
+        stream_url=url, key_id="KEYID", secret_key="SECRET", ping_interval=ping_interval,
+        ping_timeout=ping_timeout, handshake_timeout=5.0,
+        backoff=BackoffPolicy(initial=0.1, cap=0.2), max_frame_bytes=1_000_000,
+        future_tolerance=60.0)
+    return ConnectionActor(settings, connector, cast(GapRecovery, recovery or NoRecovery()),
+                           outbox, Metrics(), SupervisorState())
+
+
+def _forwarded(receive: trio.MemoryReceiveChannel[Item]) -> list[str]:
+    """The order ids of the updates on the pipeline so far."""
+    out: list[str] = []
+    while True:
+        try:
+            item = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+        if isinstance(item, Event):
+            out.append(item.order_id)
+
+
+async def _send_until_closed(client: WebSocketClient, data: bytes) -> None:
+    try:
+        await client.send_message(data)
+    except TransportClosed:
+        pass
+
+
+async def test_updates_read_with_a_ping_the_peer_will_not_read_the_pong_of_are_forwarded(
+) -> None:
+    """Our send buffer is full (the broker stopped reading); then one read brings an
+    update, a ping and another update. The pong cannot be sent, the pinger gives up and
+    ends the connection: both updates, already read, still reach the pipeline
+    (docs/design.md, section 8: frames already read are still forwarded)."""
+    go = trio.Event()
+    connections = 0
+
+    async def script(broker: Broker) -> None:
+        nonlocal connections
+        connections += 1
+        await alpaca(broker)
+        if connections > 1:
+            await trio.sleep_forever()  # the reconnect: nothing more to say
+        await go.wait()
+        await broker.stream.send_all(broker.message(update("order-A"))
+                                     + broker.ws.send(Ping(payload=b"hi"))
+                                     + broker.message(update("order-B")))
+        await trio.sleep_forever()  # never reads again
+
+    connector = Connected()
+    send, receive = trio.open_memory_channel[Item](100)
+    async with serving(script) as url, trio.open_nursery() as nursery:
+        a = actor(url, connector, send, ping_interval=0.5, ping_timeout=0.5)
+        with trio.fail_after(5):
+            await nursery.start(a.run)
+            while a.state.connection != "streaming":
+                await trio.sleep(0.01)
+        # Standing in for a send buffer filled over time: a send the peer never reads.
+        nursery.start_soon(_send_until_closed, connector.clients[0], b"x" * 4_000_000)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        go.set()
+        with trio.fail_after(10):
+            while a.state.last_disconnect_reason is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert _forwarded(receive) == ["order-A", "order-B"]
+    assert a.state.last_disconnect_reason == "no pong within 0.5s"
