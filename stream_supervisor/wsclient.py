@@ -61,7 +61,10 @@ from wsproto.utilities import ProtocolError
 
 from .bounds import TRANSPORT_MAX_MESSAGE
 from .errors import TransportClosed, UpgradeRejected
+from .logs import get_logger
 from .transport import Connector, WebSocket
+
+log = get_logger("stream_supervisor.wsclient")
 
 #: Bytes asked of the socket per read: about sixty trade updates.
 RECEIVE_BYTES = 64 * 1024
@@ -81,6 +84,24 @@ REJECT_BODY_BYTES = 200
 NORMAL_CLOSURE = 1000
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: What fixes a certificate the system store does not trust: `ssl.create_default_context`
+#: reads OpenSSL's default paths, which these variables override. REST (httpx) trusts
+#: certifi's bundle unless they are set, so it may work where the stream does not.
+TLS_UNTRUSTED_HINT = (
+    "the system CA store does not trust the stream's certificate: install the system CA "
+    "certificates (ca-certificates), or set SSL_CERT_FILE (or SSL_CERT_DIR) to a CA "
+    "bundle: `python -m certifi` prints the one REST uses; behind a TLS-inspecting proxy, "
+    "one that holds the proxy's CA")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a reason: Trio wraps a TLS failure in `BrokenResourceError`
+    with an empty message, the cause (`SSLCertVerificationError`, ...) saying why."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
 
 
 class WebSocketClient:
@@ -144,7 +165,7 @@ class WebSocketClient:
         try:
             data = await self._stream.receive_some(RECEIVE_BYTES)
         except _STREAM_ERRORS as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
+            self._lost(_describe(exc))
             return
         if not data:
             # End of stream without a close frame is wsproto's 1006 (abnormal closure)
@@ -334,7 +355,7 @@ class WebSocketClient:
             try:
                 await self._stream.send_all(data)
             except _STREAM_ERRORS as exc:
-                self._lost(f"{type(exc).__name__}: {exc}")
+                self._lost(_describe(exc))
                 raise TransportClosed(self._closed or "closed") from None
 
     async def _send_quietly(self, data: bytes) -> None:
@@ -398,9 +419,13 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
     protocol = WSConnection(ConnectionType.CLIENT)
     client = WebSocketClient(stream, protocol, max_message_size=max_message_size)
     try:
+        # Over TLS, the TLS handshake happens here.
         await stream.send_all(protocol.send(Request(host=host, target=resource)))
     except _STREAM_ERRORS as exc:
-        raise TransportClosed(f"handshake failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            log.warning("tls_certificate_untrusted", host=host,
+                        error=str(exc.__cause__), hint=TLS_UNTRUSTED_HINT)
+        raise TransportClosed(f"handshake failed: {_describe(exc)}") from None
     rejected: RejectConnection | None = None
     body = b""
     seen = b""  # the last bytes of the head given to wsproto: its end may span two reads
@@ -409,7 +434,7 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
         try:
             data = await stream.receive_some(RECEIVE_BYTES)
         except _STREAM_ERRORS as exc:
-            raise TransportClosed(f"handshake failed: {type(exc).__name__}: {exc}") from None
+            raise TransportClosed(f"handshake failed: {_describe(exc)}") from None
         if not data:
             if rejected is not None:
                 raise UpgradeRejected(rejected.status_code,
@@ -487,7 +512,7 @@ def websocket_connector(
         except trio.TooSlowError:
             raise TransportClosed("connect timeout") from None
         except OSError as exc:
-            raise TransportClosed(f"connect failed: {type(exc).__name__}: {exc}") from None
+            raise TransportClosed(f"connect failed: {_describe(exc)}") from None
         try:
             try:
                 with trio.fail_after(connect_timeout):

@@ -13,14 +13,17 @@ import base64
 import hashlib
 import itertools
 import re
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
@@ -38,6 +41,8 @@ from wsproto.events import (
 from stream_supervisor.errors import TransportClosed, UpgradeRejected
 from stream_supervisor.transport import WebSocket
 from stream_supervisor.wsclient import WebSocketClient, open_websocket, websocket_connector
+
+from .fixtures import TLS_CERT, TLS_KEY
 
 
 class Peer:
@@ -78,12 +83,18 @@ Script = Callable[[Peer], Awaitable[None]]
 
 
 @asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[str]:
-    """A one-connection server running `script`; yields its ws:// URL."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
+async def scripted(script: Script, *, tls: bool = False) -> AsyncIterator[str]:
+    """A one-connection server running `script`; yields its ws:// URL (wss:// with
+    `tls`: the self-signed certificate of `tests/fixtures/tls`)."""
+    tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = tcp[0].socket.getsockname()[1]
+    listeners: list[trio.abc.Listener[Any]] = list(tcp)
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(TLS_CERT, TLS_KEY)
+        listeners = [trio.SSLListener(t, context, https_compatible=True) for t in tcp]
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: Any) -> None:
         async with stream:
             try:
                 await script(Peer(stream))
@@ -92,7 +103,7 @@ async def scripted(script: Script) -> AsyncIterator[str]:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
-        yield f"ws://127.0.0.1:{port}/stream"
+        yield f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/stream"
         nursery.cancel_scope.cancel()
 
 
@@ -268,6 +279,38 @@ async def test_a_refused_upgrade_names_the_status_and_body() -> None:
                 pass
     assert rejected.value.status_code == 429
     assert rejected.value.body == "connection limit reached"
+
+
+async def test_an_untrusted_certificate_is_named_with_the_way_to_fix_it() -> None:
+    """Behind a TLS-inspecting proxy, or in an image without CA certificates, the TLS
+    handshake fails: the reason says why (it was `BrokenResourceError: `, the cause
+    dropped) and a warning names the variables that fix it."""
+    async def script(peer: Peer) -> None:
+        await peer.stream.receive_some(65536)
+
+    async with scripted(script, tls=True) as url:
+        with capture_logs() as logs, pytest.raises(TransportClosed) as closed:
+            async with websocket_connector(connect_timeout=5)(url):
+                pass
+    assert "certificate verify failed" in closed.value.reason
+    [warning] = [e for e in logs if e["event"] == "tls_certificate_untrusted"]
+    assert "SSL_CERT_FILE" in warning["hint"]
+    assert "certificate verify failed" in warning["error"]
+
+
+async def test_ssl_cert_file_makes_a_certificate_trusted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fix the hint names works: the client's context reads SSL_CERT_FILE."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS_CERT))
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message("over TLS"))
+        await hold_open(peer)
+
+    async with scripted(script, tls=True) as url, websocket_connector()(url) as ws:
+        assert await ws.get_message() == "over TLS"
 
 
 async def test_a_server_that_is_not_websocket_fails_the_handshake() -> None:
