@@ -64,6 +64,11 @@ LIVE_BUFFER = DEFAULT_LIVE_BUFFER
 #: (BENCHMARKS.md).
 STREAM_BUFFER_CHANNELS = 5
 STREAM_BUFFER = STREAM_BUFFER_CHANNELS * DEFAULT_CHANNEL_SIZE
+#: What is kept of a message in which the broker says why it refuses or drops us.
+BROKER_TEXT_BYTES = 200
+#: The broker's words for "one connection per account, and you have one": waited out
+#: like an upgrade refused with 429 (the rate-limit floor), whatever shape they come in.
+_CONNECTION_LIMIT = "connection limit exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,7 @@ class ConnectionActor:
         self.state = state
         self.backoff = Backoff(settings.backoff, rng)
         self._end_reason: str | None = None  # why the current connection ended
+        self._broker_said: str | None = None  # the broker's last error text, this connection
         self._recv_scope: trio.CancelScope | None = None
         self._recovery_scope: trio.CancelScope | None = None
         self._listening_ns = 0  # wall clock at `listening`, epoch ns
@@ -156,6 +162,7 @@ class ConnectionActor:
                          connection_id=self.state.connection_id)
                 connected_at: float | None = None
                 rate_limited = False
+                self._broker_said = None
                 try:
                     try:
                         async with self.connector(self.settings.stream_url) as ws:
@@ -173,6 +180,8 @@ class ConnectionActor:
                 except UpgradeRejected as exc:
                     rate_limited = exc.status_code == 429
                     reason = f"upgrade rejected {exc.status_code}"
+                    if exc.body.strip():
+                        self._broker_said = self._broker_text(exc.body)
                 except TransportClosed as exc:
                     reason = exc.reason
                 except ProtocolViolation as exc:
@@ -181,6 +190,14 @@ class ConnectionActor:
                     reason = "handshake timeout"
                 except (BrokerUnavailable, DecodeError) as exc:
                     reason = f"backfill failed: {exc}"[:300]
+                said = self._broker_said
+                if said is not None:
+                    # What the broker said before it refused or dropped us: often the
+                    # only word on why (a close frame's reason is usually empty).
+                    if said not in reason:
+                        reason = f"{reason}: {said}" if reason.startswith(
+                            "upgrade rejected") else f"{reason} (broker said: {said})"
+                    rate_limited = rate_limited or _CONNECTION_LIMIT in said.lower()
                 self.state.connection = "backoff"
                 self.state.caught_up = False
                 self.state.last_disconnect_reason = reason
@@ -204,17 +221,25 @@ class ConnectionActor:
         with trio.fail_after(s.handshake_timeout):
             await ws.send_message(authenticate_message(s.key_id, s.secret_key))
             while True:
-                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes)
+                message = await ws.get_message()
+                reply = decode_frame(message, max_bytes=s.max_frame_bytes)
                 if isinstance(reply, Authorization):
                     if not reply.authorized:
                         raise Unauthorized(
                             "the broker stream refused the credentials (unauthorized"
                             + (f": {reply.message}" if reply.message else "")
-                            + "): check APCA_API_KEY_ID and APCA_API_SECRET_KEY"
+                            + "): check APCA_API_KEY_ID and APCA_API_SECRET_KEY, and that "
+                            "APCA_API_BASE_URL (or APCA_API_STREAM_URL) is the broker "
+                            "they are for (paper keys on the live URL are refused)"
                         )
                     break
                 if isinstance(reply, ErrorReply):
+                    self._broker_error(reply.message, "authenticate")
                     raise ProtocolViolation(f"error during authentication: {reply.message}")
+                # Anything else before the authorization is the broker's (in another
+                # shape: `[{"T":"error","code":406,"msg":"connection limit exceeded"}]`),
+                # the only word on why it closes next.
+                self._broker_error(message, "authenticate")
             self.state.connection = "authorized"
             log.info("authorized", connection_id=self.state.connection_id)
             await ws.send_message(listen_message())
@@ -226,6 +251,7 @@ class ConnectionActor:
                         raise ProtocolViolation(f"listening to {reply.streams}, not trade_updates")
                     break
                 if isinstance(reply, ErrorReply):
+                    self._broker_error(reply.message, "listen")
                     raise ProtocolViolation(f"error during listen: {reply.message}")
                 if isinstance(reply, Event | DeadLetter):
                     # An update racing the listen reply: real data, kept for the live
@@ -434,6 +460,9 @@ class ConnectionActor:
                         elif isinstance(frame, Authorization) and not frame.authorized:
                             raise Unauthorized(
                                 "the broker revoked the stream's authorization")
+                        elif isinstance(frame, ErrorReply):
+                            # Usually followed by a close: its reason will say this too.
+                            self._broker_error(frame.message, "streaming")
                         # Other control messages (a repeated `listening`, other streams)
                         # are ignored.
                 finally:
@@ -476,6 +505,23 @@ class ConnectionActor:
             except TransportClosed:
                 return  # the reader sees it too, and records why
             self.state.beat("connection", trio.current_time())
+
+    def _broker_text(self, text: str | bytes) -> str:
+        """The first `BROKER_TEXT_BYTES` of what the broker said, on one line, without
+        our credentials (a broker may echo what it was sent)."""
+        raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+        said = " ".join(raw[:BROKER_TEXT_BYTES].decode("utf-8", "replace").split())
+        for secret in (self.settings.key_id, self.settings.secret_key):
+            if secret:
+                said = said.replace(secret, "[REDACTED]")
+        return said
+
+    def _broker_error(self, text: str | bytes, phase: str) -> None:
+        """The broker says why it refuses or drops us: logged, and kept for the reason
+        the connection ends with."""
+        said = self._broker_said = self._broker_text(text)
+        log.warning("broker_error", message=said, phase=phase,
+                    connection_id=self.state.connection_id)
 
     def _note_wall_offset(self) -> None:
         """Wall clock minus Trio's, once a turn: when each update of the turn came."""

@@ -10,26 +10,37 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, Ping, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 
 from stream_supervisor.backoff import BackoffPolicy
 from stream_supervisor.connection import ConnectionActor, ConnectionSettings
-from stream_supervisor.errors import TransportClosed
+from stream_supervisor.errors import TransportClosed, Unauthorized
 from stream_supervisor.events import Event
 from stream_supervisor.messages import Item
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.recovery import GapRecovery
 from stream_supervisor.state import SupervisorState
 from stream_supervisor.transport import WebSocket
-from stream_supervisor.wsclient import WebSocketClient, open_websocket
+from stream_supervisor.wsclient import WebSocketClient, open_websocket, websocket_connector
 
 AUTHORIZED = {"stream": "authorization",
               "data": {"status": "authorized", "action": "authenticate"}}
@@ -60,8 +71,18 @@ class Broker:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.SERVER)
 
+    async def upgrade_request(self) -> None:
+        """Read the upgrade request, to refuse it."""
+        while True:
+            self.ws.receive_data(await self.stream.receive_some(65536))
+            if any(isinstance(event, Request) for event in self.ws.events()):
+                return
+
     def message(self, payload: bytes) -> bytes:
         return self.ws.send(BytesMessage(data=payload))
+
+    def close(self, code: int = 1000) -> bytes:
+        return self.ws.send(CloseConnection(code=code))
 
     async def next_message(self) -> bytes | None:
         """The client's next message (None once it has gone)."""
@@ -231,3 +252,108 @@ async def test_updates_read_with_a_ping_the_peer_will_not_read_the_pong_of_are_f
         nursery.cancel_scope.cancel()
     assert _forwarded(receive) == ["order-A", "order-B"]
     assert a.state.last_disconnect_reason == "no pong within 0.5s"
+
+
+async def _run_until_disconnected(a: ConnectionActor) -> None:
+    """Run the actor until its first connection has ended."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        with trio.fail_after(10):
+            while a.state.last_disconnect_reason is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+def _backoff(logs: list[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
+    return next(e for e in logs if e["event"] == "backoff")
+
+
+async def test_an_error_in_another_shape_during_authentication_is_shown_and_waited_out(
+) -> None:
+    """The broker's connection-limit error in the market-data shape, then a normal
+    close: the text reaches the log and the reason (it was `closed 1000`), and the
+    backoff waits out the limit as for a 429."""
+    async def script(broker: Broker) -> None:
+        await broker.next_message()  # authenticate
+        await broker.stream.send_all(broker.message(
+            b'[{"T":"error","code":406,"msg":"connection limit exceeded"}]') + broker.close())
+        await broker.next_message()
+
+    send, _receive = trio.open_memory_channel[Item](100)
+    async with serving(script) as url:
+        a = actor(url, websocket_connector(), send)
+        with capture_logs() as logs:
+            await _run_until_disconnected(a)
+    [said] = [e for e in logs if e["event"] == "broker_error"]
+    assert said["phase"] == "authenticate"
+    assert "connection limit exceeded" in said["message"]
+    assert a.state.last_disconnect_reason is not None
+    assert a.state.last_disconnect_reason.startswith("closed 1000 (broker said: ")
+    assert "connection limit exceeded" in a.state.last_disconnect_reason
+    assert _backoff(logs)["rate_limited"] is True
+
+
+async def test_an_error_message_while_streaming_is_logged_and_named_in_the_reason() -> None:
+    connections = 0
+
+    async def script(broker: Broker) -> None:
+        nonlocal connections
+        connections += 1
+        await alpaca(broker)
+        if connections == 1:
+            await broker.stream.send_all(broker.message(
+                b'{"stream":"error","data":{"message":"connection limit exceeded"}}')
+                + broker.close())
+        await broker.next_message()
+
+    send, _receive = trio.open_memory_channel[Item](100)
+    async with serving(script) as url:
+        a = actor(url, websocket_connector(), send)
+        with capture_logs() as logs:
+            await _run_until_disconnected(a)
+    [said] = [e for e in logs if e["event"] == "broker_error"]
+    assert (said["phase"], said["message"]) == ("streaming", "connection limit exceeded")
+    assert a.state.last_disconnect_reason == (
+        "closed 1000 (broker said: connection limit exceeded)")
+    assert _backoff(logs)["rate_limited"] is True
+
+
+async def test_a_refused_upgrade_names_what_the_broker_said_without_our_secrets() -> None:
+    async def script(broker: Broker) -> None:
+        await broker.upgrade_request()
+        body = b"connection limit exceeded for key KEYID " + b"." * 300
+        await broker.stream.send_all(
+            broker.ws.send(RejectConnection(status_code=406, has_body=True, headers=[
+                (b"content-length", str(len(body)).encode())]))
+            + broker.ws.send(RejectData(data=body)))
+
+    send, _receive = trio.open_memory_channel[Item](100)
+    async with serving(script) as url:
+        a = actor(url, websocket_connector(), send)
+        with capture_logs() as logs:
+            await _run_until_disconnected(a)
+    reason = a.state.last_disconnect_reason
+    assert reason is not None
+    assert reason.startswith("upgrade rejected 406: connection limit exceeded for key "
+                             "[REDACTED] ...")
+    assert "KEYID" not in reason and len(reason) < 250
+    assert _backoff(logs)["rate_limited"] is True
+
+
+async def test_unauthorized_names_the_urls_as_well_as_the_keys() -> None:
+    """Paper keys on the live URL are refused as `unauthorized`: the exit message
+    names the URL variables, as REST's 401 does."""
+    async def script(broker: Broker) -> None:
+        await broker.next_message()
+        await broker.stream.send_all(broker.message(
+            b'{"stream":"authorization","data":{"status":"unauthorized",'
+            b'"action":"authenticate"}}'))
+        await broker.next_message()
+
+    send, _receive = trio.open_memory_channel[Item](100)
+    async with serving(script) as url:
+        a = actor(url, websocket_connector(), send)
+        with trio.fail_after(10), pytest.raises(Unauthorized) as refused:
+            await a.run()
+    assert "APCA_API_BASE_URL" in str(refused.value) and "APCA_API_STREAM_URL" in str(
+        refused.value)
