@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError
+from .settings import check_stream_url
 
 ACCOUNTS_FILE_VARIABLE: Final = "STREAM_SUPERVISOR_ACCOUNTS_FILE"
 SOURCES: Final = ("websocket", "broker-events")
@@ -103,6 +104,8 @@ def _account(name: str, t: dict[str, Any], env: Mapping[str, str], where: str,
     for key in _ACCOUNT_KEYS:
         if key in t and not isinstance(t[key], str):
             raise ConfigError(f"{label}.{key} must be a string")
+    if t.get("stream_url"):
+        check_stream_url(t["stream_url"], f"{label}.stream_url")
     source = t.get("source", "websocket")
     if source not in SOURCES:
         raise ConfigError(f"{label}.source must be one of {list(SOURCES)}, got {source!r}")

@@ -61,9 +61,28 @@ def derive_stream_url(base_url: str) -> str:
     """`https://paper-api.alpaca.markets` -> `wss://paper-api.alpaca.markets/stream`."""
     parts = urlsplit(base_url)
     scheme = {"https": "wss", "http": "ws"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ConfigError(f"APCA_API_BASE_URL must be an http(s) URL, got {base_url!r}")
+    if scheme is None or not _host_and_port_ok(parts.netloc):
+        raise ConfigError("APCA_API_BASE_URL must be an http(s) URL with a host (and a "
+                          f"port from 1 to 65535, if any), got {base_url!r}")
     return urlunsplit((scheme, parts.netloc, "/stream", "", ""))
+
+
+def check_stream_url(url: str, name: str = "APCA_API_STREAM_URL") -> None:
+    """A stream URL the transport can open, or ConfigError naming where it was set: a
+    wrong one would otherwise be retried for ever as a connection failure."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not _host_and_port_ok(parts.netloc):
+        raise ConfigError(f"{name} must be a ws:// or wss:// URL with a host (and a port "
+                          f"from 1 to 65535, if any), got {url!r}")
+
+
+def _host_and_port_ok(netloc: str) -> bool:
+    parts = urlsplit(f"//{netloc}")
+    try:
+        port = parts.port  # ValueError when not a number or out of range
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +150,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.stream_url and self.base_url:
             object.__setattr__(self, "stream_url", derive_stream_url(self.base_url))
+        elif self.stream_url:
+            check_stream_url(self.stream_url)
         if self.max_batch < 1:
             raise ConfigError(f"{ENV_PREFIX}MAX_BATCH must be at least 1")
         if self.channel_size < 1:

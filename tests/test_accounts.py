@@ -57,6 +57,8 @@ source = "broker-events"
      "set exactly one of key_id_env or key_id_file"),
     ({"key_id_env": "K", "secret_key_env": "S", "base": "x"}, "unknown key(s) ['base']"),
     ({"key_id_env": "K", "secret_key_env": "S", "source": "kafka"}, "source must be one of"),
+    ({"key_id_env": "K", "secret_key_env": "S", "stream_url": "https://api.alpaca.markets"},
+     "stream_url must be a ws:// or wss:// URL"),
 ])
 def test_a_file_that_cannot_be_used_is_refused_naming_the_fix(
         table: dict[str, str], message: str) -> None:

@@ -158,6 +158,27 @@ def test_bad_base_url_names_the_variable() -> None:
         load_settings(env={"APCA_API_BASE_URL": "paper-api.alpaca.markets"})
 
 
+@pytest.mark.parametrize("url", [
+    "https://paper-api.alpaca.markets/stream",  # REST's scheme: the transport refused it
+    "wss://paper-api.alpaca.markets:99999/stream",  # raised a bare ValueError at connect
+    "wss://paper-api.alpaca.markets:0/stream",
+    "wss://paper-api.alpaca.markets:port/stream",
+    "wss:///stream",
+    "paper-api.alpaca.markets/stream",
+])
+def test_a_stream_url_the_transport_cannot_open_is_a_configuration_error(url: str) -> None:
+    """Not a connection failure retried for ever, nor a crash: exit 78 naming it."""
+    with pytest.raises(ConfigError, match="APCA_API_STREAM_URL"):
+        load_settings(env={"APCA_API_STREAM_URL": url})
+    with pytest.raises(ConfigError, match="APCA_API_STREAM_URL"):
+        Settings(stream_url=url)
+
+
+def test_a_base_url_port_out_of_range_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="APCA_API_BASE_URL"):
+        load_settings(env={"APCA_API_BASE_URL": "https://paper-api.alpaca.markets:70000"})
+
+
 def test_require_run_names_every_missing_variable() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env={}).require_run()
