@@ -244,7 +244,10 @@ class ConnectionActor:
             log.info("authorized", connection_id=self.state.connection_id)
             await ws.send_message(listen_message())
             while True:
-                reply = decode_frame(await ws.get_message(), max_bytes=s.max_frame_bytes,
+                # Received now, as the reader stamps what it reads (`_read_into`): an
+                # update kept for the live buffer tells recovery when it arrived.
+                reply = decode_frame(await ws.get_message(), received_at=trio.current_time(),
+                                     max_bytes=s.max_frame_bytes,
                                      not_after_ns=self._not_after_ns())
                 if isinstance(reply, Listening):
                     if "trade_updates" not in reply.streams:

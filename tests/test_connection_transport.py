@@ -64,8 +64,7 @@ def update(order_id: str, at: datetime | None = None) -> bytes:
 
 class Broker:
     """The server's end of one connection: answers the upgrade, then `authenticate` and
-    `listen` with what the test says (`on_auth`, `on_listen`: the bytes to write, built
-    with `message`), then runs `after`."""
+    `listen` as the test's script says (`alpaca`)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -102,13 +101,14 @@ class Broker:
 Script = Callable[[Broker], Awaitable[None]]
 
 
-async def alpaca(broker: Broker, *, on_listen: bytes = b"") -> None:
-    """The handshake as Alpaca does it; `on_listen` goes before the `listening` reply."""
+async def alpaca(broker: Broker, *, before_listening: bytes = b"") -> None:
+    """The handshake as Alpaca does it; `before_listening`, a message's payload, goes
+    in the same write, before the `listening` reply."""
     await broker.next_message()  # authenticate
     await broker.stream.send_all(broker.message(json.dumps(AUTHORIZED).encode()))
     await broker.next_message()  # listen
-    await broker.stream.send_all(on_listen
-                                 + broker.message(json.dumps(LISTENING).encode()))
+    await broker.stream.send_all((broker.message(before_listening) if before_listening
+                                  else b"") + broker.message(json.dumps(LISTENING).encode()))
 
 
 @asynccontextmanager
@@ -357,3 +357,30 @@ async def test_unauthorized_names_the_urls_as_well_as_the_keys() -> None:
             await a.run()
     assert "APCA_API_BASE_URL" in str(refused.value) and "APCA_API_STREAM_URL" in str(
         refused.value)
+
+
+async def test_an_update_racing_listening_is_stamped_with_when_it_arrived() -> None:
+    """An update that comes before `listening` (stamped 8 s ahead: a broker clock a little
+    ahead of ours) is forwarded as live after recovery: recovery must be told it arrived
+    now. It was told the epoch plus Trio's clock, hours ago, and the stream edge's
+    disorder jumped to hours (docs/design.md, section 12)."""
+    ahead = datetime.now(UTC) + timedelta(seconds=8)
+
+    async def script(broker: Broker) -> None:
+        await alpaca(broker, before_listening=update("early", at=ahead))
+        await broker.next_message()
+
+    send, receive = trio.open_memory_channel[Item](100)
+    recovery = NoRecovery()
+    async with serving(script) as url, trio.open_nursery() as nursery:
+        a = actor(url, websocket_connector(), send, recovery=recovery)
+        with trio.fail_after(5):
+            await nursery.start(a.run)
+            while not recovery.live:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    now_ns = int(datetime.now(UTC).timestamp() * 1e9)
+    [(order_id, received_ns)] = recovery.live
+    assert order_id == "early"
+    assert abs(now_ns - received_ns) < 5e9
+    assert _forwarded(receive) == ["early"]
