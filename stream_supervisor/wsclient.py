@@ -242,7 +242,7 @@ class WebSocketClient:
                         self._owed = size  # wsproto closes with 1007
                         continue
                 i += size
-                if len(piece) > limit:
+                if size - head > limit:  # bytes, not characters
                     self._message_part(piece, True)
                 else:
                     ready.append(piece)
@@ -281,25 +281,31 @@ class WebSocketClient:
     def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
         """Assemble fragments. A message over the limit keeps only its first limit + 1
         bytes (the rest is read and dropped as it arrives): the decoder sees it is over
-        and dead-letters it, the connection and the memory it holds stay bounded."""
+        and dead-letters it, the connection and the memory it holds stay bounded. The
+        limit is in bytes, as the decoder's is: a text message over it is cut as its
+        UTF-8 bytes (maybe inside a character) and returned as bytes."""
         piece: str | bytes = data if isinstance(data, str) else bytes(data)
         if self._cut:
             piece = piece[:0]
         else:
             keep = self._max_message_size + 1 - self._part_bytes
-            if len(piece) >= keep:
-                piece, self._cut = piece[:keep], True
-            self._part_bytes += len(piece)
+            size = len(piece) if not isinstance(piece, str) or piece.isascii() \
+                else len(piece.encode())
+            if size >= keep:
+                raw = piece.encode() if isinstance(piece, str) else piece
+                piece, self._cut, size = raw[:keep], True, keep
+            self._part_bytes += size
         if finished and not self._parts:
             self._ready.append(piece)
         else:
             self._parts.append(piece)
             if finished:
-                first = self._parts[0]
                 joined: str | bytes = (
                     "".join(p for p in self._parts if isinstance(p, str))
-                    if isinstance(first, str)
-                    else b"".join(p for p in self._parts if isinstance(p, bytes))
+                    if all(isinstance(p, str) for p in self._parts)
+                    # Binary, or text cut at the limit: its bytes.
+                    else b"".join(p.encode() if isinstance(p, str) else p
+                                  for p in self._parts)
                 )
                 self._ready.append(joined)
                 self._parts.clear()

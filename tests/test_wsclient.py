@@ -39,6 +39,8 @@ from wsproto.events import (
 )
 
 from stream_supervisor.errors import TransportClosed, UpgradeRejected
+from stream_supervisor.events import DeadLetter
+from stream_supervisor.protocol import decode_frame
 from stream_supervisor.transport import WebSocket
 from stream_supervisor.wsclient import WebSocketClient, open_websocket, websocket_connector
 
@@ -251,6 +253,32 @@ async def test_an_oversized_message_is_cut_and_the_connection_stays() -> None:
     assert got == ["ok", b"a" * 600 + b"b" * 401, b"d" * 1001, b"e" * 1000, "after"]
     # The client closed normally when it left, never with 1009.
     assert [e.code for e in received if isinstance(e, CloseConnection)] == [1000]
+
+
+async def test_the_size_limit_counts_a_text_messages_bytes_not_its_characters() -> None:
+    """3,000 euro signs are 9,000 bytes of UTF-8: over a 1,000-byte limit, the message
+    comes cut to 1,001 bytes (it was cut at 1,001 characters, 3,003 bytes, and the dead
+    letter gave that as its size), and one just under it in bytes comes whole."""
+    euros = "\u20ac" * 3000
+    fits = "\u20ac" * 333  # 999 bytes
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message(euros) + peer.message(fits)
+                                   + peer.message(euros[:50], finished=False)
+                                   + peer.message(euros[50:]))
+        await hold_open(peer)
+
+    async with scripted(script) as url, websocket_connector(max_message_size=1000)(url) as ws:
+        got: list[str | bytes] = []
+        with trio.fail_after(5):
+            while len(got) < 3:
+                got += await ws.get_messages()
+    cut = euros.encode()[:1001]
+    assert got == [cut, fits, cut]
+    letter = decode_frame(got[0], max_bytes=1000)
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "oversized frame: at least 1001 bytes > limit 1000"
 
 
 async def test_invalid_utf8_in_a_text_frame_is_a_protocol_close() -> None:
@@ -569,7 +597,9 @@ def _reference(wire: bytes, limit: int) -> tuple[list[str | bytes], str]:
                     whole = ("".join(p for p in parts if isinstance(p, str))
                              if isinstance(parts[0], str)
                              else b"".join(p for p in parts if isinstance(p, bytes)))
-                    messages.append(whole if len(whole) <= limit else whole[:limit + 1])
+                    raw = whole.encode() if isinstance(whole, str) else whole
+                    # The limit is in bytes: a longer text message comes cut, as bytes.
+                    messages.append(whole if len(raw) <= limit else raw[:limit + 1])
                     parts = []
             elif isinstance(event, CloseConnection):
                 return messages, f"closed {event.code}" + (
