@@ -26,7 +26,9 @@ over any reads, and through a pong held back, a failed pong and the close handsh
 
 Control replies (pongs, the reply to a close) never hold a read up: they are queued and
 sent once every message read before them has been returned, so a reader cancelled while
-a peer that stopped reading leaves a pong unsent has lost nothing it read.
+a peer that stopped reading leaves a pong unsent has lost nothing it read. Once the
+connection is over (the peer's close, or a frame wsproto refuses: then our close frame
+with its code, RFC 6455 7.1.7) what is owed goes out in `aclose`, within its deadline.
 
 `websocket_connector` is the production `transport.Connector`: it opens the TCP or TLS
 stream, runs the upgrade, and always closes both. Contract, as for the whole transport
@@ -275,6 +277,11 @@ class WebSocketClient:
                            + (f" {event.reason}" if event.reason else ""))
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._replies.append(self._ws.send(event.response()))
+                elif self._ws.state is ConnectionState.OPEN:
+                    # wsproto refused what the peer sent (1002, 1007, ...): we fail the
+                    # connection, and say why in a close frame (RFC 6455, 7.1.7).
+                    self._replies.append(self._ws.send(CloseConnection(
+                        code=event.code, reason=(event.reason or "")[:100])))
                 return True
         return False
 

@@ -293,6 +293,32 @@ async def test_invalid_utf8_in_a_text_frame_is_a_protocol_close() -> None:
             await ws.get_messages()
 
 
+@pytest.mark.parametrize(("bad", "code"), [
+    (b"\x81\x02\xff\xfe", 1007),  # a text frame of invalid UTF-8
+    (b"\x82\x86\x01\x02\x03\x04masked", 1002),  # a masked frame, from a server
+])
+async def test_failing_the_connection_tells_the_peer_why(bad: bytes, code: int) -> None:
+    """RFC 6455, 7.1.7: failing the connection, the client sends a close frame with the
+    code (it sent none), when it leaves: within the close deadline."""
+    received: list[object] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + bad)
+        while not any(isinstance(e, CloseConnection) for e in await peer.read_events()):
+            pass
+        received.extend(peer.received)
+
+    async with scripted(script) as url:
+        with trio.fail_after(5):
+            async with websocket_connector()(url) as ws:
+                with pytest.raises(TransportClosed, match=f"closed {code}"):
+                    await ws.get_messages()
+            while not received:
+                await trio.sleep(0.01)
+    assert [e.code for e in received if isinstance(e, CloseConnection)] == [code]
+
+
 async def test_a_refused_upgrade_names_the_status_and_body() -> None:
     async def script(peer: Peer) -> None:
         await peer.upgrade_request()
