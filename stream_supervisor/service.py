@@ -29,6 +29,7 @@ from .settings import Settings
 from .state import SupervisorState
 from .supervisor import STORE_WAIT_POLICY
 from .wiring import open_supervisor
+from .wsclient import ignored_proxy
 
 log = get_logger("stream_supervisor.service")
 
@@ -125,5 +126,11 @@ def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
         log.info("migrations_applied", versions=applied, count=len(applied))
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
              account_id=settings.account_id, http_addr=settings.http_addr)
+    proxy = ignored_proxy(settings.stream_url)
+    if proxy is not None:
+        log.warning("stream_proxy_ignored", proxy=proxy, stream_url=settings.stream_url,
+                    hint="the stream connects directly (REST uses the proxy): allow "
+                    "direct egress to the stream's host, or add it to NO_PROXY to "
+                    "silence this")
     tune_interpreter()
     return trio.run(partial(serve, settings, backstop=True))

@@ -43,7 +43,8 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
+from urllib.request import getproxies, proxy_bypass
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -487,6 +488,20 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
                     raise UpgradeRejected(
                         rejected.status_code,
                         body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))
+
+
+def ignored_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY for wss://, HTTP_PROXY for
+    ws://, unless NO_PROXY covers its host), without its credentials; None if none.
+    The stream connects directly (no CONNECT tunnel yet) while REST (httpx) honours
+    these variables: the service warns at start, so that a host whose only way out is
+    the proxy shows why the stream cannot connect while REST works."""
+    parts = urlsplit(url)
+    proxy = getproxies().get("https" if parts.scheme == "wss" else "http")
+    if not proxy or not parts.hostname or proxy_bypass(parts.hostname):
+        return None
+    shown = urlsplit(proxy)
+    return urlunsplit(shown._replace(netloc=shown.netloc.rpartition("@")[2]))
 
 
 def websocket_connector(

@@ -42,7 +42,12 @@ from stream_supervisor.errors import TransportClosed, UpgradeRejected
 from stream_supervisor.events import DeadLetter
 from stream_supervisor.protocol import decode_frame
 from stream_supervisor.transport import WebSocket
-from stream_supervisor.wsclient import WebSocketClient, open_websocket, websocket_connector
+from stream_supervisor.wsclient import (
+    WebSocketClient,
+    ignored_proxy,
+    open_websocket,
+    websocket_connector,
+)
 
 from .fixtures import TLS_CERT, TLS_KEY
 
@@ -755,3 +760,20 @@ async def test_messages_read_with_a_ping_come_back_before_its_pong_is_sent() -> 
     server = Connection(ConnectionType.SERVER)
     server.receive_data(b"".join(stream.sent))
     assert list(server.events()) == [Pong(payload=b"hi")]
+
+
+def test_a_proxy_the_stream_does_not_use_is_named_without_its_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """REST honours HTTPS_PROXY, the stream connects directly: the service warns at
+    start with the proxy this returns (none when NO_PROXY covers the host)."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+                 "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    stream = "wss://paper-api.alpaca.markets/stream"
+    assert ignored_proxy(stream) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.internal:3128")
+    assert ignored_proxy(stream) == "http://proxy.internal:3128"
+    assert ignored_proxy("ws://paper-api.alpaca.markets/stream") is None
+    monkeypatch.setenv("NO_PROXY", ".alpaca.markets")
+    assert ignored_proxy(stream) is None
