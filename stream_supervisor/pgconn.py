@@ -29,6 +29,11 @@ KEEPALIVE_DEFAULTS: Final = {
     "tcp_user_timeout": "30000",
 }
 
+#: libpq's and the server's answers to a conninfo that cannot work however long one
+#: waits (an option value libpq refuses; a database or role the server does not have).
+_UNUSABLE: Final = re.compile(
+    r'invalid (?:integer |boolean )?(?:\w+ )?value|invalid connection option'
+    r'|FATAL:\s+(?:database|role) "[^"]*" does not exist')
 _URI_USERINFO: Final = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):([^@\s]*)@", re.IGNORECASE)
 _KV_PASSWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _URI_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
@@ -111,6 +116,11 @@ def connect(
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"invalid database conninfo: {error_text(exc, conninfo)}") from None
     except psycopg.Error as exc:
+        text = error_text(exc, conninfo)
+        if _UNUSABLE.search(text):
+            # Waiting would not end it: a value libpq refuses, or a server that answers
+            # that the database or role is not there.
+            raise ConfigError(f"DATABASE_URL ({describe(conninfo)}) cannot work: {text}") from None
         raise StoreUnavailable(
-            f"cannot connect to PostgreSQL ({describe(conninfo)}): {error_text(exc, conninfo)}"
+            f"cannot connect to PostgreSQL ({describe(conninfo)}): {text}"
         ) from None

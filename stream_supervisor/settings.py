@@ -172,6 +172,20 @@ class Settings:
                               "account's REST limit the service may use, e.g. 0.5)") from None
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be auto, json or console")
+        if self.log_level.lower() not in LOG_LEVELS:
+            # An unknown level was read as info: debug asked for, and silently not given.
+            raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={self.log_level!r} must be one of "
+                              f"{', '.join(LOG_LEVELS)}")
+        for name, value in (("PING_INTERVAL", self.ping_interval),
+                            ("PING_TIMEOUT", self.ping_timeout),
+                            ("CONNECT_TIMEOUT", self.connect_timeout),
+                            ("DRAIN_TIMEOUT", self.drain_timeout),
+                            ("REST_TIMEOUT", self.rest_timeout),
+                            ("STATEMENT_TIMEOUT_MS", self.statement_timeout_ms)):
+            # 0 is no "off" here: a connect or a REST call could never succeed, every stop
+            # would miss its deadline, PostgreSQL's statement bound would be lifted.
+            if value <= 0:
+                raise ConfigError(f"{ENV_PREFIX}{name} must be greater than 0, got {value}")
 
     def strategy(self) -> StrategyPattern:
         """The checked strategy pattern (ConfigError naming the variable if unusable).
@@ -274,6 +288,10 @@ _BACKOFF: Final[dict[str, str]] = {
 }
 
 _TYPES: Final = {f.name: f.type for f in fields(Settings)}
+
+
+#: What `STREAM_SUPERVISOR_LOG_LEVEL` (and `--log-level`) may say.
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 def _parse(var: str, raw: str, kind: object) -> Any:

@@ -674,3 +674,19 @@ async def test_a_server_that_turned_read_only_is_waited_out_not_counted_as_a_ref
     assert await store.try_leadership(ACCOUNT)
     await store.commit_batch(Batch(ACCOUNT, [fill("ro-2", "buy", "1", "1", "10", 2)]))
     await store.aclose()
+
+
+@pytest.mark.parametrize("change", [{"port": "notaport"}, {"sslmode": "bogus"},
+                                    {"dbname": "ss_no_such_database"}])
+async def test_a_database_url_that_cannot_work_is_a_config_error_naming_it(
+    database_url: str, change: dict[str, str],
+) -> None:
+    """A value libpq refuses, or a database the server does not have, was waited out as
+    an outage for ever (database_unavailable, never exit 78, the variable not named)."""
+    from psycopg.conninfo import make_conninfo
+
+    bad = make_conninfo(database_url, password=SECRET, **change)
+    store = PgStore(bad)
+    with trio.fail_after(WAIT), pytest.raises(ConfigError, match="DATABASE_URL") as err:
+        await store.open()
+    assert SECRET not in str(err.value)

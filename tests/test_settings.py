@@ -253,3 +253,18 @@ def test_claim_ahead_is_on_for_one_account_and_asked_for_in_a_fleet() -> None:
     asked = load_settings(env={"STREAM_SUPERVISOR_ACCOUNTS_FILE": "/etc/accounts.toml",
                                "STREAM_SUPERVISOR_CLAIM_AHEAD": "on"})
     assert asked.claims_ahead
+
+
+@pytest.mark.parametrize("name", ["PING_INTERVAL", "PING_TIMEOUT", "CONNECT_TIMEOUT",
+                                  "DRAIN_TIMEOUT", "REST_TIMEOUT", "STATEMENT_TIMEOUT_MS"])
+def test_a_timeout_of_zero_is_refused_by_name(name: str) -> None:
+    """0 was taken: a connect that never succeeds, every stop past its deadline, the
+    statement bound lifted. Refused at start, naming the variable."""
+    with pytest.raises(ConfigError, match=f"STREAM_SUPERVISOR_{name} must be greater than 0"):
+        load_settings({f"STREAM_SUPERVISOR_{name}": "0"})
+
+
+def test_an_unknown_log_level_is_refused_not_read_as_info() -> None:
+    with pytest.raises(ConfigError, match="STREAM_SUPERVISOR_LOG_LEVEL='verbose' must be one"):
+        load_settings({"STREAM_SUPERVISOR_LOG_LEVEL": "verbose"})
+    assert load_settings({"STREAM_SUPERVISOR_LOG_LEVEL": "DEBUG"}).log_level == "DEBUG"
