@@ -18,7 +18,7 @@ from .fleet import Fleet, FleetMonitor
 from .logs import get_logger, redactor
 from .metrics import Metrics
 from .pgfleet import ReplicaSet
-from .sdnotify import Notifier, watchdog_interval
+from .sdnotify import Notifier, watchdog_interval, watchdog_verdict
 from .settings import Settings
 from .state import SupervisorState
 from .supervisor import EXIT_CONFIG
@@ -86,13 +86,7 @@ async def watchdog_loop(notifier: Notifier, monitor: FleetMonitor, period: float
     systemd restarts the process, as it would one account's (`sdnotify.notify_loop`)."""
     alive = True
     while True:
-        health = monitor.assess(trio.current_time())
-        if health.alive != alive:
-            alive = health.alive
-            if alive:
-                log.info("health_restored")
-            else:
-                log.warning("watchdog_withheld", problems=list(health.problems))
+        alive = watchdog_verdict(monitor.assess(trio.current_time()), alive)
         if alive:
             notifier.send("WATCHDOG=1")
         await trio.sleep(period)

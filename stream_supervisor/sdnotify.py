@@ -16,7 +16,7 @@ from typing import Final
 
 import trio
 
-from .health import HealthMonitor
+from .health import Health, HealthMonitor
 from .logs import get_logger
 from .state import SupervisorState
 
@@ -141,6 +141,17 @@ def status_line(state: SupervisorState) -> str:
     return " | ".join(parts)
 
 
+def watchdog_verdict(health: Health, was_alive: bool) -> bool:
+    """Whether `health` lets the watchdog be pinged; a change is logged
+    (`watchdog_withheld`, `health_restored`)."""
+    if health.alive != was_alive:
+        if health.alive:
+            log.info("health_restored")
+        else:
+            log.warning("watchdog_withheld", problems=list(health.problems))
+    return health.alive
+
+
 async def notify_loop(
     state: SupervisorState,
     notifier: Notifier,
@@ -175,13 +186,7 @@ async def notify_loop(
                 log.info("systemd_ready", status=line)
         if now >= next_health:
             next_health = now + health_every
-            health = monitor.assess(now)
-            if health.alive != alive:
-                alive = health.alive
-                if alive:
-                    log.info("health_restored")
-                else:
-                    log.warning("watchdog_withheld", problems=list(health.problems))
+            alive = watchdog_verdict(monitor.assess(now), alive)
             if alive:
                 fields = ["WATCHDOG=1"] if watchdog is not None else []
                 if not notifier.ready_sent and not state.draining:
@@ -197,4 +202,4 @@ async def notify_loop(
         await trio.sleep(tick)
 
 
-__all__ = ["Notifier", "notify_loop", "status_line", "watchdog_interval"]
+__all__ = ["Notifier", "notify_loop", "status_line", "watchdog_interval", "watchdog_verdict"]
