@@ -35,7 +35,7 @@ from .bounds import (
     check_text,
     qty_ok,
 )
-from .errors import BrokerUnavailable, OutOfBounds
+from .errors import BrokerUnavailable, DecodeError, OutOfBounds
 from .events import format_timestamp, parse_timestamp
 from .ledger import Cursor
 from .nontrade import AssetBook, looks_compact_crypto
@@ -379,7 +379,10 @@ async def broker_filled(rest: BrokerRest, order_ids: Sequence[str]) -> dict[str,
             listed[leg.id] = leg.filled_qty
     out = {oid: listed[oid] for oid in order_ids if oid in listed}
     for oid in [oid for oid in order_ids if oid not in listed][:MAX_ORDER_READS]:
-        full = await rest.order(oid)
+        try:
+            full = await rest.order(oid)
+        except DecodeError:  # an answer that is no order: as if not read
+            continue
         if full is not None:
             out[oid] = full.filled_qty
     # A quantity outside the bounds says nothing (NaN equals nothing anyway): left out,
