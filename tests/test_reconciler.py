@@ -290,3 +290,23 @@ async def test_any_failure_of_a_run_waits_for_the_next_not_the_pipeline(
     with trio.move_on_after(150):
         await job.run()
     assert rest.calls.count("positions") == 2
+
+
+async def test_an_order_answered_with_no_order_leaves_its_symbol_waiting() -> None:
+    """`w` is no longer listed open and the broker answers its order read with something
+    that is no order: as if not read, the symbol waits (it crashed the run)."""
+    from stream_supervisor.errors import DecodeError
+
+    class Garbled(Rest):
+        async def order(self, order_id: str) -> WireOrder | None:
+            self.calls.append(f"order {order_id}")
+            raise DecodeError("invalid order: Expected `object`, got `str`")
+
+    store = await _store_holding("10")
+    await store.commit_batch(Batch(ACCOUNT, [_resting_fill("4")]))
+    rest = Garbled()
+    rest.held = [{"symbol": "AAPL", "qty": "20", "side": "long", "avg_entry_price": "100"}]
+    job, _metrics, _state = _reconciler(store, rest, reconcile_apply=True)
+    for _ in range(3):
+        assert (await job.once()).applied == 0
+    assert "order w" in rest.calls
