@@ -167,6 +167,20 @@ class HttpBrokerRest:
             log.info("rest_budget_low", remaining=headers.remaining, limit=self.budget.limit,
                      held_s=round(held, 3))
 
+    async def _get_list(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        """The body of an endpoint that answers a list. A list endpoint has no "none":
+        a 404, or a 2xx with no body (a 204, a proxy's empty answer), is the broker not
+        answering, never an empty list (an empty positions list would close every
+        position in a reconcile that applies it; an empty open-orders list would leave a
+        baseline's working orders unmarked)."""
+        body = await self._get(path, params)
+        if body is None:
+            raise BrokerUnavailable(f"GET {path} answered HTTP 404 where a list was expected")
+        if not body:
+            raise BrokerUnavailable(f"GET {path} answered an empty body where a list was "
+                                    "expected")
+        return body
+
     async def account_id(self) -> str:
         body = await self._get("/v2/account")
         if body is None:
@@ -182,27 +196,33 @@ class HttpBrokerRest:
             params["after"] = after
         if page_token is not None:
             params["page_token"] = page_token
-        body = await self._get("/v2/account/activities/FILL", params)
-        return decode_activities(body) if body else []
+        body = await self._get_list("/v2/account/activities/FILL", params)
+        return decode_activities(body)
 
     async def open_orders(self) -> list[WireOrder]:
         # nested: a multi-leg order comes with its legs (docs/design.md, section 10).
-        body = await self._get("/v2/orders", {"status": "open", "limit": 500, "nested": "true"})
-        return decode_orders(body) if body else []
+        body = await self._get_list("/v2/orders",
+                                    {"status": "open", "limit": 500, "nested": "true"})
+        return decode_orders(body)
 
     async def orders_since(self, *, after: str, limit: int = MAX_ORDERS_PAGE) -> list[WireOrder]:
-        body = await self._get("/v2/orders", {
+        body = await self._get_list("/v2/orders", {
             "status": "all", "after": after, "direction": "asc",
             "limit": min(limit, MAX_ORDERS_PAGE), "nested": "true"})
-        return decode_orders(body) if body else []
+        return decode_orders(body)
 
     async def order(self, order_id: str) -> WireOrder | None:
-        body = await self._get(f"/v2/orders/{order_id}")
-        return decode_order(body) if body else None
+        path = f"/v2/orders/{order_id}"
+        body = await self._get(path)
+        if body is None:
+            return None  # 404: no such order
+        if not body:
+            raise BrokerUnavailable(f"GET {path} answered an empty body")
+        return decode_order(body)
 
     async def positions(self) -> list[dict[str, Any]]:
-        body = await self._get("/v2/positions")
-        return list(msgspec.json.decode(body)) if body else []
+        body = await self._get_list("/v2/positions")
+        return list(msgspec.json.decode(body))
 
     async def non_trade_activities(
         self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
@@ -214,13 +234,16 @@ class HttpBrokerRest:
             params["after"] = after
         if page_token is not None:
             params["page_token"] = page_token
-        body = await self._get("/v2/account/activities", params)
-        return decode_non_trade(body) if body else []
+        body = await self._get_list("/v2/account/activities", params)
+        return decode_non_trade(body)
 
     async def asset(self, symbol: str) -> dict[str, Any] | None:
-        body = await self._get(f"/v2/assets/{quote(symbol, safe='')}")
+        path = f"/v2/assets/{quote(symbol, safe='')}"
+        body = await self._get(path)
+        if body is None:
+            return None  # 404: the broker has no such asset
         if not body:
-            return None
+            raise BrokerUnavailable(f"GET {path} answered an empty body")
         found = msgspec.json.decode(body)
         return found if isinstance(found, dict) else None
     async def clock(self) -> dict[str, Any]:

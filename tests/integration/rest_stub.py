@@ -33,6 +33,9 @@ class RestStub:
         #: What GET /v2/positions and GET /v2/orders answer (JSON objects, verbatim).
         self.positions: list[dict[str, Any]] = []
         self.orders: list[dict[str, Any]] = []
+        #: Answers given verbatim by path (status, body), before any other: a body that
+        #: is not what the endpoint should answer (HTML, nothing, a JSON null).
+        self.answers: dict[str, tuple[int, bytes]] = {}
         self.port = 0
         self.requests: list[str] = []
 
@@ -50,6 +53,8 @@ class RestStub:
         parts = urlsplit(target)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         path = parts.path
+        if path in self.answers:
+            return self.answers[path]
         if path == "/v2/account":
             return 200, json.dumps({"id": self.account_id}).encode()
         if path == "/v2/account/activities/FILL":
@@ -87,8 +92,9 @@ class RestStub:
                     target = event.target.decode()
                     self.requests.append(target)
                     status, body = self.answer(target)
-                    headers = [("content-type", "application/json"),
-                               ("content-length", str(len(body))), ("connection", "close")]
+                    headers = [("content-type", "application/json"), ("connection", "close")]
+                    if status != 204:  # a 204 has no body, and says no length
+                        headers.append(("content-length", str(len(body))))
                     await stream.send_all(conn.send(h11.Response(status_code=status,
                                                                  headers=headers)) or b"")
                     await stream.send_all(conn.send(h11.Data(data=body)) or b"")
