@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -81,16 +81,54 @@ class WireNonTrade(msgspec.Struct, gc=False):
     status: str | None = None
 
 
+class UndecodableNonTrade(WireNonTrade, gc=False):
+    """One activity of a page that does not fit `WireNonTrade` (`"qty": "abc"`): the rest
+    of the page still decodes, and this one reaches the activities pass, which
+    dead-letters it as the JSON it came as (`raw`). A page failing whole for one activity
+    would fail every pass, for ever, and no later fee, split or expiry would be applied."""
+
+    raw: bytes = b""
+    problem: str = ""
+
+
+class _LooseNonTrade(msgspec.Struct, gc=False):
+    id: Any = None
+    activity_type: Any = None
+
+
 _decoder: Final = msgspec.json.Decoder(list[WireNonTrade])
 _one_decoder: Final = msgspec.json.Decoder(WireNonTrade)
+_raw_items: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_loose: Final = msgspec.json.Decoder(_LooseNonTrade)
 
 
 def decode_non_trade(body: bytes) -> list[WireNonTrade]:
-    """A page of non-trade activities. Raises DecodeError if it is not one."""
+    """A page of non-trade activities, each decoded on its own: one that does not decode
+    comes back as an `UndecodableNonTrade`. Raises DecodeError only if the page is not a
+    JSON list."""
     try:
         return _decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid activities page: {exc}") from None
+        try:
+            items = _raw_items.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise DecodeError(f"invalid activities page: {exc}") from None
+    return [_non_trade_or_undecodable(bytes(item)) for item in items]
+
+
+def _non_trade_or_undecodable(raw: bytes) -> WireNonTrade:
+    try:
+        return _one_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            loose = _loose.decode(raw)
+            ident, kind = loose.id, loose.activity_type
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ident = kind = None
+        return UndecodableNonTrade(
+            id=ident if isinstance(ident, str) else "",
+            activity_type=kind if isinstance(kind, str) else "",
+            raw=raw, problem=str(exc)[:300])
 
 
 def _stamp(activity: WireNonTrade) -> str:
@@ -108,6 +146,8 @@ def activity_symbol(activity_type: str, symbol: str) -> str:
 
 def non_trade_to_event(activity: WireNonTrade, *, not_after_ns: int | None = None) -> Event:
     """An activity as a keyed event (raises DecodeError, OutOfBounds if unusable)."""
+    if isinstance(activity, UndecodableNonTrade):
+        raise DecodeError(activity.problem)
     if not activity.id:
         raise DecodeError("activity without id")
     check_text("id", activity.id, MAX_ID_CHARS)

@@ -19,8 +19,13 @@ from zoneinfo import ZoneInfo
 import msgspec
 import trio
 
-from .activities import POSITION_TYPES, WireNonTrade, non_trade_to_event
-from .bounds import not_after_ns
+from .activities import (
+    POSITION_TYPES,
+    UndecodableNonTrade,
+    WireNonTrade,
+    non_trade_to_event,
+)
+from .bounds import DEAD_LETTER_KEEP_BYTES, not_after_ns
 from .errors import BrokerUnavailable, DecodeError
 from .events import DeadLetter, Event, format_timestamp
 from .logs import get_logger
@@ -129,15 +134,22 @@ class ActivityRecovery:
                 try:
                     event = non_trade_to_event(activity, not_after_ns=latest)
                 except (DecodeError, ValueError) as exc:
+                    # One that did not decode is kept as it came (`UndecodableNonTrade`).
+                    payload = (activity.raw if isinstance(activity, UndecodableNonTrade)
+                               else msgspec.json.encode(activity))
                     await self._forward(DeadLetter(
                         reason=f"invalid activity {activity.id[:128]}: {exc}"[:500],
-                        payload=msgspec.json.encode(activity)[:64_000], source="rest"))
+                        payload=payload[:DEAD_LETTER_KEEP_BYTES], source="rest"))
                     continue
                 await self._forward(event)
                 forwarded += 1
             if len(page) < MAX_PAGE_SIZE:
                 break
-            page_token, after = page[-1].id, None
+            # The last activity with an id: one that did not decode may have none.
+            token = next((a.id for a in reversed(page) if a.id), None)
+            if token is None:
+                break
+            page_token, after = token, None
         log.info("activities_backfilled", activities=forwarded, pages=pages)
         return forwarded
 

@@ -582,11 +582,52 @@ def _activity_or_undecodable(raw: bytes) -> WireActivity:
             raw=raw, problem=f"invalid update: {exc}"[:300])
 
 
-def decode_orders(body: bytes) -> list[WireOrder]:
+class OrderList(list[WireOrder]):
+    """A list of orders from REST, less those that did not decode: `skipped` says which
+    (an id if it had one, and why). A list failing whole for one order would fail every
+    recovery that reads it, for ever; a snapshot carries no fill (the refresh skips one
+    out of bounds as well), so one skipped costs a status until the next update."""
+
+    skipped: tuple[str, ...] = ()
+
+
+class _LooseOrder(msgspec.Struct, gc=False):
+    id: Any = None
+
+
+_loose_order_decoder: Final = msgspec.json.Decoder(_LooseOrder)
+
+
+def decode_orders(body: bytes) -> OrderList:
+    """A list of orders, each decoded on its own: one that does not decode is left out and
+    named in `skipped`. Raises DecodeError only if the body is not a JSON list."""
     try:
-        return _orders_decoder.decode(body)
+        return OrderList(_orders_decoder.decode(body))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid orders list: {exc}") from None
+        try:
+            items = _raw_items_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise DecodeError(f"invalid orders list: {exc}") from None
+    out = OrderList()
+    skipped = []
+    for item in items:
+        try:
+            out.append(_order_decoder.decode(item))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            skipped.append(f"order {_loose_id(bytes(item))}: {exc}"[:300])
+    out.skipped = tuple(skipped)
+    return out
+
+
+def _loose_id(raw: bytes) -> str:
+    """An undecodable order's id for a log line, if it has a printable one."""
+    try:
+        ident = _loose_order_decoder.decode(raw).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "without an id"
+    if isinstance(ident, str) and ident.isprintable():
+        return repr(ident[:MAX_ID_CHARS])
+    return "without an id"
 
 
 def decode_order(body: bytes) -> WireOrder:

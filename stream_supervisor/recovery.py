@@ -741,7 +741,8 @@ class OrderBook:
         # already held are kept once.
         self._after = last_dt - timedelta(microseconds=1)
         self._loaded_to_ns = last_ns
-        if len(page) < MAX_ORDERS_PAGE:
+        # A page less orders that did not decode (`OrderList.skipped`) is still full.
+        if len(page) + len(getattr(page, "skipped", ())) < MAX_ORDERS_PAGE:
             self._complete = True
 
 

@@ -33,6 +33,8 @@ class RestStub:
         #: What GET /v2/positions and GET /v2/orders answer (JSON objects, verbatim).
         self.positions: list[dict[str, Any]] = []
         self.orders: list[dict[str, Any]] = []
+        #: What GET /v2/account/activities (the non-trade types) answers, verbatim.
+        self.nontrade: list[dict[str, Any]] = []
         #: Answers given verbatim by path (status, body), before any other: a body that
         #: is not what the endpoint should answer (HTML, nothing, a JSON null).
         self.answers: dict[str, tuple[int, bytes]] = {}
@@ -66,6 +68,10 @@ class RestStub:
             if token is not None:
                 items = [a for a in items if str(a.get("id", "")) > token]
             return 200, json.dumps(items[:size]).encode()
+        if path == "/v2/account/activities":
+            token = query.get("page_token")
+            return 200, json.dumps([a for a in self.nontrade
+                                    if token is None or str(a.get("id", "")) > token]).encode()
         if path == "/v2/positions":
             return 200, json.dumps(self.positions).encode()
         if path == "/v2/clock":

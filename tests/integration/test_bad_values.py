@@ -251,6 +251,50 @@ async def test_a_bad_fill_activity_from_rest_is_dead_lettered_and_ingestion_goes
     assert svc.events().count("backfill_started") == 1
 
 
+async def test_one_malformed_order_or_non_trade_activity_does_not_stop_recovery(
+    database_url: str,
+) -> None:
+    """One open order with `filled_qty: ""` failed the whole orders list, so every
+    backfill failed: a reconnect loop, never streaming. One non-trade activity with
+    `qty: "abc"` failed its whole page: no later fee, split or expiry was ever applied.
+    Now the order is skipped (said in the log) and the activity is dead-lettered as its
+    JSON; the rest of both lists lands, on one connection."""
+    now = datetime.now(UTC)
+    when = stamp(now - timedelta(minutes=5))
+    order = {"id": "open-1", "client_order_id": "c1", "symbol": "AAPL", "side": "buy",
+             "status": "new", "qty": "5", "filled_qty": "0", "filled_avg_price": None,
+             "order_type": "limit", "type": "limit", "asset_class": "us_equity",
+             "created_at": when, "updated_at": when}
+    bad_order = {**order, "id": "open-bad", "filled_qty": ""}
+    day = (now - timedelta(hours=2)).strftime("%Y%m%d%H%M%S%f")[:17]
+    good = {"id": f"{day}::good", "activity_type": "REORG", "symbol": "AAPL", "qty": "1",
+            "transaction_time": stamp(now - timedelta(hours=2))}
+    bad = {"id": f"{day}::bad", "activity_type": "CFEE", "symbol": "BTCUSD", "qty": "abc",
+           "date": (now - timedelta(hours=2)).date().isoformat()}
+    async with service(database_url, []) as svc:
+        svc.rest.orders = [order, bad_order]
+        svc.rest.nontrade = [bad, good]
+        with trio.fail_after(WAIT):
+            while not sql(database_url, "SELECT 1 FROM account_activities"):
+                assert svc.process.returncode is None, svc.process.tail()
+                await trio.sleep(0.1)
+        await svc.wait_until(set(), 1)
+        await trio.sleep(1.0)  # nothing else may come: no reconnect, no second letter
+        code = await svc.drain()
+    assert code == 0, svc.process.tail()
+    assert sql(database_url, "SELECT activity_id, outcome FROM account_activities") == [
+        (good["id"], "not understood")]
+    [(reason, payload, source)] = dead_letters(database_url)
+    assert source == "rest" and json.loads(payload) == bad
+    assert reason.startswith(f"invalid activity {bad['id']}: ") and "decimal" in reason
+    assert [k for k in stored_keys(database_url) if k.startswith("refresh:")] == [
+        k for k in stored_keys(database_url) if k.startswith("refresh:open-1:")] != []
+    skipped = [e for e in svc.process.events() if e["event"] == "order_undecodable"]
+    assert skipped and "'open-bad'" in skipped[0]["problem"]
+    svc.assert_no_restart_loop()
+    assert svc.events().count("backfill_started") == 1
+
+
 async def test_a_fill_stamped_in_the_future_never_moves_the_cursor(database_url: str) -> None:
     """Observation 3: a fill stamped 2099 moved the cursor to 2099, and every later
     reconnect backfilled only after 2099 minus the overlap. Now it is dead-lettered, and
