@@ -20,6 +20,7 @@ import trio
 
 from .activities import WireNonTrade, decode_non_trade
 from .backoff import Backoff, BackoffPolicy
+from .bounds import MAX_ID_CHARS
 from .budget import DEFAULT_SHARE, MAX_RETRY_AFTER, RateHeaders, RestBudget
 from .errors import BrokerAuthError, BrokerUnavailable, DecodeError
 from .logs import get_logger
@@ -192,8 +193,16 @@ class HttpBrokerRest:
         body = await self._get("/v2/account")
         if body is None:
             raise BrokerUnavailable("GET /v2/account returned 404")
-        account = msgspec.json.decode(body)
-        return str(account["id"])
+        account = _decode_json("/v2/account", body, dict)
+        ident = account.get("id")
+        # The id names every row the service writes: `null` would run it as "None".
+        if (not isinstance(ident, str) or not ident or not ident.isprintable()
+                or len(ident) > MAX_ID_CHARS):
+            shown = repr(ident[:40]) if isinstance(ident, str) else _kind(ident)
+            raise BrokerUnavailable(
+                f"GET /v2/account answered an account id that is not one: {shown} (an id is "
+                f"1 to {MAX_ID_CHARS} printable characters)")
+        return ident
 
     async def fill_activities(
         self, *, after: str | None, page_token: str | None, page_size: int = MAX_PAGE_SIZE
@@ -203,8 +212,12 @@ class HttpBrokerRest:
             params["after"] = after
         if page_token is not None:
             params["page_token"] = page_token
-        body = await self._get_list("/v2/account/activities/FILL", params)
-        return decode_activities(body)
+        path = "/v2/account/activities/FILL"
+        body = await self._get_list(path, params)
+        try:
+            return decode_activities(body)
+        except DecodeError as exc:
+            raise _unexpected(path, body, list, exc) from None
 
     async def open_orders(self) -> list[WireOrder]:
         # nested: a multi-leg order comes with its legs (docs/design.md, section 10).
@@ -228,14 +241,20 @@ class HttpBrokerRest:
         try:
             return decode_order(body)
         except DecodeError as exc:
+            _decode_json(path, body, dict)  # not an object at all: the broker is not answering
             # As an order of a list that does not decode: skipped, said so; the next
             # update of the order carries its status (docs/design.md, section 4).
             log.warning("order_undecodable", path=path, problem=str(exc)[:300])
             return None
 
     async def positions(self) -> list[dict[str, Any]]:
-        body = await self._get_list("/v2/positions")
-        return list(msgspec.json.decode(body))
+        path = "/v2/positions"
+        rows: list[dict[str, Any]] = _decode_json(path, await self._get_list(path), list)
+        for row in rows:
+            if not isinstance(row, dict):
+                raise BrokerUnavailable(f"GET {path} answered a list holding {_kind(row)} "
+                                        "where positions (objects) were expected")
+        return rows
 
     async def non_trade_activities(
         self, *, activity_types: Sequence[str], after: str | None, page_token: str | None,
@@ -247,8 +266,12 @@ class HttpBrokerRest:
             params["after"] = after
         if page_token is not None:
             params["page_token"] = page_token
-        body = await self._get_list("/v2/account/activities", params)
-        return decode_non_trade(body)
+        path = "/v2/account/activities"
+        body = await self._get_list(path, params)
+        try:
+            return decode_non_trade(body)
+        except DecodeError as exc:
+            raise _unexpected(path, body, list, exc) from None
 
     async def asset(self, symbol: str) -> dict[str, Any] | None:
         path = f"/v2/assets/{quote(symbol, safe='')}"
@@ -257,17 +280,59 @@ class HttpBrokerRest:
             return None  # 404: the broker has no such asset
         if not body:
             raise BrokerUnavailable(f"GET {path} answered an empty body")
-        found = msgspec.json.decode(body)
-        return found if isinstance(found, dict) else None
+        found: dict[str, Any] = _decode_json(path, body, dict)
+        return found
+
     async def clock(self) -> dict[str, Any]:
         body = await self._get("/v2/clock")
         if body is None:
             raise BrokerUnavailable("GET /v2/clock returned 404")
-        return dict(msgspec.json.decode(body))
+        clock: dict[str, Any] = _decode_json("/v2/clock", body, dict)
+        return clock
+
+
+def _decode_json(path: str, body: bytes, expect: type[Any]) -> Any:
+    """The body as JSON of the type `expect` (`list` or `dict`), or BrokerUnavailable
+    naming the endpoint and what came (a proxy's HTML page, a JSON null)."""
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise BrokerUnavailable(f"GET {path} answered a body that is not JSON: "
+                                f"{_head(body)}") from None
+    if not isinstance(value, expect):
+        raise BrokerUnavailable(f"GET {path} answered {_kind(value)} where "
+                                f"{_kind(expect())} was expected")
+    return value
+
+
+def _unexpected(path: str, body: bytes, expect: type[Any],
+                exc: DecodeError) -> BrokerUnavailable:
+    """Why a body a typed decoder refused whole is no answer."""
+    try:
+        _decode_json(path, body, expect)
+    except BrokerUnavailable as unavailable:
+        return unavailable
+    return BrokerUnavailable(f"GET {path} answered what is not one: {exc}"[:300])
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "a JSON null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _head(body: bytes) -> str:
+    return repr(body[:60].decode("utf-8", errors="replace")) + (
+        f" ({len(body)} bytes)" if len(body) > 60 else "")
 
 
 def _orders(path: str, body: bytes) -> OrderList:
-    orders = decode_orders(body)
+    try:
+        orders = decode_orders(body)
+    except DecodeError as exc:
+        raise _unexpected(path, body, list, exc) from None
     for problem in orders.skipped:
         log.warning("order_undecodable", path=path, problem=problem)
     return orders

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
 import pytest
 import trio
 
@@ -79,6 +80,70 @@ async def test_only_a_404_means_no_such_order_or_asset() -> None:
                     await rest.order("o-1")
                 with pytest.raises(BrokerUnavailable, match="/v2/assets/BTCUSD"):
                     await rest.asset("BTCUSD")
+
+
+#: Every endpoint, the path it asks, and what it expects: "list" or "object".
+ALL_CALLS: dict[str, tuple[str, Call, str]] = {
+    **{name: (path, call, "list") for name, (path, call) in LIST_CALLS.items()},
+    "account_id": ("/v2/account", lambda r: r.account_id(), "object"),
+    "clock": ("/v2/clock", lambda r: r.clock(), "object"),
+    "asset": ("/v2/assets/BTCUSD", lambda r: r.asset("BTCUSD"), "object"),
+    "order": ("/v2/orders/o-1", lambda r: r.order("o-1"), "object"),
+}
+
+#: 200 bodies that are no answer, and what the error says came.
+NOT_ANSWERS: dict[str, tuple[bytes, str]] = {
+    "html": (b"<html>down for maintenance</html>", "not JSON: '<html>down for maint"),
+    "not-utf8": (b'{"id": "\xff\xfe"}', "not JSON"),
+    "null": (b"null", "a JSON null"),
+    "number": (b"42", "a number"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_ANSWERS))
+@pytest.mark.parametrize("name", sorted(ALL_CALLS))
+async def test_a_body_that_is_not_json_is_unavailable_naming_what_came(
+        name: str, kind: str) -> None:
+    path, call, _ = ALL_CALLS[name]
+    body, said = NOT_ANSWERS[kind]
+    async with stub_rest() as (stub, rest):
+        stub.answers[path] = (200, body)
+        with trio.fail_after(10), pytest.raises(BrokerUnavailable) as info:
+            await call(rest)
+    assert path in str(info.value) and said in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CALLS))
+async def test_json_of_the_wrong_shape_is_unavailable(name: str) -> None:
+    """A list where an object is expected, an object where a list is: `/v2/positions`
+    answering an object used to give its keys as positions."""
+    path, call, expects = ALL_CALLS[name]
+    body, came = (b'{"AAPL": "10"}', "an object") if expects == "list" else (
+        b'[{"id": "x"}]', "a list")
+    async with stub_rest() as (stub, rest):
+        stub.answers[path] = (200, body)
+        with trio.fail_after(10), pytest.raises(BrokerUnavailable) as info:
+            await call(rest)
+    assert path in str(info.value) and came in str(info.value)
+
+
+async def test_positions_that_are_not_objects_are_unavailable() -> None:
+    async with stub_rest() as (stub, rest):
+        stub.answers["/v2/positions"] = (200, b'[{"symbol": "AAPL"}, "AAPL"]')
+        with trio.fail_after(10), pytest.raises(BrokerUnavailable, match="a string"):
+            await rest.positions()
+
+
+@pytest.mark.parametrize("ident", [None, "", 42, "a\x00b", "x" * 129],
+                         ids=["null", "empty", "number", "nul", "129-chars"])
+async def test_an_account_id_that_is_not_one_is_unavailable(ident: object) -> None:
+    """`{"id": null}` ran the service as account "None"."""
+    async with stub_rest() as (stub, rest):
+        stub.answers["/v2/account"] = (200, msgspec.json.encode({"id": ident}))
+        with trio.fail_after(10), pytest.raises(BrokerUnavailable, match="account id"):
+            await rest.account_id()
+        stub.answers["/v2/account"] = (200, msgspec.json.encode({"id": "x" * 128}))
+        assert await rest.account_id() == "x" * 128
 
 
 async def test_an_empty_positions_answer_closes_nothing_in_a_reconcile_that_applies(

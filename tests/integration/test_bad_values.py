@@ -13,7 +13,7 @@ import random
 import string
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -142,10 +142,13 @@ class Service:
 @asynccontextmanager
 async def service(database_url: str, frames: Sequence[bytes],
                   activities: Sequence[dict[str, Any]] = (), *,
-                  positions: Sequence[dict[str, Any]] = (), **env: str) -> AsyncIterator[Service]:
+                  positions: Sequence[dict[str, Any]] = (),
+                  answers: Mapping[str, tuple[int, bytes]] | None = None,
+                  **env: str) -> AsyncIterator[Service]:
     server = ReplayServer(Script(frames))
     rest = RestStub(ACCOUNT, activities)
     rest.positions = list(positions)
+    rest.answers.update(answers or {})
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         await nursery.start(rest.serve)
@@ -293,6 +296,34 @@ async def test_one_malformed_order_or_non_trade_activity_does_not_stop_recovery(
     assert skipped and "'open-bad'" in skipped[0]["problem"]
     svc.assert_no_restart_loop()
     assert svc.events().count("backfill_started") == 1
+
+
+@pytest.mark.parametrize("body", [b"<html>down for maintenance</html>", b'{"id": null}'],
+                         ids=["html", "null-id"])
+async def test_an_account_lookup_answered_with_no_account_is_waited_out(
+    database_url: str, body: bytes,
+) -> None:
+    """A maintenance page on GET /v2/account at start was a traceback and exit 1; an id
+    of null ran the service as account "None". Both are the broker not answering: the
+    service waits (`broker_unavailable`) and starts once the account comes."""
+    async with service(database_url, [], STREAM_SUPERVISOR_ACCOUNT_ID="",
+                       answers={"/v2/account": (200, body)}) as svc:
+        with trio.fail_after(WAIT):
+            while svc.events().count("broker_unavailable") < 2:
+                assert svc.process.returncode is None, svc.process.tail()
+                await trio.sleep(0.1)
+            assert svc.server.connections == 0
+            del svc.rest.answers["/v2/account"]
+            while svc.server.connections == 0:
+                assert svc.process.returncode is None, svc.process.tail()
+                await trio.sleep(0.1)
+        code = await svc.drain()
+    assert code == 0, svc.process.tail()
+    unavailable = [e for e in svc.process.events() if e["event"] == "broker_unavailable"]
+    assert "/v2/account" in unavailable[0]["error"]
+    assert {a for (a,) in sql(database_url, "SELECT account_id FROM stream_cursors")} <= {
+        ACCOUNT}
+    svc.assert_no_restart_loop()
 
 
 async def test_a_fill_stamped_in_the_future_never_moves_the_cursor(database_url: str) -> None:
