@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import trio
 
-from .bounds import not_after_ns
+from .bounds import not_after_ns, price_ok, qty_ok
 from .errors import BrokerUnavailable, DecodeError
 from .events import FILL_EVENTS, DeadLetter, Event, format_timestamp, parse_timestamp
 from .ledger import Cursor, order_fills_by_cum_qty
@@ -705,7 +705,7 @@ class OrderBook:
             self.requests += 1
             order = await self.rest.order(order_id)
             if order is not None:
-                found = self._fills[order_id] = (order.filled_qty, order.filled_avg_price)
+                found = self._fills[order_id] = _listed_fill(order)
         return found
 
     async def load_all(self) -> None:
@@ -723,7 +723,7 @@ class OrderBook:
                                             limit=MAX_ORDERS_PAGE)
         new = [o for o in page if o.id not in self._fills]
         for order in page:
-            self._fills[order.id] = (order.filled_qty, order.filled_avg_price)
+            self._fills[order.id] = _listed_fill(order)
             if order.id in self._keep:
                 self._kept[order.id] = order
         if not new:
@@ -744,6 +744,17 @@ class OrderBook:
         # A page less orders that did not decode (`OrderList.skipped`) is still full.
         if len(page) + len(getattr(page, "skipped", ())) < MAX_ORDERS_PAGE:
             self._complete = True
+
+
+def _listed_fill(order: WireOrder) -> tuple[Decimal, Decimal | None]:
+    """What pricing keeps of a listed order: its `filled_qty`, and its `filled_avg_price`
+    only where both are within the bounds (docs/design.md, section 4). An average of NaN,
+    Infinity or 1e400 would become the fill's price; it is as if absent instead, and the
+    gap lands at the fill's own price with a `fill_gap` warning."""
+    avg = order.filled_avg_price
+    if avg is not None and not (price_ok(avg) and qty_ok(order.filled_qty)):
+        avg = None
+    return order.filled_qty, avg
 
 
 def _list_cost(first_fills: int, first_ns: int | None, last_ns: int | None,

@@ -25,9 +25,12 @@ from stream_supervisor.check import run_checks
 from stream_supervisor.errors import BrokerUnavailable
 from stream_supervisor.events import Event, Source, event_key, format_timestamp
 from stream_supervisor.ledger import Cursor
+from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
 from stream_supervisor.protocol import WireActivity, WireOrder
 from stream_supervisor.reconcile import apply_differences, known_assets, reconcile_account
+from stream_supervisor.recovery import GapRecovery, RecoverySettings
+from stream_supervisor.state import SupervisorState
 from stream_supervisor.store import Batch, StoreSnapshot
 
 ACCOUNT = "acct-real"
@@ -828,3 +831,35 @@ async def test_a_baseline_refuses_broker_values_outside_the_bounds_naming_them(
         await take_baseline(store, act, ACCOUNT, reason=BASELINE, now=at(0), window=600)
     snap = await store.snapshot(ACCOUNT)
     assert snap.positions == [] and snap.adjustments == [] and snap.orders == {}
+
+
+@pytest.mark.parametrize("avg", ["NaN", "sNaN", "Infinity", "1e400", "0." + "1" * 40])
+async def test_a_gap_is_not_priced_from_an_average_outside_the_bounds(
+        store: PgStore, avg: str) -> None:
+    """Gap pricing took REST's `filled_avg_price` unbounded: an order listed with an
+    average of NaN, Infinity or 1e400 gave the fill that price. Now such an average is as
+    if absent: the fill lands at its own price."""
+    broker = Broker()
+    t = at(1)
+    # The second fill of an order whose first fill fell before the window: a gap.
+    broker.activities = [WireActivity(
+        id="20990101000000000::a", order_id="o1", symbol="AAPL", side="buy", price=D(101),
+        qty=D(5), cum_qty=D(10), transaction_time=format_timestamp(t), order_status="filled")]
+    broker.orders["o1"] = WireOrder(id="o1", symbol="AAPL", side="buy", status="filled",
+                                    filled_qty=D(10), qty=D(10), filled_avg_price=D(avg),
+                                    updated_at=format_timestamp(t))
+    forwarded: list[object] = []
+
+    async def forward(item: object) -> None:
+        forwarded.append(item)
+
+    recovery = GapRecovery(
+        RecoverySettings(backfill_overlap=300.0, first_start_lookback=3600.0,
+                         order_refresh_interval=0.0),
+        broker, forward, Metrics(), SupervisorState(), wallclock=lambda: at(5))
+    await recovery.backfill()
+    fills = [f for f in forwarded if isinstance(f, Event) and f.is_fill]
+    assert [f.cum_avg_price for f in fills] == [None]
+    await commit(store, *fills)
+    snap = await store.snapshot(ACCOUNT)
+    assert open_rows(snap) == {"AAPL": ("long", D(10), D(101))}
