@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Final, Self
 from urllib.parse import quote
 
 import httpx
@@ -39,6 +39,11 @@ from .settings import DEFAULT_REST_RETRIES, DEFAULT_REST_TIMEOUT, Settings
 log = get_logger("stream_supervisor.rest_http")
 
 _RETRY_POLICY = BackoffPolicy(initial=0.25, factor=2.0, cap=10.0)
+#: The most bytes a REST answer may hold. Far beyond any real one (a page of 100
+#: activities or 500 orders is well under a megabyte), it keeps a broken proxy or a
+#: hostile endpoint from filling the process's memory: a body over it is read no
+#: further and fails the call (docs/design.md, section 2).
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +72,10 @@ class HttpBrokerRest:
         rng: random.Random | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: Metrics | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._settings = settings
+        self._max_body_bytes = max_body_bytes
         self._rng = rng if rng is not None else random.Random()
         self.budget = RestBudget(settings.budget_share)
         self._metrics = metrics
@@ -110,15 +117,17 @@ class HttpBrokerRest:
                 await self._wait_for_budget(path)
                 # The client has its own timeouts; this bounds the whole exchange too.
                 with trio.fail_after(self._settings.timeout * 2):
-                    resp = await self._client.get(path, params=params)
-                self._learn(path, resp)
+                    async with self._client.stream("GET", path, params=params) as resp:
+                        self._learn(path, resp)
+                        if resp.status_code < 300:
+                            body = await self._read_body(path, resp)
             except (httpx.TransportError, trio.TooSlowError) as exc:
                 last = f"{type(exc).__name__}"
                 delay = backoff.next_delay()
             else:
                 status = resp.status_code
                 if status < 300:
-                    return resp.content
+                    return body
                 if status == 404:
                     return None
                 if status in (401, 403):
@@ -144,6 +153,24 @@ class HttpBrokerRest:
                 if delay > 0:
                     await trio.sleep(delay)
         raise BrokerUnavailable(f"broker REST {path} failed after {attempts} attempts: {last}")
+
+    async def _read_body(self, path: str, resp: httpx.Response) -> bytes:
+        """The body, read as it comes, up to `max_body_bytes`; more fails the call (the
+        same answer would come again: it is not retried)."""
+        limit = self._max_body_bytes
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BrokerUnavailable(f"GET {path} answered {declared} bytes, over the limit "
+                                    f"of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise BrokerUnavailable(f"GET {path} answered more than {limit} bytes, "
+                                        "the limit: read no further")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _wait_for_budget(self, path: str) -> None:
         """Hold this request until the budget lets it go (one at a time, evenly spaced)."""

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 import pytest
@@ -43,12 +44,12 @@ LIST_CALLS: dict[str, tuple[str, Call]] = {
 
 
 @asynccontextmanager
-async def stub_rest() -> AsyncIterator[tuple[RestStub, HttpBrokerRest]]:
+async def stub_rest(**kw: Any) -> AsyncIterator[tuple[RestStub, HttpBrokerRest]]:
     stub = RestStub(ACCOUNT)
     async with trio.open_nursery() as nursery:
         await nursery.start(stub.serve)
         rest = HttpBrokerRest(RestSettings(base_url=stub.url, key_id="k", secret_key="s",
-                                           timeout=5.0, retries=0, budget_share=1.0))
+                                           timeout=5.0, retries=0, budget_share=1.0), **kw)
         async with rest:
             yield stub, rest
         nursery.cancel_scope.cancel()
@@ -170,3 +171,23 @@ async def test_an_empty_positions_answer_closes_nothing_in_a_reconcile_that_appl
         assert [a.reason for a in snap.adjustments] == ["baseline"]
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_read_no_further(sized: bool) -> None:
+    """A 200 MB body was read whole into memory. Now a body over the limit
+    (`MAX_BODY_BYTES`, 64 MiB; here 1 MiB) fails the call, whether it says its length or
+    streams on."""
+    limit = 1 << 20
+    row = b'{"symbol": "AAPL", "qty": "1", "side": "long", "x": "'
+    big = row + b"A" * limit + b'"}'
+    async with stub_rest(max_body_bytes=limit) as (stub, rest):
+        if not sized:
+            stub.unsized.add("/v2/positions")
+        stub.answers["/v2/positions"] = (200, b"[" + big + b"]")
+        with trio.fail_after(10), pytest.raises(BrokerUnavailable, match="limit"):
+            await rest.positions()
+        fits = row + b"A" * (limit - len(row) - 4) + b'"}'
+        stub.answers["/v2/positions"] = (200, b"[" + fits + b"]")
+        assert len(b"[" + fits + b"]") == limit
+        assert [p["symbol"] for p in await rest.positions()] == ["AAPL"]

@@ -38,6 +38,8 @@ class RestStub:
         #: Answers given verbatim by path (status, body), before any other: a body that
         #: is not what the endpoint should answer (HTML, nothing, a JSON null).
         self.answers: dict[str, tuple[int, bytes]] = {}
+        #: Paths answered without a Content-Length (chunked, as a stream would be).
+        self.unsized: set[str] = set()
         self.port = 0
         self.requests: list[str] = []
 
@@ -99,7 +101,7 @@ class RestStub:
                     self.requests.append(target)
                     status, body = self.answer(target)
                     headers = [("content-type", "application/json"), ("connection", "close")]
-                    if status != 204:  # a 204 has no body, and says no length
+                    if status != 204 and urlsplit(target).path not in self.unsized:
                         headers.append(("content-length", str(len(body))))
                     await stream.send_all(conn.send(h11.Response(status_code=status,
                                                                  headers=headers)) or b"")
