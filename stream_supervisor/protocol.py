@@ -740,31 +740,37 @@ def decode_broker_event(
 ) -> tuple[str | None, Event | DeadLetter]:
     """One `data:` payload of `GET /v2/events/trades`: a trade update like the stream's,
     plus `account_id` and `event_id` (a ULID). Returns the account (None if unreadable)
-    and the update keyed by its event id, or a dead letter. Never raises."""
+    and the update keyed by its event id, or a dead letter keeping at most
+    `DEAD_LETTER_KEEP_BYTES` of it. Never raises."""
+    kept = data[:DEAD_LETTER_KEEP_BYTES]
+    if len(data) > max_bytes:
+        # Before its ids are decoded: their decoder would read the whole of it.
+        return None, DeadLetter(f"oversized event: {len(data)} bytes > limit {max_bytes}",
+                                kept, received_at=received_at)
     try:
         ids = _broker_ids_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return None, DeadLetter(f"broker event without account_id and event_id: {exc}"[:300],
-                                data, received_at=received_at)
+                                kept, received_at=received_at)
     if len(ids.account_id) > MAX_ID_CHARS or len(ids.event_id) > MAX_ID_CHARS:
         return None, DeadLetter("out of bounds: account_id or event_id over "
-                                f"{MAX_ID_CHARS} characters", data, received_at=received_at)
+                                f"{MAX_ID_CHARS} characters", kept, received_at=received_at)
     # The account names the part of the batch, and the letter, the event is filed under:
     # one PostgreSQL text refuses (a NUL) would refuse its letter too and stop the whole
     # stream; `|` separates an account from the stream's name in a letter's tag.
     if not ids.account_id or not ids.account_id.isprintable() or "|" in ids.account_id:
-        return None, DeadLetter(f"invalid account_id {ids.account_id[:40]!r}", data,
+        return None, DeadLetter(f"invalid account_id {ids.account_id[:40]!r}", kept,
                                 received_at=received_at)
     # The event id is the stream's resume cursor (only ever moved forward): one that is no
     # ULID could not be resumed from, and one minted in the future would skip every event
     # after it on the next connection.
     if _ULID.match(ids.event_id) is None:
         return ids.account_id, DeadLetter(
-            f"invalid event_id {ids.event_id[:40]!r}: not a ULID", data,
+            f"invalid event_id {ids.event_id[:40]!r}: not a ULID", kept,
             received_at=received_at)
     if not_after_ns is not None and ulid_ms(ids.event_id) * 1_000_000 > not_after_ns:
         return ids.account_id, DeadLetter(
-            f"out of bounds: event_id {ids.event_id} minted in the future", data,
+            f"out of bounds: event_id {ids.event_id} minted in the future", kept,
             received_at=received_at)
     frame = decode_frame(b'{"stream":"trade_updates","data":' + data + b"}",
                          received_at=received_at, max_bytes=max_bytes + 34,
@@ -774,6 +780,6 @@ def decode_broker_event(
             frame, key=broker_event_key(ids.event_id), account_id=ids.account_id,
             event_id=ids.event_id, raw=data)
     if isinstance(frame, DeadLetter):
-        return ids.account_id, DeadLetter(frame.reason, data, received_at=received_at)
-    return ids.account_id, DeadLetter("broker event that is not a trade update", data,
+        return ids.account_id, DeadLetter(frame.reason, kept, received_at=received_at)
+    return ids.account_id, DeadLetter("broker event that is not a trade update", kept,
                                       received_at=received_at)
