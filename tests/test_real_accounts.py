@@ -27,7 +27,7 @@ from stream_supervisor.events import Event, Source, event_key, format_timestamp
 from stream_supervisor.ledger import Cursor
 from stream_supervisor.metrics import Metrics
 from stream_supervisor.pgstore import PgStore
-from stream_supervisor.protocol import WireActivity, WireOrder
+from stream_supervisor.protocol import OrderList, WireActivity, WireOrder
 from stream_supervisor.reconcile import apply_differences, known_assets, reconcile_account
 from stream_supervisor.recovery import GapRecovery, RecoverySettings
 from stream_supervisor.state import SupervisorState
@@ -829,6 +829,16 @@ async def test_a_baseline_refuses_broker_values_outside_the_bounds_naming_them(
         qty=D(1), cum_qty=D(1), transaction_time="yesterday")]
     with pytest.raises(BrokerUnavailable, match="FILL activity 20261201000000000::x"):
         await take_baseline(store, act, ACCOUNT, reason=BASELINE, now=at(0), window=600)
+
+    class Garbled(Broker):  # one open order the list decoder had to leave out
+        async def open_orders(self) -> list[WireOrder]:
+            listed = OrderList()
+            listed.skipped = ("order g1: filled_qty is no number",)
+            return listed
+
+    with pytest.raises(BrokerUnavailable, match="open orders hold one that does not decode"):
+        await take_baseline(store, Garbled(), ACCOUNT, reason=BASELINE, now=at(0),
+                            window=600)
     snap = await store.snapshot(ACCOUNT)
     assert snap.positions == [] and snap.adjustments == [] and snap.orders == {}
 
