@@ -29,11 +29,11 @@ KEEPALIVE_DEFAULTS: Final = {
     "tcp_user_timeout": "30000",
 }
 
-#: libpq's and the server's answers to a conninfo that cannot work however long one
-#: waits (an option value libpq refuses; a database or role the server does not have).
+#: libpq's answers to a conninfo that cannot work however long one waits: an option
+#: value it refuses. (A database or role the server does not have yet is waited for: it
+#: may be being created, tests/chaos/test_database_faults.py.)
 _UNUSABLE: Final = re.compile(
-    r'invalid (?:integer |boolean )?(?:\w+ )?value|invalid connection option'
-    r'|FATAL:\s+(?:database|role) "[^"]*" does not exist')
+    r'invalid (?:integer |boolean )?(?:\w+ )?value|invalid connection option')
 _URI_USERINFO: Final = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):([^@\s]*)@", re.IGNORECASE)
 _KV_PASSWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _URI_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)([^&\s]*)", re.IGNORECASE)
@@ -118,8 +118,7 @@ def connect(
     except psycopg.Error as exc:
         text = error_text(exc, conninfo)
         if _UNUSABLE.search(text):
-            # Waiting would not end it: a value libpq refuses, or a server that answers
-            # that the database or role is not there.
+            # Waiting would not end it: a value libpq refuses.
             raise ConfigError(f"DATABASE_URL ({describe(conninfo)}) cannot work: {text}") from None
         raise StoreUnavailable(
             f"cannot connect to PostgreSQL ({describe(conninfo)}): {text}"

@@ -9,13 +9,15 @@ returns at once (these tests are about the socket session, not REST).
 from __future__ import annotations
 
 import json
+import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -268,6 +270,20 @@ def _backoff(logs: list[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
     return next(e for e in logs if e["event"] == "backoff")
 
 
+@contextmanager
+def every_log() -> Iterator[list[MutableMapping[str, Any]]]:
+    """`capture_logs` at every level: an earlier test's `configure_logging` (a command
+    run with `--log-level error`, say) leaves a level that filters info lines out before
+    any processor, the capturing one included."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(wrapper_class=wrapper)
+
+
 async def test_an_error_in_another_shape_during_authentication_is_shown_and_waited_out(
 ) -> None:
     """The broker's connection-limit error in the market-data shape, then a normal
@@ -282,7 +298,7 @@ async def test_an_error_in_another_shape_during_authentication_is_shown_and_wait
     send, _receive = trio.open_memory_channel[Item](100)
     async with serving(script) as url:
         a = actor(url, websocket_connector(), send)
-        with capture_logs() as logs:
+        with every_log() as logs:
             await _run_until_disconnected(a)
     [said] = [e for e in logs if e["event"] == "broker_error"]
     assert said["phase"] == "authenticate"
@@ -309,7 +325,7 @@ async def test_an_error_message_while_streaming_is_logged_and_named_in_the_reaso
     send, _receive = trio.open_memory_channel[Item](100)
     async with serving(script) as url:
         a = actor(url, websocket_connector(), send)
-        with capture_logs() as logs:
+        with every_log() as logs:
             await _run_until_disconnected(a)
     [said] = [e for e in logs if e["event"] == "broker_error"]
     assert (said["phase"], said["message"]) == ("streaming", "connection limit exceeded")
@@ -330,7 +346,7 @@ async def test_a_refused_upgrade_names_what_the_broker_said_without_our_secrets(
     send, _receive = trio.open_memory_channel[Item](100)
     async with serving(script) as url:
         a = actor(url, websocket_connector(), send)
-        with capture_logs() as logs:
+        with every_log() as logs:
             await _run_until_disconnected(a)
     reason = a.state.last_disconnect_reason
     assert reason is not None

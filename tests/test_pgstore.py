@@ -676,13 +676,13 @@ async def test_a_server_that_turned_read_only_is_waited_out_not_counted_as_a_ref
     await store.aclose()
 
 
-@pytest.mark.parametrize("change", [{"port": "notaport"}, {"sslmode": "bogus"},
-                                    {"dbname": "ss_no_such_database"}])
+@pytest.mark.parametrize("change", [{"port": "notaport"}, {"sslmode": "bogus"}])
 async def test_a_database_url_that_cannot_work_is_a_config_error_naming_it(
     database_url: str, change: dict[str, str],
 ) -> None:
-    """A value libpq refuses, or a database the server does not have, was waited out as
-    an outage for ever (database_unavailable, never exit 78, the variable not named)."""
+    """A value libpq refuses was waited out as an outage for ever (database_unavailable,
+    never exit 78, the variable not named). A database the server does not have yet is
+    still waited for (tests/chaos/test_database_faults.py: it may be being created)."""
     from psycopg.conninfo import make_conninfo
 
     bad = make_conninfo(database_url, password=SECRET, **change)
