@@ -29,7 +29,7 @@ from .settings import Settings
 from .state import SupervisorState
 from .supervisor import STORE_WAIT_POLICY
 from .wiring import open_supervisor
-from .wsclient import ignored_proxy
+from .wsclient import shown_proxy, stream_proxy
 
 log = get_logger("stream_supervisor.service")
 
@@ -126,11 +126,8 @@ def run_service(settings: Settings, *, migrate_first: bool = False) -> int:
         log.info("migrations_applied", versions=applied, count=len(applied))
     log.info("starting", stream_url=settings.stream_url, base_url=settings.base_url,
              account_id=settings.account_id, http_addr=settings.http_addr)
-    proxy = ignored_proxy(settings.stream_url)
+    proxy = stream_proxy(settings.stream_url)
     if proxy is not None:
-        log.warning("stream_proxy_ignored", proxy=proxy, stream_url=settings.stream_url,
-                    hint="the stream connects directly (REST uses the proxy): allow "
-                    "direct egress to the stream's host, or add it to NO_PROXY to "
-                    "silence this")
+        log.info("stream_proxy", proxy=shown_proxy(proxy), stream_url=settings.stream_url)
     tune_interpreter()
     return trio.run(partial(serve, settings, backstop=True))

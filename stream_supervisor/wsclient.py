@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import re
 import ssl
+from base64 import b64encode
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies, proxy_bypass
 
 import trio
@@ -83,6 +84,8 @@ _FAST_BINARY = 0x82
 _HEAD_END = re.compile(rb"\n\r?\n")
 #: What is kept of the body of a refused upgrade, for the error message.
 REJECT_BODY_BYTES = 200
+#: The most a proxy's answer to CONNECT may hold before its blank line.
+PROXY_ANSWER_BYTES = 16_384
 #: Close codes (RFC 6455 section 7.4.1).
 NORMAL_CLOSURE = 1000
 
@@ -490,18 +493,62 @@ async def open_websocket(stream: trio.abc.Stream, host: str, resource: str, *,
                         body[:REJECT_BODY_BYTES].decode("utf-8", "replace"))
 
 
-def ignored_proxy(url: str) -> str | None:
+def stream_proxy(url: str) -> str | None:
     """The proxy the environment names for `url` (HTTPS_PROXY for wss://, HTTP_PROXY for
-    ws://, unless NO_PROXY covers its host), without its credentials; None if none.
-    The stream connects directly (no CONNECT tunnel yet) while REST (httpx) honours
-    these variables: the service warns at start, so that a host whose only way out is
-    the proxy shows why the stream cannot connect while REST works."""
+    ws://, unless NO_PROXY covers its host), credentials included; None if none. The
+    stream goes through it as REST (httpx) does: an HTTP CONNECT tunnel."""
     parts = urlsplit(url)
     proxy = getproxies().get("https" if parts.scheme == "wss" else "http")
     if not proxy or not parts.hostname or proxy_bypass(parts.hostname):
         return None
+    return proxy
+
+
+def shown_proxy(proxy: str) -> str:
+    """`proxy` without its credentials, for logs and reasons."""
     shown = urlsplit(proxy)
     return urlunsplit(shown._replace(netloc=shown.netloc.rpartition("@")[2]))
+
+
+async def _tunnel(proxy: str, host: str, port: int) -> trio.SocketStream:
+    """A TCP stream to `host:port` through the HTTP proxy `proxy` (`CONNECT`, with Basic
+    credentials when its URL holds them). The proxy's refusal is a `TransportClosed`
+    naming the proxy (never its credentials) and what it answered."""
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    name = shown_proxy(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise TransportClosed(f"proxy {name}: only an http:// proxy can carry the stream")
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+    try:
+        target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            request += f"Proxy-Authorization: Basic {b64encode(pair.encode()).decode()}\r\n"
+        await stream.send_all((request + "\r\n").encode("latin-1"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                raise TransportClosed(f"proxy {name} closed the connection before answering "
+                                      "CONNECT")
+            head += chunk
+            if len(head) > PROXY_ANSWER_BYTES:
+                raise TransportClosed(f"proxy {name} answered CONNECT with more than "
+                                      f"{PROXY_ANSWER_BYTES} bytes of head")
+        status, _, after = head.partition(b"\r\n\r\n")
+        line = status.split(b"\r\n", 1)[0]
+        fields = line.split(None, 2)
+        if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or fields[1] != b"200":
+            raise TransportClosed(f"proxy {name} refused CONNECT {target}: "
+                                  f"{line[:120].decode('latin-1')}")
+        if after:  # nothing may come before our side speaks (TLS, or the upgrade)
+            raise TransportClosed(f"proxy {name} sent data ahead of the tunnel")
+    except BaseException:
+        with trio.move_on_after(1, shield=True):
+            await stream.aclose()
+        raise
+    return stream
 
 
 def websocket_connector(
@@ -529,18 +576,27 @@ def websocket_connector(
         port = parts.port or (443 if secure else 80)
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         stream: trio.abc.Stream
+        proxy = stream_proxy(url)
         try:
             with trio.fail_after(connect_timeout):
-                if secure:
+                if proxy is not None:
+                    # Through the proxy the environment names, as REST goes (httpx).
+                    stream = await _tunnel(proxy, host, port)
+                    if secure:  # the TLS handshake happens with the upgrade, as direct
+                        stream = trio.SSLStream(stream, ssl.create_default_context(),
+                                                server_hostname=host, https_compatible=True)
+                elif secure:
                     stream = await trio.open_ssl_over_tcp_stream(
                         host, port, ssl_context=ssl.create_default_context(),
                         https_compatible=True)
                 else:
                     stream = await trio.open_tcp_stream(host, port)
         except trio.TooSlowError:
-            raise TransportClosed("connect timeout") from None
-        except OSError as exc:
-            raise TransportClosed(f"connect failed: {_describe(exc)}") from None
+            raise TransportClosed("connect timeout" + (
+                f" (through proxy {shown_proxy(proxy)})" if proxy else "")) from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            via = f" (through proxy {shown_proxy(proxy)})" if proxy else ""
+            raise TransportClosed(f"connect failed{via}: {_describe(exc)}") from None
         try:
             try:
                 with trio.fail_after(connect_timeout):

@@ -18,6 +18,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -44,8 +45,9 @@ from stream_supervisor.protocol import decode_frame
 from stream_supervisor.transport import WebSocket
 from stream_supervisor.wsclient import (
     WebSocketClient,
-    ignored_proxy,
     open_websocket,
+    shown_proxy,
+    stream_proxy,
     websocket_connector,
 )
 
@@ -762,18 +764,104 @@ async def test_messages_read_with_a_ping_come_back_before_its_pong_is_sent() -> 
     assert list(server.events()) == [Pong(payload=b"hi")]
 
 
-def test_a_proxy_the_stream_does_not_use_is_named_without_its_credentials(
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+                    "no_proxy", "ALL_PROXY", "all_proxy")
+
+
+def test_the_proxy_the_environment_names_for_the_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """REST honours HTTPS_PROXY, the stream connects directly: the service warns at
-    start with the proxy this returns (none when NO_PROXY covers the host)."""
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
-                 "no_proxy", "ALL_PROXY", "all_proxy"):
+    """HTTPS_PROXY for wss://, HTTP_PROXY for ws://, none where NO_PROXY covers the host;
+    what logs and reasons show of it holds no credentials."""
+    for name in _PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     stream = "wss://paper-api.alpaca.markets/stream"
-    assert ignored_proxy(stream) is None
+    assert stream_proxy(stream) is None
     monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.internal:3128")
-    assert ignored_proxy(stream) == "http://proxy.internal:3128"
-    assert ignored_proxy("ws://paper-api.alpaca.markets/stream") is None
+    assert stream_proxy(stream) == "http://user:pw@proxy.internal:3128"
+    assert shown_proxy("http://user:pw@proxy.internal:3128") == "http://proxy.internal:3128"
+    assert stream_proxy("ws://paper-api.alpaca.markets/stream") is None
     monkeypatch.setenv("NO_PROXY", ".alpaca.markets")
-    assert ignored_proxy(stream) is None
+    assert stream_proxy(stream) is None
+
+
+@asynccontextmanager
+async def connect_proxy(*, refuse: bytes | None = None,
+                        ) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """An HTTP proxy on loopback: it answers CONNECT (or `refuse`s it) and pipes bytes
+    both ways; yields its port and the CONNECT heads it received."""
+    heads: list[bytes] = []
+
+    async def pipe(src: trio.abc.Stream, dst: trio.abc.Stream, done: trio.CancelScope,
+                   ) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    async def handler(client: trio.SocketStream) -> None:
+        async with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await client.receive_some(4096)
+                if not chunk:
+                    return
+                head += chunk
+            heads.append(head)
+            if refuse is not None:
+                await client.send_all(refuse)
+                return
+            host, _, port = head.split(b" ")[1].decode().rpartition(":")
+            upstream = await trio.open_tcp_stream(host, int(port))
+            await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(pipe, client, upstream, nursery.cancel_scope)
+                nursery.start_soon(pipe, upstream, client, nursery.cancel_scope)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        yield listeners[0].socket.getsockname()[1], heads
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_stream_goes_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host whose only way out is the proxy: REST went through it, the stream dialled
+    the broker directly and never connected. It goes in a CONNECT tunnel now, with Basic
+    credentials from the proxy URL, TLS to the broker inside it."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS_CERT))
+
+    async def script(peer: Peer) -> None:
+        await peer.upgrade_request()
+        await peer.stream.send_all(peer.accept() + peer.message("through the proxy"))
+        await hold_open(peer)
+
+    async with scripted(script, tls=True) as url, connect_proxy() as (port, heads):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://us%40er:p%3Ass@127.0.0.1:{port}")
+        async with websocket_connector()(url) as ws:
+            assert await ws.get_message() == "through the proxy"
+    [head] = heads
+    assert head.startswith(f"CONNECT 127.0.0.1:{urlsplit(url).port} HTTP/1.1".encode())
+    assert b"Proxy-Authorization: Basic " + base64.b64encode(b"us@er:p:ss") in head
+
+
+async def test_a_proxy_that_refuses_connect_is_named_without_its_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    refusal = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    async with connect_proxy(refuse=refusal) as (port, _):
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@127.0.0.1:{port}")
+        with pytest.raises(TransportClosed) as refused:
+            async with websocket_connector()("ws://127.0.0.1:9/stream"):
+                pass
+    reason = str(refused.value)
+    assert f"proxy http://127.0.0.1:{port} refused CONNECT 127.0.0.1:9" in reason
+    assert "407 Proxy Authentication Required" in reason and "s3cret" not in reason
