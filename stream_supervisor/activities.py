@@ -31,6 +31,7 @@ from .errors import DecodeError
 from .events import ACTIVITY_EVENT, Event, activity_key, parse_timestamp
 from .orders import FillDelta
 from .positions import ZERO, Position, PositionStep, apply_fill
+from .protocol import decode_each
 from .symbols import (
     AssetClass,
     OptionContract,
@@ -98,7 +99,6 @@ class _LooseNonTrade(msgspec.Struct, gc=False):
 
 _decoder: Final = msgspec.json.Decoder(list[WireNonTrade])
 _one_decoder: Final = msgspec.json.Decoder(WireNonTrade)
-_raw_items: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _loose: Final = msgspec.json.Decoder(_LooseNonTrade)
 
 
@@ -106,14 +106,7 @@ def decode_non_trade(body: bytes) -> list[WireNonTrade]:
     """A page of non-trade activities, each decoded on its own: one that does not decode
     comes back as an `UndecodableNonTrade`. Raises DecodeError only if the page is not a
     JSON list."""
-    try:
-        return _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        try:
-            items = _raw_items.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise DecodeError(f"invalid activities page: {exc}") from None
-    return [_non_trade_or_undecodable(bytes(item)) for item in items]
+    return decode_each(body, _decoder, _non_trade_or_undecodable, "activities page")
 
 
 def _non_trade_or_undecodable(raw: bytes) -> WireNonTrade:

@@ -11,11 +11,12 @@ passed in (`not_after_ns`), by actors that get the time from their injected cloc
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -549,21 +550,33 @@ class _LooseActivity(msgspec.Struct, gc=False):
     transaction_time: Any = None
 
 
+T = TypeVar("T")
 _raw_items_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _loose_decoder: Final = msgspec.json.Decoder(_LooseActivity)
+
+
+def decode_each(body: bytes, whole: msgspec.json.Decoder[list[T]],
+                one: Callable[[bytes], T | None], what: str) -> list[T]:
+    """A JSON list from REST, decoded whole when every item decodes (the fast path), else
+    item by item: `one` turns an item's bytes into the item, the stand-in that says it
+    did not decode, or None to leave it out. One bad item never fails its list (a list
+    failing whole would fail every recovery that reads it). Raises DecodeError only if
+    `body` is not a JSON list (`what` names it)."""
+    try:
+        return whole.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            items = _raw_items_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise DecodeError(f"invalid {what}: {exc}") from None
+    return [item for raw in items if (item := one(bytes(raw))) is not None]
 
 
 def decode_activities(body: bytes) -> list[WireActivity]:
     """A page of FILL activities; an activity that does not decode comes back as an
     `UndecodableActivity`. Raises DecodeError only if the page is not a JSON list."""
-    try:
-        return _activities_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        try:
-            items = _raw_items_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise DecodeError(f"invalid FILL activities page: {exc}") from None
-    return [_activity_or_undecodable(bytes(item)) for item in items]
+    return decode_each(body, _activities_decoder, _activity_or_undecodable,
+                       "FILL activities page")
 
 
 def _activity_or_undecodable(raw: bytes) -> WireActivity:
@@ -601,20 +614,16 @@ _loose_order_decoder: Final = msgspec.json.Decoder(_LooseOrder)
 def decode_orders(body: bytes) -> OrderList:
     """A list of orders, each decoded on its own: one that does not decode is left out and
     named in `skipped`. Raises DecodeError only if the body is not a JSON list."""
-    try:
-        return OrderList(_orders_decoder.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    skipped: list[str] = []
+
+    def one(raw: bytes) -> WireOrder | None:
         try:
-            items = _raw_items_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise DecodeError(f"invalid orders list: {exc}") from None
-    out = OrderList()
-    skipped = []
-    for item in items:
-        try:
-            out.append(_order_decoder.decode(item))
+            return _order_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            skipped.append(f"order {_loose_id(bytes(item))}: {exc}"[:300])
+            skipped.append(f"order {_loose_id(raw)}: {exc}"[:300])
+            return None
+
+    out = OrderList(decode_each(body, _orders_decoder, one, "orders list"))
     out.skipped = tuple(skipped)
     return out
 
